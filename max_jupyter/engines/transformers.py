@@ -1,0 +1,108 @@
+"""Reference backend on HF transformers (CPU, or CUDA where present).
+
+Deltas and captures go through one forward hook per decoder block, registered once; a
+hook does nothing unless the current forward asked for its layer. The KV cache is a
+``DynamicCache``; ``rewind`` crops it.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Collection, Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+
+from max_jupyter.engines.base import (Engine, ForwardResult, LayerDeltas, ModelIdentity,
+                                      check_layers, check_room, embedding_fingerprint)
+from max_jupyter.models import resolve_hf_folder
+from max_jupyter.tokenizer import Tokenizer
+
+
+class TransformersEngine(Engine):
+    """Engine over a HF ``*ForCausalLM`` whose decoder blocks are ``model.model.layers``."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: Tokenizer, max_seq_len: int | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        cfg = model.config
+        self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.identity = ModelIdentity(
+            architecture=(cfg.architectures or [type(model).__name__])[0],
+            num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
+            vocab_size=cfg.vocab_size,
+            fingerprint=embedding_fingerprint(model.get_input_embeddings().weight))
+        self.layers = model.model.layers
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache = DynamicCache(config=cfg)
+        self._deltas: LayerDeltas = {}
+        self._capture: Collection[int] = ()
+        self._captured: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            layer.register_forward_hook(self._hook(i))
+
+    @classmethod
+    def load(cls, source: str | os.PathLike | None = None, device: str | torch.device | None = None,
+             dtype: torch.dtype | None = None, max_seq_len: int | None = None) -> TransformersEngine:
+        """Load ``source`` (see ``models.resolve_hf_folder``; None = embedded SmolLM2).
+
+        Default device: CUDA if available, else CPU; default dtype: fp16 on CUDA, fp32 on CPU.
+        """
+        folder = resolve_hf_folder(source)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device)
+        return cls(model, Tokenizer.from_folder(folder), max_seq_len)
+
+    def _hook(self, i: int):
+        def hook(module, args, output):
+            if i not in self._deltas and i not in self._capture:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output  # [1, n, hidden]
+            if i in self._deltas:
+                hidden = hidden + self._deltas[i]
+            if i in self._capture:
+                self._captured[i] = hidden[0].detach().clone()  # [n, hidden]
+            if i not in self._deltas:
+                return None
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return hook
+
+    @property
+    def seq_len(self) -> int:
+        return self._cache.get_seq_length()
+
+    def reset(self) -> None:
+        self._cache = DynamicCache(config=self.model.config)
+
+    def rewind(self, n: int) -> None:
+        if not 0 <= n <= self.seq_len:
+            raise ValueError(f"cannot rewind {n} positions: the cache holds {self.seq_len}.")
+        if n == self.seq_len:
+            self.reset()
+        elif n:
+            self._cache.crop(self.seq_len - n)
+
+    @torch.inference_mode()
+    def forward(self, ids: Sequence[int], deltas: LayerDeltas | None = None,
+                capture: Collection[int] = ()) -> ForwardResult:
+        check_room(self, len(ids))
+        if deltas:
+            check_layers(self.identity, deltas.keys(), "delta")
+        if capture:
+            check_layers(self.identity, capture, "capture")
+        before = self.seq_len
+        self._deltas, self._capture, self._captured = deltas or {}, capture, {}
+        try:
+            out = self.model(torch.tensor([list(ids)], device=self.device),
+                             use_cache=True, logits_to_keep=1, **{self._cache_kw: self._cache})
+        except BaseException:
+            self.rewind(self.seq_len - before)  # undo a partly written cache
+            raise
+        finally:
+            self._deltas, self._capture = {}, ()
+        captured, self._captured = self._captured, {}
+        return ForwardResult(logits=out.logits[0, -1].float(), hidden=captured)

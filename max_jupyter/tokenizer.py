@@ -1,0 +1,88 @@
+"""Tokenizer shared by every backend: HF ``tokenizers`` via transformers, with the chat
+template, EOS ids and a streaming decoder that never emits half a UTF-8 character."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+Message = dict[str, str]
+
+
+class Tokenizer:
+    """Wraps a HF tokenizer; ``eos_ids`` holds every id that ends a turn."""
+
+    def __init__(self, hf: PreTrainedTokenizerBase, extra_eos_ids: Sequence[int] = ()):
+        self.hf = hf
+        eos = {hf.eos_token_id} if hf.eos_token_id is not None else set()
+        for tok in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+            tid = hf.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != hf.unk_token_id:
+                eos.add(tid)
+        self.eos_ids: frozenset[int] = frozenset(eos | set(extra_eos_ids))
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> Tokenizer:
+        return cls(AutoTokenizer.from_pretrained(str(folder)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def chat(self, messages: Sequence[Message] | str, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of ``messages`` through the model's chat template (a str is one user turn).
+
+        Without a template, the turns' contents are joined by newlines.
+        """
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if not self.has_chat_template:
+            return self.encode("\n".join(m["content"] for m in messages), add_special_tokens=True)
+        text = self.hf.apply_chat_template(list(messages), tokenize=False,
+                                           add_generation_prompt=add_generation_prompt)
+        return self.encode(text)
+
+    def stream_decoder(self) -> StreamDecoder:
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns tokens fed one at a time into text pieces holding only whole characters.
+
+    Decodes a short window of recent tokens and emits what the newest ones add (the
+    incremental scheme of vLLM/TGI), so tokenizers that drop a leading space when a token is
+    decoded alone stay correct. A token that ends inside a multi-byte UTF-8 character
+    yields ``""`` until the token completing it arrives; ``flush`` returns any remainder.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # window start
+        self._read = 0  # tokens already turned into emitted text
+
+    def feed(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        done = self._tok.decode(self._ids[self._prefix:self._read])
+        full = self._tok.decode(self._ids[self._prefix:])
+        if len(full) <= len(done) or (full.endswith("\ufffd") and not final):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return full[len(done):]
