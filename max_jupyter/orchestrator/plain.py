@@ -1,0 +1,120 @@
+"""The plain generation loop: one engine, an optional steering mix, no judge.
+
+``generate`` returns a ``Generation``; ``stream`` yields text pieces as they are decoded
+(whole characters only; text that may begin a stop string is held back until resolved).
+Ctrl-C during a generation ends it with ``finish_reason == "interrupted"`` and the partial
+text; the engine stays usable (its forward restores the cache on interrupt, and every
+generation starts from a fresh prefill).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from max_jupyter.engines.base import Engine, LayerDeltas, check_room
+from max_jupyter.orchestrator.sampling import Sampler, SamplingConfig
+from max_jupyter.orchestrator.stopping import StopStrings
+from max_jupyter.steering.controller import SteeringController
+from max_jupyter.steering.vector import SteeringVector
+from max_jupyter.tokenizer import Message
+
+Prompt = str | Sequence[Message] | Sequence[int]
+Steering = SteeringController | SteeringVector | None
+
+
+@dataclass
+class Generation:
+    """One finished generation. ``finish_reason``: eos, stop, length or interrupted."""
+
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"
+    elapsed_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / self.elapsed_s if self.elapsed_s else 0.0
+
+
+def prompt_ids(engine: Engine, prompt: Prompt, chat: bool = True) -> list[int]:
+    """Token ids for ``prompt``: ids pass through; text and messages go through the chat
+    template when ``chat`` (plain text with special tokens otherwise)."""
+    if isinstance(prompt, str):
+        return engine.tokenizer.chat(prompt) if chat else engine.tokenizer.encode(prompt, True)
+    prompt = list(prompt)
+    if prompt and isinstance(prompt[0], dict):
+        return engine.tokenizer.chat(prompt)
+    if not all(isinstance(t, int) for t in prompt):
+        raise TypeError("prompt must be a str, a list of chat messages or a list of token ids.")
+    return prompt
+
+
+def steering_deltas(engine: Engine, steering: Steering) -> LayerDeltas | None:
+    """Current deltas of ``steering`` for ``engine`` (a vector counts at coefficient 1)."""
+    if steering is None:
+        return None
+    if isinstance(steering, SteeringVector):
+        steering.check_model(engine.identity)
+        return steering.deltas(1.0, engine.device, engine.dtype)
+    return steering.deltas(engine)
+
+
+def stream(engine: Engine, prompt: Prompt, *, max_new_tokens: int = 128,
+           sampling: SamplingConfig = SamplingConfig(), stop: Sequence[str] = (),
+           steering: Steering = None, steer_prompt: bool = True, chat: bool = True,
+           ) -> Iterator[str]:
+    """Yield text pieces; the generator's return value (``StopIteration.value``) is the
+    ``Generation``. A ``SteeringController`` is re-read every step, so changes to the mix
+    from another thread apply from the next token on."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
+    ids = prompt_ids(engine, prompt, chat)
+    check_room(engine, len(ids) + max_new_tokens, from_empty=True)
+    stops = StopStrings(stop)
+    sampler = Sampler(sampling)
+    decoder = engine.tokenizer.stream_decoder()
+    result = Generation(prompt_ids=ids)
+    start = time.perf_counter()
+    try:
+        logits = engine.prefill(ids, steering_deltas(engine, steering) if steer_prompt else None).logits
+        while True:
+            token, _ = sampler.sample(logits)
+            if token in engine.tokenizer.eos_ids:
+                result.finish_reason = "eos"
+                break
+            result.token_ids.append(token)
+            piece = stops.feed(decoder.feed(token))
+            if piece:
+                result.text += piece
+                yield piece
+            if stops.stopped:
+                result.finish_reason = "stop"
+                break
+            if len(result.token_ids) >= max_new_tokens:
+                break
+            logits = engine.step(token, steering_deltas(engine, steering)).logits
+    except KeyboardInterrupt:
+        result.finish_reason = "interrupted"
+    if not stops.stopped:
+        tail = stops.feed(decoder.flush()) + stops.flush()
+        if tail:
+            result.text += tail
+            yield tail
+    result.elapsed_s = time.perf_counter() - start
+    return result
+
+
+def generate(engine: Engine, prompt: Prompt, *, on_text: Callable[[str], None] | None = None,
+             **options) -> Generation:
+    """Run ``stream`` to the end, passing each text piece to ``on_text``; see ``stream`` for
+    the options (max_new_tokens, sampling, stop, steering, steer_prompt, chat)."""
+    pieces = stream(engine, prompt, **options)
+    while True:
+        try:
+            piece = next(pieces)
+        except StopIteration as done:
+            return done.value
+        if on_text:
+            on_text(piece)
