@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import transformers
+
 from max_jupyter.engines import TransformersEngine
 from max_jupyter.orchestrator import generate
 from max_jupyter.steering import train_vector
@@ -34,6 +36,7 @@ COEF = 0.35
 
 
 def main() -> None:
+    transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
     engine = TransformersEngine.load()
     print(f"loaded {engine.identity.describe()} on {engine.device} in {time.perf_counter() - start:.1f} s\n")
