@@ -102,11 +102,10 @@ def stream(engine: Engine, prompt: Prompt, *, max_new_tokens: int = 128,
             logits = engine.step(token, steering_deltas(engine, steering)).logits
     except KeyboardInterrupt:
         result.finish_reason = "interrupted"
-    if not stops.stopped:
-        tail = stops.feed(decoder.flush()) + stops.flush()
-        if tail:
-            result.text += tail
-            yield tail
+    tail = stops.drain(decoder)
+    if tail:
+        result.text += tail
+        yield tail
     result.elapsed_s = time.perf_counter() - start
     return result
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from max_jupyter.tokenizer import StreamDecoder
+
 
 class StopStrings:
     """Feed text pieces; get back the text safe to show and whether a stop string ended it."""
@@ -31,3 +33,10 @@ class StopStrings:
         """Held-back text at the end of a generation that did not stop on a string."""
         text, self._held = self._held, ""
         return text
+
+    def drain(self, decoder: StreamDecoder) -> str:
+        """At the end of a generation: the decoder's remainder plus held-back text, or
+        ``""`` if a stop string ended it."""
+        if self.stopped:
+            return ""
+        return self.feed(decoder.flush()) + self.flush()

@@ -1,0 +1,223 @@
+"""``CognitiveOrchestrator``: the big model writes, the small model watches, judges steer.
+
+Per step ``t`` (choosing generated token ``t``):
+
+1. pre-step judges decide from the small model's state after it consumed token ``t - 1``
+   (its forward already captured the layers they read: no extra forward);
+2. the big model forwards token ``t - 1`` (step 0: prefills the prompt, steered only if
+   ``steer_prompt``) with the summed deltas of the mixes the judges turned on;
+3. post-step judges see that pass's logits; if they add a mix, the big model rewinds one
+   position and re-runs the forward with the new deltas (both versions are recorded);
+4. token ``t`` is sampled; EOS, a stop string or ``max_new_tokens`` ends the generation;
+5. the mirror feeds token ``t`` to the small model;
+6. a ``StepEvent`` goes to the callback and out of the iterator.
+
+Without a small model no mirroring happens; with no judges nothing is steered.
+
+Speculative decoding (not implemented) fits between 1 and 5 without a rewrite when steering
+is off or the same mix holds for the whole draft: the small model drafts ``k`` tokens
+(same vocabulary only; its forwards are the mirror's, and the pre-step judges run on each
+draft position's captured state, so a judge that would change the mix ends the draft
+there); the big model verifies them in one ``forward(draft, deltas)``; the accepted prefix
+goes through steps 4-6 one token at a time (``_accept``), and both caches rewind the
+rejected tail. The engine contract needs one addition for this: per-position logits
+(``[n_fed, vocab]``) from ``forward``, which today returns the last position's only.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+from max_jupyter.engines.base import Engine, check_layers, check_room
+from max_jupyter.orchestrator.judges import (NO_MIXES, Judge, JudgeContext, JudgeError, JudgeLike,
+                                             as_judges, check_judges)
+from max_jupyter.orchestrator.mirror import ContextMirror
+from max_jupyter.orchestrator.mixes import Mixes
+from max_jupyter.orchestrator.plain import Prompt, Steering, prompt_ids
+from max_jupyter.orchestrator.sampling import Sampler, SamplingConfig
+from max_jupyter.orchestrator.stopping import StopStrings
+from max_jupyter.orchestrator.trace import (GenerationResult, StepEvent, StepRecord, TraceConfig,
+                                            TraceRecorder)
+
+
+class CognitiveOrchestrator:
+    """Generates with ``big``, mirrored by ``small`` (optional), steered by ``judges``.
+
+    ``steering``: the mixes judges may turn on — a ``SteeringController`` or vector (named
+    ``"default"``) or a mapping name -> controller/vector; all for the big model. A
+    controller may be changed from another thread at any time: the change applies whole
+    from the next step. Construction checks the models, judges and mixes fit together.
+    """
+
+    def __init__(self, big: Engine, small: Engine | None = None,
+                 judges: JudgeLike | Sequence[JudgeLike] | None = None,
+                 steering: Steering | Mapping[str, Steering] = None, mirror_window: int = 8):
+        self.big, self.small = big, small
+        self.mixes = Mixes(big, steering)
+        self.mirror = ContextMirror(big, small, mirror_window) if small is not None else None
+        self.judges = as_judges(judges)
+        check_judges(self.judges, self.mixes, big.identity, small.identity if small else None,
+                     self.mirror is not None and self.mirror.shares_vocab)
+        self._pre = [j for j in self.judges if not j.post_step]
+        self._post = [j for j in self.judges if j.post_step]
+        self._abort = threading.Event()
+
+    def abort(self) -> None:
+        """Ask the running generation to stop before its next step (``finish_reason ==
+        "aborted"``); safe from any thread. Each generation starts un-aborted."""
+        self._abort.set()
+
+    def generate(self, prompt: Prompt, **options) -> GenerationResult:
+        """Run ``stream`` to the end and return its result (see ``stream`` for options)."""
+        events = self.stream(prompt, **options)
+        while True:
+            try:
+                next(events)
+            except StopIteration as done:
+                return done.value
+
+    def stream(self, prompt: Prompt, *, max_new_tokens: int = 128,
+               sampling: SamplingConfig = SamplingConfig(), stop: Sequence[str] = (),
+               steer_prompt: bool = True, chat: bool = True, trace: TraceConfig = TraceConfig(),
+               on_event: Callable[[StepEvent], None] | None = None,
+               ) -> Iterator[StepEvent]:
+        """Yield a ``StepEvent`` per step (also passed to ``on_event`` first); the return
+        value (``StopIteration.value``) is the ``GenerationResult``.
+
+        Ctrl-C (also inside a callback or judge) ends the generation with
+        ``finish_reason == "interrupted"`` and the partial result; both caches stay
+        consistent and the next generation starts from fresh prefills. A judge that raises
+        stops the generation; ``JudgeError`` (naming the judge and step) is raised with
+        the partial result in its ``result``.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
+        big, small, mirror = self.big, self.small, self.mirror
+        ids = prompt_ids(big, prompt, chat)
+        check_room(big, len(ids) + max_new_tokens, from_empty=True)
+        check_layers(big.identity, trace.big_layers, "trace big_layers")
+        if trace.small_layers and small is None:
+            raise ValueError("trace small_layers asks for small-model states, but there is no "
+                             "small model.")
+        small_capture = sorted({*trace.small_layers, *(l for j in self.judges for l in j.small_layers)})
+        if small is not None:
+            check_layers(small.identity, small_capture, "trace small_layers")
+            if mirror.shares_vocab:
+                check_room(small, len(ids) + max_new_tokens, from_empty=True)
+        stops, sampler, decoder = StopStrings(stop), Sampler(sampling), big.tokenizer.stream_decoder()
+        recorder = TraceRecorder(trace, big, small)
+        result = GenerationResult(prompt_ids=ids)
+        tokens, eos = result.token_ids, big.tokenizer.eos_ids
+        capture = trace.big_layers
+        error: JudgeError | None = None
+        self._abort.clear()
+        start = time.perf_counter()
+        try:
+            try:
+                if mirror is not None:
+                    mirror.start(prompt, ids, chat, small_capture)
+                for step in range(max_new_tokens):
+                    if self._abort.is_set():
+                        result.finish_reason = "aborted"
+                        break
+                    record = self._step(step, ids, tokens, steer_prompt, capture, sampler, recorder)
+                    result.steps.append(record)
+                    token = record.token
+                    if token in eos:
+                        result.finish_reason = "eos"
+                        yield self._emit(StepEvent(record, ""), on_event)
+                        break
+                    tokens.append(token)
+                    if mirror is not None:
+                        mirror.feed(token)
+                    piece = stops.feed(decoder.feed(token))
+                    result.text += piece
+                    yield self._emit(StepEvent(record, piece), on_event)
+                    if stops.stopped:
+                        result.finish_reason = "stop"
+                        break
+            except JudgeError as e:
+                result.finish_reason, error = "error", e
+            if mirror is not None:
+                mirror.finish()
+        except KeyboardInterrupt:
+            result.finish_reason = "interrupted"
+        tail = stops.drain(decoder)
+        if tail:
+            result.text += tail
+            yield self._emit(StepEvent(None, tail), on_event)
+        recorder.finish(result)
+        result.small_ids = list(mirror.ids) if mirror is not None else None
+        result.elapsed_s = time.perf_counter() - start
+        if error is not None:
+            error.result = result
+            raise error
+        return result
+
+    def _step(self, step: int, ids: list[int], tokens: list[int], steer_prompt: bool,
+              capture: Sequence[int], sampler: Sampler, recorder: TraceRecorder,
+              ) -> StepRecord:
+        """Judge, forward (and maybe re-run) the big model, sample; record the step."""
+        t0 = time.perf_counter()
+        mirror = self.mirror
+        small_hidden = mirror.hidden if mirror is not None else {}
+        small_logits = mirror.logits if mirror is not None else None
+        scores: dict[str, float] = {}
+        can_steer = step > 0 or steer_prompt
+        steer = NO_MIXES
+        if self._pre:
+            ctx = JudgeContext(step, tokens, small_hidden, small_logits)
+            steer = self._decide(self._pre, ctx, scores)
+        if not can_steer:
+            steer = NO_MIXES
+        deltas = self.mixes.deltas(steer)
+        judge_s = time.perf_counter() - t0
+        last = ids[-1] if step == 0 else tokens[-1]
+        if step == 0:
+            out = self.big.prefill(ids, deltas, capture)
+        else:
+            out = self.big.step(last, deltas, capture)
+        first, unsteered_token, unsteered_prob = None, None, None
+        if self._post:
+            t1 = time.perf_counter()
+            ctx = JudgeContext(step, tokens, small_hidden, small_logits, out.logits, steer)
+            added = self._decide(self._post, ctx, scores)
+            rerun = can_steer and not added <= steer
+            if rerun:
+                steer = steer | added
+                deltas = self.mixes.deltas(steer)
+            judge_s += time.perf_counter() - t1
+            if rerun:
+                first = out
+                unsteered_token, unsteered_prob = sampler.sample(out.logits)
+                self.big.rewind(1)
+                out = self.big.forward([last], deltas, capture)
+        token, prob = sampler.sample(out.logits)
+        record = StepRecord(step, token, prob, scores, tuple(sorted(steer)), first is not None,
+                            unsteered_token, unsteered_prob, judge_s)
+        recorder.add(out, first, deltas, small_hidden, small_logits)
+        return record
+
+    @staticmethod
+    def _decide(judges: list[Judge], ctx: JudgeContext, scores: dict[str, float]) -> frozenset[str]:
+        """Union of the judges' mixes; each score goes into ``scores``."""
+        steer = NO_MIXES
+        for judge in judges:
+            try:
+                verdict = judge.decide(ctx)
+            except Exception as e:
+                raise JudgeError(judge.name, ctx.step, e) from e
+            scores[judge.name] = verdict.score
+            if verdict.steer:
+                if not verdict.steer.issubset(judge.mixes):
+                    raise JudgeError(judge.name, ctx.step, KeyError(
+                        f"turned on {sorted(verdict.steer)}; it declares only {list(judge.mixes)}"))
+                steer = steer | verdict.steer
+        return steer
+
+    @staticmethod
+    def _emit(event: StepEvent, on_event: Callable[[StepEvent], None] | None) -> StepEvent:
+        if on_event is not None:
+            on_event(event)
+        return event

@@ -1,0 +1,202 @@
+"""The trace of a cognitive generation: per-step records, events and stacked tensors.
+
+Row ``t`` of every per-step tensor belongs to step ``t`` — the choice of generated token
+``t`` — and holds the state that token was predicted from: the big model's residual at
+the last position of the forward that produced its logits (after any delta), the small
+model's residual after it consumed token ``t - 1`` (or the prompt), and both models'
+next-token logits. Every sampled step has a row, including one that sampled EOS.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from max_jupyter.engines.base import Engine, ForwardResult, LayerDeltas
+from max_jupyter.orchestrator.plain import Generation
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """What to record. ``big_layers`` / ``small_layers``: residuals to capture per step;
+    ``top_k``: how many top logits of each model to keep; ``full_logits``: also keep
+    ``[steps, vocab]`` logits; ``on_device``: leave tensors on the engines' device."""
+
+    big_layers: tuple[int, ...] = ()
+    small_layers: tuple[int, ...] = ()
+    top_k: int = 10
+    full_logits: bool = False
+    on_device: bool = False
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1; got {self.top_k}.")
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """One step. ``steering``: the mixes the step's final forward ran with; ``scores``: judge
+    name -> score; ``rerun``: a post-step judge re-ran the step; ``unsteered_token`` /
+    ``unsteered_prob``: what the first pass would have sampled (re-run steps only);
+    ``prob``: probability of ``token`` under the sampler's distribution; ``judge_s``: time
+    spent in judges and mix resolution this step (no model forwards)."""
+
+    step: int
+    token: int
+    prob: float
+    scores: dict[str, float]
+    steering: tuple[str, ...]
+    rerun: bool = False
+    unsteered_token: int | None = None
+    unsteered_prob: float | None = None
+    judge_s: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        """The re-run chose a different token than the first pass would have."""
+        return self.rerun and self.unsteered_token != self.token
+
+
+@dataclass(frozen=True, slots=True)
+class StepEvent:
+    """Emitted once per step (``record`` set, ``text`` the newly showable text, possibly
+    empty), and once more at the end with ``record=None`` if text was held back until then."""
+
+    record: StepRecord | None
+    text: str
+
+
+class TopK(NamedTuple):
+    """``ids``: ``[steps, k]`` int64; ``logits``: ``[steps, k]`` float32, best first."""
+
+    ids: torch.Tensor
+    logits: torch.Tensor
+
+
+@dataclass
+class GenerationResult(Generation):
+    """A cognitive generation. ``finish_reason``: eos, stop, length, aborted, interrupted or
+    error. Tensors (detached; CPU unless ``TraceConfig.on_device``):
+
+    - ``big_hidden`` / ``small_hidden``: layer -> ``[steps, hidden]`` (requested layers);
+    - ``deltas``: layer -> ``[steps, hidden]``, the delta injected at that layer by each
+      step's final forward (zeros where none), for every layer any step steered;
+    - ``big_topk`` / ``small_topk``: ``TopK`` of each step's next-token logits (the final
+      pass for the big model); ``first_pass_topk``: the big model's before any re-run
+      (equal to ``big_topk`` on steps not re-run);
+    - ``big_logits`` / ``small_logits``: ``[steps, vocab]`` when ``full_logits``, else None.
+
+    ``small_ids``: the small model's context after the generation (None without one).
+    """
+
+    steps: list[StepRecord] = field(default_factory=list)
+    big_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    small_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    deltas: dict[int, torch.Tensor] = field(default_factory=dict)
+    big_topk: TopK | None = None
+    first_pass_topk: TopK | None = None
+    small_topk: TopK | None = None
+    big_logits: torch.Tensor | None = None
+    small_logits: torch.Tensor | None = None
+    small_ids: list[int] | None = None
+
+    @property
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Judge name -> ``[steps]`` float32 scores (NaN where it gave none)."""
+        names = dict.fromkeys(n for r in self.steps for n in r.scores)
+        return {n: torch.tensor([r.scores.get(n, math.nan) for r in self.steps]) for n in names}
+
+    @property
+    def steered(self) -> torch.Tensor:
+        """``[steps]`` bool: the step's final forward ran with a mix."""
+        return torch.tensor([bool(r.steering) for r in self.steps], dtype=torch.bool)
+
+    @property
+    def reruns(self) -> torch.Tensor:
+        """``[steps]`` bool: the step was re-run."""
+        return torch.tensor([r.rerun for r in self.steps], dtype=torch.bool)
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """``[steps]`` float32: probability of each sampled token under the sampler."""
+        return torch.tensor([r.prob for r in self.steps])
+
+    @property
+    def judge_s_per_step(self) -> float:
+        return sum(r.judge_s for r in self.steps) / len(self.steps) if self.steps else 0.0
+
+
+class TraceRecorder:
+    """Collects per-step rows (references, no copies) and stacks them at ``finish``."""
+
+    def __init__(self, config: TraceConfig, big: Engine, small: Engine | None):
+        self.config, self.big, self.small = config, big, small
+        self.big_hidden: dict[int, list[torch.Tensor]] = {l: [] for l in config.big_layers}
+        self.small_hidden: dict[int, list[torch.Tensor]] = {l: [] for l in config.small_layers}
+        self.deltas: list[LayerDeltas | None] = []
+        self.big_topk: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.first_topk: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.small_topk: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.big_logits: list[torch.Tensor] = []
+        self.small_logits: list[torch.Tensor] = []
+
+    def add(self, out: ForwardResult, first: ForwardResult | None, deltas: LayerDeltas | None,
+            small_hidden: dict[int, torch.Tensor], small_logits: torch.Tensor | None) -> None:
+        """One step: the big model's final forward ``out`` (and ``first`` pass if re-run),
+        the deltas ``out`` ran with, and the small model's state the step was judged from."""
+        k = self.config.top_k
+        for layer, rows in self.big_hidden.items():
+            rows.append(out.hidden[layer][-1])  # [hidden]
+        for layer, rows in self.small_hidden.items():
+            rows.append(small_hidden[layer])  # [hidden_small]
+        self.deltas.append(deltas)
+        top = torch.topk(out.logits, min(k, out.logits.shape[-1]))
+        self.big_topk.append(top)
+        self.first_topk.append(top if first is None else
+                               torch.topk(first.logits, min(k, first.logits.shape[-1])))
+        if small_logits is not None:
+            self.small_topk.append(torch.topk(small_logits, min(k, small_logits.shape[-1])))
+        if self.config.full_logits:
+            self.big_logits.append(out.logits)
+            if small_logits is not None:
+                self.small_logits.append(small_logits)
+
+    def finish(self, result: GenerationResult) -> None:
+        """Stack the rows of ``result.steps`` into its tensor fields (rows of a step cut
+        short by an interrupt, before its record was added, are dropped)."""
+        n = len(result.steps)
+        move = (lambda t: t) if self.config.on_device else (lambda t: t.to("cpu"))
+        big_h = self.big.identity.hidden_size
+
+        def stack(rows: list[torch.Tensor], width: int, dtype: torch.dtype) -> torch.Tensor:
+            return move(torch.stack(rows[:n])) if rows[:n] else torch.empty(0, width, dtype=dtype)
+
+        result.big_hidden = {l: stack(r, big_h, self.big.dtype) for l, r in self.big_hidden.items()}
+        if self.small is not None:
+            small_h = self.small.identity.hidden_size
+            result.small_hidden = {l: stack(r, small_h, self.small.dtype)
+                                   for l, r in self.small_hidden.items()}
+        deltas = self.deltas[:n]
+        for layer in sorted({l for d in deltas if d for l in d}):
+            zero = torch.zeros(big_h, device=self.big.device, dtype=self.big.dtype)
+            result.deltas[layer] = move(torch.stack([d[layer] if d and layer in d else zero
+                                                     for d in deltas]))
+
+        def topk(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> TopK:
+            k = min(self.config.top_k, self.big.identity.vocab_size)
+            rows = rows[:n]
+            if not rows:
+                return TopK(torch.empty(0, k, dtype=torch.long), torch.empty(0, k))
+            return TopK(move(torch.stack([r[1] for r in rows])), move(torch.stack([r[0] for r in rows])))
+
+        result.big_topk = topk(self.big_topk)
+        result.first_pass_topk = topk(self.first_topk)
+        if self.small is not None:
+            result.small_topk = topk(self.small_topk)
+        if self.config.full_logits:
+            result.big_logits = stack(self.big_logits, self.big.identity.vocab_size, torch.float32)
+            if self.small is not None:
+                result.small_logits = stack(self.small_logits, self.small.identity.vocab_size,
+                                            torch.float32)
