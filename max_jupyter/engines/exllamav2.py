@@ -1,0 +1,528 @@
+"""ExLlamaV2 backend (CUDA): EXL2, GPTQ and fp16 model folders of the Llama and Qwen2 families.
+
+``exllamav2`` (0.3.2) is imported lazily, only when an engine is loaded, so this module
+imports on machines without CUDA.
+
+How it runs:
+
+- **Injection by a module loop, not ``Intervention`` hooks.** The engine walks exllamav2's
+  modules itself (embedding, then attention + MLP per decoder block, then norm and head);
+  the residual at the output of block ``i`` is the hidden state right after block ``i``'s
+  MLP, where a delta is added in place and a capture is cloned (modules update the
+  residual in place). ``Intervention`` wraps a module in a Python closure per call and
+  only helps inside exllamav2's own generator, which we do not use; a loop we own can
+  also be captured whole in a CUDA graph, which is where speed is won.
+- **Decode steps of quantised models (EXL2/GPTQ) replay CUDA graphs.** One token's step
+  calls the extension directly per block (``q_attn_forward_1`` with the position read
+  from device memory, K/V written into the cache by ``index_copy_``, torch's
+  variable-length flash attention with ``seqused_k`` over a 256-position bucket of the
+  cache (4-5x faster here than SDPA with a mask, which runs one block per KV head),
+  ``q_attn_forward_2``, ``q_mlp_forward_``). Nothing in it depends on a host-side
+  position, so it is captured once per (bucket, delta layers, capture layers) and
+  replayed: launch overhead, which dominates batch-1 decode on big GPUs, is paid once.
+  Deltas and captures are static buffers the graph reads and writes. Each engine runs
+  its steps on its own CUDA stream without waiting on the host, so the small model's
+  mirroring step overlaps the big model's. fp16 folders (no quantised handles) run the
+  module loop eagerly.
+- **Fixes 0.3.2 needs on current torch/transformers**, applied here: without flash-attn,
+  0.3.2's SDPA prefill passes no causal mask (it asks for a block-diagonal mask that is
+  None), so each prefill chunk carries an explicit lower-right causal mask; transformers 5
+  writes ``rope_parameters`` instead of ``rope_theta`` and exllamav2 would silently use
+  10000, so the theta is read from either; torch's cuDNN attention re-plans for every new
+  KV length (~40 ms each), so cuDNN SDPA is disabled.
+- **Memory.** ``plan_memory`` sizes weights, KV caches, working buffers and overhead of
+  one or two models before anything is allocated, derives cache capacity from the VRAM
+  budget, and raises ``VramBudgetError`` naming the parts when they do not fit; loading
+  then caps torch's allocator at the budget. Token embeddings stay on the CPU, as in
+  exllamav2 (token ids go through the CPU table, then one row is copied to the GPU).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from max_jupyter.engines.base import (Engine, ForwardResult, LayerDeltas, ModelIdentity,
+                                      check_layers, check_room, embedding_fingerprint)
+from max_jupyter.models import check_hf_folder
+from max_jupyter.tokenizer import Tokenizer
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+GiB = 1024 ** 3
+BUCKET = 256  # decode attention reads the cache in buckets of this many positions
+MAX_GRAPHS = 32  # decode graphs kept per engine (oldest dropped first)
+CONTEXT_OVERHEAD = 820 * 1024 ** 2  # CUDA context, kernels, cuBLAS (0.80 GiB measured, H200)
+GRAPH_POOL = 64 * 1024 ** 2  # per engine: decode graphs' intermediates and outputs
+
+
+class VramBudgetError(MemoryError):
+    """Two models, their caches and buffers do not fit the VRAM budget (raised before allocating)."""
+
+
+def _exllamav2():
+    """Import exllamav2 (builds or loads its CUDA extension) and apply global fixes."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("The ExLlamaV2 backend needs a CUDA GPU; use TransformersEngine on the CPU.")
+    try:
+        import exllamav2
+        from exllamav2 import attn, ext
+    except ImportError as e:
+        raise ImportError("The ExLlamaV2 backend needs exllamav2 0.3.2: "
+                          "pip install 'max-jupyter[gpu]' (or exllamav2==0.3.2)") from e
+    # cuDNN attention re-plans for each new KV length (~40 ms each): keep it out of SDPA.
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    return exllamav2, attn, ext
+
+
+# ---------------------------------------------------------------------------------------
+# Reading a folder and planning memory
+
+
+@dataclass(frozen=True)
+class ModelMemory:
+    """Bytes one model needs on the GPU, from its config and safetensors headers (no allocation)."""
+
+    name: str
+    folder: str
+    weights: int  # GPU weights (quantised linears, norms, head)
+    scratch: int  # exllamav2's fixed per-device scratch (sized by max_input_len)
+    cache_per_token: int  # fp16 K and V of every layer, one position
+    sincos_per_token: int  # rope sin/cos tables, one position
+    prefill_fixed: int  # transient activations of one prefill chunk
+    prefill_per_token: int  # transient bytes per cached position during prefill (GQA K/V expansion, mask)
+    host_embedding: int  # token-embedding table kept on the CPU
+    max_positions: int
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """A VRAM layout: parts in bytes, the cache capacity in tokens, and the budget."""
+
+    models: tuple[ModelMemory, ...]
+    cache_tokens: int
+    max_input_len: int
+    budget: int
+
+    def cache_bytes(self, m: ModelMemory) -> int:
+        return m.cache_per_token * self.cache_tokens
+
+    @property
+    def working(self) -> int:
+        """Scratch + rope tables + graph pools of every model, plus the largest prefill peak."""
+        peak = max(m.prefill_fixed + m.prefill_per_token * self.cache_tokens for m in self.models)
+        return peak + sum(m.scratch + m.sincos_per_token * self.cache_tokens + GRAPH_POOL
+                          for m in self.models)
+
+    @property
+    def total(self) -> int:
+        return (sum(m.weights + self.cache_bytes(m) for m in self.models) + self.working
+                + CONTEXT_OVERHEAD)
+
+    def parts(self) -> list[tuple[str, int, str]]:
+        """(part, bytes, note) rows, in the order of the report."""
+        rows = [(f"{m.name} weights", m.weights, Path(m.folder).name) for m in self.models]
+        rows += [(f"{m.name} KV cache", self.cache_bytes(m),
+                  f"{self.cache_tokens} tokens x {m.cache_per_token / 1024:.0f} KiB")
+                 for m in self.models]
+        rows.append(("working buffers", self.working,
+                     f"scratch + rope tables + decode graphs + prefill chunk of "
+                     f"{self.max_input_len} at full cache"))
+        rows.append(("overhead", CONTEXT_OVERHEAD, "CUDA context, kernels, cuBLAS (estimate)"))
+        return rows
+
+    def table(self, measured_peak: int | None = None) -> str:
+        """The layout as a markdown table (GiB); ``measured_peak`` adds a measured row."""
+        lines = ["| part | GiB | note |", "|---|---:|---|"]
+        lines += [f"| {name} | {size / GiB:.2f} | {note} |" for name, size, note in self.parts()]
+        lines.append(f"| **total planned** | **{self.total / GiB:.2f}** | budget {self.budget / GiB:.2f} |")
+        if measured_peak is not None:
+            lines.append(f"| measured peak | {measured_peak / GiB:.2f} | on the device |")
+        host = sum(m.host_embedding for m in self.models)
+        lines.append(f"| (host RAM) embeddings | {host / GiB:.2f} | on the CPU, not in VRAM |")
+        return "\n".join(lines)
+
+    def describe_overflow(self) -> str:
+        parts = " + ".join(f"{name} {size / GiB:.2f}" for name, size, _ in self.parts())
+        return (f"needs {self.total / GiB:.2f} GiB > budget {self.budget / GiB:.2f} GiB: {parts} "
+                f"(GiB). Lower cache_tokens or max_input_len, use a lower-bit quantisation, "
+                f"or raise max_vram_gb.")
+
+
+def read_config(folder: str | os.PathLike, max_seq_len: int, max_input_len: int = 2048):
+    """An ``ExLlamaV2Config`` for ``folder`` with this backend's settings and fixes.
+
+    Checks the architecture (Llama or Qwen2), reads ``rope_theta`` from either the legacy
+    key or transformers 5's ``rope_parameters``, and turns off exllamav2's per-module CUDA
+    graphs (the engine graphs whole decode steps itself).
+    """
+    exl, _, _ = _exllamav2()
+    folder = Path(folder)
+    check_hf_folder(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    arch = (raw.get("architectures") or ["?"])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{folder}: architecture {arch} is not supported by the ExLlamaV2 backend "
+                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}).")
+    rope = raw.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default" and "rope_scaling" not in raw:
+        raise ValueError(f"{folder}: rope_parameters has rope_type {rope['rope_type']!r}, which "
+                         f"exllamav2 reads only from a 'rope_scaling' entry; add one to config.json.")
+    config = exl.ExLlamaV2Config(str(folder))
+    theta = raw.get("rope_theta", rope.get("rope_theta"))
+    if theta is not None:
+        config.rotary_embedding_base = float(theta)
+    config.max_seq_len = max_seq_len
+    config.max_input_len = max_input_len
+    config.max_attention_size = max_input_len ** 2
+    config.no_graphs = True
+    config.arch_compat_overrides(quiet=True)
+    return config
+
+
+def measure_model(name: str, folder: str | os.PathLike, max_input_len: int = 2048):
+    """(``ModelMemory``, unloaded ``ExLlamaV2``) for ``folder``; reads headers, allocates nothing."""
+    exl, attn_mod, _ = _exllamav2()
+    raw = json.loads((Path(folder) / "config.json").read_text())
+    max_positions = int(raw.get("max_position_embeddings", 4096))
+    config = read_config(folder, max_positions, max_input_len)
+    model = exl.ExLlamaV2(config)
+    drop_zero_gptq_biases(model)
+    gpu_modules = model.modules[1:]  # the embedding stays on the CPU
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    hidden, inter, c = config.hidden_size, config.intermediate_size, max_input_len
+    memory = ModelMemory(
+        name=name, folder=str(folder),
+        weights=sum(m.weight_footprint() for m in gpu_modules),
+        scratch=max(m.scratch_space_fixed() for m in gpu_modules),
+        cache_per_token=config.num_hidden_layers * 2 * kv_heads * head_dim * 2,
+        sincos_per_token=head_dim * 2 * 2,
+        prefill_fixed=c * 2 * (2 * hidden + (heads + 2 * kv_heads) * head_dim + 2 * heads * head_dim
+                               + 3 * inter),
+        prefill_per_token=2 * heads * head_dim * 2 + c,
+        host_embedding=model.modules[0].weight_footprint(),
+        max_positions=max_positions)
+    return memory, model
+
+
+def drop_zero_gptq_biases(model) -> None:
+    """exllamav2 discards an all-zero GPTQ bias, then fails asserting the layer has one
+    (e.g. Qwen2 q/k/v biases that are zero): mark such layers bias-free before loading."""
+    from exllamav2.linear import ExLlamaV2Linear
+
+    tensors = model.config.tensor_file_map
+    for module in model.modules_dict.values():
+        if (isinstance(module, ExLlamaV2Linear) and module.has_bias
+                and f"{module.key}.qweight" in tensors and f"{module.key}.bias" in tensors):
+            if not module.load_multi(module.key, ["bias"], cpu=True)["bias"].any():
+                module.has_bias = False
+
+
+def plan_memory(models: Sequence[ModelMemory], max_vram_gb: float | None = None,
+                cache_tokens: int | None = None, max_input_len: int = 2048) -> MemoryPlan:
+    """Lay out ``models`` (one or two) in ``max_vram_gb`` (default: the card's memory).
+
+    Every model gets a cache of the same capacity (the small model mirrors the big one's
+    context): ``cache_tokens`` if given, else the most that fits, rounded down to 256 and
+    capped by each model's ``max_position_embeddings``. Raises ``VramBudgetError`` naming
+    every part and its size if the layout does not fit.
+    """
+    budget = int((max_vram_gb or torch.cuda.get_device_properties(0).total_memory / GiB) * GiB)
+    limit = min(m.max_positions for m in models)
+    if cache_tokens is None:
+        fixed = MemoryPlan(tuple(models), 0, max_input_len, budget).total
+        per_token = (sum(m.cache_per_token + m.sincos_per_token for m in models)
+                     + max(m.prefill_per_token for m in models))
+        cache_tokens = min(limit, max(0, budget - fixed) // per_token) // BUCKET * BUCKET
+        if cache_tokens < BUCKET:
+            raise VramBudgetError("no room for a KV cache: "
+                                  + MemoryPlan(tuple(models), BUCKET, max_input_len, budget)
+                                  .describe_overflow())
+    elif cache_tokens > limit:
+        raise ValueError(f"cache_tokens={cache_tokens} exceeds max_position_embeddings={limit}.")
+    plan = MemoryPlan(tuple(models), min(_round_up(cache_tokens, BUCKET), limit), max_input_len,
+                      budget)
+    if plan.total > budget:
+        raise VramBudgetError(plan.describe_overflow())
+    return plan
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def load_engines(folders: Sequence[tuple[str, str | os.PathLike]], max_vram_gb: float | None = None,
+                 cache_tokens: int | None = None, max_input_len: int = 2048,
+                 use_graphs: bool = True) -> tuple[list[ExLlamaV2Engine], MemoryPlan]:
+    """Load ``(name, folder)`` models (e.g. big and small) into one VRAM budget.
+
+    Plans first (``plan_memory``; nothing is allocated if it fails, and the plan is also
+    checked against the memory free now), then caps torch's allocator (process-wide) at
+    what it already holds plus the budget, loads each model and allocates its cache. Returns the engines and the plan (``plan.table()``
+    is the memory report).
+    """
+    exl, _, _ = _exllamav2()
+    measured = [measure_model(name, folder, max_input_len) for name, folder in folders]
+    plan = plan_memory([m for m, _ in measured], max_vram_gb, cache_tokens, max_input_len)
+    free, total = torch.cuda.mem_get_info()
+    if plan.total - CONTEXT_OVERHEAD > free:
+        raise VramBudgetError(f"only {free / GiB:.2f} GiB free on the GPU now; the load "
+                              + plan.describe_overflow().replace("> budget", "vs budget"))
+    # Cap torch's allocator: what this process already holds, plus the plan's share.
+    held = torch.cuda.memory_reserved()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (held + plan.budget - CONTEXT_OVERHEAD) / total))
+    engines = []
+    for (name, folder), (_, model) in zip(folders, measured):
+        model.config.max_seq_len = plan.cache_tokens
+        model.load()
+        cache = exl.ExLlamaV2Cache(model, batch_size=1, max_seq_len=plan.cache_tokens)
+        engines.append(ExLlamaV2Engine(model, cache, Tokenizer.from_folder(folder), use_graphs))
+    return engines, plan
+
+
+def load_pair(big: str | os.PathLike, small: str | os.PathLike, max_vram_gb: float | None = None,
+              cache_tokens: int | None = None, max_input_len: int = 2048,
+              use_graphs: bool = True) -> tuple[ExLlamaV2Engine, ExLlamaV2Engine, MemoryPlan]:
+    """The big (writer) and small (watcher) engines in one budget, and their memory plan."""
+    (b, s), plan = load_engines([("big", big), ("small", small)], max_vram_gb, cache_tokens,
+                                max_input_len, use_graphs)
+    return b, s, plan
+
+
+# ---------------------------------------------------------------------------------------
+# The engine
+
+
+class ExLlamaV2Engine(Engine):
+    """Engine over a loaded ``ExLlamaV2`` model and its fp16 ``ExLlamaV2Cache`` (batch 1, GPU 0).
+
+    ``use_graphs``: replay CUDA graphs of decode steps (quantised models only).
+    ``direct``: one-token steps take the direct decode path (default for quantised models
+    on sm80+ GPUs); set False to run them through exllamav2's own modules instead.
+    """
+
+    def __init__(self, model, cache, tokenizer: Tokenizer, use_graphs: bool = True):
+        _, attn_mod, ext = _exllamav2()
+        from exllamav2.mlp import ExLlamaV2MLP
+
+        self.model, self.cache, self.tokenizer = model, cache, tokenizer
+        cfg = model.config
+        self._ext, self._none = ext.exllamav2_ext, ext.none_tensor
+        self._params_cls = attn_mod.ExLlamaV2Attention.Params
+        self._embedding = model.modules[0]
+        attns = [m for m in model.modules if isinstance(m, attn_mod.ExLlamaV2Attention)]
+        mlps = [m for m in model.modules if isinstance(m, ExLlamaV2MLP)]
+        self._blocks = list(zip(attns, mlps))
+        self._norm, self._head = model.modules[-2], model.modules[-1]
+        self.device = torch.device(attns[0].device())
+        self.dtype = torch.float16
+        self.max_seq_len = cache.max_seq_len
+        self._max_input_len = cfg.max_input_len
+        self.identity = ModelIdentity(
+            architecture=cfg.arch.arch_string, num_layers=cfg.num_hidden_layers,
+            hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
+            fingerprint=embedding_fingerprint(self._embedding.embedding.weight))
+        self.quantised = all(a.q_handle is not None and m.q_handle is not None for a, m in self._blocks)
+        self.direct = self.quantised and _has_flash_decode()
+        self.use_graphs = use_graphs and self.direct
+        # Static state of the direct decode step (read and written by its graphs).
+        hidden = cfg.hidden_size
+        self._x = torch.zeros(1, 1, hidden, dtype=torch.float16, device=self.device)  # [1, 1, hidden]
+        self._x_host = torch.zeros(1, 1, hidden, dtype=torch.float16).pin_memory()  # staging
+        self._x_sent = torch.cuda.Event()  # the staging buffer's last upload
+        self._pos = torch.zeros(1, dtype=torch.int32, device=self.device)  # position being written
+        self._cu_q = torch.tensor([0, 1], dtype=torch.int32, device=self.device)
+        self._cu_k: dict[int, torch.Tensor] = {}  # bucket -> [0, bucket] int32
+        self._delta_bufs: dict[int, torch.Tensor] = {}  # layer -> [hidden] fp16
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, dict[int, torch.Tensor]]] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+        self._stream = torch.cuda.Stream(self.device)  # decode steps run here, see _step
+        self._after_modules = True  # the last cache writes were on the caller's stream
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, max_vram_gb: float | None = None,
+             cache_tokens: int | None = None, max_input_len: int = 2048,
+             use_graphs: bool = True) -> ExLlamaV2Engine:
+        """Load one model folder (EXL2, GPTQ or fp16 safetensors + HF tokenizer files)."""
+        (engine,), _ = load_engines([("model", folder)], max_vram_gb, cache_tokens, max_input_len,
+                                    use_graphs)
+        return engine
+
+    @property
+    def seq_len(self) -> int:
+        return self.cache.current_seq_len
+
+    def reset(self) -> None:
+        self.cache.current_seq_len = 0
+
+    def rewind(self, n: int) -> None:
+        if not 0 <= n <= self.seq_len:
+            raise ValueError(f"cannot rewind {n} positions: the cache holds {self.seq_len}.")
+        self.cache.current_seq_len -= n
+
+    def unload(self) -> None:
+        """Free the weights, the cache and the graphs (the engine is unusable afterwards)."""
+        self._graphs.clear()
+        self.cache = None
+        self.model.unload()
+        torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def forward(self, ids: Sequence[int], deltas: LayerDeltas | None = None,
+                capture: Collection[int] = ()) -> ForwardResult:
+        if not ids:
+            raise ValueError("forward needs at least one token id.")
+        check_room(self, len(ids))
+        deltas = {i: d.to(self.device, self.dtype) for i, d in (deltas or {}).items()}
+        check_layers(self.identity, deltas.keys(), "delta")
+        check_layers(self.identity, capture, "capture")
+        for i, d in deltas.items():
+            if d.shape != (self.identity.hidden_size,):
+                raise ValueError(f"delta for layer {i} has shape {tuple(d.shape)}; "
+                                 f"expected ({self.identity.hidden_size},).")
+        before = self.seq_len
+        try:
+            if len(ids) == 1 and self.direct:
+                return self._step(ids[0], deltas, frozenset(capture))
+            return self._forward_modules(list(ids), deltas, frozenset(capture))
+        except BaseException as e:
+            self.cache.current_seq_len = before  # positions past seq_len are dead
+            if isinstance(e, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()  # leave the kernel usable: the cache is intact
+            raise
+
+    def _embed_cpu(self, ids: list[int]) -> torch.Tensor:
+        """``[1, n, hidden]`` fp16 on the CPU, where exllamav2 keeps the embedding table."""
+        return self._embedding.forward(torch.tensor([ids]))
+
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        """``[1, n, hidden]`` fp16 on the GPU."""
+        return self._embed_cpu(ids).to(self.device)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``[1, 1, vocab]`` fp16 logits of the last row of ``x`` ``[1, n, hidden]``."""
+        return self._head.forward(self._norm.forward(x[:, -1:]))[..., :self.identity.vocab_size]
+
+    def _forward_modules(self, ids: list[int], deltas: dict[int, torch.Tensor],
+                         capture: frozenset[int]) -> ForwardResult:
+        """exllamav2's modules in order, in chunks of ``max_input_len``, with a causal mask."""
+        torch.cuda.current_stream().wait_stream(self._stream)  # earlier steps' cache writes
+        self._after_modules = True
+        captured: dict[int, list[torch.Tensor]] = {i: [] for i in capture}
+        for start in range(0, len(ids), self._max_input_len):
+            part = ids[start:start + self._max_input_len]
+            n, past = len(part), self.seq_len
+            x = self._embed(part)  # [1, n, hidden]
+            params = self._params_cls(1, n, past, None, None)
+            if n > 1:  # 0.3.2's SDPA path would otherwise attend to later positions
+                params.block_diag_mask = torch.ones(n, past + n, dtype=torch.bool,
+                                                    device=self.device).tril(past)  # [n, past + n]
+            for i, (attn, mlp) in enumerate(self._blocks):
+                x = attn.forward(x, cache=self.cache, attn_params=params, past_len=past)
+                x = mlp.forward(x, cache=self.cache, attn_params=params, past_len=past)
+                if i in deltas:
+                    x.add_(deltas[i])
+                if i in capture:
+                    captured[i].append(x[0].clone())  # [n, hidden]
+            self.cache.current_seq_len = past + n
+        hidden = {i: torch.cat(rows) for i, rows in captured.items()}
+        return ForwardResult(logits=self._logits(x)[0, -1].float(), hidden=hidden)
+
+    def _step(self, token: int, deltas: dict[int, torch.Tensor], capture: frozenset[int]) -> ForwardResult:
+        """One token through the direct path, replaying its CUDA graph once captured.
+
+        Runs on this engine's own CUDA stream and returns without waiting for the GPU, so
+        two engines' steps (the big model's and the mirroring small model's) overlap on the
+        GPU when issued back to back. The step waits for the caller's stream only when it
+        must (deltas the caller may just have computed, or cache writes of a prefill); the
+        caller's stream waits for the step's outputs.
+        """
+        caller = torch.cuda.current_stream()
+        if deltas or self._after_modules:
+            self._stream.wait_stream(caller)
+        self._after_modules = False
+        pos = self.seq_len
+        bucket = min(_round_up(pos + 1, BUCKET), self.max_seq_len)
+        key = (bucket, frozenset(deltas), capture)
+        self._x_sent.synchronize()  # the previous upload has left the staging buffer
+        self._x_host.copy_(self._embed_cpu([token]))
+        with torch.cuda.stream(self._stream):
+            self._x.copy_(self._x_host, non_blocking=True)
+            self._x_sent.record()
+            self._pos.fill_(pos)
+            for i, d in deltas.items():
+                if i not in self._delta_bufs:
+                    self._delta_bufs[i] = torch.empty_like(d)  # [hidden], read by the graphs
+                self._delta_bufs[i].copy_(d)
+            if key in self._graphs:
+                graph, logits, hidden = self._graphs[key]
+                graph.replay()
+            else:
+                logits, hidden = self._decode(*key)
+            result = ForwardResult(logits=logits[0, -1].float(),
+                                   hidden={i: h.clone() for i, h in hidden.items()})
+        if self.use_graphs and key not in self._graphs:
+            self._capture_graph(key)  # after an eager run of the same step: warmed up
+        for t in (result.logits, *result.hidden.values()):
+            t.record_stream(caller)
+        caller.wait_stream(self._stream)
+        self.cache.current_seq_len = pos + 1
+        return result
+
+    def _capture_graph(self, key: tuple) -> None:
+        """Capture the decode step for ``key``; capturing runs nothing, so the cache is untouched."""
+        if len(self._graphs) >= MAX_GRAPHS:
+            self._graphs.pop(next(iter(self._graphs)))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+            logits, hidden = self._decode(*key)
+        self._graphs[key] = (graph, logits, hidden)
+
+    def _decode(self, bucket: int, delta_layers: Collection[int],
+                capture: Collection[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The decode step on the static buffers: ``self._x`` (embedded token, updated in
+        place as the residual), ``self._pos`` (its position) and ``self._delta_bufs``.
+
+        Returns ``[1, 1, vocab]`` fp16 logits and layer -> ``[1, hidden]`` captures. Writes
+        K/V at ``pos``; attention (flash, variable length) reads the first ``pos + 1``
+        cached positions, launched over the first ``bucket``.
+        """
+        ext, none, x = self._ext, self._none, self._x
+        pos = self._pos.long()  # [1]
+        used = self._pos + 1  # [1] int32: keys to attend to
+        if bucket not in self._cu_k:  # (the eager run of a key always precedes its capture)
+            self._cu_k[bucket] = torch.tensor([0, bucket], dtype=torch.int32, device=self.device)
+        constants = self.model.get_device_context(self._blocks[0][0].device_idx)
+        hidden: dict[int, torch.Tensor] = {}
+        for i, (attn, mlp) in enumerate(self._blocks):
+            heads, kv_heads, head_dim = attn.num_attention_heads, attn.num_key_value_heads, attn.head_dim
+            q = torch.empty(1, 1, heads * head_dim, dtype=torch.float16, device=self.device)
+            k = torch.empty(1, 1, kv_heads * head_dim, dtype=torch.float16, device=self.device)
+            v = torch.empty_like(k)
+            ext.q_attn_forward_1(attn.q_handle, x, 1, 1, -1, self._pos, q, k, v,
+                                 constants.sin[attn.rope_index], constants.cos[attn.rope_index], [], none)
+            k_cache, v_cache = self.cache.key_states[attn.layer_idx], self.cache.value_states[attn.layer_idx]
+            k_cache.index_copy_(1, pos, k.view(1, 1, kv_heads, head_dim))  # cache: [1, seq, kv_heads, dim]
+            v_cache.index_copy_(1, pos, v.view(1, 1, kv_heads, head_dim))
+            out = torch.ops.aten._flash_attention_forward(
+                q.view(1, heads, head_dim), k_cache[0, :bucket], v_cache[0, :bucket],
+                self._cu_q, self._cu_k[bucket], 1, bucket, 0.0, False, False,
+                scale=attn.scaling, seqused_k=used)[0]  # [1, heads, dim]
+            ext.q_attn_forward_2(attn.q_handle, x, out.view(1, 1, heads * head_dim), 1, 1, [], none)
+            ext.q_mlp_forward_(mlp.q_handle, x, [], none)
+            if attn.archparams.clamp_hidden_states:
+                x.clamp_(-65504, 65504)
+            if i in delta_layers:
+                x.add_(self._delta_bufs[i])
+            if i in capture:
+                hidden[i] = x[0].clone()  # [1, hidden]
+        return self._logits(x), hidden
+
+
+def _has_flash_decode() -> bool:
+    """The direct decode path needs torch's variable-length flash attention (sm80+, ``seqused_k``)."""
+    schema = str(torch.ops.aten._flash_attention_forward.default._schema)
+    return torch.cuda.get_device_capability() >= (8, 0) and "seqused_k" in schema
