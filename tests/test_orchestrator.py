@@ -14,7 +14,6 @@ from max_jupyter.orchestrator import (Always, CognitiveOrchestrator, ContextMirr
                                       ProbeJudge, SamplingConfig, TraceConfig, Verdict, plain)
 from max_jupyter.orchestrator.mirror import window_safe
 from max_jupyter.steering import ModelMismatchError, SteeringController, SteeringVector, train_vector
-from orchestrator_fixtures import small, tiny  # noqa: F401  (fixtures)
 
 PROMPT = "Write one sentence about the weather."
 N = 12
