@@ -25,6 +25,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/cpu_steering.py
+	$(PY) bench/cpu_orchestrator.py
 
 clean-cache: $(VENV)/.installed
 	$(PY) -c "from max_jupyter.models import clear_cache; clear_cache()"
