@@ -11,7 +11,7 @@ Qwen2.5-1.5B-shaped one (4-bit GPTQ, tied embeddings). Each row: a 1024-token pr
       captured hidden state deciding the big model's steering (plain loop: both steps issued
       back to back so they overlap on the GPU, the big one speculatively with the last
       decision, re-run on a flip), both under a 16 GB ``max_vram_gb`` cap; and the
-      CognitiveOrchestrator with a ProbeJudge when it imports
+      CognitiveOrchestrator with a ProbeJudge (which overlaps the same way by itself)
   (e) HF transformers fp16 with forward hooks (one vector at one layer), same 7B shape
 
 "bw frac" is the memory-bandwidth bound over the measured time: bytes of weights and KV
@@ -195,12 +195,13 @@ def pair_rows(big_dir: Path, small_dir: Path, prompt) -> tuple[float, int, float
         probe_judge = ProbeJudge(SteeringVector({layer: probe.cpu()}, small.identity, "probe"),
                                  threshold=judge["threshold"], hysteresis=judge["hysteresis"])
         vector = SteeringVector({14: steer[14].float().cpu()}, big.identity, "steer")
-        orch = CognitiveOrchestrator(big, small, probe_judge, vector)
+        orch = CognitiveOrchestrator(big, small, probe_judge, vector)  # overlap: automatic
         for _ in range(2):
             result = orch.generate(prompt, max_new_tokens=NEW)
         n = len(result.steps)
         orch_time = result.elapsed_s / max(n, 1)  # includes the two prefills
-        note = f"{n} steps, finish {result.finish_reason}"
+        note = (f"{n} steps, overlap {'on' if orch.overlap else 'off'}, "
+                f"{result.speculation_misses} speculation misses, finish {result.finish_reason}")
     except Exception as e:  # the orchestrator is another issue; report, don't hide
         note = f"orchestrator failed: {type(e).__name__}: {e}"[:300]
     torch.cuda.synchronize()

@@ -308,7 +308,10 @@ def test_orchestrator_on_two_engines(tmp_path, tokenizer_folder):
     probe = SteeringVector({2: torch.randn(512)}, small.identity, "probe")
     steer = SteeringVector({1: torch.randn(512)}, big.identity, "steer")
     orch = cognitive.CognitiveOrchestrator(big, small, ProbeJudge(probe), steer)
+    assert big.launches_async and orch.overlap  # the big step is issued ahead of the mirror's
     out = orch.generate("Hello there", max_new_tokens=24)
-    assert len(out.steps) >= 1
+    assert len(out.steps) >= 1 and out.small_ids == out.prompt_ids + out.token_ids
+    print(f"\norchestrator (overlap): {len(out.steps)} steps, {int(out.steered.sum())} steered, "
+          f"{out.speculation_misses} speculation misses")
     big.unload()
     small.unload()

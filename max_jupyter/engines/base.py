@@ -68,6 +68,10 @@ class Engine(ABC):
     device: torch.device
     dtype: torch.dtype
     max_seq_len: int
+    launches_async: bool = False
+    """One-token ``forward`` returns before the device has finished it, and its work runs
+    concurrently with another engine's (reading ``logits`` or ``hidden`` synchronises). A
+    caller may then issue this engine's step, do other work, and rewind it if not wanted."""
 
     @property
     @abstractmethod

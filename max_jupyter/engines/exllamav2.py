@@ -21,8 +21,8 @@ How it runs:
   position, so it is captured once per (bucket, delta layers, capture layers) and
   replayed: launch overhead, which dominates batch-1 decode on big GPUs, is paid once.
   Deltas and captures are static buffers the graph reads and writes. Each engine runs
-  its steps on its own CUDA stream without waiting on the host, so the small model's
-  mirroring step overlaps the big model's. fp16 folders (no quantised handles) run the
+  its steps on its own CUDA stream without waiting on the host (``launches_async``), so
+  the small model's mirroring step overlaps the big model's. fp16 folders (no quantised handles) run the
   module loop eagerly.
 - **Fixes 0.3.2 needs on current torch/transformers**, applied here: without flash-attn,
   0.3.2's SDPA prefill passes no causal mask (it asks for a block-diagonal mask that is
@@ -350,6 +350,11 @@ class ExLlamaV2Engine(Engine):
         (engine,), _ = load_engines([("model", folder)], max_vram_gb, cache_tokens, max_input_len,
                                     use_graphs)
         return engine
+
+    @property
+    def launches_async(self) -> bool:
+        """Direct decode steps run on this engine's own stream without waiting (see ``_step``)."""
+        return self.direct
 
     @property
     def seq_len(self) -> int:

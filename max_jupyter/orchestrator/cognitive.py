@@ -14,6 +14,15 @@ Per step ``t`` (choosing generated token ``t``):
 
 Without a small model no mirroring happens; with no judges nothing is steered.
 
+Overlap (``overlap``; by default on where the big engine ``launches_async`` and there are a
+small model and pre-step judges): once token ``t`` is sampled and the generation goes on,
+the big model's forward of step ``t + 1`` (feeding token ``t``) is issued *before* step 5,
+speculatively, with the deltas that step ``t``'s pre-step judges chose, so the two models'
+work overlaps on the device. Step ``t + 1`` keeps that forward if its judges choose the same
+deltas (same mixes, no controller changed); otherwise the big model rewinds one position
+and forwards again (``GenerationResult.speculation_misses`` counts these; they are not
+re-runs). Tokens, records and trace are those of the order above; only the schedule differs.
+
 Speculative decoding (not implemented) fits between 1 and 5 without a rewrite when steering
 is off or the same mix holds for the whole draft: the small model drafts ``k`` tokens
 (same vocabulary only; its forwards are the mirror's, and the pre-step judges run on each
@@ -29,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
-from max_jupyter.engines.base import Engine, check_layers, check_room
+from max_jupyter.engines.base import Engine, ForwardResult, LayerDeltas, check_layers, check_room
 from max_jupyter.orchestrator.judges import (NO_MIXES, Judge, JudgeContext, JudgeError, JudgeLike,
                                              as_judges, check_judges)
 from max_jupyter.orchestrator.mirror import ContextMirror
@@ -48,11 +57,14 @@ class CognitiveOrchestrator:
     ``"default"``) or a mapping name -> controller/vector; all for the big model. A
     controller may be changed from another thread at any time: the change applies whole
     from the next step. Construction checks the models, judges and mixes fit together.
+    ``overlap``: issue each big step ahead of the mirror's (see the module); ``None``: where
+    it pays (``big.launches_async``, a small model and pre-step judges).
     """
 
     def __init__(self, big: Engine, small: Engine | None = None,
                  judges: JudgeLike | Sequence[JudgeLike] | None = None,
-                 steering: Steering | Mapping[str, Steering] = None, mirror_window: int = 8):
+                 steering: Steering | Mapping[str, Steering] = None, mirror_window: int = 8,
+                 overlap: bool | None = None):
         self.big, self.small = big, small
         self.mixes = Mixes(big, steering)
         self.mirror = ContextMirror(big, small, mirror_window) if small is not None else None
@@ -61,6 +73,8 @@ class CognitiveOrchestrator:
                      self.mirror is not None and self.mirror.shares_vocab)
         self._pre = [j for j in self.judges if not j.post_step]
         self._post = [j for j in self.judges if j.post_step]
+        self.overlap = (big.launches_async and small is not None and bool(self._pre)
+                        if overlap is None else overlap)
         self._abort = threading.Event()
 
     def abort(self) -> None:
@@ -111,6 +125,7 @@ class CognitiveOrchestrator:
         tokens, eos = result.token_ids, big.tokenizer.eos_ids
         capture = trace.big_layers
         error: JudgeError | None = None
+        ahead: tuple[LayerDeltas | None, ForwardResult] | None = None  # issued ahead
         self._abort.clear()
         start = time.perf_counter()
         try:
@@ -121,7 +136,8 @@ class CognitiveOrchestrator:
                     if self._abort.is_set():
                         result.finish_reason = "aborted"
                         break
-                    record = self._step(step, ids, tokens, steer_prompt, capture, sampler, recorder)
+                    record, decided = self._step(step, result, steer_prompt, capture, sampler,
+                                                 recorder, ahead)
                     result.steps.append(record)
                     token = record.token
                     if token in eos:
@@ -129,10 +145,13 @@ class CognitiveOrchestrator:
                         yield self._emit(StepEvent(record, ""), on_event)
                         break
                     tokens.append(token)
-                    if mirror is not None:
-                        mirror.feed(token)
                     piece = stops.feed(decoder.feed(token))
                     result.text += piece
+                    if self.overlap and not stops.stopped and step + 1 < max_new_tokens:
+                        deltas = self.mixes.deltas(decided)  # speculation: judges hold
+                        ahead = (deltas, big.step(token, deltas, capture))
+                    if mirror is not None:
+                        mirror.feed(token)
                     yield self._emit(StepEvent(record, piece), on_event)
                     if stops.stopped:
                         result.finish_reason = "stop"
@@ -155,20 +174,27 @@ class CognitiveOrchestrator:
             raise error
         return result
 
-    def _step(self, step: int, ids: list[int], tokens: list[int], steer_prompt: bool,
+    def _step(self, step: int, result: GenerationResult, steer_prompt: bool,
               capture: Sequence[int], sampler: Sampler, recorder: TraceRecorder,
-              ) -> StepRecord:
-        """Judge, forward (and maybe re-run) the big model, sample; record the step."""
+              ahead: tuple[LayerDeltas | None, ForwardResult] | None,
+              ) -> tuple[StepRecord, frozenset[str]]:
+        """Judge, forward (and maybe re-run) the big model, sample; record the step.
+
+        ``ahead``: (deltas, output) of this step's big forward, already issued; kept if this
+        step runs with the same deltas object, else rewound (a speculation miss, counted in
+        ``result``). Returns the record and the pre-step judges' decision.
+        """
         t0 = time.perf_counter()
+        ids, tokens = result.prompt_ids, result.token_ids
         mirror = self.mirror
         small_hidden = mirror.hidden if mirror is not None else {}
         small_logits = mirror.logits if mirror is not None else None
         scores: dict[str, float] = {}
         can_steer = step > 0 or steer_prompt
-        steer = NO_MIXES
+        decided = steer = NO_MIXES
         if self._pre:
             ctx = JudgeContext(step, tokens, small_hidden, small_logits)
-            steer = self._decide(self._pre, ctx, scores)
+            decided = steer = self._decide(self._pre, ctx, scores)
         if not can_steer:
             steer = NO_MIXES
         deltas = self.mixes.deltas(steer)
@@ -176,7 +202,12 @@ class CognitiveOrchestrator:
         last = ids[-1] if step == 0 else tokens[-1]
         if step == 0:
             out = self.big.prefill(ids, deltas, capture)
+        elif ahead is not None and ahead[0] is deltas:
+            out = ahead[1]
         else:
+            if ahead is not None:  # the judges or a controller changed: drop the speculation
+                self.big.rewind(1)
+                result.speculation_misses += 1
             out = self.big.step(last, deltas, capture)
         first, unsteered_token, unsteered_prob = None, None, None
         if self._post:
@@ -197,7 +228,7 @@ class CognitiveOrchestrator:
         record = StepRecord(step, token, prob, scores, tuple(sorted(steer)), first is not None,
                             unsteered_token, unsteered_prob, judge_s)
         recorder.add(out, first, deltas, small_hidden, small_logits)
-        return record
+        return record, decided
 
     @staticmethod
     def _decide(judges: list[Judge], ctx: JudgeContext, scores: dict[str, float]) -> frozenset[str]:

@@ -89,6 +89,8 @@ class GenerationResult(Generation):
     - ``big_logits`` / ``small_logits``: ``[steps, vocab]`` when ``full_logits``, else None.
 
     ``small_ids``: the small model's context after the generation (None without one).
+    ``speculation_misses``: big forwards issued ahead (``CognitiveOrchestrator(overlap=...)``)
+    with deltas the step's judges then changed, so rewound and run again (not re-runs).
     """
 
     steps: list[StepRecord] = field(default_factory=list)
@@ -101,6 +103,7 @@ class GenerationResult(Generation):
     big_logits: torch.Tensor | None = None
     small_logits: torch.Tensor | None = None
     small_ids: list[int] | None = None
+    speculation_misses: int = 0
 
     @property
     def scores(self) -> dict[str, torch.Tensor]:
