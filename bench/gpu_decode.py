@@ -196,12 +196,14 @@ def pair_rows(big_dir: Path, small_dir: Path, prompt) -> tuple[float, int, float
                                  threshold=judge["threshold"], hysteresis=judge["hysteresis"])
         vector = SteeringVector({14: steer[14].float().cpu()}, big.identity, "steer")
         orch = CognitiveOrchestrator(big, small, probe_judge, vector)  # overlap: automatic
+        stamps: list[float] = []  # host time of each step event: decode only, as timed_decode
         for _ in range(2):
-            result = orch.generate(prompt, max_new_tokens=NEW)
-        n = len(result.steps)
-        orch_time = result.elapsed_s / max(n, 1)  # includes the two prefills
-        note = (f"{n} steps, overlap {'on' if orch.overlap else 'off'}, "
-                f"{result.speculation_misses} speculation misses, finish {result.finish_reason}")
+            stamps.clear()
+            result = orch.generate(prompt, max_new_tokens=NEW + 1, ignore_eos=True,
+                                   on_event=lambda event: stamps.append(time.perf_counter()))
+        orch_time = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+        note = (f"{NEW} steps after the prefills, overlap {'on' if orch.overlap else 'off'}, "
+                f"{result.speculation_misses} speculation misses")
     except Exception as e:  # the orchestrator is another issue; report, don't hide
         note = f"orchestrator failed: {type(e).__name__}: {e}"[:300]
     torch.cuda.synchronize()
@@ -258,7 +260,7 @@ def main() -> None:
     rows.insert(4, (f"(d) big + mirrored small + probe judge, plain loop, 16 GB cap "
                     f"({reruns} re-runs)", plain, big_bytes + small_bytes))
     if orch is not None:
-        rows.insert(5, (f"(d) CognitiveOrchestrator + ProbeJudge ({note}, incl. prefills)", orch,
+        rows.insert(5, (f"(d) CognitiveOrchestrator + ProbeJudge ({note})", orch,
                         big_bytes + small_bytes))
 
     base = rows[0][1]

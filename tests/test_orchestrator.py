@@ -399,3 +399,13 @@ def test_bad_input(big, small, tiny, vector, ctrl):
     bad = CognitiveOrchestrator(big, None, rogue, steering=ctrl)
     with pytest.raises(JudgeError, match="rogue.*step 0"):
         bad.generate(PROMPT, max_new_tokens=2)
+
+
+def test_ignore_eos_runs_to_max_tokens_like_the_plain_loop(big):
+    prompt = "Say hello in one short sentence."
+    stopped = CognitiveOrchestrator(big).generate(prompt, max_new_tokens=40)
+    assert stopped.finish_reason == "eos"
+    n = len(stopped.token_ids) + 3
+    past = CognitiveOrchestrator(big).generate(prompt, max_new_tokens=n, ignore_eos=True)
+    assert past.finish_reason == "length" and len(past.token_ids) == n
+    assert past.token_ids == plain.generate(big, prompt, max_new_tokens=n, ignore_eos=True).token_ids

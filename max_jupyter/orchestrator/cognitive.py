@@ -94,10 +94,12 @@ class CognitiveOrchestrator:
     def stream(self, prompt: Prompt, *, max_new_tokens: int = 128,
                sampling: SamplingConfig = SamplingConfig(), stop: Sequence[str] = (),
                steer_prompt: bool = True, chat: bool = True, trace: TraceConfig = TraceConfig(),
-               on_event: Callable[[StepEvent], None] | None = None,
+               on_event: Callable[[StepEvent], None] | None = None, ignore_eos: bool = False,
                ) -> Iterator[StepEvent]:
         """Yield a ``StepEvent`` per step (also passed to ``on_event`` first); the return
-        value (``StopIteration.value``) is the ``GenerationResult``.
+        value (``StopIteration.value``) is the ``GenerationResult``. The options mean what
+        they mean for the plain loop (``plain.stream``); ``ignore_eos`` keeps going past EOS
+        tokens (for benchmarks of a fixed length).
 
         Ctrl-C (also inside a callback or judge) ends the generation with
         ``finish_reason == "interrupted"`` and the partial result; both caches stay
@@ -140,7 +142,7 @@ class CognitiveOrchestrator:
                                                  recorder, ahead)
                     result.steps.append(record)
                     token = record.token
-                    if token in eos:
+                    if token in eos and not ignore_eos:
                         result.finish_reason = "eos"
                         yield self._emit(StepEvent(record, ""), on_event)
                         break
