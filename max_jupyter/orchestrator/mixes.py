@@ -1,7 +1,7 @@
 """``Mixes``: the named steering mixes that judges turn on and off for one engine.
 
-Each mix is a ``SteeringController`` (changeable from any thread: a widget slider) or a
-fixed ``SteeringVector`` (coefficient 1). ``deltas(names)`` returns the summed per-layer
+Each mix is a ``SteeringController`` (changeable from any thread: a widget slider); a
+fixed ``SteeringVector`` becomes a one-vector mix at coefficient 1. ``deltas(names)`` returns the summed per-layer
 deltas of the named mixes, snapshotting each controller once, so a change made by another
 thread lands whole at the next step. The sum is cached per set of names and the mixes'
 versions: an unchanged mix costs a few dict lookups per step.
@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from max_jupyter.engines.base import Engine, LayerDeltas
 from max_jupyter.orchestrator.judges import DEFAULT_MIX
-from max_jupyter.orchestrator.plain import Steering, steering_deltas
+from max_jupyter.orchestrator.plain import Steering, as_mix
 from max_jupyter.steering.controller import SteeringController
 
 
@@ -25,9 +25,9 @@ class Mixes:
         elif not isinstance(steering, Mapping):
             steering = {DEFAULT_MIX: steering}
         self.engine = engine
-        self.named: dict[str, Steering] = dict(steering)
+        self.named: dict[str, SteeringController] = {n: as_mix(m) for n, m in steering.items()}
         for mix in self.named.values():
-            steering_deltas(engine, mix)  # raises now if a mix is for another model
+            mix.deltas(engine)  # raises now if a mix is for another model
         self._cache: dict[frozenset[str], tuple[tuple[int, ...], LayerDeltas | None]] = {}
 
     def __contains__(self, name: str) -> bool:
@@ -42,13 +42,13 @@ class Mixes:
             return None
         mixes = [self.named[n] for n in sorted(names)]
         # Versions are read before the deltas, so a cached sum is never older than its key.
-        versions = tuple(m.version if isinstance(m, SteeringController) else 0 for m in mixes)
+        versions = tuple(m.version for m in mixes)
         cached = self._cache.get(names)
         if cached is not None and cached[0] == versions:
             return cached[1]
         total: dict | None = None
         for mix in mixes:
-            d = steering_deltas(self.engine, mix)
+            d = mix.deltas(self.engine)
             if d is None:
                 continue
             if total is None:

@@ -51,14 +51,16 @@ def prompt_ids(engine: Engine, prompt: Prompt, chat: bool = True) -> list[int]:
     return prompt
 
 
+def as_mix(steering: Steering) -> SteeringController | None:
+    """``steering`` as a mix: a vector alone counts at coefficient 1."""
+    return SteeringController.of(steering) if isinstance(steering, SteeringVector) else steering
+
+
 def steering_deltas(engine: Engine, steering: Steering) -> LayerDeltas | None:
-    """Current deltas of ``steering`` for ``engine`` (a vector counts at coefficient 1)."""
-    if steering is None:
-        return None
-    if isinstance(steering, SteeringVector):
-        steering.check_model(engine.identity)
-        return steering.deltas(1.0, engine.device, engine.dtype)
-    return steering.deltas(engine)
+    """Current deltas of ``steering`` for ``engine`` (a vector counts at coefficient 1);
+    raises ``ModelMismatchError`` if it was made for another model."""
+    mix = as_mix(steering)
+    return mix.deltas(engine) if mix is not None else None
 
 
 def stream(engine: Engine, prompt: Prompt, *, max_new_tokens: int = 128,
@@ -81,9 +83,10 @@ def stream(engine: Engine, prompt: Prompt, *, max_new_tokens: int = 128,
     sampler = Sampler(sampling)
     decoder = engine.tokenizer.stream_decoder()
     result = Generation(prompt_ids=ids)
+    mix = as_mix(steering)  # deltas cached per mix version: one lookup per unchanged step
     start = time.perf_counter()
     try:
-        logits = engine.prefill(ids, steering_deltas(engine, steering) if steer_prompt else None).logits
+        logits = engine.prefill(ids, steering_deltas(engine, mix) if steer_prompt else None).logits
         while True:
             token, _ = sampler.sample(logits)
             if token in engine.tokenizer.eos_ids and not ignore_eos:
@@ -99,7 +102,7 @@ def stream(engine: Engine, prompt: Prompt, *, max_new_tokens: int = 128,
                 break
             if len(result.token_ids) >= max_new_tokens:
                 break
-            logits = engine.step(token, steering_deltas(engine, steering)).logits
+            logits = engine.step(token, steering_deltas(engine, mix)).logits
     except KeyboardInterrupt:
         result.finish_reason = "interrupted"
     tail = stops.drain(decoder)

@@ -40,6 +40,13 @@ class SteeringController:
         self._lock = threading.Lock()
         self._cached: tuple[int, torch.device, torch.dtype, LayerDeltas] | None = None
 
+    @classmethod
+    def of(cls, vector: SteeringVector, coef: float = 1.0) -> SteeringController:
+        """A mix holding only ``vector`` (named by its label) at ``coef``."""
+        mix = cls(vector.model)
+        mix.set(vector.label or "vector", vector, coef)
+        return mix
+
     def set(self, name: str, vector: SteeringVector, coef: float = 1.0,
             layers: Iterable[int] | None = None) -> None:
         """Add or replace ``name``. Checks the model, the coefficient and the layers first."""
