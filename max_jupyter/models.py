@@ -112,12 +112,12 @@ def _cached_conversion(gguf: Path) -> Path:
     return target
 
 
-def write_rope_theta(folder: Path) -> None:
+def write_rope_theta(folder: str | os.PathLike) -> None:
     """Also write the legacy top-level ``rope_theta`` (transformers 5 writes only
     ``rope_parameters``; readers such as exllamav2 would silently fall back to 10000)."""
     import json
 
-    cfg_path = folder / "config.json"
+    cfg_path = Path(folder) / "config.json"
     cfg = json.loads(cfg_path.read_text())
     theta = (cfg.get("rope_parameters") or {}).get("rope_theta")
     if theta is not None and "rope_theta" not in cfg:

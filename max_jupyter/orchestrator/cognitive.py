@@ -7,7 +7,8 @@ Per step ``t`` (choosing generated token ``t``):
 2. the big model forwards token ``t - 1`` (step 0: prefills the prompt, steered only if
    ``steer_prompt``) with the summed deltas of the mixes the judges turned on;
 3. post-step judges see that pass's logits; if they add a mix, the big model rewinds one
-   position and re-runs the forward with the new deltas (both versions are recorded);
+   position and re-runs the forward with the new deltas (step 0: prefills the prompt
+   again, steered) — both versions are recorded;
 4. token ``t`` is sampled; EOS, a stop string or ``max_new_tokens`` ends the generation;
 5. the mirror feeds token ``t`` to the small model;
 6. a ``StepEvent`` goes to the callback and out of the iterator.
@@ -28,7 +29,7 @@ is off or the same mix holds for the whole draft: the small model drafts ``k`` t
 (same vocabulary only; its forwards are the mirror's, and the pre-step judges run on each
 draft position's captured state, so a judge that would change the mix ends the draft
 there); the big model verifies them in one ``forward(draft, deltas)``; the accepted prefix
-goes through steps 4-6 one token at a time (``_accept``), and both caches rewind the
+goes through steps 4-6 one token at a time, and both caches rewind the
 rejected tail. The engine contract needs one addition for this: per-position logits
 (``[n_fed, vocab]``) from ``forward``, which today returns the last position's only.
 """
@@ -43,7 +44,7 @@ from max_jupyter.orchestrator.judges import (NO_MIXES, Judge, JudgeContext, Judg
                                              as_judges, check_judges)
 from max_jupyter.orchestrator.mirror import ContextMirror
 from max_jupyter.orchestrator.mixes import Mixes
-from max_jupyter.orchestrator.plain import Prompt, Steering, prompt_ids
+from max_jupyter.orchestrator.plain import Prompt, Steering, prompt_ids, run_to_end
 from max_jupyter.orchestrator.sampling import Sampler, SamplingConfig
 from max_jupyter.orchestrator.stopping import StopStrings
 from max_jupyter.orchestrator.trace import (GenerationResult, StepEvent, StepRecord, TraceConfig,
@@ -84,12 +85,7 @@ class CognitiveOrchestrator:
 
     def generate(self, prompt: Prompt, **options) -> GenerationResult:
         """Run ``stream`` to the end and return its result (see ``stream`` for options)."""
-        events = self.stream(prompt, **options)
-        while True:
-            try:
-                next(events)
-            except StopIteration as done:
-                return done.value
+        return run_to_end(self.stream(prompt, **options))
 
     def stream(self, prompt: Prompt, *, max_new_tokens: int = 128,
                sampling: SamplingConfig = SamplingConfig(), stop: Sequence[str] = (),
@@ -224,8 +220,11 @@ class CognitiveOrchestrator:
             if rerun:
                 first = out
                 unsteered_token, unsteered_prob = sampler.sample(out.logits)
-                self.big.rewind(1)
-                out = self.big.forward([last], deltas, capture)
+                if step == 0:  # the mix steers the whole prompt, as a pre-step decision would
+                    out = self.big.prefill(ids, deltas, capture)
+                else:
+                    self.big.rewind(1)
+                    out = self.big.forward([last], deltas, capture)
         token, prob = sampler.sample(out.logits)
         record = StepRecord(step, token, prob, scores, tuple(sorted(steer)), first is not None,
                             unsteered_token, unsteered_prob, judge_s)

@@ -250,7 +250,7 @@ def check_judges(judges: Sequence[Judge], mixes: Collection[str], big: ModelIden
     if dupes:
         raise ValueError(f"judge names must be unique; {dupes} appear more than once (pass name=).")
     for j in judges:
-        if j.needs_small and small is None:
+        if (j.needs_small or j.small_model is not None) and small is None:
             raise ValueError(f"judge {j.name!r} reads the small model, but the orchestrator has none.")
         if j.needs_shared_vocab and not shared_vocab:
             raise ValueError(f"judge {j.name!r} compares next-token distributions, but the big and "

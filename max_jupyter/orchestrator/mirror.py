@@ -118,7 +118,7 @@ class ContextMirror:
         self.text += piece
         chars, n = self._anchor()
         window = self.small.tokenizer.encode(self.text[chars:])
-        keep = self._sync(self.ids[: self._prompt_len + n] + window, self._prompt_len + n)
+        keep = self._sync(self._prompt_len + n, window)
         marks = self._marks
         while len(marks) > 1 and marks[-1][1] > keep - self._prompt_len:
             marks.pop()
@@ -131,7 +131,7 @@ class ContextMirror:
             return
         self.text += self._decoder.flush()
         p = self._prompt_len
-        self._sync(self.ids[:p] + self.small.tokenizer.encode(self.text), p)
+        self._sync(p, self.small.tokenizer.encode(self.text))
         self._marks = [(0, 0)]
 
     def _anchor(self) -> tuple[int, int]:
@@ -147,21 +147,21 @@ class ContextMirror:
                 return chars, n
         return marks[0]
 
-    def _sync(self, target: list[int], known: int) -> int:
-        """Make the small cache hold ``target`` (its first ``known`` ids agree already);
-        return how many ids were kept."""
+    def _sync(self, known: int, tail: list[int]) -> int:
+        """Make the small cache hold ``ids[:known] + tail`` (its first ``known`` ids stay);
+        return how many ids were kept. Costs O(len(tail)), not O(context)."""
         ids = self.ids
-        keep = known
-        end = min(len(ids), len(target))
-        while keep < end and ids[keep] == target[keep]:
-            keep += 1
-        if keep == len(ids) == len(target):
-            return keep
-        keep = min(keep, len(target) - 1)  # always re-feed one token: fresh logits and hidden
+        j, end = 0, min(len(ids) - known, len(tail))
+        while j < end and ids[known + j] == tail[j]:
+            j += 1
+        if j == len(tail) == len(ids) - known:
+            return len(ids)
+        keep = min(known + j, known + len(tail) - 1)  # re-feed >= 1 token: fresh logits, hidden
+        feed = ids[keep:known] + tail[max(0, keep - known):]
         self.small.rewind(len(ids) - keep)
         del ids[keep:]
-        self._take(self.small.forward(target[keep:], capture=self._capture))
-        ids.extend(target[keep:])
+        self._take(self.small.forward(feed, capture=self._capture))
+        ids.extend(feed)
         return keep
 
     def _take(self, out: ForwardResult) -> None:

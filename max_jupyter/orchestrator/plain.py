@@ -9,8 +9,9 @@ generation starts from a fresh prefill).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from max_jupyter.engines.base import Engine, LayerDeltas, check_room
 from max_jupyter.orchestrator.sampling import Sampler, SamplingConfig
@@ -19,6 +20,7 @@ from max_jupyter.steering.controller import SteeringController
 from max_jupyter.steering.vector import SteeringVector
 from max_jupyter.tokenizer import Message
 
+T, R = TypeVar("T"), TypeVar("R")
 Prompt = str | Sequence[Message] | Sequence[int]
 Steering = SteeringController | SteeringVector | None
 
@@ -117,11 +119,15 @@ def generate(engine: Engine, prompt: Prompt, *, on_text: Callable[[str], None] |
              **options) -> Generation:
     """Run ``stream`` to the end, passing each text piece to ``on_text``; see ``stream`` for
     the options (max_new_tokens, sampling, stop, steering, steer_prompt, chat, ignore_eos)."""
-    pieces = stream(engine, prompt, **options)
+    return run_to_end(stream(engine, prompt, **options), on_text)
+
+
+def run_to_end(items: Generator[T, None, R], on_item: Callable[[T], None] | None = None) -> R:
+    """Exhaust a generator, passing each item to ``on_item``; return its return value."""
     while True:
         try:
-            piece = next(pieces)
+            item = next(items)
         except StopIteration as done:
             return done.value
-        if on_text:
-            on_text(piece)
+        if on_item:
+            on_item(item)

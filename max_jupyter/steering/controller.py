@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -60,10 +60,12 @@ class SteeringController:
             self._version += 1
 
     def set_coef(self, name: str, coef: float) -> None:
-        """Change one vector's coefficient (the widget-slider path)."""
+        """Change one vector's coefficient (the widget-slider path), atomically."""
+        if not math.isfinite(coef):
+            raise ValueError(f"coefficient for {name!r} is {coef}; use a finite number.")
         with self._lock:
-            entry = self._get(name)
-        self.set(name, entry.vector, coef, entry.layers)
+            self._entries[name] = replace(self._get(name), coef=float(coef))
+            self._version += 1
 
     def remove(self, name: str) -> None:
         with self._lock:
