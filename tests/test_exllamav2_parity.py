@@ -292,7 +292,8 @@ def test_orchestrator_on_two_engines(tmp_path, tokenizer_folder):
     cognitive orchestrator with the small one mirroring and a probe judge."""
     from max_jupyter.engines.exllamav2 import load_pair
     from max_jupyter.models import write_gptq_rtn
-    from max_jupyter.orchestrator import generate
+    from max_jupyter.orchestrator import CognitiveOrchestrator, ProbeJudge, generate
+    from max_jupyter.steering import SteeringVector
 
     for name, arch, seed in (("big", "LlamaForCausalLM", 0), ("small", "Qwen2ForCausalLM", 1)):
         model = build_model(arch, tmp_path / f"{name}16", tokenizer_folder, seed)
@@ -301,13 +302,9 @@ def test_orchestrator_on_two_engines(tmp_path, tokenizer_folder):
     big, small, _ = load_pair(tmp_path / "big", tmp_path / "small", max_vram_gb=4.0)
     result = generate(big, "Hello there", max_new_tokens=24, ignore_eos=True)
     assert len(result.token_ids) == 24
-    cognitive = pytest.importorskip("max_jupyter.orchestrator.cognitive")
-    from max_jupyter.orchestrator.judges import ProbeJudge
-    from max_jupyter.steering.vector import SteeringVector
-
     probe = SteeringVector({2: torch.randn(512)}, small.identity, "probe")
     steer = SteeringVector({1: torch.randn(512)}, big.identity, "steer")
-    orch = cognitive.CognitiveOrchestrator(big, small, ProbeJudge(probe), steer)
+    orch = CognitiveOrchestrator(big, small, ProbeJudge(probe), steer)
     assert big.launches_async and orch.overlap  # the big step is issued ahead of the mirror's
     out = orch.generate("Hello there", max_new_tokens=24)
     assert len(out.steps) >= 1 and out.small_ids == out.prompt_ids + out.token_ids
@@ -315,3 +312,39 @@ def test_orchestrator_on_two_engines(tmp_path, tokenizer_folder):
           f"{out.speculation_misses} speculation misses")
     big.unload()
     small.unload()
+
+
+def test_failed_load_leaves_nothing_behind(tmp_path, tokenizer_folder, monkeypatch):
+    """A load that fails after the first model is in VRAM (here: the second model's
+    tokenizer raises) unloads both and lifts the allocator cap; a later load works."""
+    from max_jupyter.engines import exllamav2 as backend
+    from max_jupyter.models import write_gptq_rtn
+
+    for name, seed in (("big", 0), ("small", 1)):
+        model = build_model("LlamaForCausalLM", tmp_path / f"{name}16", tokenizer_folder, seed)
+        write_gptq_rtn(model, tmp_path / name)
+        copy_tokenizer(tokenizer_folder, tmp_path / name)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    real = backend.Tokenizer.from_folder
+
+    def fail_on_small(folder):
+        if Path(folder).name == "small":
+            raise RuntimeError("injected tokenizer failure")
+        return real(folder)
+
+    before = torch.cuda.memory_allocated()
+    monkeypatch.setattr(backend.Tokenizer, "from_folder", fail_on_small)
+    with pytest.raises(RuntimeError, match="injected"):
+        backend.load_pair(tmp_path / "big", tmp_path / "small", max_vram_gb=1.5)
+    monkeypatch.undo()
+    gc.collect()
+    assert torch.cuda.memory_allocated() == before
+    hog = torch.empty(int(1.6 * 2**30), dtype=torch.uint8, device="cuda")  # over the lifted cap
+    del hog
+    big, small, _ = backend.load_pair(tmp_path / "big", tmp_path / "small", max_vram_gb=1.5)
+    assert big.prefill([1, 2, 3]).logits.shape == (49152,)
+    big.unload()
+    small.unload()
+    torch.cuda.set_per_process_memory_fraction(1.0)

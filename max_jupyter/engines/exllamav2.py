@@ -29,7 +29,7 @@ How it runs:
   None), so each prefill chunk carries an explicit lower-right causal mask; transformers 5
   writes ``rope_parameters`` instead of ``rope_theta`` and exllamav2 would silently use
   10000, so the theta is read from either; torch's cuDNN attention re-plans for every new
-  KV length (~40 ms each), so cuDNN SDPA is disabled.
+  KV length (~40 ms each), so SDPA is kept off cuDNN during this backend's prefill.
 - **Memory.** ``plan_memory`` sizes weights, KV caches, working buffers and overhead of
   one or two models before anything is allocated, derives cache capacity from the VRAM
   budget, and raises ``VramBudgetError`` naming the parts when they do not fit; loading
@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from max_jupyter.engines.base import (Engine, ForwardResult, LayerDeltas, ModelIdentity,
                                       check_layers, check_room, embedding_fingerprint)
@@ -57,6 +58,7 @@ BUCKET = 256  # decode attention reads the cache in buckets of this many positio
 MAX_GRAPHS = 32  # decode graphs kept per engine (oldest dropped first)
 CONTEXT_OVERHEAD = 820 * 1024 ** 2  # CUDA context, kernels, cuBLAS (0.80 GiB measured, H200)
 GRAPH_POOL = 64 * 1024 ** 2  # per engine: decode graphs' intermediates and outputs
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN
 
 
 class VramBudgetError(MemoryError):
@@ -73,8 +75,6 @@ def _exllamav2():
     except ImportError as e:
         raise ImportError("The ExLlamaV2 backend needs exllamav2 0.3.2: "
                           "pip install 'max-jupyter[gpu]' (or exllamav2==0.3.2)") from e
-    # cuDNN attention re-plans for each new KV length (~40 ms each): keep it out of SDPA.
-    torch.backends.cuda.enable_cudnn_sdp(False)
     return exllamav2, attn, ext
 
 
@@ -185,7 +185,7 @@ def read_config(folder: str | os.PathLike, max_seq_len: int, max_input_len: int 
 
 def measure_model(name: str, folder: str | os.PathLike, max_input_len: int = 2048):
     """(``ModelMemory``, unloaded ``ExLlamaV2``) for ``folder``; reads headers, allocates nothing."""
-    exl, attn_mod, _ = _exllamav2()
+    exl, _, _ = _exllamav2()
     raw = json.loads((Path(folder) / "config.json").read_text())
     max_positions = int(raw.get("max_position_embeddings", 4096))
     config = read_config(folder, max_positions, max_input_len)
@@ -261,8 +261,9 @@ def load_engines(folders: Sequence[tuple[str, str | os.PathLike]], max_vram_gb: 
 
     Plans first (``plan_memory``; nothing is allocated if it fails, and the plan is also
     checked against the memory free now), then caps torch's allocator (process-wide) at
-    what it already holds plus the budget, loads each model and allocates its cache. Returns the engines and the plan (``plan.table()``
-    is the memory report).
+    what it already holds plus the budget, loads each model and allocates its cache. If a
+    load fails, every model is unloaded and the cap lifted before the error propagates.
+    Returns the engines and the plan (``plan.table()`` is the memory report).
     """
     exl, _, _ = _exllamav2()
     measured = [measure_model(name, folder, max_input_len) for name, folder in folders]
@@ -275,11 +276,19 @@ def load_engines(folders: Sequence[tuple[str, str | os.PathLike]], max_vram_gb: 
     held = torch.cuda.memory_reserved()
     torch.cuda.set_per_process_memory_fraction(min(1.0, (held + plan.budget - CONTEXT_OVERHEAD) / total))
     engines = []
-    for (name, folder), (_, model) in zip(folders, measured):
-        model.config.max_seq_len = plan.cache_tokens
-        model.load()
-        cache = exl.ExLlamaV2Cache(model, batch_size=1, max_seq_len=plan.cache_tokens)
-        engines.append(ExLlamaV2Engine(model, cache, Tokenizer.from_folder(folder), use_graphs))
+    try:
+        for (name, folder), (_, model) in zip(folders, measured):
+            model.config.max_seq_len = plan.cache_tokens
+            model.load()
+            cache = exl.ExLlamaV2Cache(model, batch_size=1, max_seq_len=plan.cache_tokens)
+            engines.append(ExLlamaV2Engine(model, cache, Tokenizer.from_folder(folder), use_graphs))
+    except BaseException:  # leave no half-loaded model and no allocator cap behind
+        engines.clear()
+        for _, model in measured:
+            model.unload()
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+        raise
     return engines, plan
 
 
@@ -300,8 +309,8 @@ class ExLlamaV2Engine(Engine):
     """Engine over a loaded ``ExLlamaV2`` model and its fp16 ``ExLlamaV2Cache`` (batch 1, GPU 0).
 
     ``use_graphs``: replay CUDA graphs of decode steps (quantised models only).
-    ``direct``: one-token steps take the direct decode path (default for quantised models
-    on sm80+ GPUs); set False to run them through exllamav2's own modules instead.
+    Attribute ``direct``: one-token steps take the direct decode path (on for quantised
+    models on sm80+ GPUs); set it False to run them through exllamav2's own modules.
     """
 
     def __init__(self, model, cache, tokenizer: Tokenizer, use_graphs: bool = True):
@@ -413,7 +422,16 @@ class ExLlamaV2Engine(Engine):
 
     def _forward_modules(self, ids: list[int], deltas: dict[int, torch.Tensor],
                          capture: frozenset[int]) -> ForwardResult:
-        """exllamav2's modules in order, in chunks of ``max_input_len``, with a causal mask."""
+        """exllamav2's modules in order, in chunks of ``max_input_len``, with a causal mask.
+
+        Its attention calls torch SDPA, kept off cuDNN here (cuDNN re-plans for every new KV
+        length, ~40 ms each); the setting is scoped to this call, not the process.
+        """
+        with sdpa_kernel(SDPA_BACKENDS):
+            return self._run_modules(ids, deltas, capture)
+
+    def _run_modules(self, ids: list[int], deltas: dict[int, torch.Tensor],
+                     capture: frozenset[int]) -> ForwardResult:
         torch.cuda.current_stream().wait_stream(self._stream)  # earlier steps' cache writes
         self._after_modules = True
         captured: dict[int, list[torch.Tensor]] = {i: [] for i in capture}
