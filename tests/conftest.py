@@ -8,6 +8,7 @@ import torch
 
 from max_jupyter.engines import TransformersEngine
 from max_jupyter.models import build_tiny_model
+from max_jupyter.steering import SteeringVector, train_vector
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +40,19 @@ def hf_forward(model, ids: list[int], **kwargs):
     """A plain HF forward of ``ids`` (no cache), for reference values."""
     with torch.inference_mode():
         return model(torch.tensor([ids]), **kwargs)
+
+
+@pytest.fixture(scope="session")
+def vector(engine) -> SteeringVector:
+    """A happy-vs-unhappy vector for the embedded model at layers 10 and 15 (mean diff)."""
+    return train_vector(engine, ["I love this, it is wonderful!", "Great joy and happiness."],
+                        ["I hate this, it is terrible.", "Awful misery and sadness."],
+                        layers=(10, 15), method="mean_diff", label="happy")
+
+
+def assert_mirrors(engine, ids: list[int]) -> None:
+    """The engine's cache holds exactly ``ids``: one more step on it equals a fresh
+    prefill of ``ids`` plus that token."""
+    assert engine.seq_len == len(ids)
+    on_cache = engine.step(ids[-1]).logits
+    torch.testing.assert_close(on_cache, engine.prefill(ids + [ids[-1]]).logits, atol=2e-4, rtol=1e-4)

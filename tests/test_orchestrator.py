@@ -13,23 +13,17 @@ from max_jupyter.orchestrator import (Always, CognitiveOrchestrator, ContextMirr
                                       FunctionJudge, JudgeContext, JudgeError, MirrorError, Never,
                                       ProbeJudge, SamplingConfig, TraceConfig, Verdict, plain)
 from max_jupyter.orchestrator.mirror import window_safe
-from max_jupyter.steering import ModelMismatchError, SteeringController, SteeringVector, train_vector
+from max_jupyter.steering import ModelMismatchError, SteeringController, SteeringVector
+from conftest import assert_mirrors
 
 PROMPT = "Write one sentence about the weather."
 N = 12
-LAYERS = (10, 15)
+LAYERS = (10, 15)  # the layers of the conftest ``vector``
 
 
 @pytest.fixture(scope="module")
 def big(engine):
     return engine
-
-
-@pytest.fixture(scope="module")
-def vector(big) -> SteeringVector:
-    return train_vector(big, ["I love this, it is wonderful!", "Great joy and happiness."],
-                        ["I hate this, it is terrible.", "Awful misery and sadness."],
-                        layers=LAYERS, method="mean_diff", label="happy")
 
 
 @pytest.fixture()
@@ -43,16 +37,6 @@ def ctrl(big, vector) -> SteeringController:
 def baseline(big):
     """The big model alone, greedy, unsteered."""
     return plain.generate(big, PROMPT, max_new_tokens=N)
-
-
-def assert_mirrors(engine, ids: list[int]) -> None:
-    """The engine's cache holds exactly ``ids``: one more step on it equals a fresh
-    prefill of ``ids`` plus that token."""
-    assert engine.seq_len == len(ids)
-    probe = ids[-1]
-    on_cache = engine.step(probe).logits
-    fresh = engine.prefill(ids + [probe]).logits
-    torch.testing.assert_close(on_cache, fresh, atol=2e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- baselines

@@ -8,18 +8,12 @@ import torch
 
 from max_jupyter.orchestrator import (Always, CognitiveOrchestrator, Never, ProbeJudge,
                                       TraceConfig)
-from max_jupyter.steering import SteeringController, SteeringVector, train_vector
+from max_jupyter.steering import SteeringController, SteeringVector
+from conftest import assert_mirrors
 
 PROMPT = "Write one sentence about the weather."
 N = 16
 TRACE = TraceConfig(big_layers=(15,), small_layers=(1,), top_k=5, full_logits=True)
-
-
-@pytest.fixture(scope="module")
-def vector(engine) -> SteeringVector:
-    return train_vector(engine, ["I love this, it is wonderful!", "Great joy and happiness."],
-                        ["I hate this, it is terrible.", "Awful misery and sadness."],
-                        layers=(10, 15), method="mean_diff", label="happy")
 
 
 @pytest.fixture()
@@ -53,13 +47,6 @@ def assert_same(a, b) -> None:
         assert (x is None) == (y is None)
         if x is not None:
             assert all(torch.equal(u, v) for u, v in zip(x, y)) if isinstance(x, tuple) else torch.equal(x, y)
-
-
-def assert_mirrors(engine, ids: list[int]) -> None:
-    """The engine's cache holds exactly ``ids`` (one more step equals a fresh prefill)."""
-    assert engine.seq_len == len(ids)
-    on_cache = engine.step(ids[-1]).logits
-    torch.testing.assert_close(on_cache, engine.prefill(ids + [ids[-1]]).logits, atol=2e-4, rtol=1e-4)
 
 
 def test_overlap_is_automatic_only_where_it_pays(engine, small, vector, monkeypatch):
