@@ -18,7 +18,7 @@ import time
 import torch
 
 from max_jupyter.engines import Engine, TransformersEngine
-from max_jupyter.models import build_tiny_model
+from max_jupyter.testing import build_tiny_model
 from max_jupyter.orchestrator import (CognitiveOrchestrator, DivergenceJudge, Never, ProbeJudge,
                                       TraceConfig, plain)
 from max_jupyter.steering import SteeringController, train_vector

@@ -1,7 +1,7 @@
 """Batch-1 decode speed of the ExLlamaV2 backend on a lent GPU; prints one markdown table.
 
 Weights are random, built on the device with the real shapes (no hub): a Qwen2.5-7B-shaped
-model (fp16 for row e, then 4-bit GPTQ by round-to-nearest, ``models.write_gptq_rtn``) and a
+model (fp16 for row e, then 4-bit GPTQ by round-to-nearest, ``testing.write_gptq_rtn``) and a
 Qwen2.5-1.5B-shaped one (4-bit GPTQ, tied embeddings). Each row: a 1024-token prompt, then
 512 greedy tokens (one warm-up run, then a timed run; decode time only).
 
@@ -33,7 +33,7 @@ import torch
 
 from max_jupyter.engines.exllamav2 import (ExLlamaV2Engine, drop_zero_gptq_biases, load_pair,
                                            measure_model)
-from max_jupyter.models import write_gptq_rtn
+from max_jupyter.testing import write_gptq_rtn
 from max_jupyter.orchestrator import CognitiveOrchestrator, ProbeJudge
 from max_jupyter.steering import SteeringVector
 

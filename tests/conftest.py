@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from max_jupyter.engines import TransformersEngine
-from max_jupyter.models import build_tiny_model
+from max_jupyter.testing import build_tiny_model
 from max_jupyter.steering import SteeringVector, train_vector
 
 

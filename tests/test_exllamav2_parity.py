@@ -168,7 +168,7 @@ def test_gptq_graph_parity(arch, tmp_path, tokenizer_folder):
     direct decode path agrees tightly with exllamav2's own module path and with the eager
     direct path; against transformers on the dequantised weights it agrees within the
     arithmetic of exllamav2's 4-bit kernels (fp16 dequantisation and accumulation)."""
-    from max_jupyter.models import write_gptq_rtn
+    from max_jupyter.testing import write_gptq_rtn
 
     model = build_model(arch, tmp_path / "fp16", tokenizer_folder)
     write_gptq_rtn(model, tmp_path / "gptq")
@@ -242,7 +242,7 @@ def test_memory_plan_and_oom(tmp_path, tokenizer_folder):
     capacity follows the budget; an OOM mid-generation leaves the engine usable."""
     from max_jupyter.engines.exllamav2 import (CONTEXT_OVERHEAD, GiB, VramBudgetError, load_pair,
                                                measure_model, plan_memory)
-    from max_jupyter.models import write_gptq_rtn
+    from max_jupyter.testing import write_gptq_rtn
 
     big = build_model("LlamaForCausalLM", tmp_path / "big16", tokenizer_folder)
     write_gptq_rtn(big, tmp_path / "big")
@@ -291,7 +291,7 @@ def test_orchestrator_on_two_engines(tmp_path, tokenizer_folder):
     """The generation loops run on ExLlamaV2 engines: plain on the big one, and the
     cognitive orchestrator with the small one mirroring and a probe judge."""
     from max_jupyter.engines.exllamav2 import load_pair
-    from max_jupyter.models import write_gptq_rtn
+    from max_jupyter.testing import write_gptq_rtn
     from max_jupyter.orchestrator import CognitiveOrchestrator, ProbeJudge, generate
     from max_jupyter.steering import SteeringVector
 
@@ -318,7 +318,7 @@ def test_failed_load_leaves_nothing_behind(tmp_path, tokenizer_folder, monkeypat
     """A load that fails after the first model is in VRAM (here: the second model's
     tokenizer raises) unloads both and lifts the allocator cap; a later load works."""
     from max_jupyter.engines import exllamav2 as backend
-    from max_jupyter.models import write_gptq_rtn
+    from max_jupyter.testing import write_gptq_rtn
 
     for name, seed in (("big", 0), ("small", 1)):
         model = build_model("LlamaForCausalLM", tmp_path / f"{name}16", tokenizer_folder, seed)

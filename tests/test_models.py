@@ -8,6 +8,7 @@ import pytest
 
 from max_jupyter import models
 from max_jupyter.engines import TransformersEngine
+from max_jupyter.testing import build_tiny_model
 
 
 def test_embedded_model_is_found_and_cached(engine):
@@ -42,7 +43,7 @@ def test_bad_folders_are_refused(tmp_path):
 
 def test_local_hf_folder_loads(tmp_path):
     """A folder written by transformers (a tiny random Llama with its own tokenizer) loads."""
-    tiny = TransformersEngine.load(models.build_tiny_model(tmp_path), device="cpu")
+    tiny = TransformersEngine.load(build_tiny_model(tmp_path), device="cpu")
     assert (tiny.identity.num_layers, tiny.identity.hidden_size, tiny.max_seq_len) == (2, 64, 4096)
     assert tiny.tokenizer.vocab_size == tiny.identity.vocab_size < 1000
     ids = tiny.tokenizer.encode("The weather")

@@ -10,10 +10,14 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 
-from max_jupyter.tokenizer import Tokenizer
+from max_jupyter.errors import ContextOverflowError
+
+if TYPE_CHECKING:
+    from max_jupyter.tokenizer import Tokenizer
 
 LayerDeltas = Mapping[int, torch.Tensor]
 """Per-layer additive deltas: layer -> ``[hidden]`` tensor on the engine's device and dtype."""
@@ -49,10 +53,6 @@ class ForwardResult:
 
     logits: torch.Tensor
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
-
-
-class ContextOverflowError(ValueError):
-    """Feeding these tokens would exceed the engine's context length."""
 
 
 class Engine(ABC):

@@ -49,6 +49,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from max_jupyter.engines.base import (Engine, ForwardResult, LayerDeltas, ModelIdentity,
                                       check_layers, check_room, embedding_fingerprint)
+from max_jupyter.errors import BackendUnavailableError, MaxJupyterError
 from max_jupyter.models import check_hf_folder
 from max_jupyter.tokenizer import Tokenizer
 
@@ -61,20 +62,21 @@ GRAPH_POOL = 64 * 1024 ** 2  # per engine: decode graphs' intermediates and outp
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN
 
 
-class VramBudgetError(MemoryError):
+class VramBudgetError(MaxJupyterError, MemoryError):
     """Two models, their caches and buffers do not fit the VRAM budget (raised before allocating)."""
 
 
 def _exllamav2():
     """Import exllamav2 (builds or loads its CUDA extension) and apply global fixes."""
     if not torch.cuda.is_available():
-        raise RuntimeError("The ExLlamaV2 backend needs a CUDA GPU; use TransformersEngine on the CPU.")
+        raise BackendUnavailableError("The ExLlamaV2 backend needs a CUDA GPU; use TransformersEngine "
+                                      "on the CPU.")
     try:
         import exllamav2
         from exllamav2 import attn, ext
     except ImportError as e:
-        raise ImportError("The ExLlamaV2 backend needs exllamav2 0.3.2: "
-                          "pip install 'max-jupyter[gpu]' (or exllamav2==0.3.2)") from e
+        raise BackendUnavailableError("The ExLlamaV2 backend needs exllamav2 0.3.2: "
+                                      "pip install 'max-jupyter[gpu]' (or exllamav2==0.3.2)") from e
     return exllamav2, attn, ext
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from max_jupyter.engines.base import ModelIdentity, check_layers
+from max_jupyter.errors import MaxJupyterError
 from max_jupyter.steering.vector import ModelMismatchError, SteeringVector
 
 DEFAULT_MIX = "default"
@@ -67,7 +68,7 @@ class Verdict:
 OFF = Verdict()
 
 
-class JudgeError(RuntimeError):
+class JudgeError(MaxJupyterError, RuntimeError):
     """A judge raised. ``judge`` and ``step`` say where; ``result`` holds the partial trace
     (a ``GenerationResult``) once the orchestrator has stopped; ``__cause__`` is the error."""
 

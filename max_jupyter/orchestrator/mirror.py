@@ -22,6 +22,7 @@ from collections.abc import Collection, Sequence
 import torch
 
 from max_jupyter.engines.base import Engine, ForwardResult
+from max_jupyter.errors import MaxJupyterError
 from max_jupyter.orchestrator.plain import Prompt, prompt_ids
 from max_jupyter.tokenizer import Tokenizer
 
@@ -29,7 +30,7 @@ WINDOW_SAMPLE = ("Hello world, it's 12 o'clock; naïve café résumé 日本語 
                  "Then: x=3*(y+2)  done!\nNew line\t tabbed  ok — «quoted» 🙂 end")
 
 
-class MirrorError(ValueError):
+class MirrorError(MaxJupyterError, ValueError):
     """The small model cannot follow the big one (vocabularies differ, no tokenizer)."""
 
 

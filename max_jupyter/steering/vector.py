@@ -16,10 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from max_jupyter.engines.base import ModelIdentity, check_layers
-
-
-class ModelMismatchError(ValueError):
-    """A vector (or judge) meets a model it was not made for."""
+from max_jupyter.errors import ModelMismatchError
 
 
 class SteeringVector:

@@ -1,0 +1,43 @@
+"""The errors a user can act on: one small hierarchy, so a notebook can catch
+``MaxJupyterError`` and show its message as one line.
+
+Each class also derives from the built-in error it refines (``ValueError``,
+``FileNotFoundError``, ...), so code written against those keeps working.
+"""
+from __future__ import annotations
+
+
+class MaxJupyterError(Exception):
+    """Base of every error this package raises for bad input or an unusable state."""
+
+
+class BadArgumentError(MaxJupyterError, ValueError, TypeError):
+    """An argument of the wrong type or out of range; the message names it, its value and the fix."""
+
+
+class ModelMismatchError(MaxJupyterError, ValueError):
+    """A vector, mix or judge meets a model it was not made for."""
+
+
+class ContextOverflowError(MaxJupyterError, ValueError):
+    """Feeding these tokens would exceed the engine's context length."""
+
+
+class CorruptFileError(MaxJupyterError, ValueError):
+    """A file that is not what it claims to be, or whose contents were altered."""
+
+
+class ModelSourceError(MaxJupyterError, FileNotFoundError):
+    """A model source that is missing, empty or not a model."""
+
+
+class BackendUnavailableError(MaxJupyterError, ImportError):
+    """A backend whose packages (or device) are not present; the message names the install."""
+
+
+class BusyError(MaxJupyterError, RuntimeError):
+    """The session is generating and the caller asked not to wait (``wait=False``)."""
+
+
+class SessionClosedError(MaxJupyterError, RuntimeError):
+    """The session was closed; load a new one."""
