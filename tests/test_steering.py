@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from max_jupyter.orchestrator.plain import steering_deltas
+from max_jupyter.orchestrator.types import steering_deltas
 from max_jupyter.steering import ModelMismatchError, SteeringController, SteeringVector, train_vector
 
 PROMPT = "Tell me about your day."

@@ -4,7 +4,8 @@ from max_jupyter.orchestrator.judges import (DEFAULT_MIX, Always, DivergenceJudg
                                              Judge, JudgeContext, JudgeError, Never, ProbeJudge,
                                              Verdict)
 from max_jupyter.orchestrator.mirror import ContextMirror, MirrorError
-from max_jupyter.orchestrator.plain import Generation, generate, stream
+from max_jupyter.orchestrator.plain import generate, stream
+from max_jupyter.orchestrator.types import Generation
 from max_jupyter.orchestrator.sampling import Sampler, SamplingConfig
 from max_jupyter.orchestrator.trace import (GenerationResult, StepEvent, StepRecord, TopK,
                                             TraceConfig)

@@ -44,7 +44,7 @@ from max_jupyter.orchestrator.judges import (NO_MIXES, Judge, JudgeContext, Judg
                                              as_judges, check_judges)
 from max_jupyter.orchestrator.mirror import ContextMirror
 from max_jupyter.orchestrator.mixes import Mixes
-from max_jupyter.orchestrator.plain import Prompt, Steering, prompt_ids, run_to_end
+from max_jupyter.orchestrator.types import Prompt, Steering, prompt_ids, run_to_end
 from max_jupyter.orchestrator.sampling import Sampler, SamplingConfig
 from max_jupyter.orchestrator.stopping import StopStrings
 from max_jupyter.orchestrator.trace import (GenerationResult, StepEvent, StepRecord, TraceConfig,

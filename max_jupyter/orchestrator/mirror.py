@@ -23,7 +23,7 @@ import torch
 
 from max_jupyter.engines.base import Engine, ForwardResult
 from max_jupyter.errors import MaxJupyterError
-from max_jupyter.orchestrator.plain import Prompt, prompt_ids
+from max_jupyter.orchestrator.types import Prompt, prompt_ids
 from max_jupyter.tokenizer import Tokenizer
 
 WINDOW_SAMPLE = ("Hello world, it's 12 o'clock; naïve café résumé 日本語 text. "

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from max_jupyter.engines.base import Engine, LayerDeltas
 from max_jupyter.orchestrator.judges import DEFAULT_MIX
-from max_jupyter.orchestrator.plain import Steering, as_mix
+from max_jupyter.orchestrator.types import Steering, as_mix
 from max_jupyter.steering.controller import SteeringController
 
 

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from max_jupyter.engines.base import Engine, ForwardResult, LayerDeltas
-from max_jupyter.orchestrator.plain import Generation
+from max_jupyter.orchestrator.types import Generation
 
 
 @dataclass(frozen=True)

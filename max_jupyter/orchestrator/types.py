@@ -1,0 +1,69 @@
+"""Types shared by the loop, the mirror, the trace and the Session: prompts, steering,
+the finished generation, and the helpers that turn them into ids and mixes."""
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from max_jupyter.engines.base import Engine, LayerDeltas
+from max_jupyter.steering.controller import SteeringController
+from max_jupyter.steering.vector import SteeringVector
+from max_jupyter.tokenizer import Message
+
+T, R = TypeVar("T"), TypeVar("R")
+Prompt = str | Sequence[Message] | Sequence[int]
+"""A user turn (text), chat messages (``{"role", "content"}`` dicts) or token ids."""
+Steering = SteeringController | SteeringVector | None
+"""A mix (re-read every step) or one vector at coefficient 1."""
+
+
+@dataclass
+class Generation:
+    """One finished generation. ``finish_reason``: eos, stop, length or interrupted."""
+
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"
+    elapsed_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / self.elapsed_s if self.elapsed_s else 0.0
+
+
+def prompt_ids(engine: Engine, prompt: Prompt, chat: bool = True) -> list[int]:
+    """Token ids for ``prompt``: ids pass through; text and messages go through the chat
+    template when ``chat`` (plain text with special tokens otherwise)."""
+    if isinstance(prompt, str):
+        return engine.tokenizer.chat(prompt) if chat else engine.tokenizer.encode(prompt, True)
+    prompt = list(prompt)
+    if prompt and isinstance(prompt[0], dict):
+        return engine.tokenizer.chat(prompt)
+    if not all(isinstance(t, int) for t in prompt):
+        raise TypeError("prompt must be a str, a list of chat messages or a list of token ids.")
+    return prompt
+
+
+def as_mix(steering: Steering) -> SteeringController | None:
+    """``steering`` as a mix: a vector alone counts at coefficient 1."""
+    return SteeringController.of(steering) if isinstance(steering, SteeringVector) else steering
+
+
+def steering_deltas(engine: Engine, steering: Steering) -> LayerDeltas | None:
+    """Current deltas of ``steering`` for ``engine`` (a vector counts at coefficient 1);
+    raises ``ModelMismatchError`` if it was made for another model."""
+    mix = as_mix(steering)
+    return mix.deltas(engine) if mix is not None else None
+
+
+def run_to_end(items: Generator[T, None, R], on_item: Callable[[T], None] | None = None) -> R:
+    """Exhaust a generator, passing each item to ``on_item``; return its return value."""
+    while True:
+        try:
+            item = next(items)
+        except StopIteration as done:
+            return done.value
+        if on_item:
+            on_item(item)
