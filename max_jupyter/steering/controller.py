@@ -1,16 +1,19 @@
 """``SteeringController``: the active mix of steering vectors for one model.
 
 The mix (name -> vector, coefficient, layers) may be changed from any thread (a widget
-slider) at any time; ``deltas`` takes a consistent snapshot under a lock, so a change
-lands whole at the next step. The combined per-layer delta is cached per mix version and
-device, so an unchanged mix costs one lock and one dict lookup per step.
+slider) at any time; ``snapshot`` / ``deltas`` take a consistent view under a lock, so a
+change — also one of several entries at once (``update``) — lands whole at the next step.
+The combined per-layer delta is cached per mix version and device, so an unchanged mix
+costs one lock and one dict lookup per step. Listeners hear of every change (a widget
+moves its slider when code changes the mix).
 """
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -30,6 +33,20 @@ class MixEntry:
         return self.coef * (self.vector.select(self.layers) if self.layers is not None else self.vector)
 
 
+class MixState(NamedTuple):
+    """One consistent view of a mix: its ``version``, each entry's coefficient (do not
+    mutate: shared while the mix is unchanged) and the summed deltas (None when empty)."""
+
+    version: int
+    coefs: dict[str, float]
+    deltas: LayerDeltas | None
+
+
+EntryChange = float | SteeringVector | tuple | None
+"""For ``update``: a new coefficient, a vector (coefficient 1), ``(vector, coef)`` or
+``(vector, coef, layers)``, or None to remove the entry."""
+
+
 class SteeringController:
     """Holds named vectors with coefficients for the model ``model`` and combines them."""
 
@@ -38,7 +55,8 @@ class SteeringController:
         self._entries: dict[str, MixEntry] = {}
         self._version = 0
         self._lock = threading.Lock()
-        self._cached: tuple[int, torch.device, torch.dtype, LayerDeltas] | None = None
+        self._cached: tuple[torch.device, torch.dtype, MixState] | None = None
+        self._listeners: list[Callable[[SteeringController], None]] = []
 
     @classmethod
     def of(cls, vector: SteeringVector, coef: float = 1.0) -> SteeringController:
@@ -50,14 +68,21 @@ class SteeringController:
     def set(self, name: str, vector: SteeringVector, coef: float = 1.0,
             layers: Iterable[int] | None = None) -> None:
         """Add or replace ``name``. Checks the model, the coefficient and the layers first."""
+        entry = self._entry(name, vector, coef, layers)
+        with self._lock:
+            self._entries[name] = entry
+            self._version += 1
+        self._notify()
+
+    def _entry(self, name: str, vector: SteeringVector, coef: float,
+               layers: Iterable[int] | None) -> MixEntry:
+        """A checked entry: the vector's model, the coefficient and the layers."""
         vector.check_model(self.model)
         if not math.isfinite(coef):
             raise ValueError(f"coefficient for {name!r} is {coef}; use a finite number.")
         entry = MixEntry(vector, float(coef), tuple(layers) if layers is not None else None)
         entry.effective()  # raises on layers the vector lacks
-        with self._lock:
-            self._entries[name] = entry
-            self._version += 1
+        return entry
 
     def set_coef(self, name: str, coef: float) -> None:
         """Change one vector's coefficient (the widget-slider path), atomically."""
@@ -66,17 +91,59 @@ class SteeringController:
         with self._lock:
             self._entries[name] = replace(self._get(name), coef=float(coef))
             self._version += 1
+        self._notify()
+
+    def update(self, changes: Mapping[str, EntryChange]) -> None:
+        """Change several entries at once (see ``EntryChange``); every change is checked
+        first, then all apply together, so a generation sees either none or all of them."""
+        current = self.entries
+        new: dict[str, MixEntry | None] = {}
+        for name, change in changes.items():
+            if change is None:
+                if name not in current:
+                    raise KeyError(f"no vector named {name!r} in the mix; it has {sorted(current)}.")
+                new[name] = None
+            elif isinstance(change, (int, float)) and not isinstance(change, bool):
+                if name not in current:
+                    raise KeyError(f"no vector named {name!r} in the mix to set a coefficient "
+                                   f"on; give (vector, coef) to add it.")
+                new[name] = self._entry(name, current[name].vector, change, current[name].layers)
+            else:
+                vector, coef, layers = (change, 1.0, None) if isinstance(change, SteeringVector) \
+                    else (*change, None)[:3]
+                new[name] = self._entry(name, vector, coef, layers)
+        with self._lock:
+            for name, entry in new.items():
+                if entry is None:
+                    self._entries.pop(name, None)
+                else:
+                    self._entries[name] = entry
+            self._version += 1
+        self._notify()
 
     def remove(self, name: str) -> None:
         with self._lock:
             self._get(name)
             del self._entries[name]
             self._version += 1
+        self._notify()
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
             self._version += 1
+        self._notify()
+
+    def add_listener(self, listener: Callable[[SteeringController], None]) -> None:
+        """Call ``listener(self)`` after every change, on the thread that made it."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[SteeringController], None]) -> None:
+        self._listeners.remove(listener)
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            listener(self)
 
     def _get(self, name: str) -> MixEntry:
         if name not in self._entries:
@@ -105,20 +172,27 @@ class SteeringController:
 
     def deltas(self, engine: Engine) -> LayerDeltas | None:
         """Per-layer deltas for ``engine`` (checked to be this mix's model), or ``None`` if empty."""
+        return self.snapshot(engine).deltas
+
+    def snapshot(self, engine: Engine) -> MixState:
+        """The mix as it is now, with its deltas for ``engine`` (checked to be this mix's
+        model); version, coefficients and deltas always belong together."""
         if engine.identity != self.model:
             raise ModelMismatchError(f"this mix is for {self.model.describe()}, the engine runs "
                                      f"{engine.identity.describe()}.")
         with self._lock:
             cached = self._cached
-            if cached and cached[0] == self._version and cached[1] == engine.device and cached[2] == engine.dtype:
-                return cached[3]
+            if (cached and cached[2].version == self._version and cached[0] == engine.device
+                    and cached[1] == engine.dtype):
+                return cached[2]
             version = self._version
-            entries = list(self._entries.values())
-        total = _sum(entries)
+            entries = dict(self._entries)
+        total = _sum(entries.values())
         deltas = total.deltas(1.0, engine.device, engine.dtype) if total is not None else None
+        state = MixState(version, {n: e.coef for n, e in entries.items()}, deltas)
         with self._lock:
-            self._cached = (version, engine.device, engine.dtype, deltas)
-        return deltas
+            self._cached = (engine.device, engine.dtype, state)
+        return state
 
     def __repr__(self) -> str:
         parts = [f"{n}: {e.coef:g} x {e.vector.label or 'vector'}"
