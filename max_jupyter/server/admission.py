@@ -1,0 +1,68 @@
+"""The bounded queue in front of the Session: at most one request generating and
+``max_queue`` waiting; one more is refused with 429 and a ``Retry-After`` estimate.
+
+The Session's worker runs one generation at a time in submission order; this only bounds
+how many HTTP requests may be waiting for it, and keeps the handles of the admitted ones
+so a server that stops can stop their generations.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+from max_jupyter.errors import BadArgumentError
+from max_jupyter.server.errors import APIError
+
+
+class Admission:
+    """Counts admitted requests; ``admit`` returns a ``Ticket`` or raises ``APIError(429)``."""
+
+    def __init__(self, max_queue: int = 8):
+        if not isinstance(max_queue, int) or max_queue < 0:
+            raise BadArgumentError(f"max_queue must be an int >= 0; got {max_queue!r}.")
+        self.max_queue = max_queue
+        self._lock = threading.Lock()
+        self._tickets: set[Ticket] = set()
+        self._mean_s = 1.0  # moving average of a request's time in the server
+
+    @property
+    def admitted(self) -> int:
+        return len(self._tickets)
+
+    def admit(self) -> Ticket:
+        with self._lock:
+            if len(self._tickets) > self.max_queue:
+                wait = math.ceil(self._mean_s * len(self._tickets))
+                raise APIError(429, f"the server is busy: {len(self._tickets)} requests are "
+                               f"running or queued (max_queue={self.max_queue}); retry later.",
+                               code="queue_full", headers={"Retry-After": str(min(max(wait, 1), 60))})
+            ticket = Ticket(self)
+            self._tickets.add(ticket)
+            return ticket
+
+    def _release(self, ticket: Ticket) -> None:
+        with self._lock:
+            if ticket in self._tickets:
+                self._tickets.discard(ticket)
+                self._mean_s = 0.8 * self._mean_s + 0.2 * (time.monotonic() - ticket.since)
+
+    def stop_all(self) -> None:
+        """Stop every admitted request's generation (queued ones never start)."""
+        with self._lock:
+            handles = [t.handle for t in self._tickets if t.handle is not None]
+        for handle in handles:
+            handle.stop()
+
+
+class Ticket:
+    """One admitted request: holds its generation handle; ``release`` stops it and frees the
+    slot (idempotent, so every exit path may call it)."""
+
+    def __init__(self, admission: Admission):
+        self.admission, self.since, self.handle = admission, time.monotonic(), None
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.stop()
+        self.admission._release(self)

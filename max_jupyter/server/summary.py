@@ -1,0 +1,47 @@
+"""The trace summary sent with every response (extension field ``max_jupyter``): what
+steering did during the generation, small enough for every reply."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from max_jupyter.orchestrator.trace import GenerationResult
+
+
+def trace_summary(result: GenerationResult) -> dict[str, Any]:
+    """``steps``; ``steered_steps`` (the step's final forward ran with any steering);
+    ``reruns`` and ``changed_tokens`` (post-step judges' re-runs, and those that changed the
+    token); ``mixes``: steering name -> steps it was on; ``judges``: judge name -> steps
+    scored and their mean and max score; ``mix_changes``: the live mix's coefficients at
+    step 0 and at every step where they changed; ``finish_reason``: the engine's own."""
+    steps = result.steps
+    mixes: dict[str, int] = {}
+    for record in steps:
+        for name in record.steering:
+            mixes[name] = mixes.get(name, 0) + 1
+    return {"steps": len(steps),
+            "steered_steps": sum(1 for r in steps if r.steering),
+            "reruns": sum(1 for r in steps if r.rerun),
+            "changed_tokens": sum(1 for r in steps if r.changed),
+            "mixes": mixes,
+            "judges": _judge_scores(result),
+            "mix_changes": _mix_changes(result),
+            "finish_reason": result.finish_reason}
+
+
+def _judge_scores(result: GenerationResult) -> dict[str, dict[str, float | int]]:
+    out = {}
+    for name, scores in result.scores.items():
+        seen = [float(s) for s in scores if not math.isnan(s)]
+        out[name] = {"steps": len(seen), "mean": sum(seen) / len(seen) if seen else None,
+                     "max": max(seen) if seen else None}
+    return out
+
+
+def _mix_changes(result: GenerationResult) -> list[dict[str, Any]]:
+    changes, last = [], None
+    for record in result.steps:
+        if record.mix != last:
+            changes.append({"step": record.step, "mix": dict(record.mix)})
+            last = record.mix
+    return changes
