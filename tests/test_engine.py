@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from max_jupyter.engines import ContextOverflowError
+from max_jupyter.errors import BadArgumentError
 from conftest import hf_forward
 
 PROMPT = "The quick brown fox jumps over the lazy dog because"
@@ -78,9 +79,9 @@ def test_delta_changes_downstream_capture_by_itself(engine, ids):
 
 
 def test_layer_out_of_range(engine, ids):
-    with pytest.raises(IndexError, match=r"out of range.*0\.\.29"):
+    with pytest.raises(BadArgumentError, match=r"out of range.*0\.\.29"):
         engine.prefill(ids, deltas={30: torch.zeros(576)})
-    with pytest.raises(IndexError, match="capture"):
+    with pytest.raises(BadArgumentError, match="capture"):
         engine.prefill(ids, capture=[-1])
 
 
@@ -89,8 +90,9 @@ def test_context_overflow_is_refused_before_compute(engine, ids):
     with pytest.raises(ContextOverflowError, match="exceed the context of 8192"):
         engine.forward([1] * 8192)
     assert engine.seq_len == len(ids)
-    with pytest.raises(ValueError, match="empty prompt"):
+    with pytest.raises(BadArgumentError, match=r"ids=\[\] is empty"):
         engine.prefill([])
+    assert engine.seq_len == len(ids)
 
 
 def test_interrupt_mid_forward_leaves_cache_as_before(engine, ids):

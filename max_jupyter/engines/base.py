@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from max_jupyter.errors import ContextOverflowError
+from max_jupyter.validation import check_deltas, check_layers, check_token_ids
 
 if TYPE_CHECKING:
     from max_jupyter.tokenizer import Tokenizer
@@ -58,9 +59,14 @@ class ForwardResult:
 class Engine(ABC):
     """A batch-1 language model with a KV cache, residual-stream access and a tokenizer.
 
-    Backends implement ``forward``, ``rewind``, ``reset`` and ``seq_len``. Every call that
-    feeds tokens appends them to the cache; a call that fails or is interrupted leaves the
-    cache as it was before the call (``seq_len`` unchanged, next logits unchanged).
+    Backends implement ``_forward``, ``rewind``, ``reset`` and ``seq_len``. The public
+    ``forward`` (and ``prefill``, ``step``) checks the arguments here, once for every
+    backend, and raises ``BadArgumentError`` / ``ContextOverflowError`` before any compute:
+    ids a non-empty list of ints in ``0..vocab_size-1``; deltas exactly ``[hidden]`` on
+    known int layers (never broadcast); captures on known layers; room in the context.
+    Every call that feeds tokens appends them to the cache; a call that fails or is
+    interrupted leaves the cache as it was before the call (``seq_len`` unchanged, next
+    logits unchanged). ``forward_calls`` counts the forward passes that ran.
     """
 
     identity: ModelIdentity
@@ -68,6 +74,8 @@ class Engine(ABC):
     device: torch.device
     dtype: torch.dtype
     max_seq_len: int
+    forward_calls: int = 0
+    """Forward passes handed to the backend (checked calls only), for tests and stats."""
     launches_async: bool = False
     """One-token ``forward`` returns before the device has finished it, and its work runs
     concurrently with another engine's (reading ``logits`` or ``hidden`` synchronises). A
@@ -83,38 +91,49 @@ class Engine(ABC):
         """Empty the KV cache."""
 
     @abstractmethod
-    def forward(self, ids: Sequence[int], deltas: LayerDeltas | None = None,
-                capture: Collection[int] = ()) -> ForwardResult:
-        """Feed ``ids`` after the cached positions, adding ``deltas`` and capturing ``capture``.
-
-        Raises ``ContextOverflowError`` (before any compute) if they do not fit.
-        """
+    def _forward(self, ids: list[int], deltas: dict[int, torch.Tensor],
+                 capture: frozenset[int]) -> ForwardResult:
+        """The backend's forward on checked arguments: ``ids`` in the vocabulary and fitting
+        the context, ``deltas`` ``[hidden]`` on the engine's device and dtype at known
+        layers, ``capture`` known layers. Restores the cache if it fails."""
 
     @abstractmethod
     def rewind(self, n: int) -> None:
         """Drop the last ``n`` cached positions (``0 <= n <= seq_len``)."""
 
+    def forward(self, ids: Sequence[int], deltas: LayerDeltas | None = None,
+                capture: Collection[int] = ()) -> ForwardResult:
+        """Feed ``ids`` after the cached positions, adding ``deltas`` and capturing ``capture``.
+
+        Raises ``BadArgumentError`` or ``ContextOverflowError`` before any compute.
+        """
+        return self._run(*self._checked(ids, deltas, capture, from_empty=False))
+
     def prefill(self, ids: Sequence[int], deltas: LayerDeltas | None = None,
                 capture: Collection[int] = ()) -> ForwardResult:
-        """Empty the cache, then feed ``ids``."""
-        if not ids:
-            raise ValueError("prefill needs at least one token id; got an empty prompt.")
-        check_room(self, len(ids), from_empty=True)
+        """Empty the cache, then feed ``ids`` (checked first: a refused call keeps the cache)."""
+        args = self._checked(ids, deltas, capture, from_empty=True)
         self.reset()
-        return self.forward(ids, deltas, capture)
+        return self._run(*args)
 
     def step(self, token_id: int, deltas: LayerDeltas | None = None,
              capture: Collection[int] = ()) -> ForwardResult:
         """Feed one token; ``hidden`` rows are ``[1, hidden]``."""
         return self.forward([token_id], deltas, capture)
 
+    def _checked(self, ids: Sequence[int], deltas: LayerDeltas | None, capture: Collection[int],
+                 from_empty: bool) -> tuple[list[int], dict[int, torch.Tensor], frozenset[int]]:
+        """The contract's checks; returns the arguments normalised for ``_forward``."""
+        ids = check_token_ids("ids", ids, self.identity.vocab_size)
+        checked = check_deltas(self.identity, deltas)
+        layers = frozenset(check_layers(self.identity, capture, "capture"))
+        check_room(self, len(ids), from_empty)
+        return ids, {i: d.to(self.device, self.dtype) for i, d in checked.items()}, layers
 
-def check_layers(identity: ModelIdentity, layers: Collection[int], what: str) -> None:
-    """Raise ``IndexError`` naming ``what`` if any layer is outside ``0..num_layers-1``."""
-    bad = sorted(i for i in layers if not 0 <= i < identity.num_layers)
-    if bad:
-        raise IndexError(f"{what}: layer(s) {bad} out of range for {identity.describe()}; "
-                         f"use 0..{identity.num_layers - 1} (output of decoder block i).")
+    def _run(self, ids: list[int], deltas: dict[int, torch.Tensor],
+             capture: frozenset[int]) -> ForwardResult:
+        self.forward_calls += 1
+        return self._forward(ids, deltas, capture)
 
 
 def check_room(engine: Engine, n_new: int, from_empty: bool = False) -> None:

@@ -47,8 +47,8 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from max_jupyter.engines.base import (Engine, ForwardResult, LayerDeltas, ModelIdentity,
-                                      check_layers, check_room, embedding_fingerprint)
+from max_jupyter.engines.base import (Engine, ForwardResult, ModelIdentity,
+                                      embedding_fingerprint)
 from max_jupyter.errors import BackendUnavailableError, MaxJupyterError
 from max_jupyter.models import check_hf_folder
 from max_jupyter.tokenizer import Tokenizer
@@ -387,23 +387,14 @@ class ExLlamaV2Engine(Engine):
         torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def forward(self, ids: Sequence[int], deltas: LayerDeltas | None = None,
-                capture: Collection[int] = ()) -> ForwardResult:
-        if not ids:
-            raise ValueError("forward needs at least one token id.")
-        check_room(self, len(ids))
-        deltas = {i: d.to(self.device, self.dtype) for i, d in (deltas or {}).items()}
-        check_layers(self.identity, deltas.keys(), "delta")
-        check_layers(self.identity, capture, "capture")
-        for i, d in deltas.items():
-            if d.shape != (self.identity.hidden_size,):
-                raise ValueError(f"delta for layer {i} has shape {tuple(d.shape)}; "
-                                 f"expected ({self.identity.hidden_size},).")
+    def _forward(self, ids: list[int], deltas: dict[int, torch.Tensor],
+                 capture: frozenset[int]) -> ForwardResult:
+        """Arguments checked by ``Engine.forward`` (deltas already on this device, fp16)."""
         before = self.seq_len
         try:
             if len(ids) == 1 and self.direct:
-                return self._step(ids[0], deltas, frozenset(capture))
-            return self._forward_modules(list(ids), deltas, frozenset(capture))
+                return self._step(ids[0], deltas, capture)
+            return self._forward_modules(ids, deltas, capture)
         except BaseException as e:
             self.cache.current_seq_len = before  # positions past seq_len are dead
             if isinstance(e, torch.OutOfMemoryError):

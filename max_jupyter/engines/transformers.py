@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from max_jupyter.engines.base import (Engine, ForwardResult, LayerDeltas, ModelIdentity,
-                                      check_layers, check_room, embedding_fingerprint)
+                                      embedding_fingerprint)
 from max_jupyter.models import resolve_hf_folder
 from max_jupyter.tokenizer import Tokenizer
+from max_jupyter.validation import check_device, check_dtype, check_max_seq_len
 
 
 class TransformersEngine(Engine):
@@ -28,7 +29,7 @@ class TransformersEngine(Engine):
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         cfg = model.config
-        self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.max_seq_len = check_max_seq_len(max_seq_len, cfg.max_position_embeddings)
         self.identity = ModelIdentity(
             architecture=(cfg.architectures or [type(model).__name__])[0],
             num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
@@ -50,10 +51,14 @@ class TransformersEngine(Engine):
         """Load ``source`` (see ``models.resolve_hf_folder``; None = embedded SmolLM2).
 
         Default device: CUDA if available, else CPU; default dtype: fp16 on CUDA, fp32 on CPU.
+        ``max_seq_len``: an int >= 1 (capped at the model's positions) or None for all of
+        them. ``device``, ``dtype`` and ``max_seq_len`` are checked before anything is read
+        or converted (``BadArgumentError``).
         """
+        device = check_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = check_dtype(dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
+        max_seq_len = check_max_seq_len(max_seq_len)  # capped at the model's positions once loaded
         folder = resolve_hf_folder(source)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device)
         return cls(model, Tokenizer.from_folder(folder), max_seq_len)
 
@@ -95,17 +100,12 @@ class TransformersEngine(Engine):
                 layer.crop(-excess)
 
     @torch.inference_mode()
-    def forward(self, ids: Sequence[int], deltas: LayerDeltas | None = None,
-                capture: Collection[int] = ()) -> ForwardResult:
-        check_room(self, len(ids))
-        if deltas:
-            check_layers(self.identity, deltas.keys(), "delta")
-        if capture:
-            check_layers(self.identity, capture, "capture")
+    def _forward(self, ids: list[int], deltas: dict[int, torch.Tensor],
+                 capture: frozenset[int]) -> ForwardResult:
         before = self.seq_len
-        self._deltas, self._capture, self._captured = deltas or {}, capture, {}
+        self._deltas, self._capture, self._captured = deltas, capture, {}
         try:
-            out = self.model(torch.tensor([list(ids)], device=self.device),
+            out = self.model(torch.tensor([ids], device=self.device),
                              use_cache=True, logits_to_keep=1, **{self._cache_kw: self._cache})
         except BaseException:
             self._truncate(before)  # undo a partly written cache

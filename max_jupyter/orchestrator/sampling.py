@@ -5,11 +5,19 @@ from dataclasses import dataclass
 
 import torch
 
+from max_jupyter.validation import MAX_SEED, MAX_TEMPERATURE, check_int, check_real
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
     """``temperature == 0`` is greedy (argmax); ``top_k == 0`` and ``top_p == 1`` disable
-    those filters; the same ``seed`` gives the same tokens for the same logits."""
+    those filters; the same ``seed`` gives the same tokens for the same logits.
+
+    Checked at construction (``BadArgumentError``): ``temperature`` a finite number in
+    ``0..MAX_TEMPERATURE``, ``top_k`` an int >= 0, ``top_p`` in ``(0, 1]``, ``seed`` None or
+    an int in ``0..2**63-1`` (never a float or bool). Values are stored normalised
+    (``temperature``/``top_p`` as float, ``top_k``/``seed`` as int).
+    """
 
     temperature: float = 0.0
     top_k: int = 0
@@ -17,12 +25,19 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy); got {self.temperature}.")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off); got {self.top_k}.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off); got {self.top_p}.")
+        checked = {
+            "temperature": check_real(
+                "temperature", self.temperature, low=0, high=MAX_TEMPERATURE,
+                fix=f"use 0 (greedy) up to {MAX_TEMPERATURE:g} (typical 0.7-1.0; far higher is "
+                    f"uniform noise)"),
+            "top_k": check_int("top_k", self.top_k, low=0, fix="use an int >= 0 (0 = off)"),
+            "top_p": check_real("top_p", self.top_p, low=0, low_open=True, high=1,
+                                fix="use a number in (0, 1] (1 = off)"),
+            "seed": None if self.seed is None else check_int(
+                "seed", self.seed, low=0, high=MAX_SEED, fix=f"use an int in 0..{MAX_SEED} or None"),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
 
 class Sampler:

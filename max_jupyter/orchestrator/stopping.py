@@ -4,15 +4,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from max_jupyter.tokenizer import StreamDecoder
+from max_jupyter.validation import check_stop
 
 
 class StopStrings:
     """Feed text pieces; get back the text safe to show and whether a stop string ended it."""
 
     def __init__(self, stops: Sequence[str] = ()):
-        if any(not s for s in stops):
-            raise ValueError("stop strings must be non-empty.")
-        self.stops = tuple(stops)
+        """``stops``: a list or tuple of non-empty str, or None (checked: ``BadArgumentError``)."""
+        self.stops = check_stop(stops)
         self._held = ""
         self.stopped = False
 

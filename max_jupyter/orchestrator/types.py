@@ -2,7 +2,7 @@
 the finished generation, and the helpers that turn them into ids and mixes."""
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -10,6 +10,7 @@ from max_jupyter.engines.base import Engine, LayerDeltas
 from max_jupyter.steering.controller import SteeringController
 from max_jupyter.steering.vector import SteeringVector
 from max_jupyter.tokenizer import Message
+from max_jupyter.validation import check_token_ids, fail
 
 T, R = TypeVar("T"), TypeVar("R")
 Prompt = str | Sequence[Message] | Sequence[int]
@@ -35,15 +36,24 @@ class Generation:
 
 def prompt_ids(engine: Engine, prompt: Prompt, chat: bool = True) -> list[int]:
     """Token ids for ``prompt``: ids pass through; text and messages go through the chat
-    template when ``chat`` (plain text with special tokens otherwise)."""
+    template when ``chat`` (plain text with special tokens otherwise).
+
+    Raises ``BadArgumentError`` before any compute for an empty prompt, ``bytes``, ids
+    outside the vocabulary, malformed chat messages or text with lone surrogates.
+    """
     if isinstance(prompt, str):
-        return engine.tokenizer.chat(prompt) if chat else engine.tokenizer.encode(prompt, True)
-    prompt = list(prompt)
-    if prompt and isinstance(prompt[0], dict):
-        return engine.tokenizer.chat(prompt)
-    if not all(isinstance(t, int) for t in prompt):
-        raise TypeError("prompt must be a str, a list of chat messages or a list of token ids.")
-    return prompt
+        ids = (engine.tokenizer.chat(prompt) if chat else engine.tokenizer.encode(prompt, True)
+               ) if prompt else []
+    elif isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
+        raise fail("prompt", prompt, f"is a {type(prompt).__name__}",
+                   "pass a str (decode bytes with .decode('utf-8')), chat messages or a list of token ids")
+    elif prompt and isinstance(prompt[0], Mapping):
+        ids = engine.tokenizer.chat(prompt)  # checks every message
+    else:
+        ids = check_token_ids("prompt", prompt, engine.identity.vocab_size) if prompt else []
+    if not ids:
+        raise fail("prompt", prompt, "is empty", "give text, chat messages or token ids")
+    return ids
 
 
 def as_mix(steering: Steering) -> SteeringController | None:

@@ -9,7 +9,6 @@ moves its slider when code changes the mix).
 """
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -19,6 +18,7 @@ import torch
 
 from max_jupyter.engines.base import Engine, LayerDeltas, ModelIdentity
 from max_jupyter.steering.vector import ModelMismatchError, SteeringVector
+from max_jupyter.validation import check_coef, fail
 
 
 @dataclass(frozen=True)
@@ -77,19 +77,21 @@ class SteeringController:
     def _entry(self, name: str, vector: SteeringVector, coef: float,
                layers: Iterable[int] | None) -> MixEntry:
         """A checked entry: the vector's model, the coefficient and the layers."""
+        if not isinstance(name, str) or not name:
+            raise fail("name", name, "is not a non-empty str", "name the entry, e.g. 'happy'")
+        if not isinstance(vector, SteeringVector):
+            raise fail("vector", vector, f"is a {type(vector).__name__}, not a SteeringVector",
+                       "train, load or build a SteeringVector first")
         vector.check_model(self.model)
-        if not math.isfinite(coef):
-            raise ValueError(f"coefficient for {name!r} is {coef}; use a finite number.")
-        entry = MixEntry(vector, float(coef), tuple(layers) if layers is not None else None)
-        entry.effective()  # raises on layers the vector lacks
-        return entry
+        coef = check_coef(f"coef for {name!r}", coef)
+        layers = vector.select(layers).layers if layers is not None else None  # checked there
+        return MixEntry(vector, coef, layers)
 
     def set_coef(self, name: str, coef: float) -> None:
         """Change one vector's coefficient (the widget-slider path), atomically."""
-        if not math.isfinite(coef):
-            raise ValueError(f"coefficient for {name!r} is {coef}; use a finite number.")
+        coef = check_coef(f"coef for {name!r}", coef)
         with self._lock:
-            self._entries[name] = replace(self._get(name), coef=float(coef))
+            self._entries[name] = replace(self._get(name), coef=coef)
             self._version += 1
         self._notify()
 

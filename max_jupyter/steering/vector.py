@@ -2,47 +2,54 @@
 
 Vectors are values: ``a + b``, ``a - b``, ``2 * a``, ``-a``, ``a / 2``, ``a.select([3, 4])``
 and ``a.normalized()`` return new vectors; nothing mutates. Combining vectors of different
-models, or applying one to the wrong model, raises ``ModelMismatchError``.
+models, or applying one to the wrong model, raises ``ModelMismatchError``; bad layers,
+shapes or coefficients raise ``BadArgumentError``; a damaged file ``CorruptFileError``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import math
+import numbers
+import os
+import struct
+import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes, save as save_bytes
 
-from max_jupyter.engines.base import ModelIdentity, check_layers
-from max_jupyter.errors import ModelMismatchError
+from max_jupyter.engines.base import ModelIdentity
+from max_jupyter.errors import CorruptFileError, ModelMismatchError
+from max_jupyter.validation import check_coef, check_layers, check_real, fail, show
+
+FORMAT = "max_jupyter.steering_vector/1"
 
 
 class SteeringVector:
     """Directions ``{layer: [hidden] float32 CPU tensor}`` for the model ``model``.
 
     ``layer`` i is the residual stream at the output of decoder block i. Construction
-    checks layers, widths and finiteness, and copies the tensors.
+    checks the layers (ints in range), each direction's shape (exactly ``[hidden]``: a
+    ``[2, 288]`` tensor is refused, not flattened) and finiteness, and copies the tensors.
     """
 
     __slots__ = ("directions", "model", "label")
 
     def __init__(self, directions: Mapping[int, torch.Tensor], model: ModelIdentity, label: str = ""):
-        if not directions:
-            raise ValueError("a SteeringVector needs at least one layer; got no directions.")
-        check_layers(model, directions.keys(), f"steering vector {label!r}")
-        clean: dict[int, torch.Tensor] = {}
-        for layer, d in sorted(directions.items()):
-            d = torch.as_tensor(d).detach().to("cpu", torch.float32).reshape(-1).clone()
-            if d.numel() != model.hidden_size:
-                raise ValueError(f"steering vector {label!r}: layer {layer} has width {d.numel()}, "
-                                 f"but {model.describe()} has hidden size {model.hidden_size}.")
-            if not torch.isfinite(d).all():
-                raise ValueError(f"steering vector {label!r}: layer {layer} holds NaN or inf; "
-                                 f"rebuild it from finite data.")
-            clean[int(layer)] = d
-        self.directions = clean
+        if not isinstance(model, ModelIdentity):
+            raise fail("model", model, f"is a {type(model).__name__}, not a ModelIdentity",
+                       "pass engine.identity")
+        label = "" if label is None else label
+        if not isinstance(label, str):
+            raise fail("label", label, "is not a str", "pass a name such as 'happy'")
+        if not isinstance(directions, Mapping) or not directions:
+            raise fail("directions", directions, "is not a non-empty mapping",
+                       f"give {{layer: tensor of shape [{model.hidden_size}]}} with at least one layer")
+        layers = check_layers(model, list(directions), "directions")
+        self.directions = {layer: _direction(d, layer, model, label)
+                           for layer, d in sorted(zip(layers, directions.values()), key=lambda p: p[0])}
         self.model = model
         self.label = label
 
@@ -74,16 +81,19 @@ class SteeringVector:
         return self._combine(other, -1.0)
 
     def __mul__(self, coef: float) -> SteeringVector:
-        if not isinstance(coef, (int, float)):
+        if not isinstance(coef, numbers.Real):  # bool is Real: refused by check_coef
             return NotImplemented
-        if not math.isfinite(coef):
-            raise ValueError(f"coefficient {coef} is not finite; use a finite number.")
+        coef = check_coef("coefficient", coef)
         return SteeringVector({l: coef * d for l, d in self.directions.items()}, self.model,
                               f"{coef:g}*{self.label}")
 
     __rmul__ = __mul__
 
     def __truediv__(self, coef: float) -> SteeringVector:
+        if not isinstance(coef, numbers.Real):
+            return NotImplemented
+        if check_real("divisor", coef) == 0:
+            raise fail("divisor", coef, "is zero", "divide by a non-zero number")
         return self * (1.0 / coef)
 
     def __neg__(self) -> SteeringVector:
@@ -91,11 +101,11 @@ class SteeringVector:
 
     def select(self, layers: Iterable[int]) -> SteeringVector:
         """The same directions at ``layers`` only (each must be one of ``self.layers``)."""
-        layers = list(layers)
+        layers = check_layers(self.model, layers, "layers")
         missing = [l for l in layers if l not in self.directions]
         if missing:
-            raise IndexError(f"steering vector {self.label!r} has no layer(s) {missing}; "
-                             f"it has {list(self.layers)}.")
+            raise fail("layers", list(layers), f"names layer(s) {missing} that vector "
+                       f"{self.label!r} has no direction at", f"choose among {list(self.layers)}")
         return SteeringVector({l: self.directions[l] for l in layers}, self.model, self.label)
 
     def normalized(self) -> SteeringVector:
@@ -109,26 +119,125 @@ class SteeringVector:
     def deltas(self, coef: float = 1.0, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> dict[int, torch.Tensor]:
         """``{layer: coef * direction}`` on ``device`` in ``dtype``, ready for an engine."""
+        coef = check_coef("coef", coef)
         return {l: (coef * d).to(device, dtype) for l, d in self.directions.items()}
 
-    def save(self, path: str | Path) -> None:
-        """Write a ``.safetensors`` file (directions + model identity + label in its metadata)."""
-        meta = {"model": json.dumps(asdict(self.model)), "label": self.label}
-        save_file({f"direction.{l}": d for l, d in self.directions.items()}, str(path), metadata=meta)
+    def checksum(self) -> str:
+        """sha256 (hex) of the payload: each layer's index and float32 little-endian bytes."""
+        h = hashlib.sha256()
+        for layer, d in self.directions.items():
+            h.update(struct.pack("<q", layer))
+            h.update(d.contiguous().numpy().astype("<f4").tobytes())
+        return h.hexdigest()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a ``.safetensors`` file: tensors ``direction.<layer>``; metadata: the model
+        identity, the label, the format and the payload's sha256 (checked by ``load``).
+
+        Written atomically (a temporary file in the same folder, then renamed); a missing
+        folder or an unwritable place raises ``BadArgumentError`` naming ``path``.
+        """
+        target = _user_path(path)
+        if not target.parent.is_dir():
+            raise fail("path", str(path), f"is in a folder that does not exist ({target.parent})",
+                       f"create it first: Path({str(target.parent)!r}).mkdir(parents=True)")
+        if target.is_dir():
+            raise fail("path", str(path), "is a folder", "give a file name such as 'happy.safetensors'")
+        meta = {"format": FORMAT, "model": json.dumps(asdict(self.model)), "label": self.label,
+                "sha256": self.checksum()}
+        data = save_bytes({f"direction.{l}": d for l, d in self.directions.items()}, metadata=meta)
+        try:
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as e:
+            raise fail("path", str(path), f"cannot be written ({e.strerror or e})",
+                       "choose a folder you can write to") from None
 
     @classmethod
-    def load(cls, path: str | Path) -> SteeringVector:
-        """Read a file written by ``save``."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if "model" not in meta:
-            raise ValueError(f"{path} is not a max_jupyter steering vector (no model identity).")
-        tensors = load_file(str(path))
-        directions = {int(k.split(".")[1]): v for k, v in tensors.items()}
-        return cls(directions, ModelIdentity(**json.loads(meta["model"])), meta.get("label", ""))
+    def load(cls, path: str | os.PathLike) -> SteeringVector:
+        """Read a file written by ``save``. A file that is not one, or whose payload does not
+        match its checksum, raises ``CorruptFileError`` naming ``path``."""
+        source = _user_path(path)
+        if not source.is_file():
+            raise fail("path", str(path), "is not a file", "check the path (saved with SteeringVector.save)")
+        data = source.read_bytes()
+        meta = _read_metadata(data, path)
+        try:
+            tensors = load_bytes(data)
+            model = ModelIdentity(**json.loads(meta["model"]))
+            _check_identity_fields(model)
+            layers = [_layer_of_key(k) for k in tensors]
+            vector = cls(dict(zip(layers, tensors.values())), model, meta.get("label", ""))
+        except Exception as e:
+            raise CorruptFileError(f"{path} is not a valid max_jupyter steering vector "
+                                   f"({type(e).__name__}: {e}); re-save it with SteeringVector.save.") from None
+        if vector.checksum() != meta["sha256"]:
+            raise CorruptFileError(f"{path}: the directions do not match the checksum saved with them "
+                                   f"(the file was altered or damaged); re-save or re-train the vector.")
+        return vector
 
     def __repr__(self) -> str:
         norms = ", ".join(f"{l}:{n:.3g}" for l, n in self.norms().items())
         return f"SteeringVector({self.label!r}, layers/norms {{{norms}}}, for {self.model.describe()})"
+
+
+def _direction(d: object, layer: int, model: ModelIdentity, label: str) -> torch.Tensor:
+    """``d`` as a float32 CPU copy of shape exactly ``[hidden]``, finite."""
+    name = f"directions[{layer}]"
+    try:
+        t = torch.as_tensor(d).detach()
+    except (TypeError, ValueError, RuntimeError):
+        raise fail(name, d, "is not a tensor", f"give a tensor of shape [{model.hidden_size}]") from None
+    if t.shape != (model.hidden_size,):
+        raise fail(name, f"<tensor of shape {list(t.shape)}>", f"does not fit {model.describe()}",
+                   f"give one direction of shape [{model.hidden_size}] per layer (it is never "
+                   f"flattened or broadcast)")
+    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        raise fail(name, f"<tensor of dtype {t.dtype}>", "is not real-valued", "give a float tensor")
+    t = t.to("cpu", torch.float32).clone()
+    if not torch.isfinite(t).all():
+        raise fail(name, f"<tensor in vector {label!r}>", "holds NaN or inf", "rebuild it from finite data")
+    return t
+
+
+def _user_path(path: object) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise fail("path", path, f"is a {type(path).__name__}", "pass a str or pathlib.Path")
+    return Path(path).expanduser()
+
+
+def _read_metadata(data: bytes, path: object) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header; ``CorruptFileError`` unless it
+    holds this format's keys."""
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+    except (struct.error, ValueError, AttributeError):
+        raise CorruptFileError(f"{path} is not a safetensors file; save vectors with "
+                               f"SteeringVector.save.") from None
+    missing = [k for k in ("model", "sha256") if not isinstance(meta.get(k), str)]
+    if missing:
+        raise CorruptFileError(f"{path} is not a max_jupyter steering vector (no {' or '.join(missing)} "
+                               f"in its metadata); import other formats with "
+                               f"max_jupyter.steering.interchange.import_vector.")
+    return meta
+
+
+def _check_identity_fields(model: ModelIdentity) -> None:
+    for f in fields(model):
+        expected = str if f.name in ("architecture", "fingerprint") else int
+        if type(getattr(model, f.name)) is not expected:
+            raise ValueError(f"model identity field {f.name} is {show(getattr(model, f.name))}")
+
+
+def _layer_of_key(key: str) -> int:
+    prefix, _, index = key.partition(".")
+    if prefix != "direction" or not index.isdigit():
+        raise ValueError(f"unexpected tensor {key!r} (expected direction.<layer>)")
+    return int(index)

@@ -1,0 +1,254 @@
+"""The validators every public entry point uses: types and ranges, checked before any
+compute, each raising ``BadArgumentError`` with one line naming the argument, the value
+and the fix.
+
+Each returns the value normalised (``numpy.int64(3)`` -> ``3``, a list -> a tuple, ...), so
+callers keep what it returns. ``bool`` is never accepted as a number.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from max_jupyter.errors import BadArgumentError
+
+if TYPE_CHECKING:
+    from max_jupyter.engines.base import ModelIdentity
+    from max_jupyter.orchestrator.sampling import SamplingConfig
+
+MAX_COEF = 1e4
+"""Largest steering coefficient accepted: beyond it the delta swamps the residual stream
+(a coefficient of 1e30 makes every logit 0 or NaN), which is never what was meant."""
+MAX_TEMPERATURE = 100.0
+"""Largest temperature accepted: far above it sampling is uniform noise over the vocabulary."""
+MAX_SEED = 2**63 - 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def fail(name: str, value: Any, problem: str, fix: str) -> BadArgumentError:
+    """The error for argument ``name``: ``"name=value problem; fix."``"""
+    return BadArgumentError(f"{name}={show(value)} {problem}; {fix}.")
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None,
+              fix: str = "") -> int:
+    """``value`` as an ``int`` (any integral type but ``bool``) in ``low..high`` inclusive."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise fail(name, value, f"is a {_type_name(value)}, not an int",
+                   fix or "pass a whole number such as 3")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = (f">= {low}" if high is None else f"<= {high}" if low is None
+                else f"in {low}..{high}")
+        raise fail(name, value, "is out of range", fix or f"use an int {span}")
+    return value
+
+
+def check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+               low_open: bool = False, fix: str = "") -> float:
+    """``value`` as a finite ``float`` (any real type but ``bool``) within ``low..high``
+    (``low`` excluded when ``low_open``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise fail(name, value, f"is a {_type_name(value)}, not a number",
+                   fix or "pass a number such as 0.5")
+    value = float(value)
+    if not math.isfinite(value):
+        raise fail(name, value, "is not finite", fix or "pass a finite number")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if too_low or (high is not None and value > high):
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"<= {high:g}"
+        raise fail(name, value, "is out of range", fix or f"use a number {' and '.join(filter(None, (lo, hi)))}")
+    return value
+
+
+def check_coef(name: str, value: Any) -> float:
+    """A steering coefficient: a finite real number with ``|value| <= MAX_COEF``."""
+    return check_real(name, value, low=-MAX_COEF, high=MAX_COEF,
+                      fix=f"use a finite number within ±{MAX_COEF:g} (typical: -20..20); a larger "
+                          f"one swamps the residual stream and every logit becomes 0 or NaN")
+
+
+def check_text(name: str, value: Any) -> str:
+    """A ``str`` that encodes as UTF-8 (no lone surrogates such as ``'\\ud800'``)."""
+    if not isinstance(value, str):
+        raise fail(name, value, f"is a {_type_name(value)}, not a str",
+                   "pass text (decode bytes with .decode('utf-8') first)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise fail(name, value, f"holds a lone surrogate {value[e.start]!r} at index {e.start}",
+                   "remove it, or repair the text with "
+                   "text.encode('utf-16', 'surrogatepass').decode('utf-16')") from None
+    return value
+
+
+def check_str_list(name: str, value: Any, *, allow_empty_list: bool = True) -> tuple[str, ...]:
+    """A list or tuple of non-empty ``str`` (a bare ``str`` is refused: it is not a list)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise fail(name, value, f"is a {_type_name(value)}, not a list of strings",
+                   f"wrap it in a list: {name}=[{show(value, 30)}]" if isinstance(value, str)
+                   else "pass a list of strings")
+    if not value and not allow_empty_list:
+        raise fail(name, value, "is empty", "give at least one string")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise fail(f"{name}[{i}]", item, f"is a {_type_name(item)}, not a string",
+                       "every item must be a str")
+        check_text(f"{name}[{i}]", item)
+        if not item:
+            raise fail(f"{name}[{i}]", item, "is an empty string", "remove it or give some text")
+    return tuple(value)
+
+
+def check_messages(messages: Any) -> list[dict[str, str]]:
+    """Chat messages: a non-empty list of mappings, each with ``role`` and ``content`` str
+    (text that encodes as UTF-8); extra keys pass through."""
+    fix = "each message is {'role': 'user' | 'assistant' | 'system', 'content': str}"
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise fail("messages", messages, "is not a non-empty list of chat messages", fix)
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise fail(f"messages[{i}]", m, f"is a {_type_name(m)}, not a dict", fix)
+        for key in ("role", "content"):
+            if key not in m:
+                raise fail(f"messages[{i}]", dict(m), f"has no {key!r}", fix)
+            if not isinstance(m[key], str) or (key == "role" and not m[key]):
+                raise fail(f"messages[{i}][{key!r}]", m[key], "is not a (non-empty) str" if key == "role"
+                           else "is not a str", fix)
+            check_text(f"messages[{i}][{key!r}]", m[key])
+    return [dict(m) for m in messages]
+
+
+def check_stop(value: Any) -> tuple[str, ...]:
+    """Stop strings: a list or tuple of non-empty str (None means none)."""
+    return () if value is None else check_str_list("stop", value)
+
+
+def check_layers(identity: ModelIdentity, layers: Any, what: str) -> tuple[int, ...]:
+    """``layers`` (an iterable of ints, not bools; not text) as a tuple, each in
+    ``0..num_layers-1``. ``what`` names the argument in the message (e.g. ``"capture"``).
+    """
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise fail(what, layers, f"is a {_type_name(layers)}, not a list of layer indices",
+                   "pass a list of ints such as [10, 15]")
+    layers = list(layers)
+    out = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise fail(what, layers, f"holds {layer!r} ({_type_name(layer)}), not an int layer",
+                       f"use ints 0..{identity.num_layers - 1} (output of decoder block i)")
+        out.append(int(layer))
+    bad = sorted(i for i in out if not 0 <= i < identity.num_layers)
+    if bad:
+        raise fail(what, out, f"has layer(s) {bad} out of range for {identity.describe()}",
+                   f"use 0..{identity.num_layers - 1} (output of decoder block i)")
+    return tuple(out)
+
+
+def check_token_ids(name: str, ids: Any, vocab_size: int) -> list[int]:
+    """A non-empty list or tuple of ints (not bools) in ``0..vocab_size-1``."""
+    if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Sequence):
+        raise fail(name, ids, f"is a {_type_name(ids)}, not a list of token ids",
+                   "pass a list of ints (text goes through the tokenizer)")
+    if not ids:
+        raise fail(name, ids, "is empty", "give at least one token id")
+    if not all(type(t) is int for t in ids):  # fast path for plain ints
+        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)), None)
+        if bad is not None:
+            raise fail(name, ids, f"holds {bad!r} ({_type_name(bad)}), not an int token id",
+                       "pass plain ints (int(t) for a tensor element)")
+        ids = [int(t) for t in ids]
+    low, high = min(ids), max(ids)
+    if low < 0 or high >= vocab_size:
+        raise fail(name, ids, f"holds id {low if low < 0 else high} outside the vocabulary",
+                   f"use ids 0..{vocab_size - 1}")
+    return list(ids)
+
+
+def check_deltas(identity: ModelIdentity, deltas: Any) -> dict[int, torch.Tensor]:
+    """Per-layer deltas: a mapping of known int layers to tensors of shape exactly
+    ``[hidden]`` (no scalars, no ``[n, hidden]``: never broadcast)."""
+    if deltas is None:
+        return {}
+    if not isinstance(deltas, Mapping):
+        raise fail("deltas", deltas, f"is a {_type_name(deltas)}, not a mapping layer -> tensor",
+                   "pass {layer: tensor of shape [hidden]}")
+    check_layers(identity, deltas.keys(), "deltas")
+    hidden = identity.hidden_size
+    for layer, d in deltas.items():
+        if not isinstance(d, torch.Tensor) or d.shape != (hidden,):
+            what = f"a tensor of shape {list(d.shape)}" if isinstance(d, torch.Tensor) else f"a {_type_name(d)}"
+            raise BadArgumentError(f"deltas[{layer}] is {what}, not [{hidden}]; give one [{hidden}] "
+                                   f"tensor per layer (deltas are never broadcast).")
+    return {int(k): v for k, v in deltas.items()}
+
+
+def check_max_seq_len(value: Any, limit: int | None = None) -> int | None:
+    """``None`` -> ``limit``; else an int >= 1, capped at ``limit`` (the model's positions)
+    where it is known."""
+    if value is None:
+        return limit
+    value = check_int("max_seq_len", value, low=1,
+                      fix="use an int >= 1, or None for every position the model has")
+    return value if limit is None else min(value, limit)
+
+
+def check_device(device: Any) -> torch.device | None:
+    """``None`` or a device torch knows and this machine has (``"cpu"``, ``"cuda"``, ``"cuda:1"``)."""
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise fail("device", device, f"is a {_type_name(device)}", 'pass "cpu", "cuda" or "cuda:N"')
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise fail("device", device, "is not a device torch knows", 'use "cpu", "cuda" or "cuda:N"') from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise fail("device", device, f"is not present (this machine has {count} CUDA device(s))",
+                       'use "cpu" or an existing "cuda:N"')
+    elif dev.type not in ("cpu", "mps"):
+        raise fail("device", device, "is not supported", 'use "cpu" or "cuda"')
+    return dev
+
+
+def check_dtype(dtype: Any) -> torch.dtype | None:
+    """``None`` or a float dtype: ``torch.float32/float16/bfloat16`` or its name."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise fail("dtype", dtype, "is not a supported weight dtype",
+               "use torch.float32, torch.float16 or torch.bfloat16 (or their names)")
+
+
+def check_generation_args(max_new_tokens: Any, sampling: Any, stop: Any
+                          ) -> tuple[int, SamplingConfig, tuple[str, ...]]:
+    """Validate and normalise a generation's ``max_new_tokens`` (int >= 1), ``sampling`` (a
+    ``SamplingConfig``) and ``stop`` (a list of non-empty strings, or None)."""
+    from max_jupyter.orchestrator.sampling import SamplingConfig
+
+    n = check_int("max_new_tokens", max_new_tokens, low=1, fix="use a whole number >= 1 such as 128")
+    if not isinstance(sampling, SamplingConfig):
+        fix = ("use SamplingConfig(**d)" if isinstance(sampling, Mapping)
+               else "pass SamplingConfig(temperature=..., top_k=..., top_p=..., seed=...)")
+        raise fail("sampling", sampling, f"is a {_type_name(sampling)}, not a SamplingConfig", fix)
+    return n, sampling, check_stop(stop)
