@@ -38,36 +38,83 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from max_jupyter.engines.base import Engine, ForwardResult, LayerDeltas, check_layers, check_room
 from max_jupyter.orchestrator.judges import (NO_MIXES, Judge, JudgeContext, JudgeError, JudgeLike,
                                              as_judges, check_judges)
 from max_jupyter.orchestrator.mirror import ContextMirror
 from max_jupyter.orchestrator.mixes import Mixes
-from max_jupyter.orchestrator.types import Prompt, Steering, prompt_ids, run_to_end
 from max_jupyter.orchestrator.sampling import Sampler, SamplingConfig
 from max_jupyter.orchestrator.stopping import StopStrings
 from max_jupyter.orchestrator.trace import (GenerationResult, StepEvent, StepRecord, TraceConfig,
                                             TraceRecorder)
+from max_jupyter.orchestrator.types import Prompt, Steering, prompt_ids, run_to_end
+from max_jupyter.tokenizer import StreamDecoder
+from max_jupyter.validation import check_generation_args
+
+Ahead = tuple[LayerDeltas | None, ForwardResult]
+"""A big forward issued ahead of its step: the deltas it ran with and its output."""
+
+
+@dataclass
+class PreparedRun:
+    """One generation, checked and set up by ``prepare`` (no forward pass yet); ``run``
+    carries it out once."""
+
+    prompt: Prompt
+    chat: bool
+    result: GenerationResult
+    max_new_tokens: int
+    sampler: Sampler
+    stops: StopStrings
+    decoder: StreamDecoder
+    recorder: TraceRecorder
+    capture: tuple[int, ...]
+    small_capture: list[int]
+    steer_prompt: bool
+    ignore_eos: bool
+    abort: threading.Event
+    on_event: Callable[[StepEvent], None] | None
+    ahead: Ahead | None = None
+    start: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Forward:
+    """A step's big-model pass: its output, deltas and mixes, and a first pass if re-run."""
+
+    out: ForwardResult
+    deltas: LayerDeltas | None
+    steer: frozenset[str]
+    coefs: dict[str, float]
+    first: ForwardResult | None = None
+    unsteered: tuple[int, float] | None = None
 
 
 class CognitiveOrchestrator:
-    """Generates with ``big``, mirrored by ``small`` (optional), steered by ``judges``.
+    """Generates with ``big``, mirrored by ``small`` (optional), steered by ``mix`` always
+    and by the mixes in ``steering`` that ``judges`` turn on.
 
-    ``steering``: the mixes judges may turn on — a ``SteeringController`` or vector (named
-    ``"default"``) or a mapping name -> controller/vector; all for the big model. A
-    controller may be changed from another thread at any time: the change applies whole
-    from the next step. Construction checks the models, judges and mixes fit together.
-    ``overlap``: issue each big step ahead of the mirror's (see the module); ``None``: where
-    it pays (``big.launches_async``, a small model and pre-step judges).
+    ``mix``: steering applied at every step whatever the judges say (the Session's live mix
+    and a call's own steering: a controller or vector, or a sequence of them; the first
+    one's coefficients are recorded per step in ``StepRecord.mix``). ``steering``: the
+    mixes judges may turn on — a ``SteeringController`` or vector (named ``"default"``) or a
+    mapping name -> controller/vector. All for the big model. A controller may be changed
+    from another thread at any time: the change applies whole from the next step.
+    Construction checks the models, judges and mixes fit together. Without a small model
+    and judges this is the plain loop (``plain.generate``). ``overlap``: issue each big
+    step ahead of the mirror's (see the module); ``None``: where it pays
+    (``big.launches_async``, a small model and pre-step judges).
     """
 
     def __init__(self, big: Engine, small: Engine | None = None,
                  judges: JudgeLike | Sequence[JudgeLike] | None = None,
                  steering: Steering | Mapping[str, Steering] = None, mirror_window: int = 8,
-                 overlap: bool | None = None):
+                 overlap: bool | None = None, *, mix: Steering | Sequence[Steering] = None):
         self.big, self.small = big, small
-        self.mixes = Mixes(big, steering)
+        always = mix if isinstance(mix, Sequence) else [mix]
+        self.mixes = Mixes(big, steering, always)
         self.mirror = ContextMirror(big, small, mirror_window) if small is not None else None
         self.judges = as_judges(judges)
         check_judges(self.judges, self.mixes, big.identity, small.identity if small else None,
@@ -91,20 +138,59 @@ class CognitiveOrchestrator:
                sampling: SamplingConfig = SamplingConfig(), stop: Sequence[str] = (),
                steer_prompt: bool = True, chat: bool = True, trace: TraceConfig = TraceConfig(),
                on_event: Callable[[StepEvent], None] | None = None, ignore_eos: bool = False,
-               ) -> Iterator[StepEvent]:
+               abort: threading.Event | None = None) -> Iterator[StepEvent]:
         """Yield a ``StepEvent`` per step (also passed to ``on_event`` first); the return
-        value (``StopIteration.value``) is the ``GenerationResult``. The options mean what
-        they mean for the plain loop (``plain.stream``); ``ignore_eos`` keeps going past EOS
-        tokens (for benchmarks of a fixed length).
+        value (``StopIteration.value``) is the ``GenerationResult``.
+
+        ``steer_prompt``: the prompt's prefill is steered too (by ``mix``, and by mixes the
+        step-0 judges turn on). ``chat``: text goes through the chat template. ``stop``:
+        strings that end the generation (never shown). ``ignore_eos`` keeps going past EOS
+        tokens (for benchmarks of a fixed length). ``abort``: an event that stops the
+        generation before its next step when set (default: the one ``abort()`` sets).
 
         Ctrl-C (also inside a callback or judge) ends the generation with
         ``finish_reason == "interrupted"`` and the partial result; both caches stay
         consistent and the next generation starts from fresh prefills. A judge that raises
         stops the generation; ``JudgeError`` (naming the judge and step) is raised with
-        the partial result in its ``result``.
+        the partial result in its ``result``; so is any other error, with ``result`` set
+        where the exception allows it.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
+        return (yield from self.run(self.prepare(
+            prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
+            steer_prompt=steer_prompt, chat=chat, trace=trace, on_event=on_event,
+            ignore_eos=ignore_eos, abort=abort)))
+
+    def run(self, run: PreparedRun) -> Iterator[StepEvent]:
+        """Carry out a prepared generation (see ``stream``); its events, then its result."""
+        result, error = run.result, None
+        run.start = time.perf_counter()
+        try:
+            try:
+                yield from self._steps(run)
+            except Exception as e:  # a judge or a real bug: stop, keep what was made
+                result.finish_reason, error = "error", e
+            if self.mirror is not None:
+                self.mirror.finish()
+        except KeyboardInterrupt:
+            result.finish_reason = "interrupted"
+        tail = run.stops.drain(run.decoder)
+        if tail:
+            result.text += tail
+            yield self._emit(StepEvent(None, tail), run.on_event)
+        self._finish(run)
+        if error is not None:
+            _attach_result(error, result)
+            raise error
+        return result
+
+    def prepare(self, prompt: Prompt, *, max_new_tokens: int = 128,
+                sampling: SamplingConfig = SamplingConfig(), stop: Sequence[str] = (),
+                steer_prompt: bool = True, chat: bool = True, trace: TraceConfig = TraceConfig(),
+                on_event: Callable[[StepEvent], None] | None = None, ignore_eos: bool = False,
+                abort: threading.Event | None = None) -> PreparedRun:
+        """Check every option and the prompt and set up one generation (no forward pass:
+        safe on any thread); the options are those of ``stream``."""
+        max_new_tokens, sampling, stop = check_generation_args(max_new_tokens, sampling, stop)
         big, small, mirror = self.big, self.small, self.mirror
         ids = prompt_ids(big, prompt, chat)
         check_room(big, len(ids) + max_new_tokens, from_empty=True)
@@ -117,119 +203,108 @@ class CognitiveOrchestrator:
             check_layers(small.identity, small_capture, "trace small_layers")
             if mirror.shares_vocab:
                 check_room(small, len(ids) + max_new_tokens, from_empty=True)
-        stops, sampler, decoder = StopStrings(stop), Sampler(sampling), big.tokenizer.stream_decoder()
-        recorder = TraceRecorder(trace, big, small)
-        result = GenerationResult(prompt_ids=ids)
-        tokens, eos = result.token_ids, big.tokenizer.eos_ids
-        capture = trace.big_layers
-        error: JudgeError | None = None
-        ahead: tuple[LayerDeltas | None, ForwardResult] | None = None  # issued ahead
-        self._abort.clear()
-        start = time.perf_counter()
-        try:
-            try:
-                if mirror is not None:
-                    mirror.start(prompt, ids, chat, small_capture)
-                for step in range(max_new_tokens):
-                    if self._abort.is_set():
-                        result.finish_reason = "aborted"
-                        break
-                    record, decided = self._step(step, result, steer_prompt, capture, sampler,
-                                                 recorder, ahead)
-                    result.steps.append(record)
-                    token = record.token
-                    if token in eos and not ignore_eos:
-                        result.finish_reason = "eos"
-                        yield self._emit(StepEvent(record, ""), on_event)
-                        break
-                    tokens.append(token)
-                    piece = stops.feed(decoder.feed(token))
-                    result.text += piece
-                    if self.overlap and not stops.stopped and step + 1 < max_new_tokens:
-                        deltas = self.mixes.deltas(decided)  # speculation: judges hold
-                        ahead = (deltas, big.step(token, deltas, capture))
-                    if mirror is not None:
-                        mirror.feed(token)
-                    yield self._emit(StepEvent(record, piece), on_event)
-                    if stops.stopped:
-                        result.finish_reason = "stop"
-                        break
-            except JudgeError as e:
-                result.finish_reason, error = "error", e
-            if mirror is not None:
-                mirror.finish()
-        except KeyboardInterrupt:
-            result.finish_reason = "interrupted"
-        tail = stops.drain(decoder)
-        if tail:
-            result.text += tail
-            yield self._emit(StepEvent(None, tail), on_event)
-        recorder.finish(result)
-        result.small_ids = list(mirror.ids) if mirror is not None else None
-        result.elapsed_s = time.perf_counter() - start
-        if error is not None:
-            error.result = result
-            raise error
-        return result
+        if abort is None:
+            abort = self._abort
+            abort.clear()
+        return PreparedRun(prompt, chat, GenerationResult(prompt_ids=ids), max_new_tokens,
+                           Sampler(sampling), StopStrings(stop), big.tokenizer.stream_decoder(),
+                           TraceRecorder(trace, big, small), tuple(trace.big_layers),
+                           small_capture, steer_prompt, ignore_eos, abort, on_event)
 
-    def _step(self, step: int, result: GenerationResult, steer_prompt: bool,
-              capture: Sequence[int], sampler: Sampler, recorder: TraceRecorder,
-              ahead: tuple[LayerDeltas | None, ForwardResult] | None,
-              ) -> tuple[StepRecord, frozenset[str]]:
+    def _steps(self, run: PreparedRun) -> Iterator[StepEvent]:
+        """The steps of one generation, up to EOS, a stop string, the length or an abort."""
+        if self.mirror is not None:
+            self.mirror.start(run.prompt, run.result.prompt_ids, run.chat, run.small_capture)
+        for step in range(run.max_new_tokens):
+            if run.abort.is_set():
+                run.result.finish_reason = "aborted"
+                return
+            event, finish = self._advance(step, run)
+            yield self._emit(event, run.on_event)
+            if finish is not None:
+                run.result.finish_reason = finish
+                return
+
+    def _advance(self, step: int, run: PreparedRun) -> tuple[StepEvent, str | None]:
+        """Run step ``step`` and take its token: the event and the finish reason, if any."""
+        result = run.result
+        record, decided = self._step(step, run)
+        result.steps.append(record)
+        token = record.token
+        if token in self.big.tokenizer.eos_ids and not run.ignore_eos:
+            return StepEvent(record, ""), "eos"
+        result.token_ids.append(token)
+        piece = run.stops.feed(run.decoder.feed(token))
+        result.text += piece
+        if self.overlap and not run.stops.stopped and step + 1 < run.max_new_tokens:
+            deltas, _ = self.mixes.resolve(decided)  # speculation: the judges hold
+            run.ahead = (deltas, self.big.step(token, deltas, run.capture))
+        if self.mirror is not None:
+            self.mirror.feed(token)
+        return StepEvent(record, piece), "stop" if run.stops.stopped else None
+
+    def _step(self, step: int, run: PreparedRun) -> tuple[StepRecord, frozenset[str]]:
         """Judge, forward (and maybe re-run) the big model, sample; record the step.
-
-        ``ahead``: (deltas, output) of this step's big forward, already issued; kept if this
-        step runs with the same deltas object, else rewound (a speculation miss, counted in
-        ``result``). Returns the record and the pre-step judges' decision.
-        """
+        Returns the record and the pre-step judges' decision."""
         t0 = time.perf_counter()
-        ids, tokens = result.prompt_ids, result.token_ids
-        mirror = self.mirror
+        mirror, tokens = self.mirror, run.result.token_ids
         small_hidden = mirror.hidden if mirror is not None else {}
         small_logits = mirror.logits if mirror is not None else None
         scores: dict[str, float] = {}
-        can_steer = step > 0 or steer_prompt
-        decided = steer = NO_MIXES
+        can_steer = step > 0 or run.steer_prompt
+        decided = NO_MIXES
         if self._pre:
-            ctx = JudgeContext(step, tokens, small_hidden, small_logits)
-            decided = steer = self._decide(self._pre, ctx, scores)
-        if not can_steer:
-            steer = NO_MIXES
-        deltas = self.mixes.deltas(steer)
+            decided = self._decide(self._pre, JudgeContext(step, tokens, small_hidden, small_logits),
+                                   scores)
         judge_s = time.perf_counter() - t0
-        last = ids[-1] if step == 0 else tokens[-1]
-        if step == 0:
-            out = self.big.prefill(ids, deltas, capture)
-        elif ahead is not None and ahead[0] is deltas:
-            out = ahead[1]
-        else:
-            if ahead is not None:  # the judges or a controller changed: drop the speculation
-                self.big.rewind(1)
-                result.speculation_misses += 1
-            out = self.big.step(last, deltas, capture)
-        first, unsteered_token, unsteered_prob = None, None, None
+        fwd = self._forward(step, run, decided if can_steer else NO_MIXES, can_steer)
         if self._post:
             t1 = time.perf_counter()
-            ctx = JudgeContext(step, tokens, small_hidden, small_logits, out.logits, steer)
+            ctx = JudgeContext(step, tokens, small_hidden, small_logits, fwd.out.logits, fwd.steer)
             added = self._decide(self._post, ctx, scores)
-            rerun = can_steer and not added <= steer
-            if rerun:
-                steer = steer | added
-                deltas = self.mixes.deltas(steer)
             judge_s += time.perf_counter() - t1
-            if rerun:
-                first = out
-                unsteered_token, unsteered_prob = sampler.sample(out.logits)
-                if step == 0:  # the mix steers the whole prompt, as a pre-step decision would
-                    out = self.big.prefill(ids, deltas, capture)
-                else:
-                    self.big.rewind(1)
-                    out = self.big.forward([last], deltas, capture)
-        token, prob = sampler.sample(out.logits)
-        record = StepRecord(step, token, prob, scores, tuple(sorted(steer)), first is not None,
-                            unsteered_token, unsteered_prob, judge_s)
-        recorder.add(out, first, deltas, small_hidden, small_logits)
+            if can_steer and not added <= fwd.steer:
+                fwd = self._rerun(step, run, fwd, fwd.steer | added)
+        token, prob = run.sampler.sample(fwd.out.logits)
+        unsteered_token, unsteered_prob = fwd.unsteered or (None, None)
+        record = StepRecord(step, token, prob, scores, tuple(sorted(fwd.steer)), fwd.first is not None,
+                            unsteered_token, unsteered_prob, judge_s, fwd.coefs)
+        run.recorder.add(fwd.out, fwd.first, fwd.deltas, small_hidden, small_logits)
         return record, decided
+
+    def _forward(self, step: int, run: PreparedRun, steer: frozenset[str], can_steer: bool) -> _Forward:
+        """The big model's pass for step ``step`` with the mixes ``steer`` (and the always-on
+        mixes where ``can_steer``): a prefill at step 0, else one token — or the forward
+        issued ahead, if it ran with the same deltas (else rewound: a speculation miss)."""
+        deltas, coefs = self.mixes.resolve(steer) if can_steer else (None, {})
+        big, ahead, run.ahead = self.big, run.ahead, None
+        if step == 0:
+            return _Forward(big.prefill(run.result.prompt_ids, deltas, run.capture), deltas, steer, coefs)
+        if ahead is not None and ahead[0] is deltas:
+            return _Forward(ahead[1], deltas, steer, coefs)
+        if ahead is not None:  # the judges or a controller changed: drop the speculation
+            big.rewind(1)
+            run.result.speculation_misses += 1
+        return _Forward(big.step(run.result.token_ids[-1], deltas, run.capture), deltas, steer, coefs)
+
+    def _rerun(self, step: int, run: PreparedRun, first: _Forward, steer: frozenset[str]) -> _Forward:
+        """Re-run step ``step`` with the mixes ``steer`` after a post-step judge added one;
+        keeps the first pass and what it would have sampled."""
+        deltas, coefs = self.mixes.resolve(steer)
+        unsteered = run.sampler.sample(first.out.logits)
+        if step == 0:  # the mix steers the whole prompt, as a pre-step decision would
+            out = self.big.prefill(run.result.prompt_ids, deltas, run.capture)
+        else:
+            self.big.rewind(1)
+            out = self.big.forward([run.result.token_ids[-1]], deltas, run.capture)
+        return _Forward(out, deltas, steer, coefs, first.out, unsteered)
+
+    def _finish(self, run: PreparedRun) -> None:
+        """Stack the trace, note the small model's context and the time taken."""
+        result = run.result
+        run.recorder.finish(result)
+        result.small_ids = list(self.mirror.ids) if self.mirror is not None else None
+        result.elapsed_s = time.perf_counter() - run.start
 
     @staticmethod
     def _decide(judges: list[Judge], ctx: JudgeContext, scores: dict[str, float]) -> frozenset[str]:
@@ -253,3 +328,11 @@ class CognitiveOrchestrator:
         if on_event is not None:
             on_event(event)
         return event
+
+
+def _attach_result(error: Exception, result: GenerationResult) -> None:
+    """Give ``error`` the partial result as ``error.result`` where it can hold one."""
+    try:
+        error.result = result
+    except AttributeError:  # exceptions with __slots__ (rare) keep their traceback only
+        pass

@@ -1,33 +1,41 @@
-"""``Mixes``: the named steering mixes that judges turn on and off for one engine.
+"""``Mixes``: the steering of one engine at each step — mixes that always apply, and named
+mixes that judges turn on and off.
 
 Each mix is a ``SteeringController`` (changeable from any thread: a widget slider); a
-fixed ``SteeringVector`` becomes a one-vector mix at coefficient 1. ``deltas(names)`` returns the summed per-layer
-deltas of the named mixes, snapshotting each controller once, so a change made by another
-thread lands whole at the next step. The sum is cached per set of names and the mixes'
-versions: an unchanged mix costs a few dict lookups per step.
+fixed ``SteeringVector`` becomes a one-vector mix at coefficient 1. ``resolve(names)``
+snapshots every mix involved once and returns the summed per-layer deltas of the
+always-on mixes plus the named ones, so a change made by another thread lands whole at the
+next step. The sum is cached per set of names and the mixes' versions: an unchanged step
+costs a few lock-and-lookups.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from max_jupyter.engines.base import Engine, LayerDeltas
 from max_jupyter.orchestrator.judges import DEFAULT_MIX
 from max_jupyter.orchestrator.types import Steering, as_mix
 from max_jupyter.steering.controller import SteeringController
 
+NO_COEFS: dict[str, float] = {}
+
 
 class Mixes:
-    """Named mixes for ``engine``; a single controller or vector is named ``DEFAULT_MIX``."""
+    """Mixes for ``engine``: ``always`` apply at every step (the first is the live mix whose
+    coefficients the trace records); ``named`` ones only when a judge turns them on. A
+    single controller or vector given as ``steering`` is named ``DEFAULT_MIX``."""
 
-    def __init__(self, engine: Engine, steering: Steering | Mapping[str, Steering] = None):
+    def __init__(self, engine: Engine, steering: Steering | Mapping[str, Steering] = None,
+                 always: Sequence[Steering] = ()):
         if steering is None:
             steering = {}
         elif not isinstance(steering, Mapping):
             steering = {DEFAULT_MIX: steering}
         self.engine = engine
         self.named: dict[str, SteeringController] = {n: as_mix(m) for n, m in steering.items()}
-        for mix in self.named.values():
-            mix.deltas(engine)  # raises now if a mix is for another model
+        self.always: list[SteeringController] = [as_mix(m) for m in always if m is not None]
+        for mix in [*self.named.values(), *self.always]:
+            mix.snapshot(engine)  # raises now if a mix is for another model
         self._cache: dict[frozenset[str], tuple[tuple[int, ...], LayerDeltas | None]] = {}
 
     def __contains__(self, name: str) -> bool:
@@ -36,25 +44,24 @@ class Mixes:
     def __iter__(self):
         return iter(self.named)
 
-    def deltas(self, names: frozenset[str]) -> LayerDeltas | None:
-        """Summed deltas of the mixes ``names`` (``None`` when empty); do not mutate them."""
-        if not names:
-            return None
-        mixes = [self.named[n] for n in sorted(names)]
-        # Versions are read before the deltas, so a cached sum is never older than its key.
-        versions = tuple(m.version for m in mixes)
+    def resolve(self, names: frozenset[str]) -> tuple[LayerDeltas | None, dict[str, float]]:
+        """Summed deltas of the always-on mixes and the mixes ``names`` (``None`` when
+        nothing steers; do not mutate them), and the live mix's coefficients in that sum."""
+        states = [m.snapshot(self.engine) for m in self.always]
+        states += [self.named[n].snapshot(self.engine) for n in sorted(names)]
+        coefs = states[0].coefs if self.always else NO_COEFS
+        versions = tuple(s.version for s in states)
         cached = self._cache.get(names)
         if cached is not None and cached[0] == versions:
-            return cached[1]
+            return cached[1], coefs
         total: dict | None = None
-        for mix in mixes:
-            d = mix.deltas(self.engine)
-            if d is None:
+        for state in states:
+            if state.deltas is None:
                 continue
             if total is None:
-                total = dict(d)
+                total = dict(state.deltas)
             else:
-                for layer, delta in d.items():
+                for layer, delta in state.deltas.items():
                     total[layer] = total[layer] + delta if layer in total else delta
         self._cache[names] = (versions, total)
-        return total
+        return total, coefs

@@ -41,7 +41,9 @@ class StepRecord:
     name -> score; ``rerun``: a post-step judge re-ran the step; ``unsteered_token`` /
     ``unsteered_prob``: what the first pass would have sampled (re-run steps only);
     ``prob``: probability of ``token`` under the sampler's distribution; ``judge_s``: time
-    spent in judges and mix resolution this step (no model forwards)."""
+    spent in judges and mix resolution this step (no model forwards); ``mix``: the live
+    mix's coefficients (entry name -> coef) this step ran with (shared between steps with
+    the same mix: do not mutate)."""
 
     step: int
     token: int
@@ -52,6 +54,7 @@ class StepRecord:
     unsteered_token: int | None = None
     unsteered_prob: float | None = None
     judge_s: float = 0.0
+    mix: dict[str, float] = field(default_factory=dict)
 
     @property
     def changed(self) -> bool:

@@ -1,0 +1,176 @@
+"""Jobs of a Session's worker: ``GenerationHandle`` (a generation the caller can watch,
+stop and await) and ``CallJob`` (any function run on the worker)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+
+from max_jupyter.orchestrator.trace import GenerationResult, StepEvent
+
+STATES = ("queued", "running", "done", "stopped", "error")
+
+
+class GenerationHandle:
+    """A generation queued on or running on a Session's worker.
+
+    ``state``: queued, running, done, stopped (``stop()`` ended it early) or error.
+    ``step`` and ``text``: steps taken and text shown so far. ``events()`` replays every
+    ``StepEvent`` from the first and waits for more; ``result()`` / ``await handle`` wait
+    for the ``GenerationResult``. Thread-safe.
+    """
+
+    def __init__(self, generate: Callable[[GenerationHandle], GenerationResult],
+                 prompt_ids: list[int], on_event: Callable[[StepEvent], None] | None = None):
+        self._generate = generate
+        self._prompt_ids = prompt_ids
+        self._on_event = on_event
+        self._cond = threading.Condition()
+        self._events: list[StepEvent] = []
+        self._state = "queued"
+        self._result: GenerationResult | None = None
+        self._error: BaseException | None = None
+        self._done_callbacks: list[Callable[[], None]] = []
+        self.abort = threading.Event()
+        """Set by ``stop()``; the generation ends before its next step."""
+        self.stop_reason = "aborted"
+        self.step = 0
+        self.text = ""
+
+    def __repr__(self) -> str:
+        return f"GenerationHandle({self.state}, {self.step} steps)"
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def done(self) -> bool:
+        return self._state in ("done", "stopped", "error")
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception that ended the generation (state ``error``), else None."""
+        return self._error
+
+    def stop(self, reason: str = "aborted") -> None:
+        """End the generation before its next step (its ``finish_reason`` becomes
+        ``reason``); a queued one never starts. A no-op once it has finished."""
+        if not self.done:
+            self.stop_reason = reason
+            self.abort.set()
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        """Wait for the result (``TimeoutError`` after ``timeout`` s). A generation that
+        failed raises its error, with the partial result on the error's ``result``."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.done, timeout):
+                raise TimeoutError(f"the generation has not finished within {timeout} s "
+                                   f"({self.step} steps so far).")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def __await__(self):
+        return self._wait_async().__await__()
+
+    async def _wait_async(self) -> GenerationResult:
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+
+        self._when_done(wake)
+        await finished
+        return self.result(0)
+
+    def events(self, timeout: float | None = None) -> Iterator[StepEvent]:
+        """Every event from the first, then new ones as they come, until the generation
+        ends (``TimeoutError`` if none comes within ``timeout`` s)."""
+        seen = 0
+        while True:
+            with self._cond:
+                if not self._cond.wait_for(lambda: len(self._events) > seen or self.done, timeout):
+                    raise TimeoutError(f"no event within {timeout} s.")
+                batch, finished = self._events[seen:], self.done
+            yield from batch
+            seen += len(batch)
+            if finished and seen == len(self._events):
+                return
+
+    def _when_done(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once the generation has finished (now, if it has)."""
+        with self._cond:
+            if not self.done:
+                self._done_callbacks.append(callback)
+                return
+        callback()
+
+    # The worker's side -----------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run the generation (on the worker thread); never raises."""
+        if self.abort.is_set():  # stopped while queued: no compute at all
+            self._end("stopped", GenerationResult(list(self._prompt_ids), finish_reason=self.stop_reason))
+            return
+        self._set_state("running")
+        try:
+            result = self._generate(self)
+        except BaseException as e:  # surfaces in result(); the worker goes on
+            self._end("error", error=e, result=getattr(e, "result", None))
+            return
+        if result.finish_reason == "aborted":
+            result.finish_reason = self.stop_reason
+        self._end("stopped" if self.abort.is_set() else "done", result=result)
+
+    def cancel(self, error: BaseException) -> None:
+        self._end("error", error=error, result=None)
+
+    def push(self, event: StepEvent) -> None:
+        """Record one event (the worker calls this for each) and pass it on."""
+        with self._cond:
+            self._events.append(event)
+            if event.record is not None:
+                self.step += 1
+            self.text += event.text
+            self._cond.notify_all()
+        if self._on_event is not None:
+            self._on_event(event)
+
+    def _set_state(self, state: str) -> None:
+        with self._cond:
+            self._state = state
+            self._cond.notify_all()
+
+    def _end(self, state: str, result: GenerationResult | None,
+             error: BaseException | None = None) -> None:
+        with self._cond:
+            self._state, self._result, self._error = state, result, error
+            callbacks, self._done_callbacks = self._done_callbacks, []
+            self._cond.notify_all()
+        for callback in callbacks:
+            callback()
+
+
+class CallJob:
+    """``fn()`` run on the worker; ``future`` holds its value or exception. ``cancelled``
+    is set when the caller gives up (e.g. Ctrl-C): long functions check it and stop."""
+
+    def __init__(self, fn: Callable[[CallJob], object]):
+        self.fn = fn
+        self.future: Future = Future()
+        self.cancelled = threading.Event()
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            self.future.set_result(self.fn(self))
+        except BaseException as e:
+            self.future.set_exception(e)
+
+    def cancel(self, error: BaseException) -> None:
+        if self.future.set_running_or_notify_cancel():
+            self.future.set_exception(error)

@@ -1,0 +1,92 @@
+"""One loader for both backends: which backend a source needs, and the engines for a
+big and an optional small model, with progress."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from max_jupyter.errors import BackendUnavailableError, BadArgumentError
+
+if TYPE_CHECKING:
+    from max_jupyter.engines.base import Engine
+
+Backend = Literal["auto", "transformers", "exllamav2"]
+BACKENDS = ("auto", "transformers", "exllamav2")
+GPU_INSTALL = "pip install 'max-jupyter[gpu]' (exllamav2==0.3.2) on a machine with a CUDA GPU"
+Source = str | os.PathLike | None
+
+
+def is_quantized_folder(source: Source) -> bool:
+    """Whether ``source`` is a folder of EXL2 or GPTQ weights (its config.json says so)."""
+    if source is None:
+        return False
+    config = Path(source).expanduser() / "config.json"
+    try:
+        quant = json.loads(config.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False
+    return str(quant.get("quant_method", "")).lower() in ("exl2", "gptq")
+
+
+def exllamav2_available() -> bool:
+    """CUDA is present and exllamav2 is installed (not imported: that builds its extension)."""
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("exllamav2") is not None
+
+
+def choose_backend(backend: str, big: Source) -> str:
+    """The backend for ``big``: ``auto`` takes ExLlamaV2 where CUDA and exllamav2 are present
+    and the folder is EXL2/GPTQ, else transformers. An explicit choice is checked."""
+    if backend not in BACKENDS:
+        raise BadArgumentError(f"backend={backend!r} is not a backend; use one of {list(BACKENDS)}.")
+    if backend == "auto":
+        return "exllamav2" if is_quantized_folder(big) and exllamav2_available() else "transformers"
+    if backend == "exllamav2" and not exllamav2_available():
+        raise BackendUnavailableError(f"backend='exllamav2' needs CUDA and exllamav2; install with "
+                                      f"{GPU_INSTALL}, or use backend='transformers'.")
+    return backend
+
+
+def load_models(big: Source, small: Source, *, backend: str = "auto",
+                max_vram_gb: float | None = None, cache_tokens: int | None = None,
+                device: str | None = None, dtype=None, progress: bool = True,
+                ) -> tuple[Engine, Engine | None, object | None]:
+    """Load the big engine and, unless ``small`` is None, the small one (``"same"``: the big
+    source again, as a separate engine). Returns ``(big, small, memory plan or None)``."""
+    if small == "same":
+        small = big
+    backend = choose_backend(backend, big)
+    if backend == "exllamav2":
+        return _load_exllamav2(big, small, max_vram_gb, cache_tokens)
+    if max_vram_gb is not None:
+        raise BadArgumentError(f"max_vram_gb={max_vram_gb!r} applies to the exllamav2 backend only; "
+                               f"the transformers backend has no memory plan (leave it out).")
+    from tqdm.auto import tqdm
+
+    from max_jupyter.engines.transformers import TransformersEngine
+
+    sources = [("big", big)] + ([("small", small)] if small is not None else [])
+    engines = []
+    with tqdm(total=len(sources), desc="loading", unit="model", disable=not progress) as bar:
+        for name, source in sources:
+            bar.set_postfix_str(f"{name}: {source or 'embedded SmolLM2-135M-Instruct'}")
+            engines.append(TransformersEngine.load(source, device=device, dtype=dtype,
+                                                   max_seq_len=cache_tokens))
+            bar.update()
+    return engines[0], (engines[1] if small is not None else None), None
+
+
+def _load_exllamav2(big: Source, small: Source, max_vram_gb: float | None,
+                    cache_tokens: int | None) -> tuple[Engine, Engine | None, object]:
+    from max_jupyter.engines.exllamav2 import load_engines
+
+    if big is None:
+        raise BadArgumentError("backend='exllamav2' needs a model folder (EXL2, GPTQ or fp16); "
+                               "the embedded model runs on backend='transformers'.")
+    folders = [("big", big)] + ([("small", small)] if small is not None else [])
+    engines, plan = load_engines(folders, max_vram_gb, cache_tokens)
+    return engines[0], (engines[1] if small is not None else None), plan

@@ -1,0 +1,361 @@
+"""``Session``: the kernel-resident runtime that notebooks, widgets and the server share.
+
+It owns the engines and one worker thread, the only thread that touches them; the live
+mix, the named mixes, the vector library, the judges, the defaults and the last result.
+See docs/design.md ("The Session", "Threading model").
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import itertools
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+
+from max_jupyter.engines.base import Engine
+from max_jupyter.errors import BadArgumentError, SessionClosedError
+from max_jupyter.handle import CallJob, GenerationHandle
+from max_jupyter.loading import Source, load_models
+from max_jupyter.orchestrator.cognitive import CognitiveOrchestrator
+from max_jupyter.orchestrator.judges import Judge
+from max_jupyter.orchestrator.mirror import ContextMirror
+from max_jupyter.orchestrator.sampling import SamplingConfig
+from max_jupyter.orchestrator.trace import GenerationResult, TraceConfig
+from max_jupyter.orchestrator.types import Prompt, run_to_end
+from max_jupyter.steering.controller import SteeringController
+from max_jupyter.steering.vector import SteeringVector
+from max_jupyter.worker import Worker
+
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "seed")
+_ids = itertools.count(1)
+
+
+@dataclass
+class GenerationOptions:
+    """Defaults of ``Session.generate`` / ``start`` (change them on ``session.defaults``)."""
+
+    max_new_tokens: int = 128
+    sampling: SamplingConfig = SamplingConfig()
+    stop: tuple[str, ...] = ()
+    trace: TraceConfig = TraceConfig()
+    chat: bool = True
+    steer_prompt: bool = True
+    ignore_eos: bool = False
+    system: str | None = None
+    mirror: bool = True
+    """Mirror the small model (when one is loaded) even if no judge reads it: its logits
+    and states land in the trace."""
+
+
+OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(GenerationOptions)) | {
+    *SAMPLING_FIELDS, "steering", "judges", "on_event", "wait"}
+
+
+class Session:
+    """Two engines (``small`` may be None) behind one worker thread; see the module.
+
+    Build one with ``Session.load(...)``. ``mix`` (the live mix) applies at every step of
+    every generation and may change from any thread at any time; ``mixes`` are named mixes
+    that judges turn on; ``vectors`` is the library of named vectors; ``judges`` (name ->
+    Judge) run on every generation unless a call names others.
+    """
+
+    def __init__(self, big: Engine, small: Engine | None = None, *,
+                 vectors: MutableMapping[str, SteeringVector] | None = None, plan: object = None):
+        if small is not None:
+            ContextMirror(big, small)  # a small model that cannot mirror is refused now
+        self._big, self._small, self.plan = big, small, plan
+        self.mix = SteeringController(big.identity)
+        self.mixes: dict[str, SteeringController] = {}
+        self.vectors: MutableMapping[str, SteeringVector] = {} if vectors is None else vectors
+        self.judges: dict[str, Judge] = {}
+        self.defaults = GenerationOptions()
+        self.last: GenerationResult | None = None
+        self.handle: GenerationHandle | None = None
+        self._worker = Worker(f"max_jupyter-session-{next(_ids)}")
+        self._closed = False
+
+    @classmethod
+    def load(cls, big: Source = None, small: Source = None, *, backend: str = "auto",
+             max_vram_gb: float | None = None, cache_tokens: int | None = None,
+             device: str | None = None, dtype=None, store: object = "default",
+             progress: bool = True) -> Session:
+        """Load ``big`` (None: the embedded SmolLM2-135M-Instruct) and ``small`` (None: no
+        small model; ``"same"``: the big source again; or another source).
+
+        ``backend``: auto (ExLlamaV2 for EXL2/GPTQ folders where CUDA and exllamav2 are
+        present, else transformers), transformers or exllamav2. ``max_vram_gb`` and
+        ``cache_tokens`` feed the ExLlamaV2 memory plan (``session.plan``); ``cache_tokens``
+        caps the context on transformers too. ``store``: the vector library — "default"
+        (the VectorStore at its default path, so vectors survive the kernel), None (a dict
+        in memory), a path, or a ``VectorStore``.
+        """
+        vectors = open_library(store)
+        big_engine, small_engine, plan = load_models(
+            big, small, backend=backend, max_vram_gb=max_vram_gb, cache_tokens=cache_tokens,
+            device=device, dtype=dtype, progress=progress)
+        return cls(big_engine, small_engine, vectors=vectors, plan=plan)
+
+    # State -----------------------------------------------------------------------------
+
+    @property
+    def big(self) -> Engine:
+        self._check_open()
+        return self._big
+
+    @property
+    def small(self) -> Engine | None:
+        self._check_open()
+        return self._small
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def busy(self) -> bool:
+        """A generation or another job is running or queued."""
+        return self._worker.busy
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return "Session(closed)"
+        small = self._small.identity.describe() if self._small is not None else "none"
+        return (f"Session(big={self._big.identity.describe()}, small={small}, "
+                f"{len(self.vectors)} vectors, mix={self.mix!r})")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SessionClosedError("this session is closed; load a new one with Session.load().")
+
+    # Generation ------------------------------------------------------------------------
+
+    def start(self, prompt: Prompt, **options) -> GenerationHandle:
+        """Queue a generation on the worker and return its handle at once. Options: see
+        docs/design.md (``max_new_tokens``, ``temperature``..., ``stop``, ``steering``,
+        ``judges``, ``trace``, ``system``, ``on_event``, ``wait``; defaults from
+        ``self.defaults``). Everything is checked here, before anything is queued."""
+        self._check_open()
+        wait = options.pop("wait", True)
+        on_event = options.pop("on_event", None)
+        orchestrator, prepared = self._prepare(prompt, options)
+        handle = GenerationHandle(lambda h: self._generate_on_worker(h, orchestrator, prepared),
+                                  prepared.result.prompt_ids, on_event)
+        prepared.on_event, prepared.abort = handle.push, handle.abort
+        self._worker.submit(handle, wait=wait)
+        self.handle = handle
+        return handle
+
+    def generate(self, prompt: Prompt, **options) -> GenerationResult:
+        """``start`` and wait for the result in this thread. Ctrl-C while waiting stops the
+        generation within one step and returns the partial result (``finish_reason ==
+        "interrupted"``). ``on_text`` (if given) gets each text piece on this thread."""
+        on_text: Callable[[str], None] | None = options.pop("on_text", None)
+        handle = self.start(prompt, **options)
+        try:
+            for event in handle.events():
+                if on_text is not None and event.text:
+                    on_text(event.text)
+            return handle.result()
+        except KeyboardInterrupt:
+            handle.stop("interrupted")
+            return handle.result()
+
+    def _generate_on_worker(self, handle: GenerationHandle, orchestrator: CognitiveOrchestrator,
+                            prepared) -> GenerationResult:
+        result = run_to_end(orchestrator.run(prepared))
+        self.last = result
+        return result
+
+    def _prepare(self, prompt: Prompt, options: dict):
+        """The orchestrator and the checked, prepared run for one call's options."""
+        unknown = sorted(set(options) - OPTION_NAMES)
+        if unknown:
+            raise BadArgumentError(f"unknown generation option(s) {unknown}; the options are "
+                                   f"{sorted(OPTION_NAMES)}.")
+        opts = dataclasses.replace(self.defaults, **{k: v for k, v in options.items()
+                                                     if k in GenerationOptions.__annotations__})
+        sampling = opts.sampling
+        given = {k: options[k] for k in SAMPLING_FIELDS if k in options}
+        if given:
+            sampling = dataclasses.replace(sampling, **given)
+        judges = self._judges(options.get("judges"))
+        small = self._small if (opts.mirror or any(j.needs_small or j.small_model for j in judges)) \
+            else None
+        orchestrator = CognitiveOrchestrator(
+            self._big, small, judges, self.mixes,
+            mix=[self.mix, self._call_steering(options.get("steering"))])
+        prepared = orchestrator.prepare(
+            with_system(prompt, opts.system), max_new_tokens=opts.max_new_tokens,
+            sampling=sampling, stop=opts.stop, steer_prompt=opts.steer_prompt, chat=opts.chat,
+            trace=opts.trace, ignore_eos=opts.ignore_eos)
+        return orchestrator, prepared
+
+    def _judges(self, judges: Iterable[str | Judge] | None) -> list[Judge]:
+        """The judges of one call: the session's (None), or names in it and Judge objects."""
+        if judges is None:
+            return list(self.judges.values())
+        if isinstance(judges, (str, Judge)):
+            judges = [judges]
+        chosen = []
+        for judge in judges:
+            if isinstance(judge, str):
+                if judge not in self.judges:
+                    raise BadArgumentError(f"judges: no judge named {judge!r}; the session has "
+                                           f"{sorted(self.judges) or 'none'} (add one to session.judges).")
+                judge = self.judges[judge]
+            chosen.append(judge)
+        return chosen
+
+    def _call_steering(self, steering) -> SteeringController | SteeringVector | None:
+        """A call's own steering: a vector, a controller, or {vector name: coefficient}."""
+        if steering is None or isinstance(steering, (SteeringController, SteeringVector)):
+            return steering
+        if not isinstance(steering, Mapping):
+            raise BadArgumentError(f"steering={steering!r} is not steering; give a SteeringVector, a "
+                                   f"SteeringController or {{vector name: coefficient}}.")
+        mix = SteeringController(self._big.identity)
+        for name, coef in steering.items():
+            mix.set(name, self.vector(name), coef)
+        return mix
+
+    def vector(self, name: str) -> SteeringVector:
+        """The vector ``name`` from the library (a clear error if it has none)."""
+        if not isinstance(name, str) or name not in self.vectors:
+            raise BadArgumentError(f"no vector named {name!r} in the library; it has "
+                                   f"{sorted(self.vectors) or 'none'} (train, load or import one).")
+        return self.vectors[name]
+
+    # Other work on the worker ----------------------------------------------------------
+
+    def run(self, fn: Callable[[Session], object], *, wait: bool = True) -> object:
+        """Run ``fn(self)`` on the worker (the only thread that touches the engines), after
+        the jobs before it, and return its value; ``wait=False`` raises ``BusyError`` if
+        the worker is busy. Ctrl-C while waiting raises once ``fn`` has ended."""
+        self._check_open()
+        job = CallJob(lambda _job: fn(self))
+        return self._wait(job, wait)
+
+    def train(self, name: str, positive: Sequence[str], negative: Sequence[str], *,
+              layers: Iterable[int] | None = None, method: str = "pca_diff", save: bool = True,
+              progress: bool = True, **store_fields) -> SteeringVector:
+        """Train a vector for the big model from pairs (``steering.train_vector``) on the
+        worker, with a progress bar; unless ``save`` is False, put it in ``vectors`` under
+        ``name`` (a VectorStore also keeps ``method``, the pairs and ``store_fields``).
+        Ctrl-C stops it after the current example."""
+        from tqdm.auto import tqdm
+
+        from max_jupyter.steering.training import train_vector
+
+        self._check_open()
+        bar = tqdm(total=2 * len(positive), desc=f"training {name}", unit="text", disable=not progress)
+        done = [0]
+
+        def work(job: CallJob) -> SteeringVector:
+            def tick(n: int, _total: int) -> None:
+                done[0] = n
+                if job.cancelled.is_set():
+                    raise KeyboardInterrupt
+            return train_vector(self._big, positive, negative, layers=layers, method=method,
+                                label=name, progress=tick)
+
+        try:
+            vector = self._wait(CallJob(work), True, lambda: bar.update(done[0] - bar.n))
+        finally:
+            bar.close()
+        if save:
+            self._store(name, vector, method, positive, negative, store_fields)
+        return vector
+
+    def _store(self, name: str, vector: SteeringVector, method: str, positive: Sequence[str],
+               negative: Sequence[str], fields: dict) -> None:
+        save = getattr(self.vectors, "save", None)
+        if save is not None:
+            save(name, vector, method=method, pairs=list(zip(positive, negative)), **fields)
+        else:
+            self.vectors[name] = vector
+
+    def _wait(self, job: CallJob, wait: bool, tick: Callable[[], None] | None = None) -> object:
+        """Submit ``job`` and wait for its value on this thread, calling ``tick`` about ten
+        times a second; Ctrl-C marks it cancelled, waits for it to end, then re-raises."""
+        self._worker.submit(job, wait=wait)
+        try:
+            while True:
+                try:
+                    value = job.future.result(timeout=0.1)
+                    break
+                except TimeoutError:
+                    if tick is not None:
+                        tick()
+        except KeyboardInterrupt:
+            job.cancelled.set()
+            job.future.exception()  # the worker finishes the job before we go on
+            raise
+        if tick is not None:
+            tick()
+        return value
+
+    def mixer(self):
+        """The live Mixer widget bound to this session (``max_jupyter.jupyter.mixer``)."""
+        from max_jupyter.jupyter.mixer import Mixer
+
+        return Mixer(self)
+
+    # Closing ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the running generation, cancel queued ones, free both engines (GPU memory
+        goes back); the session refuses any later use. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.handle is not None:
+            self.handle.stop()
+        self._worker.close()
+        for engine in (self._small, self._big):
+            unload = getattr(engine, "unload", None)
+            if unload is not None:
+                unload()
+        self._big = self._small = None
+        self.last = self.handle = None
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.set_per_process_memory_fraction(1.0)  # lift a backend's allocator cap
+            torch.cuda.empty_cache()
+        close_store = getattr(self.vectors, "close", None)
+        if close_store is not None:
+            close_store()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def with_system(prompt: Prompt, system: str | None) -> Prompt:
+    """``prompt`` with a system message first (text becomes a user turn); unchanged
+    without ``system``. Token ids cannot take one."""
+    if system is None:
+        return prompt
+    if isinstance(prompt, str):
+        return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    prompt = list(prompt)
+    if prompt and all(isinstance(m, dict) for m in prompt):
+        return [{"role": "system", "content": system}, *prompt]
+    raise BadArgumentError("system= needs a text or chat-message prompt; token ids already "
+                           "hold any system turn.")
+
+
+def open_library(store: object) -> MutableMapping[str, SteeringVector]:
+    """The vector library for ``store``: "default" (VectorStore at its default path), None
+    (a dict in memory), a path (a VectorStore there) or a VectorStore / mapping as is."""
+    if store is None:
+        return {}
+    if isinstance(store, MutableMapping):
+        return store
+    from max_jupyter.steering.store import VectorStore
+
+    return VectorStore() if store == "default" else VectorStore(store)

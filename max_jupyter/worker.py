@@ -1,0 +1,81 @@
+"""``Worker``: the one thread that touches a Session's engines, running jobs one at a time
+in submission order (see docs/design.md, "Threading model")."""
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Protocol
+
+from max_jupyter.errors import BusyError, SessionClosedError
+
+
+class Job(Protocol):
+    """What a worker runs: ``run()`` on the worker thread, or ``cancel(error)`` if the
+    worker closes before its turn. Neither may raise."""
+
+    def run(self) -> None: ...
+
+    def cancel(self, error: BaseException) -> None: ...
+
+
+class Worker:
+    """A daemon thread with a FIFO queue of jobs, started with the first job."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._running: Job | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def busy(self) -> bool:
+        """A job is running or waiting."""
+        with self._cond:
+            return self._running is not None or bool(self._queue)
+
+    @property
+    def on_worker(self) -> bool:
+        """The caller is this worker's thread."""
+        return threading.current_thread() is self._thread
+
+    def submit(self, job: Job, wait: bool = True) -> None:
+        """Queue ``job``; with ``wait=False`` raise ``BusyError`` instead if anything is
+        running or queued. Raises ``SessionClosedError`` after ``close``."""
+        with self._cond:
+            if self._closed:
+                raise SessionClosedError("this session is closed; load a new one with Session.load().")
+            if not wait and (self._running is not None or self._queue):
+                raise BusyError("the session is busy with another generation; wait for it "
+                                "(wait=True, the default), or stop it (handle.stop()).")
+            self._queue.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Cancel the queued jobs, let the running one end (stop it first), end the thread."""
+        with self._cond:
+            self._closed = True
+            queued, self._queue = list(self._queue), collections.deque()
+            self._cond.notify()
+        for job in queued:
+            job.cancel(SessionClosedError("the session was closed before this job ran."))
+        if self._thread is not None and not self.on_worker:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                self._running = self._queue.popleft()
+            try:
+                self._running.run()
+            finally:
+                with self._cond:
+                    self._running = None
