@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
 # One call on a lent GPU box: install the carried wheels, load the prebuilt exllamav2
 # extension (skips its ~2 min JIT build), run the GPU tests and/or the decode benchmark.
-# Logs go to $OUT (the device tool brings that folder back).
-#   bash bench/gpu_session.sh tests|bench|all [extra pytest args]
+# The GPU tests run gated (MAX_JUPYTER_REQUIRE_GPU=1): a missing CUDA, exllamav2 or
+# tokenizer fails them instead of skipping them. Logs and gpu_decode.json go to $OUT (the
+# device tool brings that folder back).
+#   bash bench/gpu_session.sh tests|bench|all [more pytest args, e.g. extra test files]
 # Carry: .gpu/whl (exllamav2 + missing deps), .gpu/ext (exllamav2_ext.so.xz), .gpu/tokenizer.
+# MAX_JUPYTER_COMMIT stamps the benchmark's JSON (the box gets no .git); default: git describe.
 set -uo pipefail
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/max_jupyter_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 MAX_JOBS=16
+export PYTHONUNBUFFERED=1 MAX_JOBS=16 MAX_JUPYTER_REQUIRE_GPU=1
+export MAX_JUPYTER_COMMIT=${MAX_JUPYTER_COMMIT:-$(git describe --always --dirty 2>/dev/null || echo unknown)}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl || exit 1
 mkdir -p /tmp/ext
 [ -f .gpu/ext/exllamav2_ext.so.xz ] && xz -dc .gpu/ext/exllamav2_ext.so.xz > /tmp/ext/exllamav2_ext.so
 export PYTHONPATH=/tmp/ext:/tmp/site:$PWD
-export MAX_JUPYTER_TOKENIZER=$PWD/.gpu/tokenizer
+export MAX_JUPYTER_TOKENIZER=${MAX_JUPYTER_TOKENIZER:-$PWD/.gpu/tokenizer}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 rc=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
   python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_exllamav2_parity.py "$@" 2>&1 | tee "$OUT/tests.log" || rc=1
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  python3 bench/gpu_decode.py "$@" 2>&1 | tee "$OUT/bench.log" || rc=1
+  python3 bench/gpu_decode.py 2>&1 | tee "$OUT/bench.log" || rc=1
 fi
 exit $rc

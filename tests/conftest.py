@@ -56,3 +56,17 @@ def assert_mirrors(engine, ids: list[int]) -> None:
     assert engine.seq_len == len(ids)
     on_cache = engine.step(ids[-1]).logits
     torch.testing.assert_close(on_cache, engine.prefill(ids + [ids[-1]]).logits, atol=2e-4, rtol=1e-4)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """``MAX_JUPYTER_REQUIRE_GPU=1`` (set by bench/gpu_session.sh): a test marked ``gpu``
+    that would skip (no CUDA, no exllamav2, no tokenizer) fails instead, naming the reason."""
+    import os
+
+    report = (yield).get_result()
+    if (report.skipped and item.get_closest_marker("gpu") is not None
+            and os.environ.get("MAX_JUPYTER_REQUIRE_GPU") == "1"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"MAX_JUPYTER_REQUIRE_GPU=1 forbids skipping a GPU test: {reason}"

@@ -136,13 +136,15 @@ class MemoryPlan:
         rows.append(("overhead", CONTEXT_OVERHEAD, "CUDA context, kernels, cuBLAS (estimate)"))
         return rows
 
-    def table(self, measured_peak: int | None = None) -> str:
-        """The layout as a markdown table (GiB); ``measured_peak`` adds a measured row."""
+    def table(self, measured: MeasuredPeak | None = None) -> str:
+        """The layout as a markdown table (GiB); ``measured`` adds the measured peak."""
         lines = ["| part | GiB | note |", "|---|---:|---|"]
         lines += [f"| {name} | {size / GiB:.2f} | {note} |" for name, size, note in self.parts()]
         lines.append(f"| **total planned** | **{self.total / GiB:.2f}** | budget {self.budget / GiB:.2f} |")
-        if measured_peak is not None:
-            lines.append(f"| measured peak | {measured_peak / GiB:.2f} | on the device |")
+        if measured is not None:
+            lines.append(f"| measured peak | {measured.total / GiB:.2f} | torch peak reserved "
+                         f"{measured.torch / GiB:.2f} + outside torch {measured.outside_torch / GiB:.2f}"
+                         f" (CUDA context, kernels; mem_get_info) |")
         host = sum(m.host_embedding for m in self.models)
         lines.append(f"| (host RAM) embeddings | {host / GiB:.2f} | on the CPU, not in VRAM |")
         return "\n".join(lines)
@@ -152,6 +154,28 @@ class MemoryPlan:
         return (f"needs {self.total / GiB:.2f} GiB > budget {self.budget / GiB:.2f} GiB: {parts} "
                 f"(GiB). Lower cache_tokens or max_input_len, use a lower-bit quantisation, "
                 f"or raise max_vram_gb.")
+
+
+@dataclass(frozen=True)
+class MeasuredPeak:
+    """Device memory measured at run time, in bytes, to hold against a ``MemoryPlan``."""
+
+    torch: int  # torch's peak reserved since the last reset_peak_memory_stats (less held)
+    outside_torch: int  # what the device holds beyond torch's reserve: context, kernels
+
+    @property
+    def total(self) -> int:
+        return self.torch + self.outside_torch
+
+
+def measured_peak(held: int = 0) -> MeasuredPeak:
+    """Peak memory of this process on GPU 0 since ``torch.cuda.reset_peak_memory_stats()``:
+    torch's peak reserved less ``held`` (what torch held before the measured part), plus
+    the device memory in use beyond torch's current reserve (``mem_get_info``: the CUDA
+    context, loaded kernels, non-torch allocations), read now."""
+    free, total = torch.cuda.mem_get_info()
+    outside = total - free - torch.cuda.memory_reserved()
+    return MeasuredPeak(torch.cuda.max_memory_reserved() - held, outside)
 
 
 def read_config(folder: str | os.PathLike, max_seq_len: int, max_input_len: int = 2048):
