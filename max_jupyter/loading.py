@@ -57,6 +57,7 @@ def load_models(big: Source, small: Source, *, backend: str = "auto",
                 ) -> tuple[Engine, Engine | None, object | None]:
     """Load the big engine and, unless ``small`` is None, the small one (``"same"``: the big
     source again, as a separate engine). Returns ``(big, small, memory plan or None)``."""
+    has_small = small is not None
     if small == "same":
         small = big
     backend = choose_backend(backend, big)
@@ -69,7 +70,7 @@ def load_models(big: Source, small: Source, *, backend: str = "auto",
 
     from max_jupyter.engines.transformers import TransformersEngine
 
-    sources = [("big", big)] + ([("small", small)] if small is not None else [])
+    sources = [("big", big)] + ([("small", small)] if has_small else [])
     engines = []
     with tqdm(total=len(sources), desc="loading", unit="model", disable=not progress) as bar:
         for name, source in sources:
@@ -77,7 +78,7 @@ def load_models(big: Source, small: Source, *, backend: str = "auto",
             engines.append(TransformersEngine.load(source, device=device, dtype=dtype,
                                                    max_seq_len=cache_tokens))
             bar.update()
-    return engines[0], (engines[1] if small is not None else None), None
+    return engines[0], (engines[1] if has_small else None), None
 
 
 def _load_exllamav2(big: Source, small: Source, max_vram_gb: float | None,
