@@ -3,26 +3,81 @@
 Each example is run alone through the engine (batch 1, so any backend works) and its
 residual at the last token is read at every requested layer. Per pair, ``diff = pos - neg``.
 
-- ``mean_diff``: the mean of the diffs.
-- ``pca_diff``: the first principal direction of the diffs (repeng's ``pca_diff``), taken
-  uncentred — the same as centred PCA over the diffs with each pair's order randomised —
-  and scaled to the mean projection of the diffs on it, so coefficient 1 is one typical
-  pair difference, as for ``mean_diff``.
+Methods (``method=``), each named for what it computes:
 
-Either way the sign is fixed so that adding the vector moves the projection toward the
-positive examples.
+- ``mean_diff``: the mean of the diffs. Coefficient 1 adds one average pair difference.
+- ``svd_diff`` (the default; formerly called ``pca_diff``, which still selects it with a
+  ``DeprecationWarning``): the first right-singular vector of the uncentred diffs — the
+  same as centred PCA over the diffs with each pair's order randomised — scaled to the mean
+  projection of the diffs on it, so coefficient 1 is one typical pair difference, as for
+  ``mean_diff``; its sign makes that mean projection positive.
+- ``pca_diff_unit``: repeng's ``ControlVector.train`` (its ``pca_diff``): the first
+  principal component of the *centred* diffs, unit norm, sign as repeng fixes it (sklearn's
+  convention, then flipped if more pairs project lower on the positive text than on the
+  negative). Coefficient 1 adds a unit-norm vector, so coefficients carry over from repeng
+  and llama.cpp unchanged; to match a ``svd_diff`` coefficient ``c`` at a layer, use about
+  ``c * svd_vector.norms()[layer]``.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import torch
 
-from max_jupyter.engines.base import Engine, check_layers
+from max_jupyter.engines.base import Engine
 from max_jupyter.steering.vector import SteeringVector
+from max_jupyter.validation import check_layers, check_str_list, fail
 
-Method = Literal["pca_diff", "mean_diff"]
+Method = Literal["svd_diff", "pca_diff_unit", "mean_diff", "pca_diff"]
+
+
+def mean_diff(diffs: torch.Tensor) -> torch.Tensor:
+    """The mean of the pair differences ``diffs`` ``[pairs, hidden]``."""
+    return diffs.mean(0)
+
+
+def svd_diff(diffs: torch.Tensor) -> torch.Tensor:
+    """First right-singular vector of the uncentred ``diffs``, times the mean projection of
+    ``diffs`` on it (which also fixes the sign)."""
+    unit = torch.linalg.svd(diffs, full_matrices=False).Vh[0]
+    return unit * (diffs @ unit).mean()
+
+
+def pca_diff_unit(diffs: torch.Tensor) -> torch.Tensor:
+    """repeng's ``pca_diff``: the unit first principal component of the centred ``diffs``
+    (computed in float64), its largest-magnitude entry made positive (sklearn's sign), then
+    negated if more pairs have ``diff @ direction < 0`` than ``> 0`` (repeng's vote)."""
+    x = diffs.double()
+    unit = torch.linalg.svd(x - x.mean(0), full_matrices=False).Vh[0]
+    unit = unit * torch.sign(unit[unit.abs().argmax()])
+    proj = x @ unit
+    if (proj < 0).sum() > (proj > 0).sum():
+        unit = -unit
+    return unit.float()
+
+
+METHODS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "svd_diff": svd_diff, "pca_diff_unit": pca_diff_unit, "mean_diff": mean_diff}
+"""Training methods by name: each maps the pair differences ``[pairs, hidden]`` at one
+layer to that layer's direction ``[hidden]``."""
+RENAMED = {"pca_diff": "svd_diff"}
+"""Old method names that still work (with a ``DeprecationWarning``)."""
+
+
+def resolve_method(method: str) -> str:
+    """The current name of ``method``: an old name warns and maps to its new one; an unknown
+    one raises ``BadArgumentError``."""
+    if isinstance(method, str) and method in RENAMED:
+        new = RENAMED[method]
+        warnings.warn(f"method={method!r} is now called {new!r} (uncentred SVD of the pair "
+                      f"differences, scaled); for repeng's pca_diff (unit norm, centred PCA) use "
+                      f"'pca_diff_unit'.", DeprecationWarning, stacklevel=3)
+        return new
+    if not isinstance(method, str) or method not in METHODS:
+        raise fail("method", method, "is unknown", f"use one of {sorted(METHODS)}")
+    return method
 
 
 def read_last_token_states(engine: Engine, texts: Sequence[str], layers: Sequence[int],
@@ -45,33 +100,43 @@ def read_last_token_states(engine: Engine, texts: Sequence[str], layers: Sequenc
 
 
 def train_vector(engine: Engine, positive: Sequence[str], negative: Sequence[str],
-                 layers: Iterable[int] | None = None, method: Method = "pca_diff",
+                 layers: Iterable[int] | None = None, method: Method = "svd_diff",
                  label: str = "", encode: Callable[[str], list[int]] | None = None,
                  progress: Callable[[int, int], None] | None = None) -> SteeringVector:
     """Train a vector for ``engine``'s model from pairs ``(positive[k], negative[k])``.
 
-    ``layers`` defaults to every layer. Checks the inputs before any forward pass; resets
-    the engine's cache.
+    ``layers`` defaults to every layer. Checks the inputs before any forward pass
+    (``BadArgumentError``; see ``check_pairs``); resets the engine's cache.
     """
-    if not positive or not negative:
-        raise ValueError("train_vector needs at least one positive and one negative example.")
-    if len(positive) != len(negative):
-        raise ValueError(f"train_vector needs pairs: got {len(positive)} positive and "
-                         f"{len(negative)} negative examples; give the same number of each.")
-    if method not in ("pca_diff", "mean_diff"):
-        raise ValueError(f"unknown method {method!r}; use 'pca_diff' or 'mean_diff'.")
-    layers = list(range(engine.identity.num_layers)) if layers is None else sorted(set(layers))
-    check_layers(engine.identity, layers, "train_vector")
+    check_pairs(positive, negative)
+    method = resolve_method(method)
+    if method == "pca_diff_unit" and len(positive) < 2:
+        raise fail("positive", list(positive), "holds one pair, and PCA of one centred "
+                   "difference is undefined", "give at least two pairs, or use method='mean_diff'")
+    layers = (list(range(engine.identity.num_layers)) if layers is None
+              else sorted(set(check_layers(engine.identity, layers, "layers"))))
+    if not layers:
+        raise fail("layers", [], "is empty", "give at least one layer, or None for every layer")
     states = read_last_token_states(engine, [*positive, *negative], layers, encode, progress)
     pos, neg = states[: len(positive)], states[len(positive):]  # [pairs, layers, hidden]
     diffs = pos - neg
-    directions = {}
-    for j, layer in enumerate(layers):
-        d = diffs[:, j]  # [pairs, hidden]
-        if method == "mean_diff":
-            direction = d.mean(0)
-        else:
-            unit = torch.linalg.svd(d, full_matrices=False).Vh[0]  # [hidden]
-            direction = unit * (d @ unit).mean()  # sign and scale from the mean projection
-        directions[layer] = direction
+    directions = {layer: METHODS[method](diffs[:, j]) for j, layer in enumerate(layers)}
     return SteeringVector(directions, engine.identity, label or method)
+
+
+def check_pairs(positive: Sequence[str], negative: Sequence[str]) -> None:
+    """Examples are lists of non-empty str of equal length. Pairs whose two texts are the
+    same add nothing: all of them -> ``BadArgumentError`` (the vector would be all zeros),
+    some -> a ``UserWarning`` naming them."""
+    positive = check_str_list("positive", positive, allow_empty_list=False)
+    negative = check_str_list("negative", negative, allow_empty_list=False)
+    if len(positive) != len(negative):
+        raise fail("negative", f"<{len(negative)} examples>", f"does not pair with {len(positive)} "
+                   f"positive examples", "give the same number of each (pairs positive[k], negative[k])")
+    same = [k for k, (p, n) in enumerate(zip(positive, negative)) if p == n]
+    if len(same) == len(positive):
+        raise fail("negative", list(negative), "equals positive in every pair, so the vector would "
+                   "be all zeros", "give contrasting texts (positive[k] differs from negative[k])")
+    if same:
+        warnings.warn(f"train_vector: pairs {same} have the same positive and negative text and "
+                      f"add nothing to the vector; replace them with contrasting texts.", stacklevel=3)
