@@ -171,6 +171,9 @@ class CallJob:
         except BaseException as e:
             self.future.set_exception(e)
 
+    def stop(self) -> None:
+        self.cancelled.set()
+
     def cancel(self, error: BaseException) -> None:
         if self.future.set_running_or_notify_cancel():
             self.future.set_exception(error)

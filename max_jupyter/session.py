@@ -309,8 +309,6 @@ class Session:
         if self._closed:
             return
         self._closed = True
-        if self.handle is not None:
-            self.handle.stop()
         self._worker.close()
         for engine in (self._small, self._big):
             unload = getattr(engine, "unload", None)

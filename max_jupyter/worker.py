@@ -11,9 +11,12 @@ from max_jupyter.errors import BusyError, SessionClosedError
 
 class Job(Protocol):
     """What a worker runs: ``run()`` on the worker thread, or ``cancel(error)`` if the
-    worker closes before its turn. Neither may raise."""
+    worker closes before its turn; ``stop()`` asks a running job to end early. None of
+    them may raise."""
 
     def run(self) -> None: ...
+
+    def stop(self) -> None: ...
 
     def cancel(self, error: BaseException) -> None: ...
 
@@ -56,11 +59,14 @@ class Worker:
             self._cond.notify()
 
     def close(self, timeout: float | None = None) -> None:
-        """Cancel the queued jobs, let the running one end (stop it first), end the thread."""
+        """Cancel the queued jobs, stop the running one, end the thread once it has ended."""
         with self._cond:
             self._closed = True
             queued, self._queue = list(self._queue), collections.deque()
+            running = self._running
             self._cond.notify()
+        if running is not None:
+            running.stop()
         for job in queued:
             job.cancel(SessionClosedError("the session was closed before this job ran."))
         if self._thread is not None and not self.on_worker:

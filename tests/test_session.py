@@ -1,0 +1,321 @@
+"""The Session on the real embedded model: one worker serialises callers, handles report and
+stop generations, the live mix changes whole at step boundaries, failures stay contained."""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from max_jupyter import Session
+from max_jupyter.errors import (BackendUnavailableError, BadArgumentError, BusyError,
+                                ModelSourceError, SessionClosedError)
+from max_jupyter.orchestrator import FunctionJudge, SamplingConfig, generate
+from max_jupyter.orchestrator.mirror import MirrorError
+from max_jupyter.orchestrator.sampling import Sampler
+from max_jupyter.orchestrator.types import prompt_ids
+from max_jupyter.steering import SteeringController, SteeringVector
+
+PROMPT = "Name three colours."
+N = 10
+
+
+@pytest.fixture()
+def session(engine):
+    """A session over the shared embedded engine (no small model, vectors in memory)."""
+    s = Session(engine)
+    yield s
+    s.close()
+
+
+def alone(engine, prompt=PROMPT, **options) -> list[int]:
+    """Token ids of the same generation on a fresh session of its own."""
+    with Session(engine) as s:
+        return s.generate(prompt, **options).token_ids
+
+
+def test_two_threads_each_get_their_own_generation(engine, vector):
+    steered = {"steering": 0.5 * vector}
+    want_plain, want_steered = alone(engine, max_new_tokens=N), alone(engine, max_new_tokens=N, **steered)
+    assert want_plain != want_steered  # the steering matters, so a leak would show
+    s = Session(engine)
+    got: dict[str, list[int]] = {}
+    barrier = threading.Barrier(2)
+
+    def call(name, **options):
+        barrier.wait()
+        got[name] = s.generate(PROMPT, max_new_tokens=N, **options).token_ids
+
+    threads = [threading.Thread(target=call, args=("plain",)),
+               threading.Thread(target=call, args=("steered",), kwargs=steered)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    s.close()
+    assert got == {"plain": want_plain, "steered": want_steered}
+
+
+def test_wait_false_refuses_while_busy(session):
+    h = session.start(PROMPT, max_new_tokens=200, ignore_eos=True)
+    with pytest.raises(BusyError, match="busy"):
+        session.start(PROMPT, max_new_tokens=5, wait=False)
+    h.stop()
+    h.result(60)
+    assert session.generate(PROMPT, max_new_tokens=3, wait=False).token_ids  # free again
+
+
+def record_deltas(engine, seen: list):
+    """Wrap the engine's backend forward to record the deltas it receives (one per call)."""
+    inner = engine._forward
+
+    def spy(ids, deltas, capture):
+        seen.append({l: d.clone() for l, d in deltas.items()})
+        return inner(ids, deltas, capture)
+    return spy
+
+
+class SlowEntries(dict):
+    """The mix's entry table with a pause after each write: it widens the moment between
+    the two writes of an update, where a reader without the controller's lock would see
+    half of it."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        time.sleep(0.002)
+
+
+def test_mix_update_lands_whole_at_a_step_boundary(engine, vector):
+    a = vector.select([10])
+    b = SteeringVector({12: torch.randn(576)}, engine.identity, "b")
+    pairs = [(1.0, 1.0), (-1.0, 2.0)]
+    s = Session(engine)
+    s.mix.update({"a": (a, 1.0), "b": (b, 1.0)})
+    s.mix._entries = SlowEntries(s.mix._entries)
+    seen: list[dict] = []
+    engine._forward = record_deltas(engine, seen)
+    stop = threading.Event()
+
+    def flip():
+        i = 0
+        while not stop.is_set():
+            i += 1
+            ca, cb = pairs[i % 2]
+            s.mix.update({"a": ca, "b": cb})
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    try:
+        result = s.generate(PROMPT, max_new_tokens=30, ignore_eos=True)
+    finally:
+        stop.set()
+        flipper.join()
+        del engine._forward
+        s.close()
+    unit_a, unit_b = a.directions[10], b.directions[12]
+    coefs = {(round(float(d[10] @ unit_a / (unit_a @ unit_a)), 3),
+              round(float(d[12] @ unit_b / (unit_b @ unit_b)), 3)) for d in seen}
+    assert coefs <= set(pairs) and len(coefs) == 2  # both pairs seen, never a mix of them
+    recorded = {(r.mix["a"], r.mix["b"]) for r in result.steps}
+    assert recorded <= set(pairs)
+
+
+def test_stop_ends_within_one_step(session):
+    h = session.start(PROMPT, max_new_tokens=300, ignore_eos=True)
+    for event in h.events(timeout=60):
+        if h.step >= 3:
+            break
+    seen = h.step
+    h.stop()
+    r = h.result(60)
+    assert r.finish_reason == "aborted" and h.state == "stopped"
+    assert seen <= len(r.steps) <= seen + 1
+    h.stop()  # a no-op once finished
+    assert h.state == "stopped"
+
+
+def test_await_handle_leaves_the_event_loop_free(session, engine):
+    want = alone(engine, max_new_tokens=N)
+
+    async def main():
+        h = session.start(PROMPT, max_new_tokens=N)
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while not h.done:
+                ticks += 1
+                await asyncio.sleep(0.005)
+
+        task = asyncio.create_task(ticker())
+        result = await h
+        await task
+        return result, ticks
+
+    result, ticks = asyncio.run(main())
+    assert result.token_ids == want and ticks >= 3
+
+
+def test_events_arrive_in_order_and_replay(session):
+    seen_on_worker = []
+    h = session.start(PROMPT, max_new_tokens=N, on_event=seen_on_worker.append)
+    events = list(h.events(timeout=60))
+    r = h.result()
+    steps = [e.record.step for e in events if e.record is not None]
+    assert steps == list(range(len(r.steps)))
+    assert "".join(e.text for e in events) == r.text == h.text
+    assert list(h.events()) == events == seen_on_worker  # replayed from the first
+    assert session.last is r
+
+
+def test_worker_exception_surfaces_and_session_stays_usable(session, engine, vector):
+    session.mixes["default"] = SteeringController.of(vector)
+
+    def flaky(ctx):
+        if ctx.step == 3:
+            raise RuntimeError("judge broke")
+        return False
+
+    session.judges["flaky"] = FunctionJudge(flaky, name="flaky")
+    h = session.start(PROMPT, max_new_tokens=N)
+    with pytest.raises(Exception, match="judge broke") as info:
+        h.result(60)
+    assert h.state == "error" and h.error is info.value
+    assert info.value.result.finish_reason == "error" and len(info.value.result.steps) == 3
+
+    def loud(event):
+        raise ValueError("display failed")
+
+    h = session.start(PROMPT, max_new_tokens=N, judges=[], on_event=loud)
+    with pytest.raises(ValueError, match="display failed") as info:
+        h.result(60)
+    assert len(info.value.result.steps) == 1
+    assert session.generate(PROMPT, max_new_tokens=N, judges=[]).token_ids == alone(engine, max_new_tokens=N)
+
+
+def test_ctrl_c_while_waiting_returns_the_partial_result(session):
+    def interrupt_soon():
+        time.sleep(1.0)
+        import _thread
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_soon).start()
+    r = session.generate(PROMPT, max_new_tokens=400, ignore_eos=True)
+    assert r.finish_reason == "interrupted" and 0 < len(r.steps) < 400
+    assert session.generate(PROMPT, max_new_tokens=3).token_ids  # usable afterwards
+
+
+def reference_loop(engine, ids, n, deltas=None, sampling=SamplingConfig()) -> list[int]:
+    """The plain loop as it was before it became the orchestrator: prefill, sample, step."""
+    sampler, out = Sampler(sampling), []
+    logits = engine.prefill(ids, deltas).logits
+    while True:
+        token, _ = sampler.sample(logits)
+        if token in engine.tokenizer.eos_ids:
+            return out
+        out.append(token)
+        if len(out) >= n:
+            return out
+        logits = engine.step(token, deltas).logits
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.9, top_p=0.95, seed=3)],
+                         ids=["greedy", "seeded"])
+@pytest.mark.parametrize("steered", [False, True])
+def test_unified_loop_gives_the_plain_loops_tokens(engine, vector, sampling, steered):
+    steering = 0.4 * vector if steered else None
+    deltas = steering.deltas(1.0, engine.device, engine.dtype) if steered else None
+    want = reference_loop(engine, prompt_ids(engine, PROMPT), 16, deltas, sampling)
+    got = generate(engine, PROMPT, max_new_tokens=16, sampling=sampling, steering=steering)
+    assert got.token_ids == want
+
+
+def test_options_are_checked_before_queueing(session):
+    with pytest.raises(BadArgumentError, match="unknown generation option"):
+        session.start(PROMPT, max_tokens=5)
+    with pytest.raises(BadArgumentError, match="no vector named 'joy'"):
+        session.start(PROMPT, steering={"joy": 1.0})
+    with pytest.raises(BadArgumentError, match="no judge named"):
+        session.start(PROMPT, judges=["strict"])
+    with pytest.raises(BadArgumentError, match="system="):
+        session.start([1, 2, 3], system="Be brief.")
+    assert session.handle is None and not session.busy
+
+
+def test_call_steering_by_name_and_system_prompt(session, engine, vector):
+    session.vectors["happy"] = vector
+    by_name = session.generate(PROMPT, max_new_tokens=N, steering={"happy": 0.5}).token_ids
+    assert by_name == alone(engine, max_new_tokens=N, steering=0.5 * vector)
+    live = session.mix
+    live.set("happy", vector, 0.5)  # the live mix and the call's steering add up
+    both = session.generate(PROMPT, max_new_tokens=N, steering={"happy": 0.5}).token_ids
+    assert both == alone(engine, max_new_tokens=N, steering=1.0 * vector)
+    live.clear()
+    system = session.generate(PROMPT, max_new_tokens=N, system="Answer in French.")
+    assert system.prompt_ids == engine.tokenizer.chat(
+        [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": PROMPT}])
+
+
+def test_train_runs_on_the_worker_and_fills_the_library(session):
+    v = session.train("joy", ["I am happy.", "What joy!"], ["I am sad.", "What misery."],
+                      layers=[12], method="mean_diff", progress=False)
+    assert session.vectors["joy"] is v and v.layers == (12,)
+
+
+def test_run_executes_on_the_worker(session):
+    worker = session.run(lambda s: threading.current_thread().name)
+    assert worker.startswith("max_jupyter-session") and worker != threading.current_thread().name
+    with pytest.raises(ZeroDivisionError):
+        session.run(lambda s: 1 / 0)
+
+
+def test_closed_session_refuses_use(engine):
+    s = Session(engine)
+    h = s.start(PROMPT, max_new_tokens=300, ignore_eos=True)
+    next(h.events(timeout=60))  # running
+    queued = s.start(PROMPT, max_new_tokens=5)
+    s.close()
+    assert h.done and h.state == "stopped"
+    with pytest.raises(SessionClosedError):
+        queued.result(10)
+    for use in (lambda: s.generate(PROMPT), lambda: s.start(PROMPT), lambda: s.big,
+                lambda: s.run(len), lambda: s.train("x", ["a"], ["b"])):
+        with pytest.raises(SessionClosedError, match="Session.load"):
+            use()
+    s.close()  # idempotent
+
+
+def test_loading_errors_are_clear(tmp_path):
+    with pytest.raises(ModelSourceError, match="no config.json"):
+        Session.load(tmp_path, store=None, progress=False)
+    with pytest.raises(BackendUnavailableError, match="pip install 'max-jupyter\\[gpu\\]'"):
+        Session.load(backend="exllamav2", store=None, progress=False)
+    with pytest.raises(BadArgumentError, match="backend='vllm'"):
+        Session.load(backend="vllm", store=None, progress=False)
+
+
+def test_a_small_model_that_cannot_mirror_is_refused_at_load(engine, tiny):
+    class Blind:  # an engine without a tokenizer, of another vocabulary
+        identity = tiny.identity
+    with pytest.raises(MirrorError, match="no tokenizer"):
+        Session(engine, Blind())
+
+
+def test_load_with_a_mirrored_small_model(tmp_path):
+    s = Session.load(small="same", store=None, progress=False)
+    r = s.generate(PROMPT, max_new_tokens=4)
+    assert s.small is not s.big and r.small_ids[-len(r.token_ids):] == r.token_ids
+    assert r.small_topk.ids.shape[0] == len(r.steps)
+    s.close()
+
+
+@pytest.mark.parametrize("module", ["max_jupyter", "max_jupyter.steering", "max_jupyter.orchestrator"])
+def test_light_import(module):
+    code = (f"import sys, {module}; from max_jupyter.steering import SteeringVector; "
+            f"print(sorted(m for m in ('transformers', 'exllamav2') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,76 @@
+"""The Session on the GPU: ``Session.load`` picks ExLlamaV2 for a GPTQ folder, plans memory
+for both models, generates with the small model mirroring, and ``close()`` gives the GPU
+memory back. Run with the GPU suite (``bash bench/gpu_session.sh tests``)."""
+from __future__ import annotations
+
+import gc
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    pytest.mark.skipif(importlib.util.find_spec("exllamav2") is None, reason="needs exllamav2"),
+]
+MiB = 1024 ** 2
+
+
+def gptq_folder(folder: Path) -> Path:
+    """A random 4-layer Llama as a 4-bit GPTQ folder with the tokenizer of
+    ``$MAX_JUPYTER_TOKENIZER`` (or the embedded model's)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from max_jupyter.models import resolve_hf_folder
+    from max_jupyter.testing import write_gptq_rtn
+
+    tokenizer = Path(os.environ.get("MAX_JUPYTER_TOKENIZER") or resolve_hf_folder())
+    config = LlamaConfig(vocab_size=49152, hidden_size=512, intermediate_size=1536,
+                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                         max_position_embeddings=2048, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).half().cuda().eval()
+    write_gptq_rtn(model, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "special_tokens_map.json"):
+        if (tokenizer / name).is_file():
+            shutil.copy(tokenizer / name, folder / name)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return folder
+
+
+def test_session_on_exllamav2_and_close_gives_memory_back(tmp_path):
+    from max_jupyter import Session
+    from max_jupyter.engines.exllamav2 import ExLlamaV2Engine
+    from max_jupyter.errors import SessionClosedError
+    from max_jupyter.steering import SteeringVector
+
+    folder = gptq_folder(tmp_path / "gptq")
+    torch.cuda.synchronize()
+    allocated0, (free0, _) = torch.cuda.memory_allocated(), torch.cuda.mem_get_info()
+    s = Session.load(folder, small="same", max_vram_gb=8, cache_tokens=1024, store=None,
+                     progress=False)
+    assert isinstance(s.big, ExLlamaV2Engine) and isinstance(s.small, ExLlamaV2Engine)
+    assert s.plan is not None and s.plan.total <= 8 * 1024 ** 3
+    vector = SteeringVector({2: torch.randn(512)}, s.big.identity, "random")
+    s.mix.set("random", vector, 4.0)
+    r = s.generate("Hello there.", max_new_tokens=16, ignore_eos=True)
+    assert len(r.token_ids) == 16 and r.small_ids[-16:] == r.token_ids
+    assert r.steps[-1].mix == {"random": 4.0}
+    loaded = torch.cuda.memory_allocated()
+    assert loaded - allocated0 > 64 * MiB  # the models and caches were really on the GPU
+    s.close()
+    torch.cuda.synchronize()
+    allocated1, (free1, _) = torch.cuda.memory_allocated(), torch.cuda.mem_get_info()
+    print(f"allocated: {allocated0 / MiB:.0f} MiB before load, {loaded / MiB:.0f} loaded, "
+          f"{allocated1 / MiB:.0f} after close; free {free0 / MiB:.0f} -> {free1 / MiB:.0f} MiB")
+    assert allocated1 - allocated0 < 16 * MiB
+    assert free1 >= free0 - 64 * MiB  # the allocator cache was emptied too
+    with pytest.raises(SessionClosedError):
+        s.generate("again")
