@@ -1,7 +1,13 @@
 """Shared fixtures: the real embedded model (SmolLM2-135M-Instruct) as the big model, a
 second instance of it (a small model with the same vocabulary, its own KV cache) and a
-tiny random Llama with a tokenizer of its own (a small model for the text-level mirror)."""
+tiny random Llama with a tokenizer of its own (a small model for the text-level mirror).
+
+The default vector store of this test run (also for the kernels and servers it starts) is a
+file in a temporary folder, never the user's own library."""
 from __future__ import annotations
+
+import os
+import tempfile
 
 import pytest
 import torch
@@ -9,6 +15,10 @@ import torch
 from max_jupyter.engines import TransformersEngine
 from max_jupyter.testing import build_tiny_model
 from max_jupyter.steering import SteeringVector, train_vector
+
+
+os.environ.setdefault("MAX_JUPYTER_STORE",
+                      os.path.join(tempfile.mkdtemp(prefix="max_jupyter-tests-"), "vectors.sqlite"))
 
 
 @pytest.fixture(scope="session")
@@ -62,8 +72,6 @@ def assert_mirrors(engine, ids: list[int]) -> None:
 def pytest_runtest_makereport(item, call):
     """``MAX_JUPYTER_REQUIRE_GPU=1`` (set by bench/gpu_session.sh): a test marked ``gpu``
     that would skip (no CUDA, no exllamav2, no tokenizer) fails instead, naming the reason."""
-    import os
-
     report = (yield).get_result()
     if (report.skipped and item.get_closest_marker("gpu") is not None
             and os.environ.get("MAX_JUPYTER_REQUIRE_GPU") == "1"):
