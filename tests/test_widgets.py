@@ -1,0 +1,126 @@
+"""The live Mixer and the TokenView in a real kernel, driven by ``jupyter_client`` (no
+browser): a slider update sent as the page sends it (a ``comm_msg`` on the shell channel)
+while a background generation runs changes the coefficient of the following steps only;
+the mix changed in code moves the slider; the TokenView's batched deltas rebuild every
+step. Run on both ipykernel major versions (the other one is pip-installed for the test)."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from kernels import IPYKERNEL_MAJORS, Kernel, ipykernel_env
+
+OLD, NEW, STEPS = 0.0, 0.8, 60
+
+SETUP = f"""
+import json, time
+import ipykernel
+from max_jupyter import Session
+from max_jupyter.jupyter.tokenview import TokenView
+s = Session.load(store=None, progress=False)
+s.train("happy", ["I love this, it is wonderful!", "Great joy and happiness."],
+        ["I hate this, it is terrible.", "Awful misery and sadness."], layers=(10, 15),
+        method="mean_diff", progress=False)
+s.mix.set("happy", s.vectors["happy"], {OLD})
+m = s.mixer()
+slider = m.rows["happy"].coef
+h = s.start("Tell me about your day.", max_new_tokens={STEPS}, ignore_eos=True,
+            on_event=lambda e: time.sleep(0.05))   # at most 20 steps/s: a window to act in
+view = TokenView(h, session=s)
+display(m, view)
+print(json.dumps([ipykernel.__version__, slider.model_id, view.model_id]))
+"""
+
+
+@pytest.fixture(scope="module", params=IPYKERNEL_MAJORS,
+                ids=[f"ipykernel{m}" for m in IPYKERNEL_MAJORS])
+def kernel(request):
+    """A kernel of that ipykernel major version, with SETUP run: ``ids`` holds the kernel's
+    ipykernel version, the slider's and the view's comm ids."""
+    k = Kernel(ipykernel_env(request.param, request.config.cache.mkdir("max_jupyter_kernels")))
+    k.major = request.param
+    k.ids = json.loads(k.run(SETUP, timeout=300))
+    yield k
+    k.close()
+
+
+def steps_now(kernel: Kernel) -> int:
+    return int(kernel.run("print(h.step)"))
+
+
+def test_slider_message_mid_run_changes_later_steps_only(kernel):
+    version, slider_id, view_id = kernel.ids
+    assert int(version.split(".")[0]) == kernel.major
+    deadline = time.monotonic() + 120
+    while steps_now(kernel) < 5:
+        assert time.monotonic() < deadline, "the generation made no progress"
+        time.sleep(0.1)
+    before = steps_now(kernel)
+    kernel.update_widget(slider_id, {"value": NEW})
+    after, coef = kernel.run("print(h.step, s.mix.entries['happy'].coef)").split()
+    after = int(after)
+    assert float(coef) == NEW, "the slider's comm_msg did not reach the mix"
+    coefs = json.loads(kernel.run("r = h.result(timeout=300)\n"
+                                  "print(json.dumps([st.mix['happy'] for st in r.steps]))"))
+    assert len(coefs) == STEPS and after < STEPS, "the generation ended before the message"
+    switch = coefs.index(NEW)
+    assert coefs == [OLD] * switch + [NEW] * (STEPS - switch)
+    assert before <= switch <= after + 1, (before, switch, after)
+
+    # The TokenView's deltas (custom comm messages) rebuild every step with its coefficient.
+    kernel.run("t0 = time.time()\n"
+               "while not view.status.startswith('done') and time.time() - t0 < 30:\n"
+               "    time.sleep(0.05)")
+    rows = rebuild_rows(kernel.seen, view_id)
+    assert [row["mix"]["happy"] for row in rows] == coefs
+    assert all(row["big"] for row in rows), "top-k alternatives missing after the end"
+
+
+def test_mix_changed_in_code_moves_the_slider(kernel):
+    _, slider_id, _ = kernel.ids
+    kernel.seen.clear()
+    kernel.run("s.mix.set_coef('happy', 1.25); s.mix.set_coef('happy', 3.5)")
+    states = [m["content"]["data"]["state"] for m in kernel.seen
+              if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == slider_id
+              and m["content"]["data"].get("method") == "update"]
+    values = [st["value"] for st in states if "value" in st]
+    assert values[-2:] == [1.25, 3.5]
+    assert any(st.get("max", 0) >= 3.5 for st in states), "the slider range did not widen"
+    assert kernel.run("print(m.rows['happy'].on.value, s.mix.entries['happy'].coef)").split() \
+        == ["True", "3.5"]
+
+
+def rebuild_rows(messages: list[dict], view_id: str) -> list[dict]:
+    """The rows a page would hold after the view's ``tokens`` messages, in order."""
+    rows: list[dict] = []
+    for msg in messages:
+        content = msg["content"]
+        if msg["msg_type"] != "comm_msg" or content.get("comm_id") != view_id:
+            continue
+        data = content["data"]
+        if data.get("method") != "custom" or data["content"].get("type") != "tokens":
+            continue
+        body = data["content"]
+        rows[body["start"]:] = body["tokens"]
+        del rows[body["n"]:]
+    return rows
+
+
+def test_flush_rate_is_bounded():
+    """20 Hz at most however fast events come; the last poke is always flushed."""
+    from max_jupyter.jupyter.tokenview import _Flusher
+
+    calls: list[float] = []
+    flusher = _Flusher(lambda: calls.append(time.monotonic()), 1 / 20)
+    flusher.start()
+    stop = time.monotonic() + 1.0
+    while time.monotonic() < stop:
+        flusher.poke()
+        time.sleep(0.001)
+    flusher.stop()
+    gaps = [b - a for a, b in zip(calls, calls[1:-1])]  # the final flush comes from stop()
+    assert len(calls) <= 1.0 * 20 + 2
+    assert min(gaps) >= 0.045, min(gaps)
+    assert len(calls) >= 10, "flushes should keep coming while pokes do"
