@@ -18,8 +18,8 @@ STOP_TIMEOUT_S = 10.0
 class BackgroundServer:
     """Serves ``session`` at ``http://host:port`` from a thread (``port=0``: a free port,
     known after ``start``). Binds 127.0.0.1 unless told otherwise; ``api_key`` as in
-    ``create_app``. ``log_level``: uvicorn's (warnings only by default, to keep notebooks
-    quiet)."""
+    ``create_app``. ``log_level``: uvicorn's loggers' level (warnings only by default, to
+    keep notebooks quiet; they log through the kernel's own logging set-up)."""
 
     def __init__(self, session, host: str = "127.0.0.1", port: int = 8000,
                  api_key: str | None = None, *, max_queue: int = 8,
@@ -31,6 +31,7 @@ class BackgroundServer:
         self._requested_port = self.port
         self.app = create_app(session, api_key=api_key, max_queue=max_queue, model_name=model_name)
         self._config = uvicorn.Config(self.app, host=host, port=self.port, log_level=log_level,
+                                      log_config=None,  # leave the kernel's logging set-up alone
                                       timeout_graceful_shutdown=2, lifespan="off")
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None

@@ -34,7 +34,7 @@ def generation_options(session, request: ChatRequest | CompletionRequest) -> dic
                        param="max_tokens" if room > 0 else "messages", code="context_length_exceeded")
     options: dict[str, Any] = {"prompt": ids, "max_new_tokens": limit,
                                "sampling": _sampling(defaults.sampling, request),
-                               "chat": False, "ignore_eos": request.ignore_eos}
+                               "chat": False, "system": None, "ignore_eos": request.ignore_eos}
     if request.stop is not None:
         options["stop"] = request.stop
     if request.steering:

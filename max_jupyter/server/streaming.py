@@ -38,9 +38,9 @@ class _Failed:
     error: BaseException
 
 
-async def follow(handle, events: bool = True) -> AsyncIterator[StepEvent | Finished]:
-    """Yield the handle's ``StepEvent``s in order (when ``events``), then ``Finished``; the
-    worker's exception is raised here. A daemon thread reads the handle and ends with it."""
+async def follow(handle) -> AsyncIterator[StepEvent | Finished]:
+    """Yield the handle's ``StepEvent``s in order, then ``Finished``; the worker's exception
+    is raised here. A daemon thread reads the handle and ends with it."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -52,9 +52,8 @@ async def follow(handle, events: bool = True) -> AsyncIterator[StepEvent | Finis
 
     def pump() -> None:
         try:
-            if events:
-                for event in handle.events():
-                    put(event)
+            for event in handle.events():
+                put(event)
             put(Finished(handle.result()))
         except BaseException as error:  # noqa: BLE001 - delivered to the request's task
             put(_Failed(error))
@@ -116,15 +115,14 @@ class ClientGone(Exception):
 
 
 async def wait_result(handle, request: Request) -> Any:
-    """The handle's result, awaited without blocking the loop; raises ``ClientGone`` (after
-    stopping the generation) if the client disconnects first."""
+    """The handle's result, awaited without blocking the loop; raises ``ClientGone`` if the
+    client disconnects first (the caller's ticket release then stops the generation)."""
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
     async def result() -> Any:
-        async for item in follow(handle, events=False):
-            return item.result
+        return await handle
 
     done_task, gone_task = asyncio.ensure_future(result()), asyncio.ensure_future(disconnected())
     try:
@@ -132,7 +130,6 @@ async def wait_result(handle, request: Request) -> Any:
     finally:
         gone_task.cancel()
     if not done_task.done():
-        handle.stop()
         done_task.cancel()
         raise ClientGone()
     return done_task.result()

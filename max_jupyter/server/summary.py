@@ -5,28 +5,38 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from max_jupyter.orchestrator.trace import GenerationResult
 
 
 def trace_summary(result: GenerationResult) -> dict[str, Any]:
-    """``steps``; ``steered_steps`` (the step's final forward ran with any steering);
-    ``reruns`` and ``changed_tokens`` (post-step judges' re-runs, and those that changed the
-    token); ``mixes``: steering name -> steps it was on; ``judges``: judge name -> steps
-    scored and their mean and max score; ``mix_changes``: the live mix's coefficients at
-    step 0 and at every step where they changed; ``finish_reason``: the engine's own."""
+    """``steps``; ``steered_steps`` (the step's final forward added a non-zero delta: live
+    mix, the request's steering or a judge's mix); ``reruns`` and ``changed_tokens``
+    (post-step judges' re-runs, and those that changed the token); ``mixes``: name of a
+    judge-gated mix -> steps it was on; ``judges``: judge name -> steps scored and their
+    mean and max score; ``mix_changes``: the live mix's coefficients at step 0 and at every
+    step where they changed; ``finish_reason``: the engine's own."""
     steps = result.steps
     mixes: dict[str, int] = {}
     for record in steps:
         for name in record.steering:
             mixes[name] = mixes.get(name, 0) + 1
     return {"steps": len(steps),
-            "steered_steps": sum(1 for r in steps if r.steering),
+            "steered_steps": _steered_steps(result),
             "reruns": sum(1 for r in steps if r.rerun),
             "changed_tokens": sum(1 for r in steps if r.changed),
             "mixes": mixes,
             "judges": _judge_scores(result),
             "mix_changes": _mix_changes(result),
             "finish_reason": result.finish_reason}
+
+
+def _steered_steps(result: GenerationResult) -> int:
+    if not result.deltas:
+        return 0
+    norms = torch.stack([d.float().abs().sum(-1) for d in result.deltas.values()])  # [layers, steps]
+    return int((norms.sum(0) > 0).sum())
 
 
 def _judge_scores(result: GenerationResult) -> dict[str, dict[str, float | int]]:

@@ -1,0 +1,324 @@
+"""The OpenAI-compatible server: a real uvicorn on a free loopback port, serving a real
+Session on the embedded model, driven by the official ``openai`` client (and httpx for raw
+status codes). Every request loop is bounded in count and time."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from max_jupyter.orchestrator import Always  # noqa: E402
+from max_jupyter.server import BackgroundServer  # noqa: E402
+from max_jupyter.session import Session  # noqa: E402
+from max_jupyter.steering import SteeringController  # noqa: E402
+
+KEY = "test-key-123"
+MODEL = "max-jupyter"
+HAPPY = (["I love this, it is wonderful!", "Great joy and happiness."],
+         ["I hate this, it is terrible.", "Awful misery and sadness."])
+LONG = 2000  # a generation far longer than any test waits for
+
+
+@pytest.fixture(scope="module")
+def session():
+    s = Session.load(store=None, progress=False)
+    happy = s.train("happy", *HAPPY, layers=(10, 15), method="mean_diff", progress=False)
+    s.mixes["cheer"] = SteeringController.of(happy, 4.0)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def server(session):
+    srv = BackgroundServer(session, port=0, api_key=KEY, max_queue=2)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture()
+def judge(session):
+    """A session judge (used by every generation while registered) turning "cheer" on."""
+    session.judges["always"] = Always(mix="cheer")
+    yield "always"
+    del session.judges["always"]
+
+
+@pytest.fixture(autouse=True)
+def empty_live_mix(session):
+    session.mix.clear()
+    yield
+    session.mix.clear()
+
+
+def chat(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_chat_non_streaming_equals_in_process(session, client):
+    expected = session.generate(chat("Name three colours."), max_new_tokens=12)
+    r = client.chat.completions.create(model=MODEL, messages=chat("Name three colours."),
+                                       max_tokens=12, temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == expected.text
+    assert session.last.token_ids == expected.token_ids
+    assert r.usage.prompt_tokens == len(expected.prompt_ids)
+    assert r.usage.completion_tokens == len(expected.token_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].finish_reason == {"eos": "stop", "length": "length"}[expected.finish_reason]
+    summary = r.model_extra["max_jupyter"]
+    assert summary["steps"] == len(session.last.steps) and summary["steered_steps"] == 0
+
+
+def test_chat_streaming_matches_non_streaming(session, client):
+    args = dict(model=MODEL, messages=chat("Say hello to the reader."), max_tokens=20, temperature=0)
+    whole = client.chat.completions.create(**args)
+    chunks = list(client.chat.completions.create(**args, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.id == chunks[0].id and c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finals] == [whole.choices[0].finish_reason]
+    assert finals[0].model_extra["max_jupyter"] == whole.model_extra["max_jupyter"]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+
+
+def test_completions_text_prompt_with_stop(session, client):
+    prompt = "The capital of France is"
+    free = session.generate(prompt, chat=False, max_new_tokens=16, ignore_eos=True)
+    stop = free.text.split()[2]
+    cut = free.text[:free.text.index(stop)]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
+                                  stop=[stop])
+    assert r.object == "text_completion"
+    assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
+    streamed = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=16,
+                                              temperature=0, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == cut
+
+
+def test_extra_body_steering_equals_in_process(session, client):
+    messages = chat("Describe your morning.")
+    plain = session.generate(messages, max_new_tokens=16)
+    steered = session.generate(messages, max_new_tokens=16, steering={"happy": 6.0})
+    assert steered.token_ids != plain.token_ids  # the vector matters at this strength
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16,
+                                       temperature=0, extra_body={"steering": {"happy": 6.0}})
+    assert session.last.token_ids == steered.token_ids
+    assert r.choices[0].message.content == steered.text
+    summary = r.model_extra["max_jupyter"]
+    assert summary["steered_steps"] == summary["steps"] == len(steered.steps)
+
+
+def test_judges_gate_a_named_mix(session, client, judge):
+    r = client.chat.completions.create(model=MODEL, messages=chat("Hi!"), max_tokens=6,
+                                       temperature=0)
+    summary = r.model_extra["max_jupyter"]
+    assert summary["mixes"] == {"cheer": summary["steps"]} and summary["steps"] > 0
+    none = client.chat.completions.create(model=MODEL, messages=chat("Hi!"), max_tokens=6,
+                                          temperature=0, extra_body={"judges": []})
+    assert none.model_extra["max_jupyter"]["steered_steps"] == 0
+    named = client.chat.completions.create(model=MODEL, messages=chat("Hi!"), max_tokens=6,
+                                           temperature=0, extra_body={"judges": [judge]})
+    assert named.model_extra["max_jupyter"] == summary  # the session's judges, by name
+    assert named.choices[0].message.content != none.choices[0].message.content
+
+
+def test_models_vectors_health(server, client, judge):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    vectors = httpx.get(server.url + "/v1/vectors", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert "happy" in [v["id"] for v in vectors["data"]] and "always" in vectors["judges"]
+    health = httpx.get(server.url + "/health")  # the one route open without the key
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/vectors", "/v1/chat/completions"])
+@pytest.mark.parametrize("auth", [None, "Bearer wrong", f"Bearer {KEY}x", KEY])
+def test_401_without_the_key(server, path, auth):
+    headers = {"Authorization": auth} if auth else {}
+    method = httpx.post if path.endswith("completions") else httpx.get
+    kwargs = {"json": {"model": MODEL, "messages": chat("hi")}} if method is httpx.post else {}
+    r = method(server.url + path, headers=headers, **kwargs)
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "invalid_api_key" and r.json()["error"]["message"]
+
+
+def test_401_is_the_openai_error_type(server):
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.chat.completions.create(model=MODEL, messages=chat("hi"), stream=True)
+    assert e.value.status_code == 401
+
+
+BAD_REQUESTS = [
+    ({"extra_body": {"steering": {"nonexistent": 1.0}}}, "nonexistent"),
+    ({"extra_body": {"steering": {"happy": 1e9}}}, "steering"),
+    ({"extra_body": {"judges": ["nobody"]}}, "nobody"),
+    ({"extra_body": {"judges": "cheer"}}, "judges"),
+    ({"max_tokens": 10**6}, "context"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"messages": chat("word " * 9000)}, "context"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"n": 2}, "n=2"),
+    ({"presence_penalty": 1.0}, "presence_penalty"),
+    ({"extra_body": {"beam_width": 4}}, "beam_width"),
+    ({"messages": [{"role": "user", "content": 42}]}, "messages"),
+    ({"messages": []}, "messages"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("change,word", BAD_REQUESTS)
+def test_400_before_anything_is_generated(session, client, change, word, stream):
+    before = session.last
+    args = {"model": MODEL, "messages": chat("hi"), "max_tokens": 4, **change}
+    with pytest.raises(openai.BadRequestError) as e:  # raised at create: before any 200
+        client.chat.completions.create(**args, stream=stream)
+    assert e.value.status_code == 400 and word in e.value.message
+    assert e.value.body["message"] and e.value.body["type"] == "invalid_request_error"
+    assert session.last is before
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError, match="max-jupyter"):
+        client.chat.completions.create(model="gpt-4o", messages=chat("hi"))
+
+
+def test_disconnect_mid_stream_frees_the_session(session, client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=chat("Tell me a long story."), max_tokens=LONG, temperature=0,
+        stream=True, extra_body={"ignore_eos": True})
+    for _, _chunk in zip(range(4), stream):
+        pass
+    handle = session.handle
+    assert handle is not None and handle.state == "running"
+    stream.close()  # the client goes away mid-generation
+    deadline = time.monotonic() + 10
+    while not handle.done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert handle.done and handle.state == "stopped" and handle.step < LONG
+    start = time.monotonic()
+    r = client.chat.completions.create(model=MODEL, messages=chat("Hi!"), max_tokens=3)
+    assert r.choices[0].message.content and time.monotonic() - start < 10
+
+
+def test_disconnect_while_waiting_non_streamed(session, server):
+    with httpx.Client(timeout=2) as raw:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up before the reply
+            raw.post(server.url + "/v1/chat/completions",
+                     headers={"Authorization": f"Bearer {KEY}"},
+                     json={"model": MODEL, "messages": chat("A long story, please."),
+                           "max_tokens": LONG, "ignore_eos": True})
+    deadline = time.monotonic() + 10
+    while session.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not session.busy and len(session.last.token_ids) < LONG
+
+
+def test_burst_all_answered_or_refused_none_mixed_up(session, server, client):
+    prompts = ["Count to five.", "Name a fruit.", "What is rain?"]
+    expected = {p: session.generate(chat(p), max_new_tokens=24).text for p in prompts}
+    outcomes: dict[int, object] = {}
+    barrier = threading.Barrier(6)
+
+    def ask(i: int) -> None:
+        barrier.wait(timeout=10)
+        try:
+            r = client.chat.completions.create(model=MODEL, messages=chat(prompts[i % 3]),
+                                               max_tokens=24, temperature=0)
+            outcomes[i] = r.choices[0].message.content
+        except openai.RateLimitError as e:
+            outcomes[i] = e
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(outcomes) == list(range(6))  # none lost
+    answered = {i: o for i, o in outcomes.items() if isinstance(o, str)}
+    refused = [o for o in outcomes.values() if not isinstance(o, str)]
+    assert all(text == expected[prompts[i % 3]] for i, text in answered.items())  # none mixed up
+    assert 1 <= len(answered) and 1 <= len(refused) and len(answered) + len(refused) == 6
+    for e in refused:
+        assert e.status_code == 429 and int(e.response.headers["Retry-After"]) >= 1
+    assert server.app.state.admission.admitted == 0
+
+
+def test_live_mix_change_mid_stream_applies_from_the_next_token(session, client):
+    messages = chat("Describe your weekend.")
+    plain = session.generate(messages, max_new_tokens=40, ignore_eos=True)
+    happy = session.vectors["happy"]
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40,
+                                            temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True})
+    chunks = [next(stream) for _ in range(4)]
+    handle = session.handle
+    lo = handle.step
+    session.mix.set("happy", happy, 6.0)  # the notebook moves a slider
+    hi = handle.step
+    chunks += list(stream)
+    changes = chunks[-1].model_extra["max_jupyter"]["mix_changes"]
+    assert [c["mix"] for c in changes] == [{}, {"happy": 6.0}]
+    switch = changes[1]["step"]
+    assert lo <= switch <= hi + 1 and switch < 40
+    steps = session.last.steps
+    assert all(s.mix == {} for s in steps[:switch]) and all(s.mix == {"happy": 6.0} for s in steps[switch:])
+    assert session.last.token_ids[:switch] == plain.token_ids[:switch]
+    assert session.last.token_ids != plain.token_ids
+
+
+def test_background_server_starts_and_stops_cleanly(session):
+    srv = BackgroundServer(session, port=0)
+    url = srv.start()
+    assert srv.running and httpx.get(url + "/v1/models").status_code == 200  # no key set
+    with pytest.raises(Exception, match="already running"):
+        srv.start()
+    srv.stop()
+    assert not srv.running
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/health", timeout=2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_serve_from_the_shell():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "max_jupyter.server.cli", "serve",
+                             "--port", str(port), "--api-key", KEY],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        cli = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        r = cli.completions.create(model=MODEL, prompt="Hello", max_tokens=3)
+        assert r.usage.completion_tokens >= 1
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert proc.returncode is not None, out
