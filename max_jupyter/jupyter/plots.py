@@ -1,0 +1,216 @@
+"""Plots of a generation's trace (matplotlib; one call each, each returning the ``Figure``).
+
+Figures are made without pyplot (nothing is shown twice, nothing leaks into pyplot's
+state); in IPython the PNG formatter for figures is registered so a returned figure shows.
+Steered steps are shaded in every per-step plot.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from matplotlib.figure import Figure
+
+from max_jupyter.errors import BadArgumentError
+from max_jupyter.jupyter.render import steered_mask, token_pieces
+from max_jupyter.orchestrator.trace import GenerationResult, TopK
+from max_jupyter.steering.vector import SteeringVector
+from max_jupyter.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from max_jupyter.jupyter.lens import LogitLens
+    from max_jupyter.jupyter.sweep import Sweep
+
+MAX_TICKS = 48
+
+
+def figure(width: float = 8.0, height: float = 3.2) -> Figure:
+    """A new figure with one axes; registers the PNG formatter in IPython if needed."""
+    _show_figures_in_ipython()
+    fig = Figure(figsize=(width, height), layout="constrained")
+    fig.add_subplot()
+    return fig
+
+
+def _show_figures_in_ipython() -> None:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    if Figure in shell.display_formatter.formatters["image/png"].type_printers:
+        return
+    from IPython.core.pylabtools import select_figure_formats
+
+    select_figure_formats(shell, {"png"})
+
+
+def _shade_steered(ax, result: GenerationResult) -> None:
+    """Shade the spans of steered steps (x = step index)."""
+    steered = steered_mask(result).tolist()
+    start = None
+    for i, on in enumerate([*steered, False]):
+        if on and start is None:
+            start = i
+        elif not on and start is not None:
+            ax.axvspan(start - 0.5, i - 0.5, color="#2a9d8f", alpha=0.15, lw=0,
+                       label="steered" if start == steered.index(True) else None)
+            start = None
+
+
+def _token_ticks(ax, result: GenerationResult, tokenizer: Tokenizer | None) -> None:
+    n = len(result.steps)
+    ax.set_xlabel("step")
+    if tokenizer is None or n == 0 or n > MAX_TICKS:
+        return
+    pieces = token_pieces(tokenizer, result.token_ids) + ["<eos>"] * (n - len(result.token_ids))
+    ax.set_xticks(range(n), [p.replace("\n", "\\n") for p in pieces[:n]], rotation=90, fontsize=7)
+
+
+def _need_steps(result: GenerationResult) -> None:
+    if not result.steps:
+        raise BadArgumentError("this result has no steps to plot; generate at least one token.")
+
+
+def plot_projection(result: GenerationResult, vector: SteeringVector, layers: Sequence[int] | None = None,
+                    *, small: bool = False, tokenizer: Tokenizer | None = None) -> Figure:
+    """Scalar projection ``h · v / |v|`` of each step's hidden state on ``vector``, one line
+    per layer (default: every layer both the trace and the vector have). ``small``: use the
+    small model's states (``result.small_hidden``) instead of the big model's."""
+    _need_steps(result)
+    hidden = result.small_hidden if small else result.big_hidden
+    which = "small" if small else "big"
+    layers = [l for l in vector.layers if l in hidden] if layers is None else list(layers)
+    missing = [l for l in layers if l not in hidden or l not in vector.directions]
+    if not layers or missing:
+        raise BadArgumentError(
+            f"plot_projection: layer(s) {missing or list(vector.layers)} are not both in the trace's "
+            f"{which}_hidden ({sorted(hidden)}) and the vector ({list(vector.layers)}); capture them "
+            f"(--capture / TraceConfig({which}_layers=...)).")
+    fig = figure()
+    ax = fig.axes[0]
+    for layer in layers:
+        v = vector.directions[layer]
+        proj = hidden[layer].float().cpu() @ (v / v.norm())  # [steps]
+        ax.plot(range(len(proj)), proj.numpy(), marker=".", label=f"layer {layer}")
+    _shade_steered(ax, result)
+    _token_ticks(ax, result, tokenizer)
+    ax.set_ylabel(f"projection on {vector.label or 'vector'}")
+    ax.set_title(f"{which} model hidden states projected on {vector.label or 'the vector'}")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_judges(result: GenerationResult, judge: str | None = None, threshold: float | None = None,
+                *, tokenizer: Tokenizer | None = None) -> Figure:
+    """Each judge's score over steps (or only ``judge``), ``threshold`` as a line, steered
+    steps shaded and re-run steps marked."""
+    _need_steps(result)
+    scores = result.scores
+    if judge is not None and judge not in scores:
+        raise BadArgumentError(f"plot_judges: no judge {judge!r} in this result; it has {sorted(scores)}.")
+    if not scores:
+        raise BadArgumentError("plot_judges: this result has no judge scores; generate with a judge.")
+    fig = figure()
+    ax = fig.axes[0]
+    for name, values in scores.items():
+        if judge is None or name == judge:
+            ax.plot(range(len(values)), values.numpy(), marker=".", label=name)
+    reruns = [r.step for r in result.steps if r.rerun]
+    if reruns and judge is not None:
+        ax.plot(reruns, scores[judge][reruns].numpy(), "x", color="#d62828", label="re-run")
+    if threshold is not None:
+        ax.axhline(threshold, color="#444", ls="--", lw=1, label=f"threshold {threshold:g}")
+    _shade_steered(ax, result)
+    _token_ticks(ax, result, tokenizer)
+    ax.set_ylabel("score")
+    ax.set_title("judge scores per step")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits.float(), -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def divergence(result: GenerationResult) -> dict[str, torch.Tensor]:
+    """Per-step ``[steps]`` entropies of both models' next-token distributions and
+    KL(big || small): exact from full logits (``TraceConfig(full_logits=True)``, same
+    vocabulary for KL); otherwise entropies over the top-k only (keys end in ``(top-k)``)."""
+    out: dict[str, torch.Tensor] = {}
+    if result.big_logits is not None:
+        out["entropy big"] = _entropy(result.big_logits)
+        if result.small_logits is not None:
+            out["entropy small"] = _entropy(result.small_logits)
+            n = min(result.big_logits.shape[-1], result.small_logits.shape[-1])
+            logp = torch.log_softmax(result.big_logits[:, :n].float(), -1)
+            logq = torch.log_softmax(result.small_logits[:, :n].float(), -1)
+            out["KL(big||small)"] = (logp.exp() * (logp - logq)).sum(-1)
+        return out
+    for name, topk in (("big", result.big_topk), ("small", result.small_topk)):
+        if isinstance(topk, TopK) and len(topk.logits):
+            out[f"entropy {name} (top-k)"] = _entropy(topk.logits)
+    return out
+
+
+def plot_divergence(result: GenerationResult, *, tokenizer: Tokenizer | None = None) -> Figure:
+    """Entropy of the big and small models' next-token distributions and KL(big || small)
+    over steps (see ``divergence`` for what is exact), steered steps shaded."""
+    _need_steps(result)
+    fig = figure()
+    ax = fig.axes[0]
+    for name, values in divergence(result).items():
+        ax.plot(range(len(values)), values.numpy(), marker=".", label=name)
+    _shade_steered(ax, result)
+    _token_ticks(ax, result, tokenizer)
+    ax.set_ylabel("nats")
+    ax.set_title("big vs small: entropy and divergence per step")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_logit_lens(lens: LogitLens, tokenizer: Tokenizer, *, max_steps: int = 24) -> Figure:
+    """The logit lens as a grid: rows are captured layers, columns steps; each cell shows
+    the top token through the final norm and unembedding, coloured by its probability."""
+    probs = lens.probs[:, :max_steps, 0]  # [layers, steps]
+    ids = lens.ids[:, :max_steps, 0]
+    n_layers, n_steps = probs.shape
+    fig = figure(width=max(6.0, 0.55 * n_steps + 1.5), height=0.4 * n_layers + 1.4)
+    ax = fig.axes[0]
+    image = ax.imshow(probs.numpy(), aspect="auto", cmap="Blues", vmin=0, vmax=1)
+    for i in range(n_layers):
+        for j in range(n_steps):
+            text = tokenizer.decode([int(ids[i, j])]).replace("\n", "\\n")[:8]
+            ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                    color="white" if probs[i, j] > 0.6 else "black")
+    ax.set_yticks(range(n_layers), [str(l) for l in lens.layers])
+    ax.set_xticks(range(n_steps))
+    ax.set_ylabel("layer")
+    ax.set_xlabel("step")
+    ax.set_title("logit lens: top token per layer and step")
+    fig.colorbar(image, ax=ax, label="probability")
+    return fig
+
+
+def plot_sweep(sweep: Sweep) -> Figure:
+    """A sweep as a chart: the unsteered model's perplexity of each row's text against the
+    coefficient, each point labelled with the start of its text."""
+    if not sweep.rows:
+        raise BadArgumentError("plot_sweep: the sweep has no rows.")
+    fig = figure()
+    ax = fig.axes[0]
+    coefs = [r.coef for r in sweep.rows]
+    ppl = [r.perplexity for r in sweep.rows]
+    ax.plot(coefs, ppl, marker="o")
+    for row in sweep.rows:
+        ax.annotate(row.text.strip().replace("\n", " ")[:24], (row.coef, row.perplexity),
+                    fontsize=6, rotation=30, xytext=(2, 4), textcoords="offset points")
+    ax.set_xlabel(f"coefficient of {sweep.spec}")
+    ax.set_ylabel("perplexity (unsteered model)")
+    ax.set_yscale("log")
+    ax.set_title("steering sweep")
+    return fig

@@ -1,0 +1,150 @@
+"""Rendering of a ``GenerationResult`` for notebooks: HTML (tokens coloured by a judge's
+score, steered and re-run tokens marked, a tooltip per token with both models' top-k
+alternatives, a one-line summary) and the plain-text ``_repr_pretty_`` form.
+
+Token texts need the model's tokenizer, which a result does not hold; without one the HTML
+shows the text as a whole.
+"""
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+
+import torch
+
+from max_jupyter.orchestrator.trace import GenerationResult, StepRecord, TopK
+from max_jupyter.tokenizer import Tokenizer
+
+STYLE = """<style>
+.mj-result{font-family:var(--jp-content-font-family,sans-serif);line-height:1.7}
+.mj-text{white-space:pre-wrap;font-family:var(--jp-code-font-family,monospace);font-size:13px}
+.mj-tok{border-radius:2px}
+.mj-tok.mj-steered{border-bottom:2px solid #2a9d8f}
+.mj-tok.mj-rerun{outline:1px dashed #d62828}
+.mj-tok.mj-changed::after{content:"\\21bb";font-size:9px;vertical-align:super;color:#d62828}
+.mj-summary{font-size:12px;color:#555;margin-top:4px}
+.mj-legend{font-size:11px;color:#777}
+</style>"""
+
+
+def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
+    """The text each token adds, in order (``""`` for a token ending inside a character;
+    the completing token carries it). Their concatenation is the decoded text."""
+    decoder = tokenizer.stream_decoder()
+    pieces = [decoder.feed(t) for t in ids]
+    if pieces:
+        pieces[-1] += decoder.flush()
+    return pieces
+
+
+def steered_mask(result: GenerationResult) -> torch.Tensor:
+    """``[steps]`` bool: a delta was injected at that step by any source — the live mix, the
+    call's steering or a judge-gated mix (from ``result.deltas``; from the records when the
+    trace has no deltas)."""
+    if result.deltas:
+        return torch.stack([(d != 0).any(-1) for d in result.deltas.values()]).any(0).cpu()
+    return torch.tensor([bool(r.steering) or any(c != 0 for c in r.mix.values())
+                         for r in result.steps], dtype=torch.bool)
+
+
+def summary(result: GenerationResult) -> str:
+    """One line: tokens, speed, finish reason, steered / re-run steps, judges' score ranges."""
+    n = len(result.steps)
+    parts = [f"{len(result.token_ids)} tokens", f"{result.tokens_per_s:.1f} tok/s",
+             f"finish: {result.finish_reason}"]
+    if n:
+        steered = int(steered_mask(result).sum())
+        reruns = [r for r in result.steps if r.rerun]
+        parts.append(f"steered {steered}/{n} steps")
+        if reruns:
+            parts.append(f"re-run {len(reruns)} (changed {sum(r.changed for r in reruns)})")
+    for name, scores in result.scores.items():
+        finite = scores[~scores.isnan()]
+        if len(finite):
+            parts.append(f"{name} {float(finite.min()):.2f}..{float(finite.max()):.2f}")
+    return " · ".join(parts)
+
+
+def pretty(result: GenerationResult, p, cycle: bool) -> None:
+    """IPython's ``_repr_pretty_`` for a result: the summary line, then the text."""
+    if cycle:
+        p.text("GenerationResult(...)")
+        return
+    p.text(f"GenerationResult({summary(result)})")
+    if result.text:
+        p.break_()
+        p.text(result.text)
+
+
+def _topk_line(label: str, topk: TopK | None, step: int, tokenizer: Tokenizer | None) -> str:
+    if topk is None or step >= len(topk.ids) or tokenizer is None:
+        return ""
+    alts = ", ".join(f"{tokenizer.decode([int(t)])!r} {float(l):.1f}"
+                     for t, l in zip(topk.ids[step][:5], topk.logits[step][:5]))
+    return f"\n{label} top-k (logit): {alts}"
+
+
+def _tooltip(result: GenerationResult, record: StepRecord, piece: str, tokenizer: Tokenizer,
+             small_tokenizer: Tokenizer | None) -> str:
+    lines = f"step {record.step} · {piece!r} p={record.prob:.2f}"
+    if record.scores:
+        lines += "\nscores: " + ", ".join(f"{k}={v:.3g}" for k, v in record.scores.items())
+    if record.steering:
+        lines += "\njudge-gated mixes: " + ", ".join(record.steering)
+    if record.mix:
+        lines += "\nlive mix: " + ", ".join(f"{k} {v:+g}" for k, v in record.mix.items())
+    if record.rerun:
+        was = tokenizer.decode([record.unsteered_token]) if record.unsteered_token is not None else "?"
+        lines += (f"\nre-run: first pass chose {was!r} p={record.unsteered_prob or 0:.2f}"
+                  + (" (changed)" if record.changed else " (same token)"))
+    lines += _topk_line("big", result.big_topk, record.step, tokenizer)
+    lines += _topk_line("small", result.small_topk, record.step, small_tokenizer)
+    return lines
+
+
+def _shade(score: float, low: float, high: float) -> str:
+    if math.isnan(score):
+        return ""
+    x = 0.5 if high <= low else (score - low) / (high - low)
+    return f"background:rgba(244,162,97,{0.08 + 0.62 * x:.2f})"
+
+
+def token_spans(result: GenerationResult, tokenizer: Tokenizer,
+                small_tokenizer: Tokenizer | None = None, judge: str | None = None) -> str:
+    """The result's text as one ``<span>`` per token, shaded by ``judge``'s score (the first
+    judge by default; min..max of its scores maps to light..dark), marked when steered or
+    re-run, each with a tooltip."""
+    scores = result.scores
+    judge = judge if judge is not None else next(iter(scores), None)
+    values = scores.get(judge)
+    finite = values[~values.isnan()] if values is not None else None
+    low, high = ((float(finite.min()), float(finite.max())) if finite is not None and len(finite)
+                 else (0.0, 0.0))
+    pieces = token_pieces(tokenizer, result.token_ids)
+    steered = steered_mask(result).tolist()
+    spans = []
+    for record, piece in zip(result.steps, pieces):
+        classes = ["mj-tok"] + (["mj-steered"] if steered[record.step] else []) + \
+                  (["mj-rerun"] if record.rerun else []) + (["mj-changed"] if record.changed else [])
+        style = _shade(float(values[record.step]), low, high) if values is not None else ""
+        tip = _tooltip(result, record, piece, tokenizer, small_tokenizer)
+        spans.append(f'<span class="{" ".join(classes)}" style="{style}" '
+                     f'title="{html.escape(tip)}">{html.escape(piece)}</span>')
+    return "".join(spans)
+
+
+def result_html(result: GenerationResult, tokenizer: Tokenizer | None = None,
+                small_tokenizer: Tokenizer | None = None, judge: str | None = None) -> str:
+    """The whole HTML view of a result (see the module)."""
+    if tokenizer is not None and result.steps:
+        body = token_spans(result, tokenizer, small_tokenizer or tokenizer, judge)
+    else:
+        body = html.escape(result.text)
+    shaded = judge or next(iter(result.scores), None)
+    legend = ('<div class="mj-legend"><span class="mj-tok mj-steered">steered</span> · '
+              '<span class="mj-tok mj-rerun">re-run</span> · ↻ re-run changed the token'
+              + (f" · shade: {html.escape(shaded)} score" if shaded else "")
+              + " · hover a token for its scores and top-k</div>")
+    return (f'{STYLE}<div class="mj-result"><div class="mj-text">{body}</div>'
+            f'<div class="mj-summary">{html.escape(summary(result))}</div>{legend}</div>')

@@ -1,0 +1,450 @@
+"""Every magic, option and bad input, driven through a real IPython InteractiveShell on the
+embedded model (big + the same model as small), a throwaway vector library and, for the
+interrupt, a real Jupyter kernel."""
+from __future__ import annotations
+
+import html
+import json
+import logging
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+from IPython.core.displaypub import DisplayPublisher
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+
+from max_jupyter.handle import GenerationHandle
+from max_jupyter.jupyter.magics import MaxMagics
+from max_jupyter.jupyter.sweep import Sweep
+from max_jupyter.orchestrator.trace import GenerationResult
+
+HAPPY = ["I love this, it is wonderful!", "Great joy and happiness.", "What a lovely sunny day."]
+SAD = ["I hate this, it is terrible.", "Awful misery and sadness.", "What a bleak grey day."]
+
+
+class Recorder(DisplayPublisher):
+    """A display publisher that keeps every message (display, update, clear) with its time."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.messages: list[dict] = []
+
+    def publish(self, data, metadata=None, source=None, *, transient=None, update=False, **kwargs):
+        self.messages.append({"data": data, "id": (transient or {}).get("display_id"),
+                              "update": update, "t": time.monotonic()})
+
+    def clear_output(self, wait=False):
+        self.messages.append({"clear": wait, "t": time.monotonic()})
+
+    def take(self) -> list[dict]:
+        out, self.messages = self.messages, []
+        return out
+
+
+@pytest.fixture(scope="module")
+def shell():
+    """The shell with the extension loaded and a session (big + same as small, throwaway
+    library) holding a 'happy' vector at layers 10-15."""
+    ip = InteractiveShell.instance()
+    ip.display_pub = Recorder(shell=ip)
+    ip.run_line_magic("load_ext", "max_jupyter")
+    ip.run_line_magic("max_load", "--small same --store :memory:")
+    ip.user_ns.update(happy_list=HAPPY, sad_list=SAD)
+    ip.run_line_magic("max_steer", "train happy --pos $happy_list --neg $sad_list --layers 10-15 "
+                                   "--method mean_diff")
+    yield ip
+    ip.run_line_magic("unload_ext", "max_jupyter")
+    ip.user_ns["max_session"].close()
+
+
+@pytest.fixture
+def session(shell):
+    s = shell.user_ns["max_session"]
+    yield s
+    s.mix.clear()
+    s.judges.clear()
+    s.mixes.clear()
+
+
+def magics(shell) -> MaxMagics:
+    return shell.magics_manager.registry["MaxMagics"]
+
+
+def run(shell, code: str):
+    """Run a cell; re-raise whatever it raised."""
+    result = shell.run_cell(code, store_history=False)
+    if result.error_in_exec is not None:
+        raise result.error_in_exec
+    if result.error_before_exec is not None:
+        raise result.error_before_exec
+    return result.result
+
+
+def fails(shell, capsys, code: str) -> str:
+    """Run a cell that must end in a one-line UsageError; return that line."""
+    capsys.readouterr()
+    result = shell.run_cell(code, store_history=False)
+    assert isinstance(result.error_in_exec, UsageError), result.error_in_exec
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("UsageError: "), lines
+    return lines[0]
+
+
+# ---------------------------------------------------------------- extension
+
+def test_import_stays_light():
+    code = ("import sys, max_jupyter; "
+            "print(sorted(m for m in ('transformers', 'IPython', 'matplotlib', 'max_jupyter.jupyter') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_load_and_unload_are_symmetric(shell, session):
+    run(shell, "%%max_generate -n 2\nHi")
+    result = session.last
+    fmt = shell.display_formatter
+    assert "text/html" in fmt.format(result)[0]
+    shell.run_line_magic("unload_ext", "max_jupyter")
+    assert "max_generate" not in shell.magics_manager.magics["cell"]
+    assert "max_steer" not in shell.magics_manager.magics["line"]
+    assert not [c for c in shell.configurables if isinstance(c, MaxMagics)]
+    assert "text/html" not in fmt.format(result)[0]
+    shell.run_line_magic("load_ext", "max_jupyter")
+    assert len([c for c in shell.configurables if isinstance(c, MaxMagics)]) == 1
+    assert magics(shell).session is session  # re-attached from max_session
+    html = fmt.format(result)[0]["text/html"]
+    assert len(re.findall(r'<span class="mj-tok[^"]*" style=', html)) == len(result.token_ids)
+    assert fmt.format(result)[0]["text/plain"].startswith("GenerationResult(")
+
+
+def test_help_lists_every_option(shell):
+    for kind, name in [("line", "max_load"), ("cell", "max_generate"), ("line", "max_steer"),
+                       ("line", "max_judge"), ("line", "max_sweep"), ("line", "max_serve")]:
+        fn = shell.find_magic(name, kind)
+        for action in fn.parser._actions:
+            for option in action.option_strings:
+                assert option in fn.__doc__, (name, option)
+
+
+def test_max_load_prints_the_models_and_binds_the_session(shell, capsys):
+    saved = shell.user_ns["max_session"]
+    shell.user_ns["saved_session"] = saved
+    capsys.readouterr()
+    run(shell, "%max_load --session saved_session")
+    out = capsys.readouterr().out
+    assert out.startswith("big:   LlamaForCausalLM (30 layers")
+    assert "small: LlamaForCausalLM" in out
+    assert shell.user_ns["max_session"] is saved
+
+
+# ---------------------------------------------------------------- %%max_generate
+
+def test_generate_streams_then_returns_the_result(shell, session):
+    shell.display_pub.take()
+    result = run(shell, "%%max_generate -n 12 -v out\nTell me a story about a cat.")
+    messages = shell.display_pub.take()
+    assert isinstance(result, GenerationResult) and shell.user_ns["out"] is result
+    assert len(result.steps) == 12 and session.last is result
+    first, updates = messages[:2], [m for m in messages if m.get("update")]
+    assert all(m["id"] and not m["update"] for m in first)
+    text_updates = [m for m in updates if m["id"] == first[0]["id"]]
+    status = [m for m in updates if m["id"] == first[1]["id"]]
+    assert len(text_updates) >= 2 and len(status) >= 2
+    assert "step " in status[-1]["data"]["text/html"] and "tok/s" in status[-1]["data"]["text/html"]
+    streamed = re.findall(r'<span class="mj-tok[^"]*">([^<]*)</span>', text_updates[-1]["data"]["text/html"])
+    assert 0 < len(streamed) <= len(result.token_ids)
+    assert result.text.startswith(html.unescape("".join(streamed)))
+    assert messages[-1] == {"clear": True, "t": messages[-1]["t"]}
+
+
+def test_stream_updates_at_most_update_hz(shell, session):
+    """Several updates while it runs, never two of one output closer than 1 / update_hz."""
+    try:
+        for hz in (20.0, 4.0):
+            magics(shell).update_hz = hz
+            shell.display_pub.take()
+            run(shell, "%%max_generate -n 40 --judge none\nCount from one to fifty in words.")
+            messages = shell.display_pub.take()
+            text_id = messages[0]["id"]
+            times = [m["t"] for m in messages if m.get("update") and m["id"] == text_id]
+            assert len(times) >= 3, times
+            gaps = [b - a for a, b in zip(times, times[1:])]
+            assert min(gaps) >= 1.0 / hz - 0.01, (hz, gaps)  # 10 ms: the publish itself
+    finally:
+        magics(shell).update_hz = 20.0
+
+
+def test_no_stream_shows_nothing_until_the_result(shell, session):
+    shell.display_pub.take()
+    result = run(shell, "%%max_generate -n 3 --no-stream\nHi")
+    assert len(result.steps) == 3
+    assert shell.display_pub.take() == []
+
+
+def test_sampling_options(shell, session):
+    cell = "%%max_generate -n 8 --temperature 0.9 --top-k 20 --top-p 0.9 --seed {}\nName a colour."
+    a, b, c = (run(shell, cell.format(s)) for s in (7, 7, 8))
+    assert a.token_ids == b.token_ids
+    greedy = run(shell, "%%max_generate -n 8\nName a colour.")
+    assert greedy.token_ids == run(shell, "%%max_generate -n 8\nName a colour.").token_ids
+    assert {tuple(a.token_ids), tuple(c.token_ids), tuple(greedy.token_ids)} != {tuple(a.token_ids)}
+
+
+def test_prompt_options(shell, session):
+    tok = session.big.tokenizer
+    chat = run(shell, "%%max_generate -n 1\nHello there")
+    raw = run(shell, "%%max_generate -n 1 --raw\nHello there")
+    system = run(shell, "%%max_generate -n 1 --system \"You are a pirate.\"\nHello there")
+    assert tok.decode(raw.prompt_ids).endswith("Hello there") and "<|im_start|>" not in tok.decode(raw.prompt_ids)
+    assert "<|im_start|>user\nHello there" in tok.decode(chat.prompt_ids)
+    assert "You are a pirate." in tok.decode(system.prompt_ids)
+    shell.user_ns["who"] = "a cat"
+    expanded = run(shell, "%%max_generate -n 1 --system \"You are {who}.\"\nHi $who")
+    text = tok.decode(expanded.prompt_ids)
+    assert "You are a cat." in text and "Hi $who" in text  # the line is expanded, the cell is verbatim
+
+
+def test_capture_and_steer_options(shell, session):
+    happy = session.vectors["happy"]
+    r = run(shell, '%%max_generate -n 4 --capture 3,5 --capture-small 2 --steer "0.5*happy@12 - happy:0.25@14"\nHi')
+    assert set(r.big_hidden) == {3, 5} and r.big_hidden[3].shape == (4, 576)
+    assert set(r.small_hidden) == {2}
+    assert set(r.deltas) == {12, 14}
+    torch.testing.assert_close(r.deltas[12][1], 0.5 * happy.directions[12])
+    torch.testing.assert_close(r.deltas[14][1], -0.25 * happy.directions[14])
+    run(shell, "%max_steer on happy 0.5 --layers 11")
+    live = run(shell, "%%max_generate -n 2\nHi")
+    assert set(live.deltas) == {11} and live.steps[1].mix == {"happy": 0.5}
+
+
+def test_background_returns_a_handle(shell, session):
+    handle = run(shell, "%%max_generate -n 5 --background -v h\nHi")
+    assert isinstance(handle, GenerationHandle) and shell.user_ns["h"] is handle
+    assert len(handle.result(timeout=120).steps) == 5 and handle.state == "done"
+
+
+def test_config_defaults_and_bad_values(shell, session, caplog):
+    run(shell, "%config MaxMagics.max_new_tokens = 3")
+    assert len(run(shell, "%%max_generate\nHi").steps) == 3
+    run(shell, "%config MaxMagics.capture = '4-5'")
+    assert set(run(shell, "%%max_generate -n 1\nHi").big_hidden) == {4, 5}
+    for bad in ["max_new_tokens = 0", "top_p = 1.5", "update_hz = 50", "capture = 'x-'",
+                "temperature = -1"]:
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            run(shell, f"%config MaxMagics.{bad}")
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "\n" not in errors[0], (bad, errors)
+    m = magics(shell)
+    assert (m.max_new_tokens, m.top_p, m.update_hz, m.capture, m.temperature) == (3, None, 20.0, "4-5", None)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):  # a refused value stays in the shell's config ...
+        shell.run_line_magic("reload_ext", "max_jupyter")
+    assert magics(shell).max_new_tokens is None  # ... and is skipped with one error line
+    assert len([r for r in caplog.records if "ignored MaxMagics" in r.getMessage()]) >= 1
+    run(shell, "%config MaxMagics.max_new_tokens = None")
+    run(shell, "%config MaxMagics.capture = ''")
+    run(shell, "%config MaxMagics.update_hz = 20.0")
+    run(shell, "%config MaxMagics.top_p = None")
+    run(shell, "%config MaxMagics.temperature = None")
+
+
+# ---------------------------------------------------------------- %max_steer
+
+def test_steer_train_list_show(shell, session, tmp_path, capsys):
+    (tmp_path / "pos.txt").write_text("\n".join(HAPPY) + "\n")
+    (tmp_path / "neg.txt").write_text("\n".join(SAD) + "\n\n")
+    shell.user_ns["folder"] = str(tmp_path)
+    run(shell, "%max_steer train joy --pos {folder}/pos.txt --neg {folder}/neg.txt --layers 12")
+    assert session.vectors["joy"].layers == (12,)
+    torch.testing.assert_close(session.vectors["joy"].directions[12].norm(),
+                               session.vectors["happy"].directions[12].norm(), rtol=0.5, atol=0)
+    capsys.readouterr()
+    run(shell, "%max_steer list")
+    lines = capsys.readouterr().out.splitlines()
+    assert [l.split()[0] for l in lines] == ["happy", "joy"]
+    run(shell, "%max_steer show joy")
+    out = capsys.readouterr().out
+    assert out.startswith("joy: for LlamaForCausalLM") and "norms: 12: " in out and "3 pairs" in out
+
+
+def test_steer_on_off_mix_save_load_rm(shell, session, capsys):
+    run(shell, "%max_steer on happy 0.8 --layers 12-13")
+    run(shell, "%max_steer on joy -0.5")
+    entries = session.mix.entries
+    assert entries["happy"].coef == 0.8 and entries["happy"].layers == (12, 13)
+    assert entries["joy"].coef == -0.5
+    capsys.readouterr()
+    run(shell, "%max_steer mix")
+    assert capsys.readouterr().out.strip() == "live mix: happy +0.8 @12,13; joy -0.5"
+    run(shell, "%max_steer save combo")
+    combo = session.vectors["combo"]
+    torch.testing.assert_close(combo.directions[12], 0.8 * session.vectors["happy"].directions[12]
+                               - 0.5 * session.vectors["joy"].directions[12])
+    run(shell, "%max_steer off joy")
+    assert list(session.mix.entries) == ["happy"]
+    run(shell, "%max_steer off")
+    assert len(session.mix) == 0
+    run(shell, "%max_steer load combo")
+    assert list(session.mix.entries) == ["combo"] and session.mix.entries["combo"].coef == 1.0
+    run(shell, "%max_steer rm combo")
+    assert "combo" not in session.vectors
+
+
+def test_steer_export_import_gguf(shell, session, tmp_path):
+    shell.user_ns["path"] = str(tmp_path / "happy.gguf")
+    run(shell, "%max_steer export happy $path")
+    run(shell, "%max_steer import $path --as happy_again")
+    a, b = session.vectors["happy"], session.vectors["happy_again"]
+    assert a.layers == b.layers
+    for layer in a.layers:
+        torch.testing.assert_close(a.directions[layer], b.directions[layer])
+    run(shell, "%max_steer rm happy_again")
+
+
+def test_steer_search(shell, session, capsys):
+    capsys.readouterr()
+    run(shell, "%max_steer search happy --layer 12 -k 2")
+    hits = capsys.readouterr().out.splitlines()
+    assert hits[0].split()[0] == "happy" and hits[0].endswith("cosine +1.000")
+    run(shell, "%%max_generate -n 3 --capture 12\nHi")
+    capsys.readouterr()
+    run(shell, "%max_steer search --active --layer 12 -k 1")
+    rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == 3 and all(r.split()[0] == str(i) for i, r in enumerate(rows))
+
+
+# ---------------------------------------------------------------- %max_judge
+
+def test_judges(shell, session, capsys):
+    run(shell, "%max_judge probe happy --layer 12 --threshold -1000 --steer happy:0.3@12")
+    run(shell, "%max_judge divergence --threshold 0.0 --measure kl --steer joy:0.2 --name unsure")
+    assert set(session.judges) == {"probe:happy@12", "unsure"}
+    assert set(session.mixes) == {"probe:happy", "unsure"}
+    capsys.readouterr()
+    run(shell, "%max_judge list")
+    out = capsys.readouterr().out
+    assert "probe:happy@12: ProbeJudge, pre-step, threshold -1000" in out
+    assert "unsure: DivergenceJudge, post-step, threshold 0" in out
+    r = run(shell, "%%max_generate -n 3\nHi")
+    assert set(r.scores) == {"probe:happy@12", "unsure"}
+    assert all("probe:happy" in s.steering for s in r.steps)
+    only = run(shell, "%%max_generate -n 2 --judge unsure\nHi")
+    assert set(only.scores) == {"unsure"}
+    none = run(shell, "%%max_generate -n 2 --judge none\nHi")
+    assert none.scores == {}
+    run(shell, "%max_judge off unsure")
+    assert set(session.judges) == {"probe:happy@12"}
+    run(shell, "%max_judge off")
+    assert session.judges == {}
+
+
+# ---------------------------------------------------------------- %max_sweep
+
+def test_sweep_line_and_cell(shell, session):
+    sweep = run(shell, '%max_sweep happy@12-15 --coefs 0:8:8 -n 6 -v sw --prompt "Describe the sea."')
+    assert isinstance(sweep, Sweep) and shell.user_ns["sw"] is sweep
+    assert sweep.coefs == [0.0, 8.0] and sweep.spec == "happy@12,13,14,15"
+    plain = run(shell, "%%max_generate -n 6 --judge none\nDescribe the sea.")
+    assert sweep.rows[0].result.token_ids == plain.token_ids
+    ppl = sweep.perplexities
+    assert torch.isfinite(ppl).all() and ppl[1] > ppl[0] > 1.0
+    assert set(sweep.rows[1].result.deltas) == {12, 13, 14, 15}
+    html = sweep._repr_html_()
+    assert html.count("<tr>") == 3 and f"{float(ppl[0]):.2f}" in html
+    fig = sweep.plot()
+    xs, ys = fig.axes[0].get_lines()[0].get_data()
+    assert list(xs) == [0.0, 8.0] and list(ys) == pytest.approx(ppl.tolist())
+    cell = run(shell, "%%max_sweep happy --coefs -1,1 -n 2\nDescribe the sea.")
+    assert cell.coefs == [-1.0, 1.0] and cell.prompt == "Describe the sea."
+
+
+# ---------------------------------------------------------------- %max_serve
+
+def test_serve_start_and_stop(shell, session, capsys):
+    url = run(shell, "%max_serve --port 0 --api-key secret")
+    assert magics(shell).server.running
+    request = urllib.request.Request(url + "/v1/models", headers={"Authorization": "Bearer secret"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert reply.status == 200 and json.load(reply)["data"]
+    run(shell, "%max_serve stop")
+    assert not magics(shell).server.running
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url + "/v1/models", timeout=5)
+
+
+# ---------------------------------------------------------------- bad input
+
+BAD = [
+    ("%%max_generate --bogus\nHi", "unrecognized arguments: --bogus"),
+    ("%%max_generate -n many\nHi", "argument -n: invalid int value: 'many'"),
+    ("%%max_generate --steer nope:1\nHi", "unknown vector 'nope'"),
+    ("%%max_generate --steer '0.5*'\nHi", "expected a vector name"),
+    ("%%max_generate --steer 'happy@40'\nHi", "layer(s) [40] out of range"),
+    ("%%max_generate --steer 'happy@3'\nHi", "has no layer(s) [3]"),
+    ("%%max_generate --capture 30\nHi", "layer(s) [30] out of range"),
+    ("%%max_generate --judge nobody\nHi", "no judge named 'nobody'"),
+    ("%%max_generate -n 0\nHi", "max_new_tokens"),
+    ("%%max_generate\n", "the cell body is empty"),
+    ("%%max_generate\n   \n", "the cell is empty"),
+    ("%max_steer frobnicate", "unknown %max_steer command 'frobnicate'"),
+    ("%max_steer on happy", "%max_steer on takes NAME COEF"),
+    ("%max_steer on happy lots", "COEF 'lots' is not a number"),
+    ("%max_steer on happy 1 --layers 40", "layer(s) [40] out of range"),
+    ("%max_steer on nope 1", "unknown vector 'nope'"),
+    ("%max_steer off nope", "'nope' is not in the live mix"),
+    ("%max_steer train x --pos $nothing --neg $sad_list", "no variable 'nothing'"),
+    ("%max_steer train x --pos missing.txt --neg $sad_list", "neither $variable"),
+    ("%max_steer show nope", "unknown vector 'nope'"),
+    ("%max_steer save empty", "the live mix is empty"),
+    ("%max_judge probe happy --threshold 1 --steer happy:1", "pass layer= to choose one"),
+    ("%max_judge probe happy --layer 12", "--threshold is required"),
+    ("%max_judge divergence --threshold 1", "which does not exist; give --steer"),
+    ("%max_judge off nobody", "no judge 'nobody'"),
+    ("%max_sweep happy --coefs 2:1:1 --prompt Hi", "--coefs '2:1:1'"),
+    ("%max_sweep happy:2 --coefs 0:1:1 --prompt Hi", "without a coefficient"),
+    ("%max_sweep happy --coefs 0:1:1", "needs a prompt"),
+]
+
+
+@pytest.mark.parametrize("code,message", BAD, ids=[c.split("\n")[0] for c, _ in BAD])
+def test_bad_input_is_one_line(shell, session, capsys, code, message):
+    line = fails(shell, capsys, code)
+    assert message in line, line
+
+
+def test_session_unharmed_by_bad_input(shell, session):
+    assert len(run(shell, "%%max_generate -n 2\nHi").steps) == 2
+    assert not session.busy
+
+
+def test_generate_before_load(shell, capsys):
+    saved = shell.user_ns.pop("max_session")
+    shell.run_line_magic("unload_ext", "max_jupyter")
+    shell.run_line_magic("load_ext", "max_jupyter")
+    try:
+        assert "run %max_load first" in fails(shell, capsys, "%%max_generate\nHi")
+        assert "run %max_load first" in fails(shell, capsys, "%max_steer list")
+    finally:
+        shell.user_ns["saved"] = saved
+        run(shell, "%max_load --session saved")
+
+
+def test_real_bug_keeps_its_traceback(shell, session, capsys):
+    magics(shell).session = object()  # not a Session: a bug, not bad input
+    try:
+        capsys.readouterr()
+        result = shell.run_cell("%max_steer mix", store_history=False)
+        assert isinstance(result.error_in_exec, AttributeError)
+        captured = capsys.readouterr()
+        shown = captured.out + captured.err
+        assert "AttributeError" in shown and not shown.startswith("UsageError")
+        assert len(shown.strip().splitlines()) > 3  # a traceback, not one line
+    finally:
+        magics(shell).session = session
