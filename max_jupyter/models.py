@@ -83,30 +83,44 @@ def _cached_conversion(gguf: Path) -> Path:
     target = cache_dir() / f"{gguf.stem}-{_file_key(gguf)}"
     if (target / "config.json").is_file():
         return target
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     check_gguf(gguf)
-    print(f"max_jupyter: converting {gguf.name} once (cached in {target}) ...", flush=True)
-    folder, name = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained; its weights in a fresh model do not.
-    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
-                                     if k != "quantization_config"})
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(loaded.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
     try:
-        fresh.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_rope_theta(tmp)
+        _convert(gguf, tmp)
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _convert(gguf: Path, folder: Path) -> None:
+    """Write ``gguf`` dequantised to fp32 as a HF folder, with a progress bar of its stages."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source, name = str(gguf.parent), gguf.name
+    with tqdm(total=4, desc=f"converting {name} once (cached in {cache_dir()})", unit="stage") as bar:
+        bar.set_postfix_str("tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
+        bar.update()
+        bar.set_postfix_str("dequantising")
+        loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32)
+        bar.update()
+        # A GGUF-loaded model refuses save_pretrained; its weights in a fresh model do not.
+        bar.set_postfix_str("copying")
+        config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
+                                         if k != "quantization_config"})
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict())
+        bar.update()
+        bar.set_postfix_str("saving")
+        fresh.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        write_rope_theta(folder)
+        bar.update()
 
 
 def check_gguf(path: Path) -> None:
