@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import zlib
 from contextlib import closing
@@ -230,6 +231,23 @@ def test_default_location_env_and_memory(tmp_path, monkeypatch):
     with VectorStore(":memory:") as a, VectorStore(":memory:") as b:
         a.save("x", seeded("x"))
         assert "x" in a and len(b) == 0
+
+
+def test_threads_share_one_store(store):
+    def work(t: int) -> None:
+        for i in range(5):
+            store.save(f"t{t}-{i}", seeded(f"t{t}-{i}"))
+            store.save("shared", seeded("shared"))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(store) == 21 and [i.version for i in store.versions("shared")] == list(range(1, 21))
+    with store._transaction() as c:  # the connection's settings
+        assert c.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert c.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
 
 
 def test_closed_store_refuses(store):
