@@ -1,14 +1,13 @@
-"""Quickstart: the embedded model generates, then generates again steered by a vector it
-trains from a handful of contrastive pairs. Run with ``python -m max_jupyter.quickstart``."""
+"""Quickstart: a Session on the embedded model generates, then generates again steered by
+a vector it trains from a handful of contrastive pairs. Run with
+``python -m max_jupyter.quickstart``."""
 from __future__ import annotations
 
 import time
 
 import transformers
 
-from max_jupyter.engines import TransformersEngine
-from max_jupyter.orchestrator import generate
-from max_jupyter.steering import train_vector
+from max_jupyter import Session
 
 JOYFUL = [
     "I feel wonderful, everything today is bright and full of joy.",
@@ -38,20 +37,21 @@ COEF = 0.35
 def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
-    engine = TransformersEngine.load()
-    print(f"loaded {engine.identity.describe()} on {engine.device} in {time.perf_counter() - start:.1f} s\n")
+    session = Session.load(store=None)  # vectors in memory here; by default they persist
+    print(f"loaded {session.big.identity.describe()} on {session.big.device} in "
+          f"{time.perf_counter() - start:.1f} s\n")
 
-    vector = train_vector(engine, JOYFUL, GLOOMY, layers=LAYERS, label="joyful-vs-gloomy")
+    vector = session.train("joyful", JOYFUL, GLOOMY, layers=LAYERS)
     print(f"trained {vector}\n")
 
-    options = dict(max_new_tokens=60)
-    for title, steering in [("plain", None), (f"steered +{COEF} joyful", COEF * vector),
-                            (f"steered -{COEF} joyful", -COEF * vector)]:
+    for title, coef in [("plain", 0.0), (f"steered +{COEF} joyful", COEF),
+                        (f"steered -{COEF} joyful", -COEF)]:
         print(f"--- {title} ---")
-        result = generate(engine, PROMPT, steering=steering,
-                          on_text=lambda piece: print(piece, end="", flush=True), **options)
+        result = session.generate(PROMPT, max_new_tokens=60, steering={"joyful": coef},
+                                  on_text=lambda piece: print(piece, end="", flush=True))
         print(f"\n[{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tok/s, "
               f"{result.finish_reason}]\n")
+    session.close()
 
 
 if __name__ == "__main__":
