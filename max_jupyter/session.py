@@ -237,7 +237,7 @@ class Session:
         return self._wait(job, wait)
 
     def train(self, name: str, positive: Sequence[str], negative: Sequence[str], *,
-              layers: Iterable[int] | None = None, method: str = "pca_diff", save: bool = True,
+              layers: Iterable[int] | None = None, method: str = "svd_diff", save: bool = True,
               progress: bool = True, **store_fields) -> SteeringVector:
         """Train a vector for the big model from pairs (``steering.train_vector``) on the
         worker, with a progress bar; unless ``save`` is False, put it in ``vectors`` under
