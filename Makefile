@@ -29,6 +29,8 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/cpu_steering.py
 	$(PY) bench/cpu_orchestrator.py
+	$(PY) bench/vector_store.py
+	$(PY) bench/server_overhead.py
 
 clean-cache: $(VENV)/.installed
 	$(PY) -c "from max_jupyter.models import clear_cache; clear_cache()"
