@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -208,11 +209,13 @@ def test_disconnect_mid_stream_frees_the_session(session, client):
         pass
     handle = session.handle
     assert handle is not None and handle.state == "running"
+    at_close = handle.step
     stream.close()  # the client goes away mid-generation
     deadline = time.monotonic() + 10
     while not handle.done and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert handle.done and handle.state == "stopped" and handle.step < LONG
+    assert handle.done and handle.state == "stopped"
+    assert handle.step - at_close <= 2  # the step in flight (and one of slack on a busy machine)
     start = time.monotonic()
     r = client.chat.completions.create(model=MODEL, messages=chat("Hi!"), max_tokens=3)
     assert r.choices[0].message.content and time.monotonic() - start < 10
@@ -304,8 +307,8 @@ def free_port() -> int:
 
 def test_cli_serve_from_the_shell():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "max_jupyter.server.cli", "serve",
-                             "--port", str(port), "--api-key", KEY],
+    script = Path(sys.executable).with_name("max-jupyter")  # the console script
+    proc = subprocess.Popen([str(script), "serve", "--port", str(port), "--api-key", KEY],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
