@@ -25,6 +25,7 @@ from max_jupyter.errors import (BackendUnavailableError, BadArgumentError, Corru
 from max_jupyter.orchestrator import CognitiveOrchestrator, TraceConfig
 from max_jupyter.steering import SteeringVector
 from max_jupyter.steering.store import UnknownVectorError, VectorStore
+from max_jupyter.steering import storefile
 from max_jupyter.steering.storefile import SCHEMA_VERSION, default_store_path, load_sqlite_vec
 
 MODEL = ModelIdentity("LlamaForCausalLM", 6, 64, 1000, "a" * 64)
@@ -250,6 +251,19 @@ def test_threads_share_one_store(store):
         assert c.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
 
 
+def test_migrations_upgrade_an_older_store_in_place(tmp_path, monkeypatch):
+    path = tmp_path / "lib.sqlite"
+    make_store(path)
+    step = ("ALTER TABLE vectors ADD COLUMN rating REAL",)
+    monkeypatch.setattr(storefile, "MIGRATIONS", storefile.MIGRATIONS + (step,))
+    monkeypatch.setattr(storefile, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    with VectorStore(path) as s:
+        assert len(s) == 40 and same(s["v3"], seeded("v3", layers=range(6)))
+        with s._transaction() as c:
+            assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+            assert "rating" in [r[1] for r in c.execute("PRAGMA table_info(vectors)")]
+
+
 def test_closed_store_refuses(store):
     store.close()
     store.close()
@@ -334,6 +348,8 @@ WRITER = textwrap.dedent("""
     from test_store import seeded
     from max_jupyter.steering.store import VectorStore
     tag, n = sys.argv[1], int(sys.argv[2])
+    print("ready", flush=True)
+    sys.stdin.readline()  # go: all open the new file at once
     with VectorStore({path!r}) as s:
         for i in range(n):
             s.save(f"{{tag}}-{{i}}", seeded(f"{{tag}}-{{i}}"))
@@ -343,14 +359,17 @@ WRITER = textwrap.dedent("""
 
 
 def test_two_writer_processes_and_a_reader_lose_nothing(tmp_path):
-    path = tmp_path / "shared.sqlite"
-    VectorStore(path).close()
+    path = tmp_path / "shared.sqlite"  # not created yet: the first opens race to create it
     script = tmp_path / "writer.py"
     script.write_text(WRITER.format(tests=str(ROOT / "tests"), path=str(path)))
     n = 25
-    procs = [subprocess.Popen([sys.executable, str(script), tag, str(n)], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, str(script), tag, str(n)], cwd=ROOT, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for tag in ("A", "B")]
+    assert [p.stdout.readline() for p in procs] == ["ready\n"] * 2
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
     reads = 0
     with VectorStore(path) as reader:
         deadline = time.monotonic() + 120
@@ -358,7 +377,7 @@ def test_two_writer_processes_and_a_reader_lose_nothing(tmp_path):
             for info in reader.list(pattern="[AB]-*"):  # everything visible is whole and right
                 assert same(reader.load(info.name, info.version), seeded(info.name))
                 reads += 1
-        outs = [p.communicate(timeout=60) for p in procs]
+        outs = [p.communicate(timeout=60) for p in procs]  # closes stdin too
         assert all(p.returncode == 0 for p in procs), outs
         names = set(reader)
         assert names == {f"{t}-{i}" for t in "AB" for i in range(n)} | {"shared"}
