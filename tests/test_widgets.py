@@ -30,7 +30,9 @@ h = s.start("Tell me about your day.", max_new_tokens={STEPS}, ignore_eos=True,
             on_event=lambda e: time.sleep(0.05))   # at most 20 steps/s: a window to act in
 view = TokenView(h, session=s)
 display(m, view)
-print(json.dumps([ipykernel.__version__, slider.model_id, view.model_id]))
+row = m.rows["happy"]
+print(json.dumps([ipykernel.__version__, slider.model_id, view.model_id, row.layer.model_id,
+                  row.on.model_id]))
 """
 
 
@@ -51,7 +53,7 @@ def steps_now(kernel: Kernel) -> int:
 
 
 def test_slider_message_mid_run_changes_later_steps_only(kernel):
-    version, slider_id, view_id = kernel.ids
+    version, slider_id, view_id, _, _ = kernel.ids
     assert int(version.split(".")[0]) == kernel.major
     deadline = time.monotonic() + 120
     while steps_now(kernel) < 5:
@@ -79,7 +81,7 @@ def test_slider_message_mid_run_changes_later_steps_only(kernel):
 
 
 def test_mix_changed_in_code_moves_the_slider(kernel):
-    _, slider_id, _ = kernel.ids
+    slider_id = kernel.ids[1]
     kernel.seen.clear()
     kernel.run("s.mix.set_coef('happy', 1.25); s.mix.set_coef('happy', 3.5)")
     states = [m["content"]["data"]["state"] for m in kernel.seen
@@ -90,6 +92,31 @@ def test_mix_changed_in_code_moves_the_slider(kernel):
     assert any(st.get("max", 0) >= 3.5 for st in states), "the slider range did not widen"
     assert kernel.run("print(m.rows['happy'].on.value, s.mix.entries['happy'].coef)").split() \
         == ["True", "3.5"]
+
+
+def test_layer_choice_and_switch_write_the_mix(kernel):
+    _, _, _, layer_id, on_id = kernel.ids
+    entry = "e = s.mix.entries.get('happy'); print(e and e.layers)"
+    kernel.run("s.mix.set_coef('happy', 0.3)")
+    kernel.update_widget(layer_id, {"index": 2})  # the dropdown's third option: layer 15
+    assert kernel.run(entry).strip() == "(15,)"
+    kernel.update_widget(on_id, {"value": False})
+    assert kernel.run(entry).strip() == "None"
+    kernel.update_widget(on_id, {"value": True})
+    assert kernel.run(entry + "; print(e.coef)").split() == ["(15,)", "0.3"]
+
+
+def test_max_steer_mixer_and_max_steer_on(kernel):
+    out = kernel.run("%load_ext max_jupyter\n%max_load --session s\nmm = %max_steer mixer\n"
+                     "print(type(mm).__name__, mm.session is s, *mm.rows)")
+    assert out.splitlines()[-1].split() == ["Mixer", "True", "happy"]
+    kernel.seen.clear()
+    kernel.run("%max_steer mixer")
+    shown = [m["content"]["data"] for m in kernel.seen if m["msg_type"] == "execute_result"]
+    assert shown and "application/vnd.jupyter.widget-view+json" in shown[-1]
+    kernel.run("%max_steer on happy 0.9")
+    assert kernel.run("print(mm.rows['happy'].coef.value, m.rows['happy'].coef.value)").split() \
+        == ["0.9", "0.9"]
 
 
 def rebuild_rows(messages: list[dict], view_id: str) -> list[dict]:

@@ -253,6 +253,9 @@ class MaxMagics(Magics, Configurable):
     @argument("--background", action="store_true",
               help="Return a GenerationHandle at once; the kernel stays free.")
     @argument("--no-stream", action="store_true", help="Show nothing until the result.")
+    @argument("--live", action="store_true",
+              help="As --background, showing the live token view under the mixer (VAR gets "
+                   "that LiveView: .handle, .view, .mixer).")
     @cell_magic
     def max_generate(self, line: str, cell: str):
         """Generate from the cell (the prompt, verbatim); stream the text; return the result."""
@@ -263,7 +266,11 @@ class MaxMagics(Magics, Configurable):
             raise UsageError("the cell is empty; write the prompt below %%max_generate.")
         with usage_errors():
             opts = self.generation_options(args, session)
-            if args.background:
+            if args.live:
+                from max_jupyter.jupyter.tokenview import LiveView
+
+                out = LiveView(session, session.start(prompt, **opts))
+            elif args.background:
                 out = session.start(prompt, **opts)
             else:
                 out = self.generate_streamed(session, prompt, opts, stream=self.stream and not args.no_stream)
@@ -294,7 +301,7 @@ class MaxMagics(Magics, Configurable):
     # ---------------------------------------------------------------- %max_steer
 
     @magic_arguments()
-    @argument("command", help="list | show | train | on | off | mix | save | load | rm | import | export | search")
+    @argument("command", help="list | show | train | on | off | mix | mixer | save | load | rm | import | export | search")
     @argument("args", nargs="*", help="The subcommand's arguments (NAME, COEF, FILE, ...).")
     @argument("--pos", default=None, help="train: positive examples, $variable (a list) or a file.")
     @argument("--neg", default=None, help="train: negative examples, $variable (a list) or a file.")
@@ -390,6 +397,11 @@ class MaxMagics(Magics, Configurable):
         else:
             session.mix.remove(name)
         print(_mix_line(session.mix))
+
+    def _steer_mixer(self, args):
+        session = self.need_session()
+        self.positional(args, [])
+        return session.mixer()
 
     def _steer_mix(self, args):
         session = self.need_session()

@@ -22,8 +22,8 @@ from max_jupyter.errors import ModelMismatchError
 from max_jupyter.steering.controller import MixEntry, SteeringController
 from max_jupyter.steering.vector import SteeringVector
 
-ALL_LAYERS = None
-"""The layer choice that steers at every layer the vector has."""
+ALL_LAYERS: tuple[int, ...] = ()
+"""The layer choice that steers at every layer the vector has (a mix entry's ``layers=None``)."""
 
 
 class MixerRow(widgets.HBox):
@@ -63,7 +63,7 @@ class MixerRow(widgets.HBox):
         if self._showing:
             return
         current = self.mix.entries.get(self.name)
-        layers = self.layer.value
+        layers = self.layer.value or None
         try:
             if not self.on.value:
                 if current is not None:
@@ -83,9 +83,10 @@ class MixerRow(widgets.HBox):
                 self.vector = entry.vector
                 self._widen(entry.coef)
                 self.coef.value = entry.coef
-                if entry.layers not in [value for _, value in self.layer.options]:
-                    self.layer.options = [*self.layer.options, (_layers_label(entry.layers), entry.layers)]
-                self.layer.value = entry.layers
+                layers = entry.layers or ALL_LAYERS
+                if layers not in [value for _, value in self.layer.options]:
+                    self.layer.options = [*self.layer.options, (",".join(map(str, layers)), layers)]
+                self.layer.value = layers
             self.on.value = entry is not None
         finally:
             self._showing = False
@@ -182,12 +183,8 @@ class Mixer(widgets.VBox):
         super().close()
 
 
-def _layer_options(layers: Iterable[int]) -> list[tuple[str, tuple[int, ...] | None]]:
+def _layer_options(layers: Iterable[int]) -> list[tuple[str, tuple[int, ...]]]:
     return [("all", ALL_LAYERS), *((str(l), (l,)) for l in layers)]
-
-
-def _layers_label(layers: tuple[int, ...] | None) -> str:
-    return "all" if layers is None else ",".join(map(str, layers))
 
 
 def _css_name(name: str) -> str:

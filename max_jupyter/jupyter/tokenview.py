@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anywidget
+import ipywidgets
 import traitlets
 
 from max_jupyter.orchestrator.trace import GenerationResult, StepEvent, StepRecord
@@ -169,6 +170,22 @@ class TokenView(anywidget.AnyWidget):
                 continue
             for row, ids, logits in zip(self._rows, topk.ids.tolist(), topk.logits.tolist()):
                 row[name] = [[_spell(tok, i), _finite(l)] for i, l in zip(ids, logits)]
+
+
+class LiveView(ipywidgets.VBox):
+    """What ``%%max_generate --live`` shows: the session's ``mixer`` above a TokenView
+    (``view``) following ``handle``."""
+
+    def __init__(self, session, handle):
+        self.handle = handle
+        self.mixer = session.mixer()
+        self.view = TokenView(handle, session=session)
+        super().__init__([self.mixer, self.view])
+
+    def close(self) -> None:
+        self.mixer.close()
+        self.view.close()
+        super().close()
 
 
 class _Flusher:

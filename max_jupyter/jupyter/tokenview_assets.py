@@ -12,7 +12,8 @@ Protocol with ``tokenview.TokenView``:
 - trait ``selected_step``: set by a click on a token; ``status`` and ``judge``: shown / used.
 
 Each token is one ``span.tv-tok`` with ``data-step``, ``data-mix`` (JSON of the live mix's
-coefficients at that step) and ``data-tip`` (the tooltip's text, shown in ``.tv-tip``).
+coefficients at that step) and ``data-tip`` (the tooltip's text, shown in ``.tv-tip`` under
+the tokens while the pointer is on one: a box in the flow, so no output area clips it).
 """
 
 ESM = r"""
@@ -108,11 +109,9 @@ function render({ model, el }) {
     const s = e.target.closest(".tv-tok");
     if (!s) return;
     tip.textContent = s.dataset.tip;
-    tip.style.left = `${s.offsetLeft}px`;
-    tip.style.top = `${s.offsetTop + s.offsetHeight + 4}px`;
     tip.hidden = false;
   });
-  body.addEventListener("mouseout", (e) => { if (e.target.closest(".tv-tok")) tip.hidden = true; });
+  body.addEventListener("mouseleave", () => { tip.hidden = true; });
   body.addEventListener("click", (e) => {
     const s = e.target.closest(".tv-tok");
     if (!s) return;
@@ -137,18 +136,17 @@ export default { render };
 """
 
 CSS = r"""
-.max-tokenview { position: relative; font-family: var(--jp-code-font-family, monospace);
+.max-tokenview { font-family: var(--jp-code-font-family, monospace);
   font-size: 13px; line-height: 1.8; padding: 4px 0; }
 .max-tokenview .tv-head { color: var(--jp-ui-font-color2, #666); font-size: 11px; margin-bottom: 4px; }
 .max-tokenview .tv-body { white-space: pre-wrap; word-break: break-word; }
 .max-tokenview .tv-tok { cursor: pointer; border-radius: 2px; }
 .max-tokenview .tv-tok:hover { outline: 1px solid #777; }
-.max-tokenview .tv-empty { display: inline-block; min-width: 0.4em; }
+.max-tokenview .tv-empty::after { content: "\00b7"; opacity: 0.5; }
 .max-tokenview .tv-steered { border-bottom: 2px solid #8a2be2; }
 .max-tokenview .tv-rerun { outline: 1px dashed #d22; }
 .max-tokenview .tv-changed { font-weight: bold; }
 .max-tokenview .tv-selected { outline: 2px solid #111; }
-.max-tokenview .tv-tip { position: absolute; z-index: 10; white-space: pre; background: #222;
-  color: #eee; padding: 6px 8px; border-radius: 4px; font-size: 11px; line-height: 1.5;
-  pointer-events: none; max-width: 90%; overflow: hidden; }
+.max-tokenview .tv-tip { white-space: pre-wrap; background: #222; color: #eee; margin-top: 6px;
+  padding: 6px 8px; border-radius: 4px; font-size: 11px; line-height: 1.5; }
 """

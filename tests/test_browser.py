@@ -1,0 +1,257 @@
+"""``%%max_generate --live`` (the Mixer over a TokenView) in a real browser: JupyterLab on 127.0.0.1 (a token,
+temporary config / data / runtime / workspace / settings folders) and the distribution's
+Chromium driven by Playwright (``executable_path``; no browser is downloaded).
+
+A generated notebook is run with Run > Run All Cells; while its background generation
+runs, a mixer slider is moved with the keyboard; the page's token spans then show the
+new coefficient from a step after the move on, one span per step with a tooltip, and a
+click on a token sets ``view.selected`` in the kernel (read by a second kernel client).
+Screenshots go to the test's tmp folder (printed). Without Chromium or Playwright the test
+skips outside CI and fails in CI (``CI=true``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from kernels import IPYKERNEL_MAJORS, Kernel, ipykernel_env, missing
+
+CHROMIUM = os.environ.get("MAX_JUPYTER_CHROMIUM", "/usr/bin/chromium")
+OLD, NEW, STEP, PRESSES = 0.0, 0.5, 0.05, 10
+TOKENS = 36
+
+SETUP = """\
+import time
+from max_jupyter import Session
+from max_jupyter.orchestrator import DivergenceJudge, FunctionJudge, ProbeJudge
+from max_jupyter.steering import SteeringController
+s = Session.load(small="same", store=None, progress=False)
+happy = s.train("happy", ["I love this, it is wonderful!", "Great joy and happiness."],
+                ["I hate this, it is terrible.", "Awful misery and sadness."], layers=(10, 15),
+                method="mean_diff", progress=False)
+s.mixes["cheer"] = SteeringController.of(happy, 0.3)
+s.judges["probe"] = ProbeJudge(happy, layer=10, threshold=40.0, mix="cheer")
+s.judges["unsure"] = DivergenceJudge(threshold=3.0, mix="cheer")
+# Test pacing: a judge that only waits, so the slider can move while tokens still come.
+s.judges["pace"] = FunctionJudge(lambda ctx: time.sleep(0.15) or False, mix="cheer", name="pace")
+s.defaults.ignore_eos = True
+s.mix.set("happy", happy, %r)
+""" % OLD
+
+MAGICS = "%load_ext max_jupyter\n%max_load --session s"
+LIVE = f"%%max_generate --live -n {TOKENS} -v live\nTell me a short story about a cat."
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Playwright's Chromium driver bound to the distribution's binary."""
+    if not Path(CHROMIUM).exists():
+        missing(f"Chromium is not at {CHROMIUM}: install it with `apt-get install -y chromium` "
+                f"(or set MAX_JUPYTER_CHROMIUM)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing("playwright is not installed: pip install -e '.[dev]'")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, request):
+    """A JupyterLab server with everything under a temporary folder and a kernel spec per
+    ipykernel major version (``max-ipykernel7``, ``max-ipykernel6``)."""
+    root = tmp_path_factory.mktemp("lab")
+    dirs = {k: root / k for k in ("config", "data", "runtime", "workspaces", "settings", "ipython",
+                                  "notebooks")}
+    for d in dirs.values():
+        d.mkdir()
+    write_settings(dirs["settings"])
+    cache = request.config.cache.mkdir("max_jupyter_kernels")
+    for major in IPYKERNEL_MAJORS:
+        write_kernel_spec(dirs["data"], major, ipykernel_env(major, cache))
+    token, port = secrets.token_hex(16), free_port()
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(dirs["config"]),
+           "JUPYTER_DATA_DIR": str(dirs["data"]), "JUPYTER_RUNTIME_DIR": str(dirs["runtime"]),
+           "JUPYTERLAB_WORKSPACES_DIR": str(dirs["workspaces"]),
+           "JUPYTERLAB_SETTINGS_DIR": str(dirs["settings"]), "IPYTHONDIR": str(dirs["ipython"])}
+    log = open(root / "lab.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root",
+         "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={dirs['notebooks']}",
+         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+         "--LabApp.extension_manager=readonly"],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(server, url, token, root / "lab.log")
+        yield {"url": url, "token": token, "dirs": dirs}
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
+
+
+def write_settings(settings: Path) -> None:
+    """No news or update checks (no network); start the notebook's kernel without asking."""
+    for plugin, values in {"apputils-extension/notification": {"fetchNews": "false",
+                                                               "checkForUpdates": False},
+                           "notebook-extension/tracker": {"autoStartDefaultKernel": True}}.items():
+        path = settings / "@jupyterlab" / f"{plugin}.jupyterlab-settings"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
+
+
+def write_kernel_spec(data: Path, major: int, env: dict[str, str]) -> None:
+    spec = data / "kernels" / f"max-ipykernel{major}"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": f"Python (ipykernel {major})", "language": "python", "env": env}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_server(server: subprocess.Popen, url: str, token: str, log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+            return
+        except OSError:
+            assert server.poll() is None, f"JupyterLab exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"JupyterLab did not start:\n{log.read_text()[-3000:]}"
+            time.sleep(0.3)
+
+
+def write_notebook(folder: Path, major: int) -> str:
+    name = f"live-ipykernel{major}.ipynb"
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {
+        "name": f"max-ipykernel{major}", "display_name": f"Python (ipykernel {major})",
+        "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in (SETUP, MAGICS, LIVE)]
+    nbformat.write(nb, folder / name)
+    return name
+
+
+def run_all_cells(page) -> None:
+    """Run > Run All Cells, once the kernel is idle (retried if the click came too early)."""
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+    for _ in range(3):
+        page.locator(".jp-Notebook .jp-Cell").first.click()
+        page.locator(".lm-MenuBar-item", has_text="Run").first.click()
+        page.locator('.lm-Menu-item[data-command="runmenu:run-all"]').click()
+        try:
+            page.wait_for_function("() => !document.querySelector('.jp-InputPrompt')"
+                                   ".textContent.includes('[ ]')", timeout=10_000)
+            return
+        except Exception:  # playwright's TimeoutError: the command did not take; try again
+            continue
+    raise AssertionError("Run All Cells did not start the notebook")
+
+
+def page_tokens(page) -> list[dict]:
+    """Every token span of the view: its step, text, live-mix coefficients and tooltip."""
+    return page.eval_on_selector_all(".max-tokenview .tv-tok", """spans => spans.map(s => ({
+        step: Number(s.dataset.step), text: s.textContent, mix: JSON.parse(s.dataset.mix),
+        tip: s.dataset.tip}))""")
+
+
+@pytest.mark.parametrize("major", IPYKERNEL_MAJORS, ids=[f"ipykernel{m}" for m in IPYKERNEL_MAJORS])
+def test_live_mixer_and_token_view_in_jupyterlab(chromium, lab, major, tmp_path):
+    name = write_notebook(lab["dirs"]["notebooks"], major)
+    page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{lab['url']}/lab/workspaces/ipykernel{major}/tree/{name}?reset&token={lab['token']}")
+    try:
+        run_all_cells(page)
+        page.wait_for_function("() => document.querySelectorAll('.max-tokenview .tv-tok').length >= 3",
+                               timeout=300_000)
+        moved_at = move_slider(page)
+        page.wait_for_function("() => (document.querySelector('.max-tokenview .tv-head') || {})"
+                               ".textContent?.startsWith('done')", timeout=300_000)
+        page.screenshot(path=str(tmp_path / "after-run.png"))
+        tokens = page_tokens(page)
+        check_coefficients(tokens, moved_at)
+        check_tooltip(page, tokens, tmp_path)
+        check_click_selects(page, lab, tokens, major)
+    finally:
+        page.screenshot(path=str(tmp_path / "last.png"))
+        print(f"screenshots in {tmp_path}")
+        page.close()
+
+
+def move_slider(page) -> int:
+    """Focus the 'happy' coefficient slider and press ArrowRight until it shows NEW;
+    return how many tokens the page showed once it did."""
+    handle = page.locator(".max-mixer-row-happy .max-mixer-coef .noUi-handle")
+    handle.focus()
+    for _ in range(PRESSES):
+        page.keyboard.press("ArrowRight")
+    readout = page.locator(".max-mixer-row-happy .max-mixer-coef .widget-readout")
+    assert readout.inner_text() == f"{NEW:.2f}"
+    shown = len(page_tokens(page))
+    assert shown < TOKENS - 5, f"the generation was nearly over ({shown} tokens) when the slider moved"
+    return shown
+
+
+def check_coefficients(tokens: list[dict], moved_at: int) -> None:
+    """Old coefficient up to the move, then (after intermediate key steps) the new one."""
+    assert [t["step"] for t in tokens] == list(range(TOKENS)), "one span per step, in order"
+    coefs = [t["mix"]["happy"] for t in tokens]
+    assert coefs[:moved_at] == [OLD] * moved_at
+    assert coefs == sorted(coefs), coefs
+    first_new = coefs.index(NEW)
+    assert coefs[first_new:] == [NEW] * (TOKENS - first_new)
+    # A step may be in flight, and one more not yet on the page, when the key is pressed.
+    assert first_new <= moved_at + 3, (moved_at, coefs)
+
+
+def check_tooltip(page, tokens: list[dict], tmp_path: Path) -> None:
+    assert all("score: probe" in t["tip"] and "live mix: happy=" in t["tip"] for t in tokens)
+    assert all("big top-k:" in t["tip"] and "small top-k:" in t["tip"] for t in tokens)
+    last = page.locator(".max-tokenview .tv-tok").nth(TOKENS - 1)
+    last.hover()
+    tip = page.locator(".max-tokenview .tv-tip")
+    tip.wait_for(state="visible")
+    assert f"happy={NEW:.2f}" in tip.inner_text()
+    page.screenshot(path=str(tmp_path / "tooltip.png"))
+
+
+def check_click_selects(page, lab, tokens: list[dict], major: int) -> None:
+    """A click on token 7 sets ``view.selected`` in the kernel (a second client reads it)."""
+    page.locator(".max-tokenview .tv-tok").nth(7).click()
+    files = sorted(lab["dirs"]["runtime"].glob("kernel-*.json"), key=lambda p: p.stat().st_mtime)
+    kernel = Kernel(connection_file=str(files[-1]))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            out = kernel.run("import ipykernel; sel = live.view.selected\n"
+                             "print(ipykernel.__version__.split('.')[0], live.view.selected_step, "
+                             "sel and sel.record.step, sel and sel.record.mix['happy'], "
+                             "sel and sorted(sel.tensors))")
+            if out.split()[1] == "7" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        kernel.close()
+    version, step, record_step, coef, rest = out.split(maxsplit=4)
+    assert (int(version), int(step), int(record_step)) == (major, 7, 7)
+    assert float(coef) == tokens[7]["mix"]["happy"]
+    assert "big_topk" in rest and "small_topk" in rest
+    assert "tv-selected" in page.locator(".max-tokenview .tv-tok").nth(7).get_attribute("class")
