@@ -17,7 +17,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from max_jupyter.orchestrator import Always  # noqa: E402
+from max_jupyter.orchestrator import Always, FunctionJudge  # noqa: E402
 from max_jupyter.server import BackgroundServer  # noqa: E402
 from max_jupyter.session import Session  # noqa: E402
 from max_jupyter.steering import SteeringController  # noqa: E402
@@ -194,6 +194,29 @@ def test_400_before_anything_is_generated(session, client, change, word, stream)
     assert e.value.status_code == 400 and word in e.value.message
     assert e.value.body["message"] and e.value.body["type"] == "invalid_request_error"
     assert session.last is before
+
+
+def test_a_generation_failing_midway_is_a_500_or_an_error_event(session, client):
+    def broken(ctx):
+        if ctx.step >= 3:
+            raise RuntimeError("probe exploded")
+        return False
+
+    session.judges["broken"] = FunctionJudge(broken, mix="cheer", name="broken")
+    try:
+        args = dict(model=MODEL, messages=chat("Hi!"), max_tokens=20, extra_body={"ignore_eos": True})
+        with pytest.raises(openai.InternalServerError, match="probe exploded") as e:
+            client.chat.completions.create(**args)
+        assert e.value.status_code == 500
+        stream = client.chat.completions.create(**args, stream=True)  # the 200 is sent first
+        with pytest.raises(openai.APIError, match="probe exploded"):
+            for _chunk in stream:
+                pass
+    finally:
+        del session.judges["broken"]
+    r = client.chat.completions.create(model=MODEL, messages=chat("Hi!"), max_tokens=3,
+                                       extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3  # the session goes on
 
 
 def test_unknown_model_is_404(client):

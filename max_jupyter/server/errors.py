@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from max_jupyter.errors import BusyError, MaxJupyterError, SessionClosedError
+from max_jupyter.errors import MaxJupyterError, SessionClosedError
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
                404: "invalid_request_error", 405: "invalid_request_error",
@@ -33,26 +33,26 @@ class APIError(Exception):
         self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.status, self.message, param=self.param, code=self.code)
+        """The JSON body OpenAI sends with an error."""
+        return {"error": {"message": self.message,
+                          "type": ERROR_TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def error_body(status: int, message: str, *, param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    """The JSON body OpenAI sends with an error of HTTP ``status``."""
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
-                      "param": param, "code": code}}
 
 
 def from_session_error(error: MaxJupyterError) -> APIError:
     """A Session error raised before generation started, as the HTTP error it means."""
     if isinstance(error, SessionClosedError):
         return APIError(503, f"{error} (the server's session is closed).", code="session_closed")
-    if isinstance(error, BusyError):
-        return APIError(429, str(error), code="busy", headers={"Retry-After": "1"})
     return APIError(400, str(error), code=type(error).__name__)
+
+
+def generation_failed(error: BaseException) -> APIError:
+    """A generation that started and then failed on the worker (a judge raised, ...)."""
+    return APIError(500, f"the generation failed: {type(error).__name__}: {error}",
+                    code="generation_failed")
 
 
 def describe_validation(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
@@ -88,6 +88,10 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(MaxJupyterError)
     async def _session(request: Request, exc: MaxJupyterError) -> JSONResponse:
         return from_session_error(exc).response()
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:

@@ -52,7 +52,8 @@ class Reply:
         if not self.chat:
             choice["text"] = text
         elif chunk:
-            choice["delta"] = ({"role": "assistant"} if role else {}) | ({"content": text} if text or role else {})
+            delta = {"role": "assistant"} if role else {}
+            choice["delta"] = delta | ({"content": text} if text or role else {})
         else:
             choice["message"] = {"role": "assistant", "content": text, "refusal": None}
         return choice

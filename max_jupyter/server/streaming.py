@@ -18,10 +18,9 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from max_jupyter.errors import MaxJupyterError
 from max_jupyter.orchestrator.trace import StepEvent
 from max_jupyter.server.admission import Ticket
-from max_jupyter.server.errors import error_body, from_session_error
+from max_jupyter.server.errors import generation_failed
 from max_jupyter.server.replies import Reply, sse
 from max_jupyter.server.summary import trace_summary
 
@@ -84,12 +83,8 @@ async def sse_body(handle, reply: Reply, include_usage: bool) -> AsyncIterator[b
             yield sse(reply.last_chunk(result, trace_summary(result), include_usage))
             if include_usage:
                 yield sse(reply.usage_chunk(result))
-    except MaxJupyterError as error:
-        api = from_session_error(error)
-        yield sse(error_body(api.status, api.message, code=api.code))
-        return
     except Exception as error:  # noqa: BLE001 - the stream's 200 is sent: report in-band
-        yield sse(error_body(500, f"generation failed: {type(error).__name__}: {error}"))
+        yield sse(generation_failed(error).body())
         return
     yield sse("[DONE]")
 
@@ -116,7 +111,8 @@ class ClientGone(Exception):
 
 async def wait_result(handle, request: Request) -> Any:
     """The handle's result, awaited without blocking the loop; raises ``ClientGone`` if the
-    client disconnects first (the caller's ticket release then stops the generation)."""
+    client disconnects first (the caller's ticket release then stops the generation), and
+    ``APIError(500)`` if the generation failed on the worker."""
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -132,4 +128,7 @@ async def wait_result(handle, request: Request) -> Any:
     if not done_task.done():
         done_task.cancel()
         raise ClientGone()
-    return done_task.result()
+    try:
+        return done_task.result()
+    except Exception as error:
+        raise generation_failed(error) from error
