@@ -24,7 +24,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from kernels import IPYKERNEL_MAJORS, Kernel, ipykernel_env, missing
+from jupyter_kernels import IPYKERNEL_MAJORS, Kernel, ipykernel_env, missing
 
 CHROMIUM = os.environ.get("MAX_JUPYTER_CHROMIUM", "/usr/bin/chromium")
 OLD, NEW, STEP, PRESSES = 0.0, 0.5, 0.05, 10

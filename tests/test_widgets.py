@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from kernels import IPYKERNEL_MAJORS, Kernel, ipykernel_env
+from jupyter_kernels import IPYKERNEL_MAJORS, Kernel, ipykernel_env
 
 OLD, NEW, STEPS = 0.0, 0.8, 60
 
