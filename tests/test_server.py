@@ -127,6 +127,17 @@ def test_extra_body_steering_equals_in_process(session, client):
     assert summary["steered_steps"] == summary["steps"] == len(steered.steps)
 
 
+def test_request_steering_adds_to_the_live_mix(session, client):
+    messages = chat("Describe your morning.")
+    whole = session.generate(messages, max_new_tokens=16, steering={"happy": 6.0})
+    session.mix.set("happy", session.vectors["happy"], 3.0)  # the notebook's half
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16,
+                                       temperature=0, extra_body={"steering": {"happy": 3.0}})
+    assert session.last.token_ids == whole.token_ids  # 3 (live) + 3 (request) == 6
+    assert r.model_extra["max_jupyter"]["mix_changes"] == [{"step": 0, "mix": {"happy": 3.0}}]
+    assert session.mix.entries["happy"].coef == 3.0  # a request never changes the live mix
+
+
 def test_judges_gate_a_named_mix(session, client, judge):
     r = client.chat.completions.create(model=MODEL, messages=chat("Hi!"), max_tokens=6,
                                        temperature=0)

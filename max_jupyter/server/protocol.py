@@ -5,7 +5,8 @@ this server cannot honour are refused, not ignored: an unknown parameter is a 40
 OpenAI parameters listed in ``NEUTRAL`` are accepted only with their no-op value (what many
 clients send by default), otherwise a 400 saying so. Extensions (``extra_body`` in the
 ``openai`` client): ``steering`` (vector name -> coefficient, from the session's vector
-library), ``judges`` (judge names, ``[]`` for none), ``ignore_eos``.
+library), ``judges`` (judge names, ``[]`` for none), ``ignore_eos``. A JSON ``null``
+means "not given", for every parameter.
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ class _GenerationRequest(_Strict):
     def _refuse_unsupported(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        data = dict(data)
+        data = {k: v for k, v in data.items() if v is not None}  # null: not given
         for name, neutral in cls.NEUTRAL.items():
             value = data.pop(name, None)
             if value is not None and (isinstance(value, bool) != isinstance(neutral[0], bool)
