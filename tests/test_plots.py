@@ -5,7 +5,6 @@ import io
 
 import pytest
 import torch
-from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 from matplotlib.patches import Polygon, Rectangle
 

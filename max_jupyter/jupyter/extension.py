@@ -47,7 +47,7 @@ def unload(shell) -> None:
     magics = _LOADED.pop(id(shell), None)
     if magics is None:
         return
-    magics.close()
+    magics.stop_server()
     manager = shell.magics_manager
     for kind, names in magics.magics.items():
         for name in names:

@@ -151,6 +151,13 @@ class MaxMagics(Magics, Configurable):
                              f"with one example per line.")
         return [l.strip() for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
 
+    def close_session(self) -> None:
+        """Close the magics' session (and its server) if there is one."""
+        if self.session is not None:
+            self.stop_server()
+            self.session.close()
+            self.session = None
+
     def tokenizers(self):
         """(big, small) tokenizers of the open session for rendering results, or Nones."""
         s = self.session
@@ -176,21 +183,22 @@ class MaxMagics(Magics, Configurable):
     @line_magic
     def max_load(self, line: str = ""):
         """Load the models into a Session (closing the previous one) and print its layout."""
+        from max_jupyter.session import Session
+
         args = parse(self.max_load, line)
         if args.session is not None:
             session = self.shell.user_ns.get(args.session)
-            if session is None or not hasattr(session, "generate"):
-                raise UsageError(f"--session {args.session}: no Session in that variable.")
+            if not isinstance(session, Session) or session.closed:
+                raise UsageError(f"--session {args.session}: no open Session in that variable.")
         else:
-            from max_jupyter.session import Session
-
+            self.close_session()  # first: the memory goes back before the new models load
             store = None if args.store == "none" else args.store
             with usage_errors():
                 session = Session.load(args.big, args.small, backend=args.backend,
                                        max_vram_gb=args.vram, cache_tokens=args.cache_tokens,
                                        device=args.device, store=store)
-        if self.session is not None and self.session is not session and not self.session.closed:
-            self.session.close()
+        if self.session is not session:
+            self.close_session()
         self.session = session
         self.shell.user_ns["max_session"] = session
         print(f"big:   {session.big.identity.describe()}")
@@ -618,8 +626,8 @@ class MaxMagics(Magics, Configurable):
         print(f"serving at {url}/v1 (OpenAI-compatible); %max_serve stop to end")
         return url
 
-    def close(self) -> None:
-        """Stop the server if it runs (the session stays open: it is the user's)."""
+    def stop_server(self) -> None:
+        """Stop ``%max_serve``'s server if it runs (the session stays open)."""
         if self.server is not None:
             self.server.stop()
             self.server = None
