@@ -120,16 +120,25 @@ def run_sweep(session, prompt: str, term: SteerTerm, coefs: Sequence[float], *,
               progress: bool = True, **options) -> Sweep:
     """Generate ``prompt`` once per coefficient with ``coef * term.name`` at ``term.layers``
     (on top of the live mix), then score each text with the unsteered big model on the
-    Session's worker. ``options``: generation options of ``Session.generate``."""
+    Session's worker. ``options``: generation options of ``Session.generate``. Ctrl-C ends
+    the sweep with the rows so far (an interrupted row keeps its partial text, perplexity
+    NaN)."""
     from tqdm.auto import tqdm
 
     spec = f"{term.name}@{','.join(map(str, term.layers))}" if term.layers else term.name
     sweep = Sweep(spec, prompt)
-    for coef in tqdm(coefs, desc=f"sweep {spec}", disable=not progress, leave=False):
-        steering = spec_mix([SteerTerm(term.name, coef, term.layers)], session.vectors,
-                            session.big.identity)
-        result = session.generate(prompt, steering=steering, **options)
-        row = SweepRow(coef, result)
-        row.perplexity = session.run(lambda s: perplexity(s.big, result.prompt_ids, result.token_ids))
-        sweep.rows.append(row)
+    mixes = [spec_mix([SteerTerm(term.name, c, term.layers)], session.vectors, session.big.identity)
+             for c in coefs]  # every coefficient checked before the first generation
+    try:
+        for coef, steering in tqdm(list(zip(coefs, mixes)), desc=f"sweep {spec}",
+                                   disable=not progress, leave=False):
+            result = session.generate(prompt, steering=steering, **options)
+            row = SweepRow(coef, result)
+            sweep.rows.append(row)
+            if result.finish_reason == "interrupted":
+                break
+            row.perplexity = session.run(lambda s: perplexity(s.big, result.prompt_ids,
+                                                              result.token_ids))
+    except KeyboardInterrupt:
+        pass  # the rows so far are the result
     return sweep
