@@ -29,15 +29,16 @@ MAX_SEED = 2**63 - 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def show(value: Any, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for messages."""
+def show(value: Any, limit: int | None = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (None: whole), for messages."""
     text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
 
 
-def fail(name: str, value: Any, problem: str, fix: str) -> BadArgumentError:
-    """The error for argument ``name``: ``"name=value problem; fix."``"""
-    return BadArgumentError(f"{name}={show(value)} {problem}; {fix}.")
+def fail(name: str, value: Any, problem: str, fix: str, limit: int | None = 60) -> BadArgumentError:
+    """The error for argument ``name``: ``"name=value problem; fix."`` (``value`` cut to
+    ``limit`` characters; paths pass None to be shown whole)."""
+    return BadArgumentError(f"{name}={show(value, limit)} {problem}; {fix}.")
 
 
 def _type_name(value: Any) -> str:
@@ -147,6 +148,9 @@ def check_layers(identity: ModelIdentity, layers: Any, what: str) -> tuple[int, 
         raise fail(what, layers, f"is a {_type_name(layers)}, not a list of layer indices",
                    "pass a list of ints such as [10, 15]")
     layers = list(layers)
+    if all(type(i) is int for i in layers) and (not layers or (
+            min(layers) >= 0 and max(layers) < identity.num_layers)):
+        return tuple(layers)  # the common case, fast: this runs at every decode step
     out = []
     for layer in layers:
         if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
@@ -188,14 +192,14 @@ def check_deltas(identity: ModelIdentity, deltas: Any) -> dict[int, torch.Tensor
     if not isinstance(deltas, Mapping):
         raise fail("deltas", deltas, f"is a {_type_name(deltas)}, not a mapping layer -> tensor",
                    "pass {layer: tensor of shape [hidden]}")
-    check_layers(identity, deltas.keys(), "deltas")
+    layers = check_layers(identity, deltas.keys(), "deltas")
     hidden = identity.hidden_size
     for layer, d in deltas.items():
-        if not isinstance(d, torch.Tensor) or d.shape != (hidden,):
+        if not isinstance(d, torch.Tensor) or d.dim() != 1 or d.shape[0] != hidden:
             what = f"a tensor of shape {list(d.shape)}" if isinstance(d, torch.Tensor) else f"a {_type_name(d)}"
             raise BadArgumentError(f"deltas[{layer}] is {what}, not [{hidden}]; give one [{hidden}] "
                                    f"tensor per layer (deltas are never broadcast).")
-    return {int(k): v for k, v in deltas.items()}
+    return dict(zip(layers, deltas.values()))
 
 
 def check_max_seq_len(value: Any, limit: int | None = None) -> int | None:

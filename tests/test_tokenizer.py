@@ -20,3 +20,21 @@ def test_stream_decoder_never_emits_half_characters(engine):
     pieces = [decoder.feed(i) for i in ids] + [decoder.flush()]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text
+
+
+def test_endoftext_is_eos_although_it_is_the_unk_id(engine):
+    tok = engine.tokenizer
+    assert tok.hf.unk_token_id == 0 == tok.hf.convert_tokens_to_ids("<|endoftext|>")
+    assert tok.eos_ids == {0, 2}  # <|endoftext|> and <|im_end|>
+
+
+def test_flush_drops_a_character_cut_off_and_says_so(engine):
+    tok = engine.tokenizer
+    ids = tok.encode("Tea 🍵")
+    assert "\ufffd" in tok.decode(ids[:-1]), "the last token must complete the emoji"
+    decoder = tok.stream_decoder()
+    pieces = [decoder.feed(i) for i in ids[:-1]] + [decoder.flush()]
+    assert "".join(pieces) == "Tea " and decoder.incomplete
+    whole = tok.stream_decoder()
+    assert "".join([whole.feed(i) for i in ids] + [whole.flush()]) == "Tea 🍵"
+    assert not whole.incomplete

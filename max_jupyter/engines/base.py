@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from max_jupyter.tokenizer import Tokenizer
 
 LayerDeltas = Mapping[int, torch.Tensor]
-"""Per-layer additive deltas: layer -> ``[hidden]`` tensor on the engine's device and dtype."""
+"""Per-layer additive deltas: layer -> ``[hidden]`` tensor (moved to the engine's device and
+dtype if elsewhere)."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,9 @@ class Engine(ABC):
         checked = check_deltas(self.identity, deltas)
         layers = frozenset(check_layers(self.identity, capture, "capture"))
         check_room(self, len(ids), from_empty)
-        return ids, {i: d.to(self.device, self.dtype) for i, d in checked.items()}, layers
+        device, dtype = self.device, self.dtype
+        return ids, {i: d if d.device == device and d.dtype == dtype else d.to(device, dtype)
+                     for i, d in checked.items()}, layers
 
     def _run(self, ids: list[int], deltas: dict[int, torch.Tensor],
              capture: frozenset[int]) -> ForwardResult:

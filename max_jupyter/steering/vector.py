@@ -139,10 +139,11 @@ class SteeringVector:
         """
         target = _user_path(path)
         if not target.parent.is_dir():
-            raise fail("path", str(path), f"is in a folder that does not exist ({target.parent})",
-                       f"create it first: Path({str(target.parent)!r}).mkdir(parents=True)")
+            raise fail("path", str(path), "is in a folder that does not exist",
+                       f"create it first: Path({str(target.parent)!r}).mkdir(parents=True)", None)
         if target.is_dir():
-            raise fail("path", str(path), "is a folder", "give a file name such as 'happy.safetensors'")
+            raise fail("path", str(path), "is a folder", "give a file name such as 'happy.safetensors'",
+                       None)
         meta = {"format": FORMAT, "model": json.dumps(asdict(self.model)), "label": self.label,
                 "sha256": self.checksum()}
         data = save_bytes({f"direction.{l}": d for l, d in self.directions.items()}, metadata=meta)
@@ -157,7 +158,7 @@ class SteeringVector:
                 raise
         except OSError as e:
             raise fail("path", str(path), f"cannot be written ({e.strerror or e})",
-                       "choose a folder you can write to") from None
+                       "choose a folder you can write to", None) from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SteeringVector:
@@ -165,7 +166,8 @@ class SteeringVector:
         match its checksum, raises ``CorruptFileError`` naming ``path``."""
         source = _user_path(path)
         if not source.is_file():
-            raise fail("path", str(path), "is not a file", "check the path (saved with SteeringVector.save)")
+            raise fail("path", str(path), "is not a file",
+                       "check the path (saved with SteeringVector.save)", None)
         data = source.read_bytes()
         meta = _read_metadata(data, path)
         try:

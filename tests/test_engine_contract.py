@@ -1,0 +1,150 @@
+"""The engine contract, run against every backend present: transformers (the embedded model,
+CPU) everywhere; ExLlamaV2 on a GPU with exllamav2 installed (a random fp16 Llama built by
+the parity tests' builder), marked ``gpu`` and skipped elsewhere.
+
+Checked: bad arguments are refused by ``Engine.forward`` before any compute (no forward
+counted, the cache and the next logits unchanged); steps equal one prefill; captures have
+``[n_fed, hidden]`` rows; rewind; zero deltas change nothing; a delta shifts the residual
+it is added to by exactly itself.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from max_jupyter.errors import BadArgumentError, ContextOverflowError
+from test_exllamav2_parity import build_model, tokenizer_folder  # noqa: F401 (a fixture)
+
+BACKENDS = [
+    pytest.param("transformers", id="transformers"),
+    pytest.param("exllamav2", id="exllamav2", marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        pytest.mark.skipif(importlib.util.find_spec("exllamav2") is None, reason="needs exllamav2"),
+    ]),
+]
+TOLERANCE = {"transformers": 1e-4, "exllamav2": 2e-2}  # absolute, on logits and hidden states
+PROMPT = "The quick brown fox jumps over the lazy dog because"
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request, tmp_path_factory):
+    """``(name, engine)`` for each backend present."""
+    if request.param == "transformers":
+        yield "transformers", request.getfixturevalue("engine")
+        return
+    from max_jupyter.engines.exllamav2 import ExLlamaV2Engine
+
+    folder = tmp_path_factory.mktemp("exl-fp16")
+    build_model("LlamaForCausalLM", folder, request.getfixturevalue("tokenizer_folder"))
+    torch.cuda.empty_cache()
+    engine = ExLlamaV2Engine.load(folder, cache_tokens=2048)
+    yield "exllamav2", engine
+    engine.unload()
+
+
+@pytest.fixture
+def eng(backend):
+    return backend[1]
+
+
+@pytest.fixture
+def tol(backend):
+    return TOLERANCE[backend[0]]
+
+
+@pytest.fixture
+def ids(eng):
+    return eng.tokenizer.encode(PROMPT, add_special_tokens=True)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
+    torch.testing.assert_close(a.float().cpu(), b.float().cpu(), rtol=0, atol=tol)
+
+
+def bad_calls(eng):
+    """``(id, call, fragment)``: wrong arguments every backend must refuse before compute."""
+    hidden, layers, vocab = eng.identity.hidden_size, eng.identity.num_layers, eng.identity.vocab_size
+    z = torch.zeros(hidden)
+    return [
+        ("empty-ids", lambda: eng.forward([]), r"ids=\[\] is empty"),
+        ("id-negative", lambda: eng.forward([-1]), "outside the vocabulary"),
+        ("id-vocab", lambda: eng.forward([vocab]), "outside the vocabulary"),
+        ("id-bool", lambda: eng.step(True), r"\(bool\)"),
+        ("id-float", lambda: eng.forward([1.0]), r"\(float\)"),
+        ("ids-str", lambda: eng.forward("hello"), "not a list of token ids"),
+        ("delta-scalar", lambda: eng.forward([1], {0: torch.tensor(1.0)}), "shape \\[\\]"),
+        ("delta-rows", lambda: eng.forward([1], {0: torch.zeros(1, hidden)}), "never broadcast"),
+        ("delta-width", lambda: eng.forward([1], {0: torch.zeros(hidden + 1)}), f"not \\[{hidden}\\]"),
+        ("delta-not-tensor", lambda: eng.forward([1], {0: [0.0] * hidden}), "is a list"),
+        ("delta-layer-unknown", lambda: eng.forward([1], {layers: z}), "out of range"),
+        ("delta-layer-float", lambda: eng.forward([1], {0.5: z}), r"\(float\)"),
+        ("deltas-not-mapping", lambda: eng.forward([1], [z]), "not a mapping"),
+        ("capture-unknown", lambda: eng.forward([1], capture=[layers]), "out of range"),
+        ("capture-negative", lambda: eng.prefill([1], capture=[-1]), "out of range"),
+        ("capture-str", lambda: eng.forward([1], capture="0"), "is a str"),
+    ]
+
+
+def test_bad_arguments_are_refused_before_compute(eng, ids, tol):
+    eng.prefill(ids)
+    expected = eng.step(5).logits.clone()
+    eng.rewind(1)
+    for name, call, fragment in bad_calls(eng):
+        calls, seq_len = eng.forward_calls, eng.seq_len
+        with pytest.raises(BadArgumentError, match=fragment):
+            call()
+        assert (eng.forward_calls, eng.seq_len) == (calls, seq_len), name
+    close(eng.step(5).logits, expected, tol)
+
+
+def test_context_overflow_is_refused_before_compute(eng, ids):
+    eng.prefill(ids)
+    calls = eng.forward_calls
+    with pytest.raises(ContextOverflowError, match=f"exceed the context of {eng.max_seq_len}"):
+        eng.forward([1] * (eng.max_seq_len - len(ids) + 1))
+    with pytest.raises(ContextOverflowError):
+        eng.prefill([1] * (eng.max_seq_len + 1))
+    assert eng.forward_calls == calls and eng.seq_len == len(ids)
+
+
+def test_forward_calls_count_each_pass(eng, ids):
+    calls = eng.forward_calls
+    eng.prefill(ids)
+    eng.step(7)
+    eng.forward([8, 9])
+    assert eng.forward_calls == calls + 3 and eng.seq_len == len(ids) + 3
+
+
+def test_steps_equal_one_prefill_with_captures(eng, ids, tol):
+    last = eng.identity.num_layers - 1
+    whole = eng.prefill(ids, capture=[0, last])
+    assert whole.logits.shape == (eng.identity.vocab_size,)
+    assert whole.hidden[0].shape == (len(ids), eng.identity.hidden_size)
+    eng.prefill(ids[:3])
+    for t in ids[3:]:
+        step = eng.step(t, capture=[last])
+    assert set(step.hidden) == {last} and step.hidden[last].shape == (1, eng.identity.hidden_size)
+    close(step.logits, whole.logits, tol)
+    close(step.hidden[last][0], whole.hidden[last][-1], tol * 10)  # residuals are larger
+
+
+def test_rewind_then_restep_equals_scratch(eng, ids, tol):
+    eng.prefill(ids)
+    eng.step(11)
+    eng.step(22)
+    eng.rewind(2)
+    assert eng.seq_len == len(ids)
+    close(eng.step(33).logits, eng.prefill(ids + [33]).logits, tol)
+
+
+def test_zero_deltas_change_nothing_and_a_delta_shifts_its_layer(eng, ids, tol):
+    hidden = eng.identity.hidden_size
+    plain = eng.prefill(ids, capture=[1])
+    zero = eng.prefill(ids, deltas={0: torch.zeros(hidden), 1: torch.zeros(hidden)})
+    close(zero.logits, plain.logits, tol)
+    delta = torch.randn(hidden, generator=torch.Generator().manual_seed(0))
+    steered = eng.prefill(ids, deltas={1: delta}, capture=[1]).hidden[1]
+    close(steered - plain.hidden[1], delta.expand(len(ids), hidden), tol * 10)
