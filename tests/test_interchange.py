@@ -55,6 +55,12 @@ def test_gguf_has_exactly_llama_cpps_layout(tmp_path):
     assert gguf.GGUFReader(hinted).get_field("controlvector.model_hint").contents() == "qwen2moe"
 
 
+def test_gguf_for_another_model_type_warns(tmp_path):
+    path = export_vector(make(), tmp_path / "v.gguf", model_hint="gemma2")
+    with pytest.warns(UserWarning, match="model type 'gemma2'"):
+        assert import_vector(path, MODEL).layers == (1, 4, 7)
+
+
 def test_gguf_refuses_layer_0_which_llama_cpp_rejects(tmp_path):
     with pytest.raises(BadArgumentError, match="layer 0.*select"):
         export_vector(make(layers=(0, 3)), tmp_path / "v.gguf")

@@ -264,6 +264,16 @@ def test_migrations_upgrade_an_older_store_in_place(tmp_path, monkeypatch):
             assert "rating" in [r[1] for r in c.execute("PRAGMA table_info(vectors)")]
 
 
+def test_unusable_paths(tmp_path):
+    with pytest.raises(BadArgumentError, match="is a folder"):
+        VectorStore(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BadArgumentError, match="cannot be created"):
+        VectorStore(tmp_path / "file" / "lib.sqlite")
+    with pytest.raises(BadArgumentError, match="not a path"):
+        VectorStore(42)
+
+
 def test_closed_store_refuses(store):
     store.close()
     store.close()

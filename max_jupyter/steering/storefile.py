@@ -113,7 +113,11 @@ def connect(path: str, db: ModuleType):
         if target.is_dir():
             raise BadArgumentError(f"path={path!r} is a folder; give a file such as "
                                    f"{str(target / 'vectors.sqlite')!r}.")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadArgumentError(f"path={path!r} is in a folder that cannot be created "
+                                   f"({e.strerror or e}); give a path you can write to.") from e
     conn = db.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                       check_same_thread=False)
     try:
