@@ -61,7 +61,7 @@ def test_rewind_then_restep_equals_scratch(engine, ids):
     restep = engine.step(33).logits
     scratch = engine.prefill(ids + [33]).logits
     torch.testing.assert_close(restep, scratch, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="cannot rewind"):
+    with pytest.raises(BadArgumentError, match=r"is out of range; rewind 0\.\."):
         engine.rewind(engine.seq_len + 1)
 
 

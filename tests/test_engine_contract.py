@@ -2,10 +2,10 @@
 CPU) everywhere; ExLlamaV2 on a GPU with exllamav2 installed (a random fp16 Llama built by
 the parity tests' builder), marked ``gpu`` and skipped elsewhere.
 
-Checked: bad arguments are refused by ``Engine.forward`` before any compute (no forward
-counted, the cache and the next logits unchanged); steps equal one prefill; captures have
-``[n_fed, hidden]`` rows; rewind; zero deltas change nothing; a delta shifts the residual
-it is added to by exactly itself.
+Checked: bad arguments are refused by ``Engine.forward`` / ``rewind`` before any compute
+(no forward counted, the cache and the next logits unchanged); steps equal one prefill;
+captures have ``[n_fed, hidden]`` rows; rewind; zero deltas change nothing; a delta shifts
+the residual it is added to by exactly itself.
 """
 from __future__ import annotations
 
@@ -85,6 +85,10 @@ def bad_calls(eng):
         ("capture-unknown", lambda: eng.forward([1], capture=[layers]), "out of range"),
         ("capture-negative", lambda: eng.prefill([1], capture=[-1]), "out of range"),
         ("capture-str", lambda: eng.forward([1], capture="0"), "is a str"),
+        ("rewind-past-start", lambda: eng.rewind(eng.seq_len + 1), "is out of range; rewind 0"),
+        ("rewind-negative", lambda: eng.rewind(-1), "is out of range"),
+        ("rewind-float", lambda: eng.rewind(1.0), r"n=1.0 is a float"),
+        ("rewind-bool", lambda: eng.rewind(True), r"n=True is a bool"),
     ]
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from max_jupyter.errors import ContextOverflowError
-from max_jupyter.validation import check_deltas, check_layers, check_token_ids
+from max_jupyter.validation import check_deltas, check_int, check_layers, check_token_ids
 
 if TYPE_CHECKING:
     from max_jupyter.tokenizer import Tokenizer
@@ -60,7 +60,7 @@ class ForwardResult:
 class Engine(ABC):
     """A batch-1 language model with a KV cache, residual-stream access and a tokenizer.
 
-    Backends implement ``_forward``, ``rewind``, ``reset`` and ``seq_len``. The public
+    Backends implement ``_forward``, ``_rewind``, ``reset`` and ``seq_len``. The public
     ``forward`` (and ``prefill``, ``step``) checks the arguments here, once for every
     backend, and raises ``BadArgumentError`` / ``ContextOverflowError`` before any compute:
     ids a non-empty list of ints in ``0..vocab_size-1``; deltas exactly ``[hidden]`` on
@@ -99,8 +99,14 @@ class Engine(ABC):
         layers, ``capture`` known layers. Restores the cache if it fails."""
 
     @abstractmethod
+    def _rewind(self, n: int) -> None:
+        """The backend's rewind by a checked ``n`` (``0 <= n <= seq_len``)."""
+
     def rewind(self, n: int) -> None:
-        """Drop the last ``n`` cached positions (``0 <= n <= seq_len``)."""
+        """Drop the last ``n`` cached positions; ``n`` an int in ``0..seq_len``
+        (``BadArgumentError`` otherwise, the cache unchanged)."""
+        self._rewind(check_int("n", n, low=0, high=self.seq_len,
+                               fix=f"rewind 0..{self.seq_len} positions (the cache holds {self.seq_len})"))
 
     def forward(self, ids: Sequence[int], deltas: LayerDeltas | None = None,
                 capture: Collection[int] = ()) -> ForwardResult:

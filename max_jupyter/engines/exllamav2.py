@@ -398,9 +398,7 @@ class ExLlamaV2Engine(Engine):
     def reset(self) -> None:
         self.cache.current_seq_len = 0
 
-    def rewind(self, n: int) -> None:
-        if not 0 <= n <= self.seq_len:
-            raise ValueError(f"cannot rewind {n} positions: the cache holds {self.seq_len}.")
+    def _rewind(self, n: int) -> None:
         self.cache.current_seq_len -= n
 
     def unload(self) -> None:

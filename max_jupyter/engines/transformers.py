@@ -2,7 +2,7 @@
 
 Deltas and captures go through one forward hook per decoder block, registered once; a
 hook does nothing unless the current forward asked for its layer. The KV cache is a
-``DynamicCache``; ``rewind`` crops it.
+``DynamicCache``; ``_rewind`` crops it.
 """
 from __future__ import annotations
 
@@ -83,9 +83,7 @@ class TransformersEngine(Engine):
     def reset(self) -> None:
         self._cache = DynamicCache(config=self.model.config)
 
-    def rewind(self, n: int) -> None:
-        if not 0 <= n <= self.seq_len:
-            raise ValueError(f"cannot rewind {n} positions: the cache holds {self.seq_len}.")
+    def _rewind(self, n: int) -> None:
         self._truncate(self.seq_len - n)
 
     def _truncate(self, length: int) -> None:
