@@ -7,9 +7,7 @@
 #   bash bench/gpu_session.sh tests|bench|all [more pytest args, e.g. extra test files]
 # Carry: .gpu/whl (exllamav2 + missing deps), .gpu/ext (exllamav2_ext.so.xz), .gpu/tokenizer.
 # MAX_JUPYTER_COMMIT stamps the benchmark's JSON; default: git describe (the .git copied to the
-# box can be stale: pass it from here). --import-mode=importlib: tests/ is not put first on
-# sys.path, where a helper module (tests/kernels.py) would shadow the `kernels` package
-# that transformers probes.
+# box can be stale: pass it from here).
 set -uo pipefail
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/max_jupyter_out}; mkdir -p "$OUT"
@@ -23,7 +21,7 @@ export MAX_JUPYTER_TOKENIZER=${MAX_JUPYTER_TOKENIZER:-$PWD/.gpu/tokenizer}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 rc=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest -m gpu -s -q -p no:cacheprovider --import-mode=importlib tests/test_exllamav2_parity.py "$@" 2>&1 | tee "$OUT/tests.log" || rc=1
+  python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_exllamav2_parity.py tests/test_engine_contract.py tests/test_session_gpu.py "$@" 2>&1 | tee "$OUT/tests.log" || rc=1
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 bench/gpu_decode.py 2>&1 | tee "$OUT/bench.log" || rc=1
