@@ -1,13 +1,14 @@
-"""``%%max_generate --live`` (the Mixer over a TokenView) in a real browser: JupyterLab on 127.0.0.1 (a token,
-temporary config / data / runtime / workspace / settings folders) and the distribution's
-Chromium driven by Playwright (``executable_path``; no browser is downloaded).
+"""``%%max_generate --live`` (the Mixer over a TokenView) in a real browser: JupyterLab
+on 127.0.0.1 (a token, temporary config / data / runtime / workspace / settings folders)
+and the distribution's Chromium driven by Playwright (``executable_path``; no browser is
+downloaded).
 
 A generated notebook is run with Run > Run All Cells; while its background generation
 runs, a mixer slider is moved with the keyboard; the page's token spans then show the
 new coefficient from a step after the move on, one span per step with a tooltip, and a
 click on a token sets ``view.selected`` in the kernel (read by a second kernel client).
-Screenshots go to the test's tmp folder (printed). Without Chromium or Playwright the test
-skips outside CI and fails in CI (``CI=true``).
+Screenshots go to the test's tmp folder, or to $MAX_JUPYTER_SCREENSHOTS (printed).
+Without Chromium or Playwright the test skips outside CI and fails in CI (``CI=true``).
 """
 from __future__ import annotations
 
@@ -176,53 +177,57 @@ def page_tokens(page) -> list[dict]:
 @pytest.mark.parametrize("major", IPYKERNEL_MAJORS, ids=[f"ipykernel{m}" for m in IPYKERNEL_MAJORS])
 def test_live_mixer_and_token_view_in_jupyterlab(chromium, lab, major, tmp_path):
     name = write_notebook(lab["dirs"]["notebooks"], major)
+    shots = Path(os.environ.get("MAX_JUPYTER_SCREENSHOTS", tmp_path)) / f"ipykernel{major}"
+    shots.mkdir(parents=True, exist_ok=True)
     page = chromium.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(f"{lab['url']}/lab/workspaces/ipykernel{major}/tree/{name}?reset&token={lab['token']}")
     try:
         run_all_cells(page)
         page.wait_for_function("() => document.querySelectorAll('.max-tokenview .tv-tok').length >= 3",
                                timeout=300_000)
-        moved_at = move_slider(page)
+        before, after = move_slider(page)
         page.wait_for_function("() => (document.querySelector('.max-tokenview .tv-head') || {})"
                                ".textContent?.startsWith('done')", timeout=300_000)
-        page.screenshot(path=str(tmp_path / "after-run.png"))
+        page.screenshot(path=str(shots / "after-run.png"))
         tokens = page_tokens(page)
-        check_coefficients(tokens, moved_at)
-        check_tooltip(page, tokens, tmp_path)
+        check_coefficients(tokens, before, after)
+        check_tooltip(page, tokens, shots)
         check_click_selects(page, lab, tokens, major)
     finally:
-        page.screenshot(path=str(tmp_path / "last.png"))
-        print(f"screenshots in {tmp_path}")
+        page.screenshot(path=str(shots / "last.png"))
+        print(f"screenshots in {shots}")
         page.close()
 
 
-def move_slider(page) -> int:
+def move_slider(page) -> tuple[int, int]:
     """Focus the 'happy' coefficient slider and press ArrowRight until it shows NEW;
-    return how many tokens the page showed once it did."""
+    return how many tokens the page showed before the first press and after the last."""
     handle = page.locator(".max-mixer-row-happy .max-mixer-coef .noUi-handle")
     handle.focus()
+    before = len(page_tokens(page))
     for _ in range(PRESSES):
         page.keyboard.press("ArrowRight")
     readout = page.locator(".max-mixer-row-happy .max-mixer-coef .widget-readout")
     assert readout.inner_text() == f"{NEW:.2f}"
-    shown = len(page_tokens(page))
-    assert shown < TOKENS - 5, f"the generation was nearly over ({shown} tokens) when the slider moved"
-    return shown
+    after = len(page_tokens(page))
+    assert after < TOKENS - 5, f"the generation was nearly over ({after} tokens) when the slider moved"
+    return before, after
 
 
-def check_coefficients(tokens: list[dict], moved_at: int) -> None:
-    """Old coefficient up to the move, then (after intermediate key steps) the new one."""
+def check_coefficients(tokens: list[dict], before: int, after: int) -> None:
+    """The old coefficient on every token shown before the first key press; then (through
+    the values of the single key steps) the new one, from shortly after the last press on."""
     assert [t["step"] for t in tokens] == list(range(TOKENS)), "one span per step, in order"
     coefs = [t["mix"]["happy"] for t in tokens]
-    assert coefs[:moved_at] == [OLD] * moved_at
+    assert coefs[:before] == [OLD] * before
     assert coefs == sorted(coefs), coefs
     first_new = coefs.index(NEW)
     assert coefs[first_new:] == [NEW] * (TOKENS - first_new)
-    # A step may be in flight, and one more not yet on the page, when the key is pressed.
-    assert first_new <= moved_at + 3, (moved_at, coefs)
+    # A step may be in flight, and one more not yet on the page, when the last key is pressed.
+    assert first_new <= after + 3, (before, after, coefs)
 
 
-def check_tooltip(page, tokens: list[dict], tmp_path: Path) -> None:
+def check_tooltip(page, tokens: list[dict], shots: Path) -> None:
     assert all("score: probe" in t["tip"] and "live mix: happy=" in t["tip"] for t in tokens)
     assert all("big top-k:" in t["tip"] and "small top-k:" in t["tip"] for t in tokens)
     last = page.locator(".max-tokenview .tv-tok").nth(TOKENS - 1)
@@ -230,7 +235,7 @@ def check_tooltip(page, tokens: list[dict], tmp_path: Path) -> None:
     tip = page.locator(".max-tokenview .tv-tip")
     tip.wait_for(state="visible")
     assert f"happy={NEW:.2f}" in tip.inner_text()
-    page.screenshot(path=str(tmp_path / "tooltip.png"))
+    page.screenshot(path=str(shots / "tooltip.png"))
 
 
 def check_click_selects(page, lab, tokens: list[dict], major: int) -> None:

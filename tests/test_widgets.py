@@ -119,6 +119,15 @@ def test_max_steer_mixer_and_max_steer_on(kernel):
         == ["0.9", "0.9"]
 
 
+def test_vector_added_to_the_library_gets_a_row(kernel):
+    kernel.run("s.vectors['sad'] = -s.vectors['happy']")
+    deadline = time.monotonic() + 10
+    while kernel.run("print('sad' in m.rows)").strip() != "True":
+        assert time.monotonic() < deadline, "no row for the new vector"
+        time.sleep(0.1)
+    assert kernel.run("print(m.rows['sad'].on.value, 'sad' in s.mix)").split() == ["False", "False"]
+
+
 def rebuild_rows(messages: list[dict], view_id: str) -> list[dict]:
     """The rows a page would hold after the view's ``tokens`` messages, in order."""
     rows: list[dict] = []

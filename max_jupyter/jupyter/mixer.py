@@ -120,6 +120,8 @@ class Mixer(widgets.VBox):
         self.status = widgets.HTML("no generation")
         self.status.add_class("max-mixer-status")
         self._rows_box = widgets.VBox()
+        self._refreshing = threading.RLock()
+        self._library_size = 0
         super().__init__([widgets.HBox([self.stop_button, self.status]), self._rows_box])
         self.add_class("max-mixer")
         self.refresh()
@@ -131,17 +133,19 @@ class Mixer(widgets.VBox):
 
     def refresh(self) -> None:
         """Add rows for vectors new to the library or the mix, and show the mix on all rows."""
-        entries = self.session.mix.entries
-        names = [*self.session.vectors, *(n for n in entries if n not in self.session.vectors)]
-        new = [n for n in dict.fromkeys(names) if n not in self.rows]
-        for name in new:
-            vector = entries[name].vector if name in entries else self.session.vectors[name]
-            self.rows[name] = MixerRow(name, vector, self.session.mix,
-                                       coef_range=self._coef_range, step=self._step)
-        if new:
-            self._rows_box.children = list(self.rows.values())
-        for name, row in self.rows.items():
-            row.show(entries.get(name))
+        with self._refreshing:
+            entries, library = self.session.mix.entries, list(self.session.vectors)
+            self._library_size = len(library)
+            names = [*library, *(n for n in entries if n not in library)]
+            new = [n for n in dict.fromkeys(names) if n not in self.rows]
+            for name in new:
+                vector = entries[name].vector if name in entries else self.session.vectors[name]
+                self.rows[name] = MixerRow(name, vector, self.session.mix,
+                                           coef_range=self._coef_range, step=self._step)
+            if new:
+                self._rows_box.children = list(self.rows.values())
+            for name, row in self.rows.items():
+                row.show(entries.get(name))
 
     def _on_mix(self, mix: SteeringController) -> None:
         """The mix changed (on the thread that changed it): move the rows."""
@@ -158,18 +162,24 @@ class Mixer(widgets.VBox):
             handle.stop()
 
     def _watch(self, poll_s: float) -> None:
-        """Show the running generation's step and state; enable Stop while one runs."""
+        """Every ``poll_s``: add rows for vectors new to the library; show the running
+        generation's step and state. Ends with ``close()`` or the session."""
         shown = None
-        while not self._closed.wait(poll_s):
-            handle = self.session.handle
-            now = (id(handle), handle.state, handle.step) if handle is not None else None
-            if now == shown:
-                continue
-            shown = now
+        while not self._closed.wait(poll_s) and not self.session.closed:
+            if len(self.session.vectors) != self._library_size:
+                self.refresh()
+            shown = self._show_handle(shown)
+
+    def _show_handle(self, shown: tuple | None) -> tuple | None:
+        """Show ``session.handle`` if it changed from ``shown``; enable Stop while it runs."""
+        handle = self.session.handle
+        now = (id(handle), handle.state, handle.step) if handle is not None else None
+        if now != shown:
             running = handle is not None and handle.state in ("queued", "running")
             self.stop_button.disabled = not running
             self.status.value = (f"step <b>{handle.step}</b> · {handle.state}"
                                  if handle is not None else "no generation")
+        return now
 
     def close(self) -> None:
         """Stop following the session and close the widgets."""
