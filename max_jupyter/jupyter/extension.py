@@ -24,11 +24,18 @@ def load(shell) -> MaxMagics:
         magics.session = session
     shell.register_magics(magics)
     formatters = shell.display_formatter.formatters
-    formatters["text/html"].for_type(GenerationResult,
-                                     lambda r: result_html(r, *magics.tokenizers()))
+    formatters["text/html"].for_type(GenerationResult, lambda r: _html(magics, r))
     formatters["text/plain"].for_type(GenerationResult, pretty)
     _LOADED[id(shell)] = magics
     return magics
+
+
+def _html(magics: MaxMagics, result: GenerationResult) -> str:
+    """The result's HTML with the session's tokenizers, if its tokens can be theirs."""
+    big, small = magics.tokenizers()
+    if big is not None and max(result.token_ids, default=0) >= big.vocab_size:
+        big = small = None  # made by another model: show the text whole
+    return result_html(result, big, small)
 
 
 def apply_config(magics: MaxMagics, section) -> None:
