@@ -551,6 +551,11 @@ def test_interrupt_in_a_real_kernel():
         assert again.startswith("GenerationResult(3 tokens") and "finish: length" in again
         busy = _execute(kc, "print(max_session.busy, max_session.handle.state)")
         assert [m["content"]["text"] for m in busy if m["msg_type"] == "stream"] == ["False done\n"]
+        reload = _execute(kc, "old = max_session\n%max_load --store none\n"
+                              "print(old.closed, max_session.closed, type(max_session.vectors).__name__)")
+        printed = "".join(m["content"]["text"] for m in reload
+                          if m["msg_type"] == "stream" and m["content"]["name"] == "stdout")
+        assert printed.endswith("True False dict\n")  # %max_load closed the session it replaced
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
