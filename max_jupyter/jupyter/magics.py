@@ -295,7 +295,7 @@ class MaxMagics(Magics, Configurable):
         from max_jupyter.jupyter.stream import StreamDisplay
 
         handle = session.start(prompt, **opts)
-        view = StreamDisplay(self.update_hz, steered=opts.get("steering") is not None)
+        view = StreamDisplay(self.update_hz)
         try:
             for event in handle.events():
                 view.add(event)

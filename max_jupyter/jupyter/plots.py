@@ -13,7 +13,7 @@ import torch
 from matplotlib.figure import Figure
 
 from max_jupyter.errors import BadArgumentError
-from max_jupyter.jupyter.render import steered_mask, token_pieces
+from max_jupyter.jupyter.render import token_pieces
 from max_jupyter.orchestrator.trace import GenerationResult, TopK
 from max_jupyter.steering.vector import SteeringVector
 from max_jupyter.tokenizer import Tokenizer
@@ -50,7 +50,7 @@ def _show_figures_in_ipython() -> None:
 
 def _shade_steered(ax, result: GenerationResult) -> None:
     """Shade the spans of steered steps (x = step index)."""
-    steered = steered_mask(result).tolist()
+    steered = result.steered.tolist()
     start = None
     for i, on in enumerate([*steered, False]):
         if on and start is None:

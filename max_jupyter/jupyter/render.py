@@ -11,8 +11,6 @@ import html
 import math
 from collections.abc import Sequence
 
-import torch
-
 from max_jupyter.orchestrator.trace import GenerationResult, StepRecord, TopK
 from max_jupyter.tokenizer import Tokenizer
 
@@ -38,23 +36,13 @@ def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
     return pieces
 
 
-def steered_mask(result: GenerationResult) -> torch.Tensor:
-    """``[steps]`` bool: a delta was injected at that step by any source — the live mix, the
-    call's steering or a judge-gated mix (from ``result.deltas``; from the records when the
-    trace has no deltas)."""
-    if result.deltas:
-        return torch.stack([(d != 0).any(-1) for d in result.deltas.values()]).any(0).cpu()
-    return torch.tensor([bool(r.steering) or any(c != 0 for c in r.mix.values())
-                         for r in result.steps], dtype=torch.bool)
-
-
 def summary(result: GenerationResult) -> str:
     """One line: tokens, speed, finish reason, steered / re-run steps, judges' score ranges."""
     n = len(result.steps)
     parts = [f"{len(result.token_ids)} tokens", f"{result.tokens_per_s:.1f} tok/s",
              f"finish: {result.finish_reason}"]
     if n:
-        steered = int(steered_mask(result).sum())
+        steered = int(result.steered.sum())
         reruns = [r for r in result.steps if r.rerun]
         parts.append(f"steered {steered}/{n} steps")
         if reruns:
@@ -122,7 +110,7 @@ def token_spans(result: GenerationResult, tokenizer: Tokenizer,
     low, high = ((float(finite.min()), float(finite.max())) if finite is not None and len(finite)
                  else (0.0, 0.0))
     pieces = token_pieces(tokenizer, result.token_ids)
-    steered = steered_mask(result).tolist()
+    steered = result.steered.tolist()
     spans = []
     for record, piece in zip(result.steps, pieces):
         classes = ["mj-tok"] + (["mj-steered"] if steered[record.step] else []) + \

@@ -19,13 +19,10 @@ from max_jupyter.orchestrator.trace import StepEvent
 
 class StreamDisplay:
     """The live view of one generation; call ``add`` per event (from the cell's thread),
-    ``close`` at the end. ``steered``: the call has steering of its own, so every token is
-    steered (events show only the live mix and the judges' mixes)."""
+    ``close`` at the end; a token is marked steered when its step added any delta."""
 
-    def __init__(self, max_hz: float = 20.0, steered: bool = False,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, max_hz: float = 20.0, clock: Callable[[], float] = time.monotonic):
         self.min_interval = 1.0 / max_hz
-        self.steered = steered
         self.clock = clock
         self.spans: list[str] = []
         self.steps = 0
@@ -43,8 +40,7 @@ class StreamDisplay:
         if record is not None:
             self.steps += 1
             self.mix = record.mix
-            steered = self.steered or record.steering or any(record.mix.values())
-            marks = ("mj-steered " if steered else "") + ("mj-rerun" if record.rerun else "")
+            marks = ("mj-steered " if record.steered else "") + ("mj-rerun" if record.rerun else "")
             if event.text:
                 self.spans.append(f'<span class="mj-tok {marks}">{html.escape(event.text)}</span>')
         elif event.text:

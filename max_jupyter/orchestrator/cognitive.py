@@ -174,6 +174,7 @@ class CognitiveOrchestrator:
         except KeyboardInterrupt:
             result.finish_reason = "interrupted"
         tail = run.stops.drain(run.decoder)
+        result.incomplete = run.decoder.incomplete
         if tail:
             result.text += tail
             yield self._emit(StepEvent(None, tail), run.on_event)
@@ -268,7 +269,8 @@ class CognitiveOrchestrator:
         token, prob = run.sampler.sample(fwd.out.logits)
         unsteered_token, unsteered_prob = fwd.unsteered or (None, None)
         record = StepRecord(step, token, prob, scores, tuple(sorted(fwd.steer)), fwd.first is not None,
-                            unsteered_token, unsteered_prob, judge_s, fwd.coefs)
+                            unsteered_token, unsteered_prob, judge_s, fwd.coefs,
+                            fwd.deltas is not None)
         run.recorder.add(fwd.out, fwd.first, fwd.deltas, small_hidden, small_logits)
         return record, decided
 

@@ -43,7 +43,8 @@ class StepRecord:
     ``prob``: probability of ``token`` under the sampler's distribution; ``judge_s``: time
     spent in judges and mix resolution this step (no model forwards); ``mix``: the live
     mix's coefficients (entry name -> coef) this step ran with (shared between steps with
-    the same mix: do not mutate)."""
+    the same mix: do not mutate); ``steered``: the final forward ran with any delta (the
+    live mix, the call's steering or a judge's mix)."""
 
     step: int
     token: int
@@ -55,6 +56,7 @@ class StepRecord:
     unsteered_prob: float | None = None
     judge_s: float = 0.0
     mix: dict[str, float] = field(default_factory=dict)
+    steered: bool = False
 
     @property
     def changed(self) -> bool:
@@ -116,8 +118,8 @@ class GenerationResult(Generation):
 
     @property
     def steered(self) -> torch.Tensor:
-        """``[steps]`` bool: the step's final forward ran with a mix."""
-        return torch.tensor([bool(r.steering) for r in self.steps], dtype=torch.bool)
+        """``[steps]`` bool: the step's final forward added a delta (any steering)."""
+        return torch.tensor([r.steered for r in self.steps], dtype=torch.bool)
 
     @property
     def reruns(self) -> torch.Tensor:

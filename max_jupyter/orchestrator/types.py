@@ -21,13 +21,16 @@ Steering = SteeringController | SteeringVector | None
 
 @dataclass
 class Generation:
-    """One finished generation. ``finish_reason``: eos, stop, length or interrupted."""
+    """One finished generation. ``finish_reason``: eos, stop, length or interrupted.
+    ``incomplete``: the last tokens ended inside a character, whose bytes were dropped from
+    ``text`` (never shown as U+FFFD)."""
 
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str = "length"
     elapsed_s: float = 0.0
+    incomplete: bool = False
 
     @property
     def tokens_per_s(self) -> float:

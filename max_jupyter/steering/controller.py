@@ -105,15 +105,20 @@ class SteeringController:
                 if name not in current:
                     raise KeyError(f"no vector named {name!r} in the mix; it has {sorted(current)}.")
                 new[name] = None
-            elif isinstance(change, (int, float)) and not isinstance(change, bool):
+            elif isinstance(change, (int, float)):  # a bool is refused by the coefficient check
                 if name not in current:
                     raise KeyError(f"no vector named {name!r} in the mix to set a coefficient "
                                    f"on; give (vector, coef) to add it.")
                 new[name] = self._entry(name, current[name].vector, change, current[name].layers)
-            else:
-                vector, coef, layers = (change, 1.0, None) if isinstance(change, SteeringVector) \
-                    else (*change, None)[:3]
+            elif isinstance(change, SteeringVector):
+                new[name] = self._entry(name, change, 1.0, None)
+            elif isinstance(change, tuple) and len(change) in (2, 3):
+                vector, coef, layers = (*change, None)[:3]
                 new[name] = self._entry(name, vector, coef, layers)
+            else:
+                raise fail(f"update[{name!r}]", change, "is not a change of the mix",
+                           "give a coefficient, a SteeringVector, (vector, coef) or "
+                           "(vector, coef, layers), or None to remove the entry")
         with self._lock:
             for name, entry in new.items():
                 if entry is None:
@@ -189,7 +194,7 @@ class SteeringController:
                 return cached[2]
             version = self._version
             entries = dict(self._entries)
-        total = _sum(entries.values())
+        total = _sum(e for e in entries.values() if e.coef != 0)  # a zero adds nothing
         deltas = total.deltas(1.0, engine.device, engine.dtype) if total is not None else None
         state = MixState(version, {n: e.coef for n, e in entries.items()}, deltas)
         with self._lock:
