@@ -1,7 +1,7 @@
-"""``%%max_generate --live`` (the Mixer over a TokenView) in a real browser: JupyterLab
-on 127.0.0.1 (a token, temporary config / data / runtime / workspace / settings folders)
-and the distribution's Chromium driven by Playwright (``executable_path``; no browser is
-downloaded).
+"""``%%max_generate --live`` (the Mixer over a TokenView) in a real browser: JupyterLab 4
+and Notebook 7, served on 127.0.0.1 (a token, temporary config / data / runtime /
+workspace / settings folders), and the distribution's Chromium driven by Playwright
+(``executable_path``; no browser is downloaded).
 
 A generated notebook is run with Run > Run All Cells; while its background generation
 runs, a mixer slider is moved with the keyboard; the page's token spans then show the
@@ -28,8 +28,12 @@ import pytest
 from jupyter_kernels import IPYKERNEL_MAJORS, Kernel, ipykernel_env, missing
 
 CHROMIUM = os.environ.get("MAX_JUPYTER_CHROMIUM", "/usr/bin/chromium")
-OLD, NEW, STEP, PRESSES = 0.0, 0.5, 0.05, 10
+OLD, NEW = 0.0, 0.5
+LOW, HIGH, STEP = -2.0, 2.0, 0.05  # the Mixer's default slider range and step
+PRESSES = round((NEW - OLD) / STEP)
 TOKENS = 36
+UIS = [("lab", major) for major in IPYKERNEL_MAJORS] + [("notebook7", IPYKERNEL_MAJORS[0])]
+"""JupyterLab 4 on both ipykernel major versions; Notebook 7 (the same server) on one."""
 
 SETUP = """\
 import time
@@ -141,8 +145,8 @@ def wait_for_server(server: subprocess.Popen, url: str, token: str, log: Path) -
             time.sleep(0.3)
 
 
-def write_notebook(folder: Path, major: int) -> str:
-    name = f"live-ipykernel{major}.ipynb"
+def write_notebook(folder: Path, ui: str, major: int) -> str:
+    name = f"live-{ui}-ipykernel{major}.ipynb"
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": {
         "name": f"max-ipykernel{major}", "display_name": f"Python (ipykernel {major})",
         "language": "python"}})
@@ -174,18 +178,20 @@ def page_tokens(page) -> list[dict]:
         tip: s.dataset.tip}))""")
 
 
-@pytest.mark.parametrize("major", IPYKERNEL_MAJORS, ids=[f"ipykernel{m}" for m in IPYKERNEL_MAJORS])
-def test_live_mixer_and_token_view_in_jupyterlab(chromium, lab, major, tmp_path):
-    name = write_notebook(lab["dirs"]["notebooks"], major)
-    shots = Path(os.environ.get("MAX_JUPYTER_SCREENSHOTS", tmp_path)) / f"ipykernel{major}"
+@pytest.mark.parametrize("ui, major", UIS, ids=[f"{ui}-ipykernel{major}" for ui, major in UIS])
+def test_live_mixer_and_token_view_in_the_browser(chromium, lab, ui, major, tmp_path):
+    name = write_notebook(lab["dirs"]["notebooks"], ui, major)
+    shots = Path(os.environ.get("MAX_JUPYTER_SCREENSHOTS", tmp_path)) / f"{ui}-ipykernel{major}"
     shots.mkdir(parents=True, exist_ok=True)
     page = chromium.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(f"{lab['url']}/lab/workspaces/ipykernel{major}/tree/{name}?reset&token={lab['token']}")
+    path = (f"lab/workspaces/{ui}{major}/tree/{name}?reset&" if ui == "lab"
+            else f"notebooks/{name}?")  # Notebook 7: one document per page
+    page.goto(f"{lab['url']}/{path}token={lab['token']}")
     try:
         run_all_cells(page)
         page.wait_for_function("() => document.querySelectorAll('.max-tokenview .tv-tok').length >= 3",
                                timeout=300_000)
-        before, after = move_slider(page)
+        before, after = move_slider(page, ui)
         page.wait_for_function("() => (document.querySelector('.max-tokenview .tv-head') || {})"
                                ".textContent?.startsWith('done')", timeout=300_000)
         page.screenshot(path=str(shots / "after-run.png"))
@@ -199,16 +205,23 @@ def test_live_mixer_and_token_view_in_jupyterlab(chromium, lab, major, tmp_path)
         page.close()
 
 
-def move_slider(page) -> tuple[int, int]:
-    """Focus the 'happy' coefficient slider and press ArrowRight until it shows NEW;
-    return how many tokens the page showed before the first press and after the last."""
-    handle = page.locator(".max-mixer-row-happy .max-mixer-coef .noUi-handle")
-    handle.focus()
+def move_slider(page, ui: str) -> tuple[int, int]:
+    """Move the 'happy' coefficient slider to NEW — with the keyboard (focus the handle,
+    press ArrowRight) in JupyterLab; in Notebook 7, whose command-mode shortcuts take the
+    arrow keys from a focused output, with a click on the track — and return how many
+    tokens the page showed before the move and after it."""
+    slider = page.locator(".max-mixer-row-happy .max-mixer-coef")
+    handle = slider.locator(".noUi-handle")
+    handle.click()  # focuses it (a click on the handle itself does not move it)
     before = len(page_tokens(page))
-    for _ in range(PRESSES):
-        page.keyboard.press("ArrowRight")
-    readout = page.locator(".max-mixer-row-happy .max-mixer-coef .widget-readout")
-    assert readout.inner_text() == f"{NEW:.2f}"
+    if ui == "lab":
+        for _ in range(PRESSES):
+            page.keyboard.press("ArrowRight")
+    else:
+        track = slider.locator(".noUi-target")
+        box = track.bounding_box()
+        track.click(position={"x": box["width"] * (NEW - LOW) / (HIGH - LOW), "y": box["height"] / 2})
+    assert slider.locator(".widget-readout").inner_text() == f"{NEW:.2f}"
     after = len(page_tokens(page))
     assert after < TOKENS - 5, f"the generation was nearly over ({after} tokens) when the slider moved"
     return before, after
