@@ -90,6 +90,12 @@ class Kernel:
             "method": "update", "state": state, "buffer_paths": []}})
         self.client.shell_channel.send(msg)
 
+    def click(self, comm_id: str) -> None:
+        """Send what a page sends when a Button is clicked."""
+        msg = self.client.session.msg("comm_msg", {"comm_id": comm_id, "data": {
+            "method": "custom", "content": {"event": "click"}}})
+        self.client.shell_channel.send(msg)
+
     def close(self) -> None:
         self.client.stop_channels()
         if self.manager is not None:

@@ -128,6 +128,21 @@ def test_vector_added_to_the_library_gets_a_row(kernel):
     assert kernel.run("print(m.rows['sad'].on.value, 'sad' in s.mix)").split() == ["False", "False"]
 
 
+def test_stop_button_stops_the_running_generation(kernel):
+    stop_id = kernel.run("h2 = s.start('Count to one hundred.', max_new_tokens=400, "
+                         "on_event=lambda e: time.sleep(0.05))\nprint(m.stop_button.model_id)")
+    deadline = time.monotonic() + 60
+    while kernel.run("print(m.stop_button.disabled, h2.step > 2)").split() != ["False", "True"]:
+        assert time.monotonic() < deadline, "the Stop button was not enabled for the generation"
+        time.sleep(0.1)
+    kernel.click(stop_id.strip())
+    out = kernel.run("r2 = h2.result(timeout=60); time.sleep(0.5)\n"
+                     "print(h2.state, len(r2.steps), m.stop_button.disabled, m.status.value)")
+    state, steps, disabled, *status = out.split()
+    assert (state, disabled) == ("stopped", "True") and int(steps) < 400
+    assert "stopped" in " ".join(status) and steps in " ".join(status)
+
+
 def rebuild_rows(messages: list[dict], view_id: str) -> list[dict]:
     """The rows a page would hold after the view's ``tokens`` messages, in order."""
     rows: list[dict] = []

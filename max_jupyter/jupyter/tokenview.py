@@ -82,7 +82,7 @@ class TokenView(anywidget.AnyWidget):
         threading.Thread(target=self._consume, args=(handle, _Flusher(self._flush, self._interval)),
                          daemon=True, name="max-tokenview").start()
 
-    def push(self, event: StepEvent) -> None:
+    def _push(self, event: StepEvent) -> None:
         """Add one step event (any thread); it reaches the page with the next batch."""
         with self._lock:
             if event.record is None:  # text held back to the end belongs to the last token
@@ -96,7 +96,7 @@ class TokenView(anywidget.AnyWidget):
                 self._mark(len(self._rows) - 1)
                 self._status = f"running · step {len(self._rows)}"
 
-    def finish(self, result: GenerationResult | None, state: str) -> None:
+    def _finish(self, result: GenerationResult | None, state: str) -> None:
         """The generation ended in ``state`` with ``result`` (None if there is none):
         add both models' top-k alternatives to every token and show the outcome."""
         with self._lock:
@@ -127,11 +127,11 @@ class TokenView(anywidget.AnyWidget):
             for event in handle.events():
                 if self._handle is not handle:  # follow() moved on to another generation
                     return
-                self.push(event)
+                self._push(event)
                 flusher.poke()
         finally:
             if self._handle is handle:
-                self.finish(_outcome(handle), handle.state)
+                self._finish(_outcome(handle), handle.state)
             flusher.stop()
 
     def _mark(self, index: int) -> None:
