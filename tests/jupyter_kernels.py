@@ -90,10 +90,11 @@ class Kernel:
             "method": "update", "state": state, "buffer_paths": []}})
         self.client.shell_channel.send(msg)
 
-    def click(self, comm_id: str) -> None:
-        """Send what a page sends when a Button is clicked."""
+    def send_custom(self, comm_id: str, content: dict) -> None:
+        """Send a widget's custom message from the page (a Button's click is
+        ``{"event": "click"}``; ``model.send(...)`` in a front end sends its argument)."""
         msg = self.client.session.msg("comm_msg", {"comm_id": comm_id, "data": {
-            "method": "custom", "content": {"event": "click"}}})
+            "method": "custom", "content": content}})
         self.client.shell_channel.send(msg)
 
     def close(self) -> None:

@@ -80,6 +80,18 @@ def test_slider_message_mid_run_changes_later_steps_only(kernel):
     assert all(row["big"] for row in rows), "top-k alternatives missing after the end"
 
 
+def test_a_view_rendered_late_gets_every_token(kernel):
+    """A page that renders the view after the run asks for the rows ("sync") and gets all."""
+    view_id = kernel.ids[2]
+    kernel.run("h.result(timeout=300)")
+    kernel.seen.clear()
+    kernel.send_custom(view_id, {"type": "sync"})
+    assert int(kernel.run("print(len(view.records))")) == STEPS
+    rows = rebuild_rows(kernel.seen, view_id)
+    assert [row["i"] for row in rows] == list(range(STEPS))
+    assert all(row["big"] for row in rows)
+
+
 def test_mix_changed_in_code_moves_the_slider(kernel):
     slider_id = kernel.ids[1]
     kernel.seen.clear()
@@ -135,7 +147,7 @@ def test_stop_button_stops_the_running_generation(kernel):
     while kernel.run("print(m.stop_button.disabled, h2.step > 2)").split() != ["False", "True"]:
         assert time.monotonic() < deadline, "the Stop button was not enabled for the generation"
         time.sleep(0.1)
-    kernel.click(stop_id.strip())
+    kernel.send_custom(stop_id.strip(), {"event": "click"})
     out = kernel.run("r2 = h2.result(timeout=60); time.sleep(0.5)\n"
                      "print(h2.state, len(r2.steps), m.stop_button.disabled, m.status.value)")
     state, steps, disabled, *status = out.split()
