@@ -175,7 +175,7 @@ def page_tokens(page) -> list[dict]:
     """Every token span of the view: its step, text, live-mix coefficients and tooltip."""
     return page.eval_on_selector_all(".max-tokenview .tv-tok", """spans => spans.map(s => ({
         step: Number(s.dataset.step), text: s.textContent, mix: JSON.parse(s.dataset.mix),
-        tip: s.dataset.tip}))""")
+        tip: s.dataset.tip, steered: s.classList.contains("tv-steered")}))""")
 
 
 @pytest.mark.parametrize("ui, major", UIS, ids=[f"{ui}-ipykernel{major}" for ui, major in UIS])
@@ -238,6 +238,7 @@ def check_coefficients(tokens: list[dict], before: int, after: int) -> None:
     assert coefs[first_new:] == [NEW] * (TOKENS - first_new)
     # A step may be in flight, and one more not yet on the page, when the last key is pressed.
     assert first_new <= after + 3, (before, after, coefs)
+    assert all(t["steered"] for t in tokens[first_new:]), "tokens with the new coefficient not marked"
 
 
 def check_tooltip(page, tokens: list[dict], shots: Path) -> None:

@@ -5,8 +5,9 @@ Protocol with ``tokenview.TokenView``:
 - kernel -> page, custom message ``{"type": "tokens", "start": i, "n": total, "tokens": [...]}``:
   rows ``start..`` replace or extend the page's list, which is cut to ``n`` rows. A row is
   ``{"i": step, "t": text, "tok": id, "p": prob, "sc": {judge: score}, "st": [judged
-  mixes], "mix": {name: coef}, "rr": re-run, "ch": re-run changed the token, "ut": the
-  first pass's token text, "big" / "small": [[text, logit], ...] or null}``;
+  mixes], "mix": {name: coef}, "sd": the step's final forward added a delta, "rr": re-run,
+  "ch": re-run changed the token, "ut": the first pass's token text, "big" / "small":
+  [[text, logit], ...] or null}``;
 - page -> kernel, custom message ``{"type": "sync"}`` when a view is rendered: the kernel
   answers with every row;
 - trait ``selected_step``: set by a click on a token; ``status`` and ``judge``: shown / used.
@@ -26,7 +27,7 @@ function tipText(t) {
   lines.push("score: " + (scores.length ? scores.map(([k, v]) => `${k} ${fmt(v)}`).join(", ") : "none"));
   const mix = Object.entries(t.mix || {});
   lines.push("live mix: " + (mix.length ? mix.map(([k, v]) => `${k}=${fmt(v, 2)}`).join(", ") : "none"));
-  lines.push("judged mixes: " + ((t.st && t.st.length) ? t.st.join(", ") : "none"));
+  lines.push("judged mixes: " + ((t.st && t.st.length) ? t.st.join(", ") : "none") + (t.sd ? " · steered" : " · not steered"));
   if (t.rr) lines.push(`re-run: the first pass chose ${q(t.ut)}${t.ch ? " (changed)" : " (same token)"}`);
   const alts = (name, list) => `${name} top-k: ` + list.map(([s, l]) => `${q(s)} ${fmt(l, 1)}`).join("  ");
   if (t.big) lines.push(alts("big", t.big)); else lines.push("top-k: shown when the generation ends");
@@ -68,7 +69,7 @@ function render({ model, el }) {
     s.textContent = t.t;
     s.classList.toggle("tv-empty", t.t === "");
     const mix = t.mix || {};
-    s.classList.toggle("tv-steered", (t.st && t.st.length > 0) || Object.values(mix).some((c) => c !== 0));
+    s.classList.toggle("tv-steered", !!t.sd);
     s.classList.toggle("tv-rerun", !!t.rr);
     s.classList.toggle("tv-changed", !!t.ch);
     s.classList.toggle("tv-selected", i === model.get("selected_step"));
