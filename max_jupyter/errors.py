@@ -15,6 +15,13 @@ class BadArgumentError(MaxJupyterError, ValueError, TypeError):
     """An argument of the wrong type or out of range; the message names it, its value and the fix."""
 
 
+class UnknownNameError(MaxJupyterError, KeyError):
+    """No vector, mix entry, mix or judge has this name (a ``KeyError`` for mapping use)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class ModelMismatchError(MaxJupyterError, ValueError):
     """A vector, mix or judge meets a model it was not made for."""
 

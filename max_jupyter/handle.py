@@ -3,6 +3,7 @@ stop and await) and ``CallJob`` (any function run on the worker)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -10,6 +11,7 @@ from concurrent.futures import Future
 from max_jupyter.orchestrator.trace import GenerationResult, StepEvent
 
 STATES = ("queued", "running", "done", "stopped", "error")
+log = logging.getLogger(__name__)
 
 
 class GenerationHandle:
@@ -57,9 +59,14 @@ class GenerationHandle:
     def stop(self, reason: str = "aborted") -> None:
         """End the generation before its next step (its ``finish_reason`` becomes
         ``reason``); a queued one never starts. A no-op once it has finished."""
-        if not self.done:
+        with self._cond:
+            if self.done:
+                return
             self.stop_reason = reason
             self.abort.set()
+            queued = self._state == "queued"
+        if queued:  # it never starts: done now, not when the worker reaches it
+            self._end("stopped", GenerationResult(list(self._prompt_ids), finish_reason=reason))
 
     def result(self, timeout: float | None = None) -> GenerationResult:
         """Wait for the result (``TimeoutError`` after ``timeout`` s). A generation that
@@ -80,7 +87,10 @@ class GenerationHandle:
         finished = loop.create_future()
 
         def wake() -> None:
-            loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+            try:
+                loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+            except RuntimeError:  # that event loop has closed: nobody is waiting any more
+                pass
 
         self._when_done(wake)
         await finished
@@ -112,10 +122,11 @@ class GenerationHandle:
 
     def run(self) -> None:
         """Run the generation (on the worker thread); never raises."""
-        if self.abort.is_set():  # stopped while queued: no compute at all
-            self._end("stopped", GenerationResult(list(self._prompt_ids), finish_reason=self.stop_reason))
-            return
-        self._set_state("running")
+        with self._cond:
+            if self.done:  # stopped (or cancelled) while queued: no compute at all
+                return
+            self._state = "running"
+            self._cond.notify_all()
         try:
             result = self._generate(self)
         except BaseException as e:  # surfaces in result(); the worker goes on
@@ -139,19 +150,20 @@ class GenerationHandle:
         if self._on_event is not None:
             self._on_event(event)
 
-    def _set_state(self, state: str) -> None:
-        with self._cond:
-            self._state = state
-            self._cond.notify_all()
-
     def _end(self, state: str, result: GenerationResult | None,
              error: BaseException | None = None) -> None:
         with self._cond:
+            if self.done:
+                return
             self._state, self._result, self._error = state, result, error
             callbacks, self._done_callbacks = self._done_callbacks, []
+            self._generate = None  # drop the run's engines and per-step tensors
             self._cond.notify_all()
         for callback in callbacks:
-            callback()
+            try:
+                callback()
+            except Exception:  # a waiter's trouble must not reach the worker
+                log.exception("a callback of a finished generation raised")
 
 
 class CallJob:
@@ -164,12 +176,19 @@ class CallJob:
         self.cancelled = threading.Event()
 
     def run(self) -> None:
+        if self.cancelled.is_set():  # its caller gave up while it was queued
+            self.cancel(KeyboardInterrupt())
+            return
         if not self.future.set_running_or_notify_cancel():
             return
         try:
             self.future.set_result(self.fn(self))
         except BaseException as e:
             self.future.set_exception(e)
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
 
     def stop(self) -> None:
         self.cancelled.set()

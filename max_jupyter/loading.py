@@ -39,16 +39,31 @@ def exllamav2_available() -> bool:
 
 
 def choose_backend(backend: str, big: Source) -> str:
-    """The backend for ``big``: ``auto`` takes ExLlamaV2 where CUDA and exllamav2 are present
-    and the folder is EXL2/GPTQ, else transformers. An explicit choice is checked."""
+    """The backend for ``big``: ``auto`` takes ExLlamaV2 for an EXL2/GPTQ folder (refused with
+    the install command where CUDA or exllamav2 is missing), else transformers. An explicit
+    choice is checked."""
     if backend not in BACKENDS:
         raise BadArgumentError(f"backend={backend!r} is not a backend; use one of {list(BACKENDS)}.")
+    if backend == "auto" and not is_quantized_folder(big):
+        return "transformers"
     if backend == "auto":
-        return "exllamav2" if is_quantized_folder(big) and exllamav2_available() else "transformers"
+        backend = "exllamav2"  # EXL2/GPTQ weights: transformers cannot run them here
     if backend == "exllamav2" and not exllamav2_available():
-        raise BackendUnavailableError(f"backend='exllamav2' needs CUDA and exllamav2; install with "
-                                      f"{GPU_INSTALL}, or use backend='transformers'.")
+        raise BackendUnavailableError(
+            f"the exllamav2 backend (for EXL2/GPTQ folders) needs CUDA and exllamav2; install "
+            f"with {GPU_INSTALL}, or use backend='transformers' with HF-format weights.")
     return backend
+
+
+def check_sources(big: Source, small: Source, backend: str = "auto") -> None:
+    """Check the backend and that every source holds a model, before anything is loaded,
+    converted or freed (``small`` may be None or ``"same"``)."""
+    from max_jupyter.models import check_source
+
+    choose_backend(backend, big)
+    check_source(big)
+    if small is not None and small != "same":
+        check_source(small)
 
 
 def load_models(big: Source, small: Source, *, backend: str = "auto",
@@ -57,6 +72,7 @@ def load_models(big: Source, small: Source, *, backend: str = "auto",
                 ) -> tuple[Engine, Engine | None, object | None]:
     """Load the big engine and, unless ``small`` is None, the small one (``"same"``: the big
     source again, as a separate engine). Returns ``(big, small, memory plan or None)``."""
+    check_sources(big, small, backend)
     has_small = small is not None
     if small == "same":
         small = big

@@ -64,6 +64,17 @@ def resolve_hf_folder(source: str | os.PathLike | None = None) -> Path:
     return path
 
 
+def check_source(source: str | os.PathLike | None) -> None:
+    """Raise ``ModelSourceError`` unless ``resolve_hf_folder(source)`` can find weights —
+    without converting or reading them (seconds before a load that would fail)."""
+    if source is None or str(source) == DEFAULT_MODEL:
+        embedded_gguf_path()
+        return
+    path = Path(source).expanduser()
+    if not (path.is_file() and path.suffix == ".gguf"):
+        check_hf_folder(path)
+
+
 def check_hf_folder(path: Path) -> None:
     """Raise ``ModelSourceError`` unless ``path`` is a folder with config.json and weights."""
     if not path.exists():

@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import gc
 import itertools
+from concurrent import futures
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
 from max_jupyter.engines.base import Engine
 from max_jupyter.errors import BadArgumentError, SessionClosedError
 from max_jupyter.handle import CallJob, GenerationHandle
-from max_jupyter.loading import Source, load_models
+from max_jupyter.loading import Source, check_sources, load_models
 from max_jupyter.orchestrator.cognitive import CognitiveOrchestrator
 from max_jupyter.orchestrator.judges import Judge
 from max_jupyter.orchestrator.mirror import ContextMirror
@@ -74,6 +75,7 @@ class Session:
         self.handle: GenerationHandle | None = None
         self._worker = Worker(f"max_jupyter-session-{next(_ids)}")
         self._closed = False
+        self._owns_store = False  # Session.load opened the library: close() closes it
 
     @classmethod
     def load(cls, big: Source = None, small: Source = None, *, backend: str = "auto",
@@ -90,11 +92,22 @@ class Session:
         (the VectorStore at its default path, so vectors survive the kernel), None (a dict
         in memory), a path, or a ``VectorStore``.
         """
+        check_sources(big, small, backend)
         vectors = open_library(store)
-        big_engine, small_engine, plan = load_models(
-            big, small, backend=backend, max_vram_gb=max_vram_gb, cache_tokens=cache_tokens,
-            device=device, dtype=dtype, progress=progress)
-        return cls(big_engine, small_engine, vectors=vectors, plan=plan)
+        engines: tuple = ()
+        try:
+            *engines, plan = load_models(
+                big, small, backend=backend, max_vram_gb=max_vram_gb, cache_tokens=cache_tokens,
+                device=device, dtype=dtype, progress=progress)
+            session = cls(*engines, vectors=vectors, plan=plan)
+        except BaseException:  # nothing loaded here may outlive the failure (VRAM, the file)
+            for engine in engines:
+                getattr(engine, "unload", lambda: None)()
+            if vectors is not store:
+                getattr(vectors, "close", lambda: None)()
+            raise
+        session._owns_store = vectors is not store
+        return session
 
     # State -----------------------------------------------------------------------------
 
@@ -160,6 +173,9 @@ class Session:
         except KeyboardInterrupt:
             handle.stop("interrupted")
             return handle.result()
+        except BaseException:  # on_text failed: the generation must not run on unwatched
+            handle.stop("error")
+            raise
 
     def _generate_on_worker(self, handle: GenerationHandle, orchestrator: CognitiveOrchestrator,
                             prepared) -> GenerationResult:
@@ -280,20 +296,16 @@ class Session:
         times a second; Ctrl-C marks it cancelled, waits for it to end, then re-raises."""
         self._worker.submit(job, wait=wait)
         try:
-            while True:
-                try:
-                    value = job.future.result(timeout=0.1)
-                    break
-                except TimeoutError:
-                    if tick is not None:
-                        tick()
+            while not futures.wait([job.future], timeout=0.1).done:
+                if tick is not None:
+                    tick()
         except KeyboardInterrupt:
             job.cancelled.set()
-            job.future.exception()  # the worker finishes the job before we go on
+            futures.wait([job.future])  # the worker finishes (or skips) the job before we go on
             raise
         if tick is not None:
             tick()
-        return value
+        return job.future.result()
 
     def mixer(self):
         """The live Mixer widget bound to this session (``max_jupyter.jupyter.mixer``)."""
@@ -305,11 +317,20 @@ class Session:
 
     def close(self) -> None:
         """Stop the running generation, cancel queued ones, free both engines (GPU memory
-        goes back); the session refuses any later use. Idempotent."""
+        goes back), close the vector library if ``Session.load`` opened it; the session
+        refuses any later use. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        self._worker.close()
+        try:
+            self._worker.close()
+        finally:
+            self._free_engines()
+        if self._owns_store:
+            getattr(self.vectors, "close", lambda: None)()
+
+    def _free_engines(self) -> None:
+        """Unload both engines and give their GPU memory back to the device."""
         for engine in (self._small, self._big):
             unload = getattr(engine, "unload", None)
             if unload is not None:
@@ -320,14 +341,12 @@ class Session:
         import torch
 
         if torch.cuda.is_available():
-            torch.cuda.set_per_process_memory_fraction(1.0)  # lift a backend's allocator cap
+            if self.plan is not None:  # the backend capped torch's allocator at the plan
+                torch.cuda.set_per_process_memory_fraction(1.0)
             # cuBLAS keeps a workspace per stream it ran on (32 MiB each on Hopper), the
             # engines' own streams included; torch's own leak checks free them this way.
             getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)()
             torch.cuda.empty_cache()
-        close_store = getattr(self.vectors, "close", None)
-        if close_store is not None:
-            close_store()
 
     def __enter__(self) -> Session:
         return self

@@ -319,3 +319,29 @@ def test_light_import(module):
             f"print(sorted(m for m in ('transformers', 'exllamav2') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_reentrant_and_failing_calls_do_not_hang(session):
+    with pytest.raises(BusyError, match="own worker"):
+        session.run(lambda s: s.generate(PROMPT, max_new_tokens=2))
+    with pytest.raises(TimeoutError, match="from fn"):  # fn's own TimeoutError, not a wait
+        session.run(lambda s: (_ for _ in ()).throw(TimeoutError("from fn")))
+
+    def broken(piece):
+        raise ValueError("display broke")
+
+    with pytest.raises(ValueError, match="display broke"):
+        session.generate(PROMPT, max_new_tokens=300, ignore_eos=True, on_text=broken)
+    assert session.handle.result(30).finish_reason == "error" and not session.busy
+
+
+def test_stopping_a_queued_generation_ends_it_at_once(session):
+    running = session.start(PROMPT, max_new_tokens=300, ignore_eos=True)
+    queued = session.start(PROMPT, max_new_tokens=5)
+    queued.stop()
+    r = queued.result(0.5)  # not after the running one: at once
+    assert queued.state == "stopped" and r.finish_reason == "aborted" and r.steps == []
+    assert running.state in ("queued", "running")
+    running.stop()
+    running.result(60)
+    assert not session.busy

@@ -42,9 +42,10 @@ def usage_errors() -> Iterator[None]:
 
 
 def split_line(line: str) -> list[str]:
-    """Shell-like tokens of a magic line (quotes removed), option values glued (``GLUED``)."""
+    """Shell-like tokens of a magic line (quotes removed, a ``# comment`` dropped), option
+    values glued (``GLUED``)."""
     try:
-        tokens = shlex.split(line)
+        tokens = shlex.split(line, comments=True)
     except ValueError as e:
         raise UsageError(f"cannot split the line: {e} (check the quotes).") from None
     out: list[str] = []
@@ -191,6 +192,10 @@ class MaxMagics(Magics, Configurable):
             if not isinstance(session, Session) or session.closed:
                 raise UsageError(f"--session {args.session}: no open Session in that variable.")
         else:
+            from max_jupyter.loading import check_sources
+
+            with usage_errors():  # a mistyped source must not cost the session that works
+                check_sources(args.big, args.small, args.backend)
             self.close_session()  # first: the memory goes back before the new models load
             store = None if args.store == "none" else args.store
             with usage_errors():
@@ -581,7 +586,11 @@ class MaxMagics(Magics, Configurable):
         if not prompt or not prompt.strip():
             raise UsageError("%max_sweep needs a prompt: --prompt TEXT, or the cell form %%max_sweep.")
         with usage_errors():
-            (term,) = parse_spec(args.vector)
+            terms = parse_spec(args.vector)
+            if len(terms) != 1:
+                raise UsageError(f"%max_sweep {args.vector}: sweep one vector at a time (name it, "
+                                 f"e.g. joy); to sweep a combination, save it under a name first.")
+            (term,) = terms
             if term.coef != 1.0:
                 raise UsageError(f"%max_sweep {args.vector}: give the vector without a coefficient; "
                                  f"--coefs sets them.")
@@ -615,7 +624,11 @@ class MaxMagics(Magics, Configurable):
             print(self.server if self.server is not None else "no server")
             return
         session = self.need_session()
-        from max_jupyter.server import BackgroundServer
+        try:
+            from max_jupyter.server import BackgroundServer
+        except ImportError as e:
+            raise UsageError(f"%max_serve needs the server extra ({e.name} is missing): "
+                             f"pip install 'max-jupyter[server]'") from None
 
         if self.server is not None and self.server.running:
             raise UsageError(f"the server is already running at {self.server.url}; %max_serve stop first.")

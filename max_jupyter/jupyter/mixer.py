@@ -29,11 +29,12 @@ ALL_LAYERS: tuple[int, ...] = ()
 class MixerRow(widgets.HBox):
     """One vector: ``on`` (in the mix or not), ``coef`` (slider), ``layer`` (dropdown:
     all of the vector's layers or one). Widget changes write ``mix``; ``show`` moves the
-    widgets to a mix entry without writing back."""
+    widgets to a mix entry without writing back. ``library``: where the vector comes from;
+    switching the row on takes its current version there (it may have been retrained)."""
 
     def __init__(self, name: str, vector: SteeringVector, mix: SteeringController, *,
-                 coef_range: tuple[float, float], step: float):
-        self.name, self.vector, self.mix = name, vector, mix
+                 coef_range: tuple[float, float], step: float, library=None):
+        self.name, self.vector, self.mix, self.library = name, vector, mix, library
         self._showing = False
         self.on = widgets.Checkbox(value=False, description=name, indent=False,
                                    layout=widgets.Layout(width="160px"))
@@ -68,12 +69,29 @@ class MixerRow(widgets.HBox):
             if not self.on.value:
                 if current is not None:
                     self.mix.remove(self.name)
+            elif current is None and self.library is not None and self.name in self.library:
+                self._use(self.library[self.name])
+                self.mix.set(self.name, self.vector, self.coef.value, self.layer.value or None)
             elif current is None or current.layers != layers or current.vector is not self.vector:
                 self.mix.set(self.name, self.vector, self.coef.value, layers)
             elif current.coef != self.coef.value:
                 self.mix.set_coef(self.name, self.coef.value)
         except KeyError:  # removed by another thread meanwhile: the listener shows it
             pass
+
+    def _use(self, vector: SteeringVector) -> None:
+        """Take ``vector`` (a newer version of this row's) and offer its layers."""
+        if vector is self.vector or vector.layers == self.vector.layers:
+            self.vector = vector
+            return
+        self._showing = True
+        try:
+            self.vector = vector
+            keep = self.layer.value if set(self.layer.value) <= set(vector.layers) else ALL_LAYERS
+            self.layer.options = _layer_options(vector.layers)
+            self.layer.value = keep if keep in [v for _, v in self.layer.options] else ALL_LAYERS
+        finally:
+            self._showing = False
 
     def show(self, entry: MixEntry | None) -> None:
         """Mix -> widgets: show ``entry`` (None: not in the mix; the slider keeps its value)."""
@@ -141,7 +159,8 @@ class Mixer(widgets.VBox):
             for name in new:
                 vector = entries[name].vector if name in entries else self.session.vectors[name]
                 self.rows[name] = MixerRow(name, vector, self.session.mix,
-                                           coef_range=self._coef_range, step=self._step)
+                                           coef_range=self._coef_range, step=self._step,
+                                           library=self.session.vectors)
             if new:
                 self._rows_box.children = list(self.rows.values())
             for name, row in self.rows.items():

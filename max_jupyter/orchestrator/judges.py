@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from max_jupyter.engines.base import ModelIdentity, check_layers
-from max_jupyter.errors import MaxJupyterError
+from max_jupyter.errors import BadArgumentError, MaxJupyterError, UnknownNameError
 from max_jupyter.steering.vector import ModelMismatchError, SteeringVector
 
 DEFAULT_MIX = "default"
@@ -134,16 +134,16 @@ class ProbeJudge(Judge):
                  name: str | None = None):
         if layer is None:
             if len(vector.layers) != 1:
-                raise ValueError(f"ProbeJudge: vector {vector.label!r} has layers {list(vector.layers)};"
-                                 f" pass layer= to choose one.")
+                raise BadArgumentError(f"ProbeJudge: vector {vector.label!r} has layers {list(vector.layers)};"
+                                       f" pass layer= to choose one.")
             layer = vector.layers[0]
         direction = vector.select([layer]).directions[layer]
         norm = float(direction.norm())
         if norm == 0:
-            raise ValueError(f"ProbeJudge: vector {vector.label!r} is zero at layer {layer}.")
+            raise BadArgumentError(f"ProbeJudge: vector {vector.label!r} is zero at layer {layer}.")
         if hysteresis < 0 or cooldown < 0:
-            raise ValueError(f"ProbeJudge: hysteresis ({hysteresis}) and cooldown ({cooldown}) "
-                             f"must be >= 0.")
+            raise BadArgumentError(f"ProbeJudge: hysteresis ({hysteresis}) and cooldown ({cooldown}) "
+                                   f"must be >= 0.")
         self.name = name or f"probe:{vector.label or 'vector'}@{layer}"
         self.mixes = (mix,)
         self.small_layers = (layer,)
@@ -184,7 +184,7 @@ class DivergenceJudge(Judge):
     def __init__(self, threshold: float, measure: str = "entropy", mix: str = DEFAULT_MIX,
                  name: str | None = None):
         if measure not in ("entropy", "kl"):
-            raise ValueError(f"DivergenceJudge: unknown measure {measure!r}; use 'entropy' or 'kl'.")
+            raise BadArgumentError(f"DivergenceJudge: unknown measure {measure!r}; use 'entropy' or 'kl'.")
         self.name = name or f"{measure}>{threshold:g}"
         self.threshold, self.measure = threshold, measure
         self.mixes = (mix,)
@@ -249,13 +249,13 @@ def check_judges(judges: Sequence[Judge], mixes: Collection[str], big: ModelIden
     names = [j.name for j in judges]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ValueError(f"judge names must be unique; {dupes} appear more than once (pass name=).")
+        raise BadArgumentError(f"judge names must be unique; {dupes} appear more than once (pass name=).")
     for j in judges:
         if (j.needs_small or j.small_model is not None) and small is None:
-            raise ValueError(f"judge {j.name!r} reads the small model, but the orchestrator has none.")
+            raise BadArgumentError(f"judge {j.name!r} reads the small model, but the orchestrator has none.")
         if j.needs_shared_vocab and not shared_vocab:
-            raise ValueError(f"judge {j.name!r} compares next-token distributions, but the big and "
-                             f"small models have different vocabularies.")
+            raise BadArgumentError(f"judge {j.name!r} compares next-token distributions, but the big and "
+                                   f"small models have different vocabularies.")
         if j.small_model is not None and j.small_model != small:
             hint = " (that is the big model)" if j.small_model == big else ""
             raise ModelMismatchError(
@@ -265,5 +265,5 @@ def check_judges(judges: Sequence[Judge], mixes: Collection[str], big: ModelIden
             check_layers(small, j.small_layers, f"judge {j.name!r}")
         unknown = [m for m in j.mixes if m not in mixes]
         if unknown:
-            raise KeyError(f"judge {j.name!r} turns on mix(es) {unknown}, but the orchestrator has "
+            raise UnknownNameError(f"judge {j.name!r} turns on mix(es) {unknown}, but the orchestrator has "
                            f"{sorted(mixes) or 'no mixes'}; pass steering={{name: controller}}.")

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from max_jupyter.engines.base import Engine, ForwardResult, LayerDeltas
+from max_jupyter.errors import BadArgumentError
 from max_jupyter.orchestrator.types import Generation
 
 
@@ -32,7 +33,7 @@ class TraceConfig:
 
     def __post_init__(self):
         if self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1; got {self.top_k}.")
+            raise BadArgumentError(f"top_k must be >= 1; got {self.top_k}.")
 
 
 @dataclass(slots=True)
@@ -44,7 +45,11 @@ class StepRecord:
     spent in judges and mix resolution this step (no model forwards); ``mix``: the live
     mix's coefficients (entry name -> coef) this step ran with (shared between steps with
     the same mix: do not mutate); ``steered``: the final forward ran with any delta (the
-    live mix, the call's steering or a judge's mix)."""
+    live mix, the call's steering or a judge's mix). Speculative decoding: on the step
+    whose verify pass began a block, ``drafted`` holds the small model's draft and
+    ``accepted`` how many of it were taken (the tokens of this and the next steps; the
+    step after them took the big model's own token; ``rejected`` is the rest); other
+    steps ``()`` and 0."""
 
     step: int
     token: int
@@ -57,6 +62,13 @@ class StepRecord:
     judge_s: float = 0.0
     mix: dict[str, float] = field(default_factory=dict)
     steered: bool = False
+    drafted: tuple[int, ...] = ()
+    accepted: int = 0
+
+    @property
+    def rejected(self) -> tuple[int, ...]:
+        """The drafted tokens the big model did not take."""
+        return self.drafted[self.accepted:]
 
     @property
     def changed(self) -> bool:
@@ -96,6 +108,8 @@ class GenerationResult(Generation):
     ``small_ids``: the small model's context after the generation (None without one).
     ``speculation_misses``: big forwards issued ahead (``CognitiveOrchestrator(overlap=...)``)
     with deltas the step's judges then changed, so rewound and run again (not re-runs).
+    ``speculate_off``: why a generation asked to speculate (``speculate > 0``) did not
+    (no small model, another vocabulary, judges, ...); None otherwise.
     """
 
     steps: list[StepRecord] = field(default_factory=list)
@@ -109,6 +123,23 @@ class GenerationResult(Generation):
     small_logits: torch.Tensor | None = None
     small_ids: list[int] | None = None
     speculation_misses: int = 0
+    speculate_off: str | None = None
+
+    @property
+    def drafted_tokens(self) -> int:
+        """Tokens the small model drafted (speculative decoding)."""
+        return sum(len(r.drafted) for r in self.steps)
+
+    @property
+    def accepted_tokens(self) -> int:
+        """Drafted tokens the big model accepted."""
+        return sum(r.accepted for r in self.steps)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """``accepted_tokens / drafted_tokens``; None where nothing was drafted."""
+        drafted = self.drafted_tokens
+        return self.accepted_tokens / drafted if drafted else None
 
     @property
     def scores(self) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ moves its slider when code changes the mix).
 """
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -17,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from max_jupyter.engines.base import Engine, LayerDeltas, ModelIdentity
+from max_jupyter.errors import UnknownNameError
 from max_jupyter.steering.vector import ModelMismatchError, SteeringVector
 from max_jupyter.validation import check_coef, fail
 
@@ -41,6 +43,8 @@ class MixState(NamedTuple):
     coefs: dict[str, float]
     deltas: LayerDeltas | None
 
+
+log = logging.getLogger(__name__)
 
 EntryChange = float | SteeringVector | tuple | None
 """For ``update``: a new coefficient, a vector (coefficient 1), ``(vector, coef)`` or
@@ -99,17 +103,17 @@ class SteeringController:
         """Change several entries at once (see ``EntryChange``); every change is checked
         first, then all apply together, so a generation sees either none or all of them."""
         current = self.entries
-        new: dict[str, MixEntry | None] = {}
+        new: dict[str, MixEntry | float | None] = {}
         for name, change in changes.items():
             if change is None:
                 if name not in current:
-                    raise KeyError(f"no vector named {name!r} in the mix; it has {sorted(current)}.")
+                    raise UnknownNameError(f"no vector named {name!r} in the mix; it has {sorted(current)}.")
                 new[name] = None
             elif isinstance(change, (int, float)):  # a bool is refused by the coefficient check
                 if name not in current:
-                    raise KeyError(f"no vector named {name!r} in the mix to set a coefficient "
-                                   f"on; give (vector, coef) to add it.")
-                new[name] = self._entry(name, current[name].vector, change, current[name].layers)
+                    raise UnknownNameError(f"no vector named {name!r} in the mix to set a "
+                                           f"coefficient on; give (vector, coef) to add it.")
+                new[name] = check_coef(f"coef for {name!r}", change)  # applied to the entry as it is then
             elif isinstance(change, SteeringVector):
                 new[name] = self._entry(name, change, 1.0, None)
             elif isinstance(change, tuple) and len(change) in (2, 3):
@@ -120,9 +124,14 @@ class SteeringController:
                            "give a coefficient, a SteeringVector, (vector, coef) or "
                            "(vector, coef, layers), or None to remove the entry")
         with self._lock:
+            gone = [n for n, e in new.items() if isinstance(e, float) and n not in self._entries]
+            if gone:  # removed by another thread since the check: apply nothing
+                raise UnknownNameError(f"no vector named {gone[0]!r} in the mix any more.")
             for name, entry in new.items():
                 if entry is None:
                     self._entries.pop(name, None)
+                elif isinstance(entry, float):
+                    self._entries[name] = replace(self._entries[name], coef=entry)
                 else:
                     self._entries[name] = entry
             self._version += 1
@@ -150,11 +159,14 @@ class SteeringController:
 
     def _notify(self) -> None:
         for listener in list(self._listeners):
-            listener(self)
+            try:
+                listener(self)
+            except Exception:  # the change stands; one broken widget must not undo it
+                log.exception("a listener of the steering mix raised")
 
     def _get(self, name: str) -> MixEntry:
         if name not in self._entries:
-            raise KeyError(f"no vector named {name!r} in the mix; it has {sorted(self._entries)}.")
+            raise UnknownNameError(f"no vector named {name!r} in the mix; it has {sorted(self._entries)}.")
         return self._entries[name]
 
     @property

@@ -33,7 +33,7 @@ import torch
 
 from max_jupyter.engines.base import ModelIdentity
 from max_jupyter.errors import (BusyError, CorruptFileError, MaxJupyterError,
-                                ModelMismatchError, SessionClosedError)
+                                ModelMismatchError, SessionClosedError, UnknownNameError)
 from max_jupyter.steering.storefile import connect, default_store_path, sqlite_driver
 from max_jupyter.steering.vector import SteeringVector
 from max_jupyter.validation import check_coef, check_int, check_str_list, check_text, fail
@@ -46,11 +46,8 @@ CHUNK = 64
 searches 1,000 vectors as fast."""
 
 
-class UnknownVectorError(MaxJupyterError, KeyError):
+class UnknownVectorError(UnknownNameError):
     """No stored vector has this name (or this version); a ``KeyError`` for mapping use."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 @dataclass(frozen=True)
