@@ -285,9 +285,12 @@ class Session:
 
     def _store(self, name: str, vector: SteeringVector, method: str, positive: Sequence[str],
                negative: Sequence[str], fields: dict) -> None:
+        from max_jupyter.steering.training import RENAMED
+
         save = getattr(self.vectors, "save", None)
         if save is not None:
-            save(name, vector, method=method, pairs=list(zip(positive, negative)), **fields)
+            save(name, vector, method=RENAMED.get(method, method),
+                 pairs=list(zip(positive, negative)), **fields)
         else:
             self.vectors[name] = vector
 

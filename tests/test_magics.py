@@ -559,3 +559,9 @@ def test_interrupt_in_a_real_kernel():
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_refused_judge_leaves_no_mix_behind(shell, session, capsys):
+    """A %max_judge refused after its --steer mix was made takes that mix away again."""
+    fails(shell, capsys, "%max_judge probe happy --threshold 1 --steer happy:0.5 --layer 3")
+    assert session.mixes == {} and session.judges == {}

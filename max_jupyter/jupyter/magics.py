@@ -120,6 +120,7 @@ class MaxMagics(Magics, Configurable):
         super().__init__(shell=shell, **kwargs)
         self.session = None
         self.server = None
+        self._new_mix = None  # a mix %max_judge --steer just made, dropped if the judge is refused
 
     # ---------------------------------------------------------------- helpers
 
@@ -514,6 +515,7 @@ class MaxMagics(Magics, Configurable):
         """The judge-gated mix's name; ``--steer`` (re)defines it in ``session.mixes``."""
         name = args.mix or default
         if args.steer is not None:
+            self._new_mix = None if name in session.mixes else name
             session.mixes[name] = spec_mix([args.steer], session.vectors, session.big.identity)
         elif name not in session.mixes:
             raise UsageError(f"the judge would turn on mix {name!r}, which does not exist; give "
@@ -530,10 +532,13 @@ class MaxMagics(Magics, Configurable):
             judge = make()
             check_judges([judge], session.mixes, session.big.identity, small,
                          small is not None and small.vocab_size == session.big.identity.vocab_size)
-        except MaxJupyterError:
-            raise
-        except (ValueError, KeyError, IndexError) as e:
+        except BaseException as e:
+            session.mixes.pop(self._new_mix, None)  # a refused judge leaves nothing behind
+            if isinstance(e, MaxJupyterError) or not isinstance(e, (ValueError, KeyError, IndexError)):
+                raise
             raise UsageError(str(e).strip("'\"")) from None
+        finally:
+            self._new_mix = None
         session.judges[judge.name] = judge
         print(f"judge {judge.name!r} on (turns on mix {judge.mixes[0]!r}); judges: {sorted(session.judges)}")
 
