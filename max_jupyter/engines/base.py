@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from max_jupyter.errors import ContextOverflowError
+from max_jupyter.errors import BackendUnavailableError, ContextOverflowError
 from max_jupyter.validation import check_deltas, check_int, check_layers, check_token_ids
 
 if TYPE_CHECKING:
@@ -51,10 +51,14 @@ class ForwardResult:
     ``logits``: ``[vocab]`` float32, next-token logits after the last fed token.
     ``hidden``: layer -> ``[n_fed, hidden]`` residual at the output of that block, one row
     per fed token (after any delta added there); detached, on the engine's device.
+    ``all_logits``: ``[n_fed, vocab]`` float32, the logits after every fed token (row ``j``
+    predicts the token after ``ids[j]``; the last row equals ``logits``); ``verify`` only,
+    else None.
     """
 
     logits: torch.Tensor
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    all_logits: torch.Tensor | None = None
 
 
 class Engine(ABC):
@@ -81,6 +85,9 @@ class Engine(ABC):
     """One-token ``forward`` returns before the device has finished it, and its work runs
     concurrently with another engine's (reading ``logits`` or ``hidden`` synchronises). A
     caller may then issue this engine's step, do other work, and rewind it if not wanted."""
+    supports_verify: bool = False
+    """``verify`` works: the backend returns the logits of every fed position (for
+    speculative decoding; callers check this flag and do not speculate without it)."""
 
     @property
     @abstractmethod
@@ -122,6 +129,26 @@ class Engine(ABC):
         args = self._checked(ids, deltas, capture, from_empty=True)
         self.reset()
         return self._run(*args)
+
+    def verify(self, ids: Sequence[int], deltas: LayerDeltas | None = None,
+               capture: Collection[int] = ()) -> ForwardResult:
+        """``forward`` that also returns ``all_logits`` ``[len(ids), vocab]``: one pass over
+        several new tokens (a draft), each position with the same ``deltas``, ``hidden``
+        rows per position. Rewind a rejected tail with ``rewind``. Checked as ``forward``;
+        ``BackendUnavailableError`` where the backend has no verify (``supports_verify``)."""
+        if not self.supports_verify:
+            raise BackendUnavailableError(
+                f"{type(self).__name__} has no verify forward (per-position logits); "
+                f"generate without speculation (speculate=0) on this backend.")
+        args = self._checked(ids, deltas, capture, from_empty=False)
+        self.forward_calls += 1
+        return self._verify(*args)
+
+    def _verify(self, ids: list[int], deltas: dict[int, torch.Tensor],
+                capture: frozenset[int]) -> ForwardResult:
+        """The backend's verify on checked arguments (as ``_forward``, with ``all_logits``);
+        called only where ``supports_verify`` is set, which a backend sets with this."""
+        raise BackendUnavailableError(f"{type(self).__name__} sets supports_verify without _verify.")
 
     def step(self, token_id: int, deltas: LayerDeltas | None = None,
              capture: Collection[int] = ()) -> ForwardResult:

@@ -23,6 +23,8 @@ from max_jupyter.validation import check_device, check_dtype, check_max_seq_len
 class TransformersEngine(Engine):
     """Engine over a HF ``*ForCausalLM`` whose decoder blocks are ``model.model.layers``."""
 
+    supports_verify = True
+
     def __init__(self, model: PreTrainedModel, tokenizer: Tokenizer, max_seq_len: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -97,18 +99,30 @@ class TransformersEngine(Engine):
             if excess > 0:
                 layer.crop(-excess)
 
-    @torch.inference_mode()
     def _forward(self, ids: list[int], deltas: dict[int, torch.Tensor],
                  capture: frozenset[int]) -> ForwardResult:
+        logits, captured = self._pass(ids, deltas, capture, keep=1)
+        return ForwardResult(logits=logits[-1], hidden=captured)
+
+    def _verify(self, ids: list[int], deltas: dict[int, torch.Tensor],
+                capture: frozenset[int]) -> ForwardResult:
+        logits, captured = self._pass(ids, deltas, capture, keep=len(ids))
+        return ForwardResult(logits=logits[-1], hidden=captured, all_logits=logits)
+
+    @torch.inference_mode()
+    def _pass(self, ids: list[int], deltas: dict[int, torch.Tensor], capture: frozenset[int],
+              keep: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """One forward appending ``ids``; the logits of the last ``keep`` positions
+        (``[keep, vocab]`` float32) and the captured rows. Restores the cache if it fails."""
         before = self.seq_len
         self._deltas, self._capture, self._captured = deltas, capture, {}
         try:
             out = self.model(torch.tensor([ids], device=self.device),
-                             use_cache=True, logits_to_keep=1, **{self._cache_kw: self._cache})
+                             use_cache=True, logits_to_keep=keep, **{self._cache_kw: self._cache})
         except BaseException:
             self._truncate(before)  # undo a partly written cache
             raise
         finally:
             self._deltas, self._capture = {}, ()
         captured, self._captured = self._captured, {}
-        return ForwardResult(logits=out.logits[0, -1].float(), hidden=captured)
+        return out.logits[0].float(), captured

@@ -24,14 +24,16 @@ deltas (same mixes, no controller changed); otherwise the big model rewinds one 
 and forwards again (``GenerationResult.speculation_misses`` counts these; they are not
 re-runs). Tokens, records and trace are those of the order above; only the schedule differs.
 
-Speculative decoding (not implemented) fits between 1 and 5 without a rewrite when steering
-is off or the same mix holds for the whole draft: the small model drafts ``k`` tokens
-(same vocabulary only; its forwards are the mirror's, and the pre-step judges run on each
-draft position's captured state, so a judge that would change the mix ends the draft
-there); the big model verifies them in one ``forward(draft, deltas)``; the accepted prefix
-goes through steps 4-6 one token at a time, and both caches rewind the
-rejected tail. The engine contract needs one addition for this: per-position logits
-(``[n_fed, vocab]``) from ``forward``, which today returns the last position's only.
+Speculative decoding (``speculate=k``, greedy only; see ``speculative``): at a step
+``t >= 1`` the small model drafts up to ``k`` tokens through the mirror and the big model
+verifies them in one ``Engine.verify`` with the step's deltas (one snapshot of the mixes:
+a change from another thread lands at the next block, as it would at the next step); the
+accepted prefix and the big model's next token then go through steps 4-6 one token at a
+time, with the verify pass's rows as each step's big state, and both caches rewind the
+rejected tail (also when EOS, a stop string or an abort ends the generation inside a
+block). Not with judges, overlap, a small model of another vocabulary or an engine without
+``supports_verify``: the generation then runs without it and says why in
+``GenerationResult.speculate_off``. Sampling with ``speculate`` is refused.
 """
 from __future__ import annotations
 
@@ -46,12 +48,13 @@ from max_jupyter.orchestrator.judges import (NO_MIXES, Judge, JudgeContext, Judg
 from max_jupyter.orchestrator.mirror import ContextMirror
 from max_jupyter.orchestrator.mixes import Mixes
 from max_jupyter.orchestrator.sampling import Sampler, SamplingConfig
+from max_jupyter.orchestrator.speculative import MAX_SPECULATE, Block, DraftLength, draft_and_verify
 from max_jupyter.orchestrator.stopping import StopStrings
 from max_jupyter.orchestrator.trace import (GenerationResult, StepEvent, StepRecord, TraceConfig,
                                             TraceRecorder)
 from max_jupyter.orchestrator.types import Prompt, Steering, prompt_ids, run_to_end
 from max_jupyter.tokenizer import StreamDecoder
-from max_jupyter.validation import check_generation_args
+from max_jupyter.validation import check_generation_args, check_int, fail
 
 Ahead = tuple[LayerDeltas | None, ForwardResult]
 """A big forward issued ahead of its step: the deltas it ran with and its output."""
@@ -77,6 +80,8 @@ class PreparedRun:
     abort: threading.Event
     on_event: Callable[[StepEvent], None] | None
     ahead: Ahead | None = None
+    draft: DraftLength | None = None
+    block: Block | None = None
     start: float = field(default_factory=time.perf_counter)
 
 
@@ -138,7 +143,7 @@ class CognitiveOrchestrator:
                sampling: SamplingConfig = SamplingConfig(), stop: Sequence[str] = (),
                steer_prompt: bool = True, chat: bool = True, trace: TraceConfig = TraceConfig(),
                on_event: Callable[[StepEvent], None] | None = None, ignore_eos: bool = False,
-               abort: threading.Event | None = None) -> Iterator[StepEvent]:
+               abort: threading.Event | None = None, speculate: int = 0) -> Iterator[StepEvent]:
         """Yield a ``StepEvent`` per step (also passed to ``on_event`` first); the return
         value (``StopIteration.value``) is the ``GenerationResult``.
 
@@ -147,6 +152,8 @@ class CognitiveOrchestrator:
         strings that end the generation (never shown). ``ignore_eos`` keeps going past EOS
         tokens (for benchmarks of a fixed length). ``abort``: an event that stops the
         generation before its next step when set (default: the one ``abort()`` sets).
+        ``speculate``: the longest draft of greedy speculative decoding (0 = off; see the
+        module; the output is the same tokens, the caches end the same).
 
         Ctrl-C (also inside a callback or judge) ends the generation with
         ``finish_reason == "interrupted"`` and the partial result; both caches stay
@@ -158,7 +165,7 @@ class CognitiveOrchestrator:
         return (yield from self.run(self.prepare(
             prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
             steer_prompt=steer_prompt, chat=chat, trace=trace, on_event=on_event,
-            ignore_eos=ignore_eos, abort=abort)))
+            ignore_eos=ignore_eos, abort=abort, speculate=speculate)))
 
     def run(self, run: PreparedRun) -> Iterator[StepEvent]:
         """Carry out a prepared generation (see ``stream``); its events, then its result."""
@@ -188,10 +195,16 @@ class CognitiveOrchestrator:
                 sampling: SamplingConfig = SamplingConfig(), stop: Sequence[str] = (),
                 steer_prompt: bool = True, chat: bool = True, trace: TraceConfig = TraceConfig(),
                 on_event: Callable[[StepEvent], None] | None = None, ignore_eos: bool = False,
-                abort: threading.Event | None = None) -> PreparedRun:
+                abort: threading.Event | None = None, speculate: int = 0) -> PreparedRun:
         """Check every option and the prompt and set up one generation (no forward pass:
         safe on any thread); the options are those of ``stream``."""
         max_new_tokens, sampling, stop = check_generation_args(max_new_tokens, sampling, stop)
+        speculate = check_int("speculate", speculate, low=0, high=MAX_SPECULATE,
+                              fix=f"use 0 (off) up to {MAX_SPECULATE} draft tokens (typical 4)")
+        if speculate and sampling.temperature > 0:
+            raise fail("speculate", speculate, f"needs greedy decoding, but temperature is "
+                       f"{sampling.temperature:g} (speculative sampling is not supported yet)",
+                       "pass temperature=0 or speculate=0")
         big, small, mirror = self.big, self.small, self.mirror
         ids = prompt_ids(big, prompt, chat)
         check_room(big, len(ids) + max_new_tokens, from_empty=True)
@@ -207,29 +220,51 @@ class CognitiveOrchestrator:
         if abort is None:
             abort = self._abort
             abort.clear()
-        return PreparedRun(prompt, chat, GenerationResult(prompt_ids=ids), max_new_tokens,
-                           Sampler(sampling), StopStrings(stop), big.tokenizer.stream_decoder(),
-                           TraceRecorder(trace, big, small), tuple(trace.big_layers),
-                           small_capture, steer_prompt, ignore_eos, abort, on_event)
+        off = self._speculate_off() if speculate else None
+        return PreparedRun(prompt, chat, GenerationResult(prompt_ids=ids, speculate_off=off),
+                           max_new_tokens, Sampler(sampling), StopStrings(stop),
+                           big.tokenizer.stream_decoder(), TraceRecorder(trace, big, small),
+                           tuple(trace.big_layers), small_capture, steer_prompt, ignore_eos,
+                           abort, on_event,
+                           draft=DraftLength(speculate) if speculate and off is None else None)
+
+    def _speculate_off(self) -> str | None:
+        """Why this orchestrator cannot speculate (greedy drafts), or None if it can."""
+        if self.mirror is None:
+            return "there is no small model to draft"
+        if not self.mirror.shares_vocab:
+            return "the small model's vocabulary differs from the big model's"
+        if not self.big.supports_verify:
+            return f"the big engine ({type(self.big).__name__}) has no verify forward"
+        if self.judges:
+            return "judges are on (speculation with judges is not supported yet)"
+        if self.overlap:
+            return "overlap is on (speculation replaces it)"
+        return None
 
     def _steps(self, run: PreparedRun) -> Iterator[StepEvent]:
         """The steps of one generation, up to EOS, a stop string, the length or an abort."""
         if self.mirror is not None:
             self.mirror.start(run.prompt, run.result.prompt_ids, run.chat, run.small_capture)
-        for step in range(run.max_new_tokens):
-            if run.abort.is_set():
-                run.result.finish_reason = "aborted"
-                return
-            event, finish = self._advance(step, run)
-            yield self._emit(event, run.on_event)
-            if finish is not None:
-                run.result.finish_reason = finish
-                return
+        try:
+            for step in range(run.max_new_tokens):
+                if run.abort.is_set():
+                    run.result.finish_reason = "aborted"
+                    return
+                event, finish = self._advance(step, run)
+                yield self._emit(event, run.on_event)
+                if finish is not None:
+                    run.result.finish_reason = finish
+                    return
+        finally:
+            if run.block is not None:  # ended inside a speculative block
+                run.block.settle(self.big, self.mirror, run.result.finish_reason == "eos")
+                run.block = None
 
     def _advance(self, step: int, run: PreparedRun) -> tuple[StepEvent, str | None]:
         """Run step ``step`` and take its token: the event and the finish reason, if any."""
         result = run.result
-        record, decided = self._step(step, run)
+        record, decided, in_small = self._take(step, run)
         result.steps.append(record)
         token = record.token
         if token in self.big.tokenizer.eos_ids and not run.ignore_eos:
@@ -240,9 +275,43 @@ class CognitiveOrchestrator:
         if self.overlap and not run.stops.stopped and step + 1 < run.max_new_tokens:
             deltas, _ = self.mixes.resolve(decided)  # speculation: the judges hold
             run.ahead = (deltas, self.big.step(token, deltas, run.capture))
-        if self.mirror is not None:
+        if self.mirror is not None and not in_small:
             self.mirror.feed(token)
         return StepEvent(record, piece), "stop" if run.stops.stopped else None
+
+    def _take(self, step: int, run: PreparedRun) -> tuple[StepRecord, frozenset[str], bool]:
+        """Step ``step`` from a speculative block (drafting and verifying a new one where
+        the draft length allows) or a plain ``_step``: the record, the pre-step judges'
+        decision and whether the token is already in the small cache (an accepted draft)."""
+        draft = run.draft
+        if draft is None:
+            return (*self._step(step, run), False)
+        k = min(draft.k, run.max_new_tokens - step - 1)  # a block ends by the last step
+        if run.block is None and step > 0 and k > 0:
+            deltas, coefs = self.mixes.resolve(NO_MIXES)
+            run.block = draft_and_verify(self.big, self.mirror, run.result.token_ids[-1], k,
+                                         deltas, coefs, run.capture)
+            draft.after_draft(k, run.block.accepted)
+        if run.block is not None:
+            return self._block_step(step, run)
+        guess = int(self.mirror.logits.argmax())
+        record, decided = self._step(step, run)
+        draft.after_plain(guess, record.token)
+        return record, decided, False
+
+    def _block_step(self, step: int, run: PreparedRun) -> tuple[StepRecord, frozenset[str], bool]:
+        """Hand out the next token of the speculative block and record it as a step."""
+        block = run.block
+        j, token, row, (small_hidden, small_logits) = block.take()
+        first = j == 0
+        record = StepRecord(step, token, 1.0, {}, (), judge_s=0.0, mix=block.coefs,
+                            steered=block.deltas is not None,
+                            drafted=block.drafted if first else (),
+                            accepted=block.accepted if first else 0)
+        run.recorder.add(row, None, block.deltas, small_hidden, small_logits)
+        if block.done:
+            run.block = None
+        return record, NO_MIXES, j < block.accepted
 
     def _step(self, step: int, run: PreparedRun) -> tuple[StepRecord, frozenset[str]]:
         """Judge, forward (and maybe re-run) the big model, sample; record the step.

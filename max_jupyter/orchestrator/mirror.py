@@ -126,6 +126,15 @@ class ContextMirror:
         marks.append((len(self.text), len(self.ids) - self._prompt_len))
         return True
 
+    def rewind(self, n: int, hidden: dict[int, torch.Tensor], logits: torch.Tensor) -> None:
+        """Same vocabulary: drop the last ``n`` tokens fed (small cache and ``ids``) and
+        restore ``hidden`` / ``logits``, the state the caller kept from after the token now
+        last (speculative drafts are fed with ``feed`` and taken back with this)."""
+        if n:
+            self.small.rewind(n)
+            del self.ids[len(self.ids) - n:]
+        self.hidden, self.logits = hidden, logits
+
     def finish(self) -> None:
         """Text mode: take any held-back text and re-tokenise the whole of it once."""
         if self.shares_vocab:
