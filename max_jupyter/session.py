@@ -46,6 +46,9 @@ class GenerationOptions:
     mirror: bool = True
     """Mirror the small model (when one is loaded) even if no judge reads it: its logits
     and states land in the trace."""
+    speculate: int = 0
+    """Greedy speculative decoding: the small model (same vocabulary) drafts up to this many
+    tokens a step for the big one to verify in one pass; 0 is off (docs/speculative.md)."""
 
 
 OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(GenerationOptions)) | {
@@ -204,7 +207,7 @@ class Session:
         prepared = orchestrator.prepare(
             with_system(prompt, opts.system), max_new_tokens=opts.max_new_tokens,
             sampling=sampling, stop=opts.stop, steer_prompt=opts.steer_prompt, chat=opts.chat,
-            trace=opts.trace, ignore_eos=opts.ignore_eos)
+            trace=opts.trace, ignore_eos=opts.ignore_eos, speculate=opts.speculate)
         return orchestrator, prepared
 
     def _judges(self, judges: Iterable[str | Judge] | None) -> list[Judge]:

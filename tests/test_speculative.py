@@ -203,3 +203,12 @@ def test_speculate_off_where_it_cannot_draft(engine, small, tiny, monkeypatch):
     monkeypatch.setattr(engine, "supports_verify", False)
     r = CognitiveOrchestrator(engine, small).generate(PROMPT, max_new_tokens=3, speculate=4)
     assert "no verify forward" in r.speculate_off and r.drafted_tokens == 0
+
+
+def test_the_session_passes_speculate_through(engine, small):
+    from max_jupyter import Session
+
+    with Session(engine, small) as s:
+        plain = s.generate("Name three colours.", max_new_tokens=12)
+        fast = s.generate("Name three colours.", max_new_tokens=12, speculate=4)
+    assert fast.token_ids == plain.token_ids and fast.drafted_tokens > 0

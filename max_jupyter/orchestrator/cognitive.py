@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from max_jupyter.engines.base import Engine, ForwardResult, LayerDeltas, check_layers, check_room
+from max_jupyter.errors import BadArgumentError
 from max_jupyter.orchestrator.judges import (NO_MIXES, Judge, JudgeContext, JudgeError, JudgeLike,
                                              as_judges, check_judges)
 from max_jupyter.orchestrator.mirror import ContextMirror
@@ -210,8 +211,8 @@ class CognitiveOrchestrator:
         check_room(big, len(ids) + max_new_tokens, from_empty=True)
         check_layers(big.identity, trace.big_layers, "trace big_layers")
         if trace.small_layers and small is None:
-            raise ValueError("trace small_layers asks for small-model states, but there is no "
-                             "small model.")
+            raise BadArgumentError("trace small_layers asks for small-model states, but there is no "
+                                   "small model.")
         small_capture = sorted({*trace.small_layers, *(l for j in self.judges for l in j.small_layers)})
         if small is not None:
             check_layers(small.identity, small_capture, "trace small_layers")

@@ -22,7 +22,7 @@ from collections.abc import Collection, Sequence
 import torch
 
 from max_jupyter.engines.base import Engine, ForwardResult
-from max_jupyter.errors import MaxJupyterError
+from max_jupyter.errors import BadArgumentError, MaxJupyterError
 from max_jupyter.orchestrator.types import Prompt, prompt_ids
 from max_jupyter.tokenizer import Tokenizer
 
@@ -76,8 +76,8 @@ class ContextMirror:
 
     def __init__(self, big: Engine, small: Engine, window: int = 8):
         if small is big:
-            raise ValueError("the small model must be a separate engine (each engine owns one KV "
-                             "cache); load the model a second time to mirror it.")
+            raise BadArgumentError("the small model must be a separate engine (each engine owns one "
+                                   "KV cache); load the model a second time to mirror it.")
         self.big, self.small = big, small
         self.shares_vocab = shares_vocabulary(big, small)
         self.window = window if not self.shares_vocab and window_safe(small.tokenizer) else 0
@@ -137,7 +137,7 @@ class ContextMirror:
 
     def finish(self) -> None:
         """Text mode: take any held-back text and re-tokenise the whole of it once."""
-        if self.shares_vocab:
+        if self.shares_vocab or self._decoder is None:  # None: start() never finished
             return
         self.text += self._decoder.flush()
         p = self._prompt_len
