@@ -160,7 +160,7 @@ def mood_score(engine, deltas=None) -> float:
     return total / len(HELD_OUT)
 
 
-@pytest.mark.parametrize("method", ["pca_diff", "mean_diff"])
+@pytest.mark.parametrize("method", ["svd_diff", "mean_diff"])
 def test_trained_vector_moves_held_out_mood(engine, method):
     vector = train_vector(engine, JOY, GLOOM, layers=range(10, 16), method=method)
     assert vector.layers == tuple(range(10, 16))
