@@ -10,6 +10,7 @@ schema -> an error, and the file stays as it was.
 from __future__ import annotations
 
 import os
+import time
 import sqlite3 as stdlib_sqlite3
 from pathlib import Path
 from types import ModuleType
@@ -124,12 +125,7 @@ def connect(path: str, db: ModuleType):
         load_sqlite_vec(conn)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA foreign_keys = ON")
-        _check_file(conn, path, db)
-        if path != ":memory:":
-            conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
-        _migrate(conn)
+        _prepare_file(conn, path, db)
     except db.OperationalError as e:
         conn.close()
         raise BadArgumentError(f"path={path!r} cannot be opened as a vector store: {e}; check "
@@ -144,11 +140,34 @@ def connect(path: str, db: ModuleType):
     return conn
 
 
+def _prepare_file(conn, path: str, db: ModuleType, attempts: int = 100) -> None:
+    """Check the file, switch it to WAL and migrate it. Several processes creating one new
+    store at once can meet SQLite's lock-upgrade refusal ("database is locked", returned at
+    once without waiting, to avoid a deadlock): each step is safe to repeat, so retry."""
+    for attempt in range(attempts):
+        try:
+            _check_file(conn, path, db)
+            if path != ":memory:":
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
+            _migrate(conn)
+            return
+        except db.OperationalError as e:
+            if "locked" not in str(e) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05)
+
+
 def _check_file(conn, path: str, db: ModuleType) -> None:
     """Refuse, before any write, a file that is not a store this version can use."""
-    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    conn.execute("BEGIN")  # one snapshot: another process may be creating the store right now
+    try:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    finally:
+        conn.execute("COMMIT")
     if app_id != APPLICATION_ID and tables:
         raise CorruptFileError(f"{path} is a SQLite database of another program (it holds "
                                f"{tables} schema objects but no max_jupyter mark); it was left "
