@@ -10,7 +10,6 @@ from concurrent.futures import Future
 
 from max_jupyter.orchestrator.trace import GenerationResult, StepEvent
 
-STATES = ("queued", "running", "done", "stopped", "error")
 log = logging.getLogger(__name__)
 
 
