@@ -107,15 +107,16 @@ def free_gpu() -> None:
     torch.cuda.empty_cache()
 
 
-def repeat(run: Callable[[], tuple[float, int]]) -> dict:
-    """One warm-up, then ``RUNS`` timed runs: each returns (seconds over the span, misses)."""
+def repeat(run: Callable[[], tuple[float, int]], new: int = NEW, runs: int = RUNS) -> dict:
+    """One warm-up, then ``runs`` timed runs: each returns (seconds over the span of ``new``
+    tokens, misses)."""
     run()
-    times, misses = zip(*(run() for _ in range(RUNS)))
-    return {"ms": [1e3 * t / NEW for t in times], "misses": list(misses)}
+    times, misses = zip(*(run() for _ in range(runs)))
+    return {"ms": [1e3 * t / new for t in times], "misses": list(misses)}
 
 
-def plain_run(engine, ids: list[int], steering=None) -> tuple[float, int]:
-    """Our plain loop (greedy, detokenising, EOS ignored) to ``NEW + 1`` tokens; the span
+def plain_run(engine, ids: list[int], steering=None, new: int = NEW) -> tuple[float, int]:
+    """Our plain loop (greedy, detokenising, EOS ignored) to ``new + 1`` tokens; the span
     starts at the first ``step`` call, right after the first token was picked and decoded."""
     start: list[float] = []
     real = engine.step
@@ -127,16 +128,16 @@ def plain_run(engine, ids: list[int], steering=None) -> tuple[float, int]:
 
     engine.step = step  # instance attribute: the loop calls engine.step once per token
     try:
-        result = generate(engine, ids, max_new_tokens=NEW + 1, ignore_eos=True, steering=steering)
+        result = generate(engine, ids, max_new_tokens=new + 1, ignore_eos=True, steering=steering)
     finally:
         del engine.step
-    assert len(result.token_ids) == NEW + 1
+    assert len(result.token_ids) == new + 1
     return time.perf_counter() - start[0], 0
 
 
-def exllamav2_generator(folder: Path, ids: list[int]) -> tuple[str, dict, Callable, tuple]:
-    """exllamav2's dynamic generator at its best configuration here: (label, facts, run,
-    (model, cache, generator))."""
+def exllamav2_generator(folder: Path, ids: list[int], new: int = NEW) -> tuple[str, dict, Callable, tuple]:
+    """exllamav2's dynamic generator at its best configuration here, timed over ``new``
+    tokens after the first: (label, facts, run, (model, cache, generator))."""
     import exllamav2
     from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer, attn
     from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
@@ -156,8 +157,8 @@ def exllamav2_generator(folder: Path, ids: list[int]) -> tuple[str, dict, Callab
              "xformers": bool(attn.has_xformers), "version": exllamav2.__version__}
 
     def run() -> tuple[float, int]:
-        job = ExLlamaV2DynamicJob(input_ids=torch.tensor([ids]), max_new_tokens=NEW + 1,
-                                  min_new_tokens=NEW + 1, stop_conditions=[],
+        job = ExLlamaV2DynamicJob(input_ids=torch.tensor([ids]), max_new_tokens=new + 1,
+                                  min_new_tokens=new + 1, stop_conditions=[],
                                   gen_settings=ExLlamaV2Sampler.Settings.greedy())
         generator.enqueue(job)
         stamps: list[float] = []  # one per streamed token, its text decoded
@@ -165,7 +166,7 @@ def exllamav2_generator(folder: Path, ids: list[int]) -> tuple[str, dict, Callab
             for result in generator.iterate():
                 if result.get("stage") == "streaming" and "token_ids" in result:
                     stamps += [time.perf_counter()] * result["token_ids"].shape[-1]
-        assert len(stamps) == NEW + 1, len(stamps)
+        assert len(stamps) == new + 1, len(stamps)
         return stamps[-1] - stamps[0], 0
 
     return label, facts, run, (model, cache, generator)

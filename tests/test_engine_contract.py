@@ -152,3 +152,24 @@ def test_zero_deltas_change_nothing_and_a_delta_shifts_its_layer(eng, ids, tol):
     delta = torch.randn(hidden, generator=torch.Generator().manual_seed(0))
     steered = eng.prefill(ids, deltas={1: delta}, capture=[1]).hidden[1]
     close(steered - plain.hidden[1], delta.expand(len(ids), hidden), tol * 10)
+
+
+def test_verify_rows_equal_per_token_steps(eng, ids, tol):
+    """``verify`` returns the logits after every fed token and per-position captures, with
+    the same deltas at each position, as the same tokens fed one step at a time."""
+    hidden, last = eng.identity.hidden_size, eng.identity.num_layers - 1
+    deltas = {1: torch.randn(hidden, generator=torch.Generator().manual_seed(1))}
+    draft = [11, 22, 33, 44]
+    eng.prefill(ids)
+    out = eng.verify(draft, deltas, capture=[1, last])
+    assert eng.seq_len == len(ids) + len(draft)
+    assert out.all_logits.shape == (len(draft), eng.identity.vocab_size)
+    assert torch.equal(out.logits, out.all_logits[-1])
+    assert out.hidden[last].shape == (len(draft), hidden)
+    eng.rewind(len(draft))
+    for j, token in enumerate(draft):
+        step = eng.step(token, deltas, capture=[1, last])
+        close(out.all_logits[j], step.logits, tol)
+        close(out.hidden[last][j], step.hidden[last][0], tol * 10)  # residuals are larger
+    eng.rewind(3)  # a rejected tail goes back like any positions
+    close(eng.step(22, deltas).logits, out.all_logits[1], tol)

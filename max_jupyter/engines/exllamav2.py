@@ -20,7 +20,9 @@ How it runs:
   ``q_attn_forward_2``, ``q_mlp_forward_``). Nothing in it depends on a host-side
   position, so it is captured once per (bucket, delta layers, capture layers) and
   replayed: launch overhead, which dominates batch-1 decode on big GPUs, is paid once.
-  Deltas and captures are static buffers the graph reads and writes. Each engine runs
+  Deltas and captures are static buffers the graph reads and writes. A ``verify`` (a
+  speculative draft: a few tokens, logits at every position) is the same pass over ``n``
+  rows with causal attention among them, graphed per (bucket, ``n``, ...). Each engine runs
   its steps on its own CUDA stream without waiting on the host (``launches_async``), so
   the small model's mirroring step overlaps the big model's. fp16 folders (no quantised handles) run the
   module loop eagerly.
@@ -56,7 +58,8 @@ from max_jupyter.tokenizer import Tokenizer
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 GiB = 1024 ** 3
 BUCKET = 256  # decode attention reads the cache in buckets of this many positions
-MAX_GRAPHS = 32  # decode graphs kept per engine (oldest dropped first)
+MAX_GRAPHS = 32  # direct-pass graphs kept per engine (oldest dropped first)
+MAX_DIRECT_ROWS = 32  # the longest direct pass (a verify): exllamav2's quantised GEMM row limit
 CONTEXT_OVERHEAD = 820 * 1024 ** 2  # CUDA context, kernels, cuBLAS (0.80 GiB measured, H200)
 GRAPH_POOL = 64 * 1024 ** 2  # per engine: decode graphs' intermediates and outputs
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN
@@ -334,10 +337,13 @@ def load_pair(big: str | os.PathLike, small: str | os.PathLike, max_vram_gb: flo
 class ExLlamaV2Engine(Engine):
     """Engine over a loaded ``ExLlamaV2`` model and its fp16 ``ExLlamaV2Cache`` (batch 1, GPU 0).
 
-    ``use_graphs``: replay CUDA graphs of decode steps (quantised models only).
-    Attribute ``direct``: one-token steps take the direct decode path (on for quantised
-    models on sm80+ GPUs); set it False to run them through exllamav2's own modules.
+    ``use_graphs``: replay CUDA graphs of decode steps and verify passes (quantised models
+    only). Attribute ``direct``: one-token steps and verifies of up to ``MAX_DIRECT_ROWS``
+    tokens take the direct path (on for quantised models on sm80+ GPUs); set it False to
+    run them through exllamav2's own modules.
     """
+
+    supports_verify = True
 
     def __init__(self, model, cache, tokenizer: Tokenizer, use_graphs: bool = True):
         _, attn_mod, ext = _exllamav2()
@@ -363,18 +369,20 @@ class ExLlamaV2Engine(Engine):
         self.quantised = all(a.q_handle is not None and m.q_handle is not None for a, m in self._blocks)
         self.direct = self.quantised and _has_flash_decode()
         self.use_graphs = use_graphs and self.direct
-        # Static state of the direct decode step (read and written by its graphs).
+        # Static state of the direct path (read and written by its graphs); a pass of n
+        # tokens (a step: 1, a verify: up to MAX_DIRECT_ROWS) uses the first n rows.
         hidden = cfg.hidden_size
-        self._x = torch.zeros(1, 1, hidden, dtype=torch.float16, device=self.device)  # [1, 1, hidden]
-        self._x_host = torch.zeros(1, 1, hidden, dtype=torch.float16).pin_memory()  # staging
+        self._x = torch.zeros(1, MAX_DIRECT_ROWS, hidden, dtype=torch.float16, device=self.device)
+        self._x_host = torch.zeros(1, MAX_DIRECT_ROWS, hidden, dtype=torch.float16).pin_memory()
         self._x_sent = torch.cuda.Event()  # the staging buffer's last upload
-        self._pos = torch.zeros(1, dtype=torch.int32, device=self.device)  # position being written
-        self._cu_q = torch.tensor([0, 1], dtype=torch.int32, device=self.device)
+        self._pos = torch.zeros(1, dtype=torch.int32, device=self.device)  # first position written
+        self._rows = torch.arange(MAX_DIRECT_ROWS, device=self.device)  # offsets from _pos
+        self._cu_q: dict[int, torch.Tensor] = {}  # n -> [0, n] int32
         self._cu_k: dict[int, torch.Tensor] = {}  # bucket -> [0, bucket] int32
         self._delta_bufs: dict[int, torch.Tensor] = {}  # layer -> [hidden] fp16
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, dict[int, torch.Tensor]]] = {}
         self._pool = torch.cuda.graph_pool_handle()
-        self._stream = torch.cuda.Stream(self.device)  # decode steps run here, see _step
+        self._stream = torch.cuda.Stream(self.device)  # direct passes run here, see _direct
         self._after_modules = True  # the last cache writes were on the caller's stream
 
     @classmethod
@@ -415,13 +423,31 @@ class ExLlamaV2Engine(Engine):
         before = self.seq_len
         try:
             if len(ids) == 1 and self.direct:
-                return self._step(ids[0], deltas, capture)
+                return self._direct(ids, deltas, capture, all_rows=False)
             return self._forward_modules(ids, deltas, capture)
         except BaseException as e:
-            self.cache.current_seq_len = before  # positions past seq_len are dead
-            if isinstance(e, torch.OutOfMemoryError):
-                torch.cuda.empty_cache()  # leave the kernel usable: the cache is intact
+            self._restore(before, e)
             raise
+
+    @torch.inference_mode()
+    def _verify(self, ids: list[int], deltas: dict[int, torch.Tensor],
+                capture: frozenset[int]) -> ForwardResult:
+        """``_forward`` with ``all_logits``: the direct path (graphed per length) for up to
+        ``MAX_DIRECT_ROWS`` tokens where steps take it, else exllamav2's modules."""
+        before = self.seq_len
+        try:
+            if len(ids) <= MAX_DIRECT_ROWS and self.direct:
+                return self._direct(ids, deltas, capture, all_rows=True)
+            return self._forward_modules(ids, deltas, capture, all_rows=True)
+        except BaseException as e:
+            self._restore(before, e)
+            raise
+
+    def _restore(self, seq_len: int, error: BaseException) -> None:
+        """After a failed pass: the cache back to ``seq_len`` (positions past it are dead)."""
+        self.cache.current_seq_len = seq_len
+        if isinstance(error, torch.OutOfMemoryError):
+            torch.cuda.empty_cache()  # leave the kernel usable: the cache is intact
 
     def _embed_cpu(self, ids: list[int]) -> torch.Tensor:
         """``[1, n, hidden]`` fp16 on the CPU, where exllamav2 keeps the embedding table."""
@@ -431,25 +457,29 @@ class ExLlamaV2Engine(Engine):
         """``[1, n, hidden]`` fp16 on the GPU."""
         return self._embed_cpu(ids).to(self.device)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``[1, 1, vocab]`` fp16 logits of the last row of ``x`` ``[1, n, hidden]``."""
-        return self._head.forward(self._norm.forward(x[:, -1:]))[..., :self.identity.vocab_size]
+    def _logits(self, x: torch.Tensor, all_rows: bool = False) -> torch.Tensor:
+        """``[1, rows, vocab]`` fp16 logits of ``x`` ``[1, n, hidden]``: its last row, or all
+        ``n`` with ``all_rows``."""
+        rows = x if all_rows else x[:, -1:]
+        return self._head.forward(self._norm.forward(rows))[..., :self.identity.vocab_size]
 
     def _forward_modules(self, ids: list[int], deltas: dict[int, torch.Tensor],
-                         capture: frozenset[int]) -> ForwardResult:
-        """exllamav2's modules in order, in chunks of ``max_input_len``, with a causal mask.
+                         capture: frozenset[int], all_rows: bool = False) -> ForwardResult:
+        """exllamav2's modules in order, in chunks of ``max_input_len``, with a causal mask;
+        ``all_rows`` keeps every position's logits (``all_logits``).
 
         Its attention calls torch SDPA, kept off cuDNN here (cuDNN re-plans for every new KV
         length, ~40 ms each); the setting is scoped to this call, not the process.
         """
         with sdpa_kernel(SDPA_BACKENDS):
-            return self._run_modules(ids, deltas, capture)
+            return self._run_modules(ids, deltas, capture, all_rows)
 
     def _run_modules(self, ids: list[int], deltas: dict[int, torch.Tensor],
-                     capture: frozenset[int]) -> ForwardResult:
+                     capture: frozenset[int], all_rows: bool) -> ForwardResult:
         torch.cuda.current_stream().wait_stream(self._stream)  # earlier steps' cache writes
         self._after_modules = True
         captured: dict[int, list[torch.Tensor]] = {i: [] for i in capture}
+        logits: list[torch.Tensor] = []  # [1, rows, vocab] per chunk
         for start in range(0, len(ids), self._max_input_len):
             part = ids[start:start + self._max_input_len]
             n, past = len(part), self.seq_len
@@ -466,29 +496,36 @@ class ExLlamaV2Engine(Engine):
                 if i in capture:
                     captured[i].append(x[0].clone())  # [n, hidden]
             self.cache.current_seq_len = past + n
+            if all_rows:
+                logits.append(self._logits(x, all_rows=True))
         hidden = {i: torch.cat(rows) for i, rows in captured.items()}
-        return ForwardResult(logits=self._logits(x)[0, -1].float(), hidden=hidden)
+        if not all_rows:
+            return ForwardResult(logits=self._logits(x)[0, -1].float(), hidden=hidden)
+        every = torch.cat(logits, 1)[0].float()  # [len(ids), vocab]
+        return ForwardResult(logits=every[-1], hidden=hidden, all_logits=every)
 
-    def _step(self, token: int, deltas: dict[int, torch.Tensor], capture: frozenset[int]) -> ForwardResult:
-        """One token through the direct path, replaying its CUDA graph once captured.
+    def _direct(self, ids: list[int], deltas: dict[int, torch.Tensor], capture: frozenset[int],
+                all_rows: bool) -> ForwardResult:
+        """``ids`` (one token, or a verify's few) through the direct path, replaying its CUDA
+        graph once captured; ``all_rows`` returns every position's logits (``all_logits``).
 
         Runs on this engine's own CUDA stream and returns without waiting for the GPU, so
         two engines' steps (the big model's and the mirroring small model's) overlap on the
-        GPU when issued back to back. The step waits for the caller's stream only when it
+        GPU when issued back to back. The pass waits for the caller's stream only when it
         must (deltas the caller may just have computed, or cache writes of a prefill); the
-        caller's stream waits for the step's outputs.
+        caller's stream waits for the pass's outputs.
         """
         caller = torch.cuda.current_stream()
         if deltas or self._after_modules:
             self._stream.wait_stream(caller)
         self._after_modules = False
-        pos = self.seq_len
-        bucket = min(_round_up(pos + 1, BUCKET), self.max_seq_len)
-        key = (bucket, frozenset(deltas), capture)
+        n, pos = len(ids), self.seq_len
+        bucket = min(_round_up(pos + n, BUCKET), self.max_seq_len)
+        key = (bucket, n, all_rows, frozenset(deltas), capture)
         self._x_sent.synchronize()  # the previous upload has left the staging buffer
-        self._x_host.copy_(self._embed_cpu([token]))
+        self._x_host[:, :n].copy_(self._embed_cpu(ids))
         with torch.cuda.stream(self._stream):
-            self._x.copy_(self._x_host, non_blocking=True)
+            self._x[:, :n].copy_(self._x_host[:, :n], non_blocking=True)
             self._x_sent.record()
             self._pos.fill_(pos)
             for i, d in deltas.items():
@@ -500,18 +537,26 @@ class ExLlamaV2Engine(Engine):
                 graph.replay()
             else:
                 logits, hidden = self._decode(*key)
-            result = ForwardResult(logits=logits[0, -1].float(),
-                                   hidden={i: h.clone() for i, h in hidden.items()})
+            result = self._result(logits, hidden, all_rows)
         if self.use_graphs and key not in self._graphs:
-            self._capture_graph(key)  # after an eager run of the same step: warmed up
-        for t in (result.logits, *result.hidden.values()):
+            self._capture_graph(key)  # after an eager run of the same pass: warmed up
+        outputs = (result.logits, result.all_logits, *result.hidden.values())
+        for t in (t for t in outputs if t is not None):
             t.record_stream(caller)
         caller.wait_stream(self._stream)
-        self.cache.current_seq_len = pos + 1
+        self.cache.current_seq_len = pos + n
         return result
 
+    @staticmethod
+    def _result(logits: torch.Tensor, hidden: dict[int, torch.Tensor], all_rows: bool) -> ForwardResult:
+        """A ``ForwardResult`` copied out of a pass's static outputs (``logits`` ``[1, rows,
+        vocab]`` fp16), so the next replay cannot overwrite it."""
+        rows = logits[0].float()  # [rows, vocab]
+        return ForwardResult(logits=rows[-1], hidden={i: h.clone() for i, h in hidden.items()},
+                             all_logits=rows if all_rows else None)
+
     def _capture_graph(self, key: tuple) -> None:
-        """Capture the decode step for ``key``; capturing runs nothing, so the cache is untouched."""
+        """Capture the direct pass for ``key``; capturing runs nothing, so the cache is untouched."""
         if len(self._graphs) >= MAX_GRAPHS:
             self._graphs.pop(next(iter(self._graphs)))
         graph = torch.cuda.CUDAGraph()
@@ -519,45 +564,49 @@ class ExLlamaV2Engine(Engine):
             logits, hidden = self._decode(*key)
         self._graphs[key] = (graph, logits, hidden)
 
-    def _decode(self, bucket: int, delta_layers: Collection[int],
+    def _decode(self, bucket: int, n: int, all_rows: bool, delta_layers: Collection[int],
                 capture: Collection[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """The decode step on the static buffers: ``self._x`` (embedded token, updated in
-        place as the residual), ``self._pos`` (its position) and ``self._delta_bufs``.
+        """The direct pass of ``n`` tokens on the static buffers: ``self._x[:, :n]`` (the
+        embedded tokens, updated in place as the residual), ``self._pos`` (the first one's
+        position) and ``self._delta_bufs``.
 
-        Returns ``[1, 1, vocab]`` fp16 logits and layer -> ``[1, hidden]`` captures. Writes
-        K/V at ``pos``; attention (flash, variable length) reads the first ``pos + 1``
-        cached positions, launched over the first ``bucket``.
+        Returns ``[1, rows, vocab]`` fp16 logits (the last row, or all ``n`` with
+        ``all_rows``) and layer -> ``[n, hidden]`` captures. Writes K/V at ``pos .. pos + n - 1``;
+        attention (flash, variable length, causal within the ``n`` new tokens) reads the
+        first ``pos + n`` cached positions, launched over the first ``bucket``.
         """
-        ext, none, x = self._ext, self._none, self._x
-        pos = self._pos.long()  # [1]
-        used = self._pos + 1  # [1] int32: keys to attend to
+        ext, none, x = self._ext, self._none, self._x[:, :n]
+        positions = self._pos.long() + self._rows[:n]  # [n]
+        used = self._pos + n  # [1] int32: keys to attend to
         if bucket not in self._cu_k:  # (the eager run of a key always precedes its capture)
             self._cu_k[bucket] = torch.tensor([0, bucket], dtype=torch.int32, device=self.device)
+        if n not in self._cu_q:
+            self._cu_q[n] = torch.tensor([0, n], dtype=torch.int32, device=self.device)
         constants = self.model.get_device_context(self._blocks[0][0].device_idx)
         hidden: dict[int, torch.Tensor] = {}
         for i, (attn, mlp) in enumerate(self._blocks):
             heads, kv_heads, head_dim = attn.num_attention_heads, attn.num_key_value_heads, attn.head_dim
-            q = torch.empty(1, 1, heads * head_dim, dtype=torch.float16, device=self.device)
-            k = torch.empty(1, 1, kv_heads * head_dim, dtype=torch.float16, device=self.device)
+            q = torch.empty(1, n, heads * head_dim, dtype=torch.float16, device=self.device)
+            k = torch.empty(1, n, kv_heads * head_dim, dtype=torch.float16, device=self.device)
             v = torch.empty_like(k)
-            ext.q_attn_forward_1(attn.q_handle, x, 1, 1, -1, self._pos, q, k, v,
+            ext.q_attn_forward_1(attn.q_handle, x, 1, n, -1, self._pos, q, k, v,
                                  constants.sin[attn.rope_index], constants.cos[attn.rope_index], [], none)
             k_cache, v_cache = self.cache.key_states[attn.layer_idx], self.cache.value_states[attn.layer_idx]
-            k_cache.index_copy_(1, pos, k.view(1, 1, kv_heads, head_dim))  # cache: [1, seq, kv_heads, dim]
-            v_cache.index_copy_(1, pos, v.view(1, 1, kv_heads, head_dim))
+            k_cache.index_copy_(1, positions, k.view(1, n, kv_heads, head_dim))  # cache: [1, seq, kv_heads, dim]
+            v_cache.index_copy_(1, positions, v.view(1, n, kv_heads, head_dim))
             out = torch.ops.aten._flash_attention_forward(
-                q.view(1, heads, head_dim), k_cache[0, :bucket], v_cache[0, :bucket],
-                self._cu_q, self._cu_k[bucket], 1, bucket, 0.0, False, False,
-                scale=attn.scaling, seqused_k=used)[0]  # [1, heads, dim]
-            ext.q_attn_forward_2(attn.q_handle, x, out.view(1, 1, heads * head_dim), 1, 1, [], none)
+                q.view(n, heads, head_dim), k_cache[0, :bucket], v_cache[0, :bucket],
+                self._cu_q[n], self._cu_k[bucket], n, bucket, 0.0, n > 1, False,
+                scale=attn.scaling, seqused_k=used)[0]  # [n, heads, dim]; causal: bottom-right
+            ext.q_attn_forward_2(attn.q_handle, x, out.view(1, n, heads * head_dim), 1, n, [], none)
             ext.q_mlp_forward_(mlp.q_handle, x, [], none)
             if attn.archparams.clamp_hidden_states:
                 x.clamp_(-65504, 65504)
             if i in delta_layers:
                 x.add_(self._delta_bufs[i])
             if i in capture:
-                hidden[i] = x[0].clone()  # [1, hidden]
-        return self._logits(x), hidden
+                hidden[i] = x[0].clone()  # [n, hidden]
+        return self._logits(x, all_rows), hidden
 
 
 def _has_flash_decode() -> bool:
