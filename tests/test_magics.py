@@ -21,6 +21,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from max_jupyter.handle import GenerationHandle
 from max_jupyter.jupyter.magics import MaxMagics
 from max_jupyter.jupyter.sweep import Sweep
+from max_jupyter.orchestrator.speculative import MAX_SPECULATE
 from max_jupyter.orchestrator.trace import GenerationResult
 
 HAPPY = ["I love this, it is wonderful!", "Great joy and happiness.", "What a lovely sunny day."]
@@ -255,14 +256,16 @@ def test_config_defaults_and_bad_values(shell, session, caplog):
     run(shell, "%config MaxMagics.capture = '4-5'")
     assert set(run(shell, "%%max_generate -n 1\nHi").big_hidden) == {4, 5}
     for bad in ["max_new_tokens = 0", "top_p = 1.5", "update_hz = 50", "capture = 'x-'",
-                "temperature = -1"]:
+                "temperature = -1", "speculate = -1", f"speculate = {MAX_SPECULATE + 1}",
+                "speculate = True", "speculate = 2.5", "speculate = None"]:
         caplog.clear()
         with caplog.at_level(logging.ERROR):
             run(shell, f"%config MaxMagics.{bad}")
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(errors) == 1 and "\n" not in errors[0], (bad, errors)
     m = magics(shell)
-    assert (m.max_new_tokens, m.top_p, m.update_hz, m.capture, m.temperature) == (3, None, 20.0, "4-5", None)
+    assert ((m.max_new_tokens, m.top_p, m.update_hz, m.capture, m.temperature, m.speculate)
+            == (3, None, 20.0, "4-5", None, 0))
     caplog.clear()
     with caplog.at_level(logging.ERROR):  # a refused value stays in the shell's config ...
         shell.run_line_magic("reload_ext", "max_jupyter")
@@ -273,6 +276,50 @@ def test_config_defaults_and_bad_values(shell, session, caplog):
     run(shell, "%config MaxMagics.update_hz = 20.0")
     run(shell, "%config MaxMagics.top_p = None")
     run(shell, "%config MaxMagics.temperature = None")
+    run(shell, "%config MaxMagics.speculate = 0")
+
+
+def test_speculate_gives_the_same_text_and_shows_the_drafts(shell, session):
+    """The session's small model is the big one again: speculation drafts, the text stays
+    the greedy text, and the result's summary (HTML and plain) shows the counts."""
+    prompt = "\nDescribe a quiet morning by the sea."
+    plain = run(shell, "%%max_generate -n 24 --no-stream" + prompt)
+    fast = run(shell, "%%max_generate -n 24 --speculate 4" + prompt)  # streamed
+    assert fast.text == plain.text and fast.token_ids == plain.token_ids
+    assert fast.drafted_tokens > 0 and fast.speculate_off is None
+    shown = (f"speculation: drafted {fast.drafted_tokens}, accepted {fast.accepted_tokens} "
+             f"({fast.acceptance_rate:.0%} acceptance)")
+    formats = shell.display_formatter.format(fast)[0]
+    assert shown in html.unescape(formats["text/html"]) and shown in formats["text/plain"]
+    assert "speculation" not in shell.display_formatter.format(plain)[0]["text/plain"]
+    try:
+        run(shell, "%config MaxMagics.speculate = 3")
+        by_trait = run(shell, "%%max_generate -n 24 --no-stream" + prompt)
+        off = run(shell, "%%max_generate -n 24 --no-stream --speculate 0" + prompt)
+    finally:
+        run(shell, "%config MaxMagics.speculate = 0")
+    assert by_trait.token_ids == off.token_ids == plain.token_ids
+    assert by_trait.drafted_tokens > 0 and off.drafted_tokens == 0
+    assert max(len(r.drafted) for r in by_trait.steps) <= 3 < max(len(r.drafted) for r in fast.steps)
+
+
+def test_speculate_off_is_shown_without_a_small_model(shell, capsys):
+    """Asked for on a session with no small model: the text as without, and why it was off."""
+    from max_jupyter.session import Session
+
+    alone, saved = Session.load(store=None, progress=False), magics(shell).session
+    magics(shell).session = alone
+    try:
+        asked = run(shell, "%%max_generate -n 6 --no-stream --speculate 4\nHi")
+        plain = run(shell, "%%max_generate -n 6 --no-stream\nHi")
+        shown = shell.display_formatter.format(asked)[0]
+    finally:
+        magics(shell).session = saved
+        alone.close()
+    assert asked.token_ids == plain.token_ids and asked.drafted_tokens == 0
+    assert "small model" in asked.speculate_off and plain.speculate_off is None
+    assert f"speculation off: {asked.speculate_off}" in html.unescape(shown["text/html"])
+    assert f"speculation off: {asked.speculate_off}" in shown["text/plain"]
 
 
 # ---------------------------------------------------------------- %max_steer
@@ -411,6 +458,10 @@ BAD = [
     ("%%max_generate --capture 30\nHi", "layer(s) [30] out of range"),
     ("%%max_generate --judge nobody\nHi", "no judge named 'nobody'"),
     ("%%max_generate -n 0\nHi", "max_new_tokens"),
+    ("%%max_generate --speculate -1\nHi", "speculate=-1 is out of range"),
+    (f"%%max_generate --speculate {MAX_SPECULATE + 1}\nHi", f"speculate={MAX_SPECULATE + 1} is out of range"),
+    ("%%max_generate --speculate two\nHi", "argument --speculate: invalid int value: 'two'"),
+    ("%%max_generate --speculate 2.5\nHi", "argument --speculate: invalid int value: '2.5'"),
     ("%%max_generate\n", "the cell body is empty"),
     ("%%max_generate\n   \n", "the cell is empty"),
     ("%max_steer frobnicate", "unknown %max_steer command 'frobnicate'"),

@@ -18,6 +18,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from max_jupyter.orchestrator import Always, FunctionJudge  # noqa: E402
+from max_jupyter.orchestrator.speculative import MAX_SPECULATE  # noqa: E402
 from max_jupyter.server import BackgroundServer  # noqa: E402
 from max_jupyter.session import Session  # noqa: E402
 from max_jupyter.steering import SteeringController  # noqa: E402
@@ -49,6 +50,22 @@ def server(session):
 @pytest.fixture()
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def spec_session():
+    """The embedded model as big and small (the small one can draft for speculation)."""
+    s = Session.load(small="same", store=None, progress=False)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def spec_client(spec_session) -> openai.OpenAI:
+    srv = BackgroundServer(spec_session, port=0, api_key=KEY)
+    srv.start()
+    yield openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    srv.stop()
 
 
 @pytest.fixture()
@@ -152,6 +169,35 @@ def test_judges_gate_a_named_mix(session, client, judge):
     assert named.choices[0].message.content != none.choices[0].message.content
 
 
+def test_speculate_gives_the_same_text_and_reports_drafts(spec_session, spec_client):
+    args = dict(model=MODEL, messages=chat("Name three colours."), max_tokens=24, temperature=0)
+    plain = spec_client.chat.completions.create(**args)
+    assert plain.model_extra["max_jupyter"]["drafted"] == 0
+    assert plain.model_extra["max_jupyter"]["acceptance_rate"] is None
+    fast = spec_client.chat.completions.create(**args, extra_body={"speculate": 4})
+    assert fast.choices[0].message.content == plain.choices[0].message.content
+    last, summary = spec_session.last, fast.model_extra["max_jupyter"]
+    assert summary["drafted"] == last.drafted_tokens > 0
+    assert summary["accepted"] == last.accepted_tokens
+    assert summary["acceptance_rate"] == pytest.approx(last.accepted_tokens / last.drafted_tokens)
+    assert summary["speculate_off"] is None
+    chunks = list(spec_client.chat.completions.create(**args, stream=True,
+                                                      extra_body={"speculate": 4}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].message.content
+    assert chunks[-1].model_extra["max_jupyter"] == summary
+
+
+def test_speculate_off_without_a_small_model(session, client):
+    args = dict(model=MODEL, messages=chat("Name a fruit."), max_tokens=6, temperature=0)
+    plain = client.chat.completions.create(**args)
+    asked = client.chat.completions.create(**args, extra_body={"speculate": 4})
+    assert asked.choices[0].message.content == plain.choices[0].message.content
+    summary = asked.model_extra["max_jupyter"]
+    assert summary["speculate_off"] == session.last.speculate_off and "small model" in summary["speculate_off"]
+    assert summary["drafted"] == summary["accepted"] == 0 and summary["acceptance_rate"] is None
+    assert plain.model_extra["max_jupyter"]["speculate_off"] is None
+
+
 def test_models_vectors_health(server, client, judge):
     assert [m.id for m in client.models.list().data] == [MODEL]
     vectors = httpx.get(server.url + "/v1/vectors", headers={"Authorization": f"Bearer {KEY}"}).json()
@@ -190,6 +236,11 @@ BAD_REQUESTS = [
     ({"n": 2}, "n=2"),
     ({"presence_penalty": 1.0}, "presence_penalty"),
     ({"extra_body": {"beam_width": 4}}, "beam_width"),
+    ({"extra_body": {"speculate": -1}}, "speculate: Input should be greater than or equal to 0"),
+    ({"extra_body": {"speculate": MAX_SPECULATE + 1}}, f"less than or equal to {MAX_SPECULATE}"),
+    ({"extra_body": {"speculate": "4"}}, "speculate"),
+    ({"extra_body": {"speculate": 2.5}}, "speculate"),
+    ({"extra_body": {"speculate": True}}, "speculate"),
     ({"messages": [{"role": "user", "content": 42}]}, "messages"),
     ({"messages": []}, "messages"),
 ]

@@ -26,6 +26,7 @@ from traitlets.config import Configurable
 
 from max_jupyter.errors import MaxJupyterError
 from max_jupyter.jupyter.steerspec import SteerTerm, lookup_vector, parse_layers, parse_spec, spec_mix
+from max_jupyter.orchestrator.speculative import MAX_SPECULATE
 
 GLUED = ("--steer", "--coefs", "--threshold", "--system", "--prompt")
 """Options whose value may start with ``-`` (``--coefs -2:2:1``): glued to their value
@@ -91,6 +92,9 @@ class MaxMagics(Magics, Configurable):
     capture = Unicode("", help="Big-model layers to capture per step, e.g. '12-15'.").tag(config=True)
     stream = Bool(True, help="Stream %%max_generate's text into the cell output.").tag(config=True)
     update_hz = Float(20.0, help="Most display updates per second while streaming (0 < hz <= 20).").tag(config=True)
+    speculate = Integer(0, help=f"Longest draft of speculative decoding, up to {MAX_SPECULATE} "
+                                f"(0: the session's default, off unless set there; needs a small "
+                                f"model with the big one's vocabulary).").tag(config=True)
 
     @validate("top_p")
     def _check_top_p(self, proposal):
@@ -104,6 +108,14 @@ class MaxMagics(Magics, Configurable):
         value = proposal["value"]
         if not 0.0 < value <= 20.0:
             raise TraitError(f"MaxMagics.update_hz={value!r} is out of range; use 0 < hz <= 20.")
+        return value
+
+    @validate("speculate")
+    def _check_speculate(self, proposal):
+        value = proposal["value"]
+        if isinstance(value, bool) or not 0 <= value <= MAX_SPECULATE:
+            raise TraitError(f"MaxMagics.speculate={value!r} is out of range; use 0 (off) up to "
+                             f"{MAX_SPECULATE} draft tokens.")
         return value
 
     @validate("capture")
@@ -216,7 +228,9 @@ class MaxMagics(Magics, Configurable):
     # ---------------------------------------------------------------- %%max_generate
 
     def generation_options(self, args, session) -> dict:
-        """Session.generate keywords from parsed options and the %config defaults."""
+        """Session.generate keywords from parsed options and the %config defaults
+        (``speculate`` only when ``--speculate`` is given or the trait is not 0: otherwise
+        the session's default stands)."""
         from max_jupyter.orchestrator.trace import TraceConfig
 
         opts = {"max_new_tokens": args.n if args.n is not None else self.max_new_tokens,
@@ -226,6 +240,8 @@ class MaxMagics(Magics, Configurable):
                 "seed": args.seed if args.seed is not None else self.seed,
                 "system": args.system if args.system is not None else self.system}
         opts = {k: v for k, v in opts.items() if v is not None}
+        if args.speculate is not None or self.speculate:
+            opts["speculate"] = args.speculate if args.speculate is not None else self.speculate
         if args.raw:
             opts["chat"] = False
         if args.steer:
@@ -253,6 +269,9 @@ class MaxMagics(Magics, Configurable):
     @argument("--top-p", type=float, default=None, metavar="P", help="Nucleus sampling mass.")
     @argument("--top-k", type=int, default=None, metavar="K", help="Sample among the K best.")
     @argument("--seed", type=int, default=None, metavar="S", help="Sampling seed.")
+    @argument("--speculate", type=int, default=None, metavar="K",
+              help=f"Speculative decoding: the small model drafts up to K tokens a step for the "
+                   f"big one to verify (0: off; at most {MAX_SPECULATE}).")
     @argument("--steer", action="append", default=[], metavar="SPEC",
               help="Extra steering for this cell: 'joy:0.8', '0.5*joy - 0.3*formal@12-16' (repeatable).")
     @argument("--judge", action="append", default=[], metavar="NAME",
@@ -652,10 +671,11 @@ class MaxMagics(Magics, Configurable):
 
 
 def _as_generate(args):
-    """Sweep options seen as %%max_generate's (no steer, judge or capture options)."""
+    """Sweep options seen as %%max_generate's (no steer, judge, capture or speculate
+    options; the ``speculate`` trait still applies)."""
     for name in ("steer", "judge"):
         setattr(args, name, [])
-    args.capture = args.capture_small = None
+    args.capture = args.capture_small = args.speculate = None
     return args
 
 

@@ -36,8 +36,20 @@ def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
     return pieces
 
 
+def speculation(result: GenerationResult) -> str | None:
+    """Speculative decoding in words: accepted/drafted tokens and the acceptance rate when
+    the small model drafted, why it was off when asked for but off, else None."""
+    if result.speculate_off is not None:
+        return f"speculation off: {result.speculate_off}"
+    if not result.drafted_tokens:
+        return None
+    return (f"speculation: drafted {result.drafted_tokens}, accepted {result.accepted_tokens} "
+            f"({result.acceptance_rate:.0%} acceptance)")
+
+
 def summary(result: GenerationResult) -> str:
-    """One line: tokens, speed, finish reason, steered / re-run steps, judges' score ranges."""
+    """One line: tokens, speed, finish reason, steered / re-run steps, speculation,
+    judges' score ranges."""
     n = len(result.steps)
     parts = [f"{len(result.token_ids)} tokens", f"{result.tokens_per_s:.1f} tok/s",
              f"finish: {result.finish_reason}"]
@@ -47,6 +59,9 @@ def summary(result: GenerationResult) -> str:
         parts.append(f"steered {steered}/{n} steps")
         if reruns:
             parts.append(f"re-run {len(reruns)} (changed {sum(r.changed for r in reruns)})")
+    spec = speculation(result)
+    if spec is not None:
+        parts.append(spec)
     for name, scores in result.scores.items():
         finite = scores[~scores.isnan()]
         if len(finite):
@@ -82,6 +97,9 @@ def _tooltip(result: GenerationResult, record: StepRecord, piece: str, tokenizer
         lines += "\njudge-gated mixes: " + ", ".join(record.steering)
     if record.mix:
         lines += "\nlive mix: " + ", ".join(f"{k} {v:+g}" for k, v in record.mix.items())
+    if record.drafted:
+        lines += (f"\nspeculation: a draft of {len(record.drafted)} token(s) from here, "
+                  f"{record.accepted} accepted")
     if record.rerun:
         was = tokenizer.decode([record.unsteered_token]) if record.unsteered_token is not None else "?"
         lines += (f"\nre-run: first pass chose {was!r} p={record.unsteered_prob or 0:.2f}"

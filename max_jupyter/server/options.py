@@ -41,6 +41,8 @@ def generation_options(session, request: ChatRequest | CompletionRequest) -> dic
         options["steering"] = _steering(session, request.steering)
     if request.judges is not None:
         options["judges"] = _judges(session, request.judges)
+    if request.speculate is not None:
+        options["speculate"] = request.speculate
     return options
 
 

@@ -5,8 +5,9 @@ this server cannot honour are refused, not ignored: an unknown parameter is a 40
 OpenAI parameters listed in ``NEUTRAL`` are accepted only with their no-op value (what many
 clients send by default), otherwise a 400 saying so. Extensions (``extra_body`` in the
 ``openai`` client): ``steering`` (vector name -> coefficient, from the session's vector
-library), ``judges`` (judge names, ``[]`` for none), ``ignore_eos``. A JSON ``null``
-means "not given", for every parameter.
+library), ``judges`` (judge names, ``[]`` for none), ``ignore_eos``, ``speculate`` (the
+longest draft of speculative decoding, ``0..MAX_SPECULATE``). A JSON ``null`` means "not
+given", for every parameter.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from max_jupyter.orchestrator.speculative import MAX_SPECULATE
 from max_jupyter.validation import MAX_SEED
 
 PENALTIES = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},)}
@@ -72,6 +74,7 @@ class _GenerationRequest(_Strict):
     steering: dict[str, float] | None = None
     judges: list[str] | None = None
     ignore_eos: bool = False
+    speculate: int | None = Field(None, ge=0, le=MAX_SPECULATE)
 
     @model_validator(mode="before")
     @classmethod

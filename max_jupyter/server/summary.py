@@ -16,7 +16,10 @@ def trace_summary(result: GenerationResult) -> dict[str, Any]:
     (post-step judges' re-runs, and those that changed the token); ``mixes``: name of a
     judge-gated mix -> steps it was on; ``judges``: judge name -> steps scored and their
     mean and max score; ``mix_changes``: the live mix's coefficients at step 0 and at every
-    step where they changed; ``finish_reason``: the engine's own."""
+    step where they changed; ``drafted`` / ``accepted``: tokens the small model drafted
+    and the big model took (speculative decoding), ``acceptance_rate`` their ratio (None
+    when nothing was drafted), ``speculate_off``: why speculation asked for did not run
+    (else None); ``finish_reason``: the engine's own."""
     steps = result.steps
     mixes: dict[str, int] = {}
     for record in steps:
@@ -29,6 +32,10 @@ def trace_summary(result: GenerationResult) -> dict[str, Any]:
             "mixes": mixes,
             "judges": _judge_scores(result),
             "mix_changes": _mix_changes(result),
+            "drafted": result.drafted_tokens,
+            "accepted": result.accepted_tokens,
+            "acceptance_rate": result.acceptance_rate,
+            "speculate_off": result.speculate_off,
             "finish_reason": result.finish_reason}
 
 
