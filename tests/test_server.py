@@ -198,6 +198,31 @@ def test_speculate_off_without_a_small_model(session, client):
     assert plain.model_extra["max_jupyter"]["speculate_off"] is None
 
 
+def test_a_small_model_of_another_vocabulary_reads_the_messages_itself(tmp_path):
+    """A chat request reaches a small model with its own tokenizer as messages, through its
+    own chat template (here: none, so the bare text), not as the big model's chat markup."""
+    from max_jupyter.orchestrator.types import prompt_ids
+    from max_jupyter.testing import build_tiny_model
+
+    s = Session.load(small=build_tiny_model(tmp_path / "tiny"), store=None, progress=False)
+    srv = BackgroundServer(s, port=0, api_key=KEY)
+    srv.start()
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        messages = chat("Name three colours.")
+        r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+        served = s.last
+        own = prompt_ids(s.small, messages)
+        assert served.small_ids[:len(own)] == own
+        assert "<|im_start|>" not in s.small.tokenizer.decode(served.small_ids)
+        expected = s.generate(messages, max_new_tokens=6)
+        assert r.choices[0].message.content == expected.text
+        assert served.small_ids == expected.small_ids
+    finally:
+        srv.stop()
+        s.close()
+
+
 def test_models_vectors_health(server, client, judge):
     assert [m.id for m in client.models.list().data] == [MODEL]
     vectors = httpx.get(server.url + "/v1/vectors", headers={"Authorization": f"Bearer {KEY}"}).json()

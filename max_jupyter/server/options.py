@@ -17,13 +17,13 @@ from max_jupyter.validation import check_coef, check_token_ids
 
 
 def generation_options(session, request: ChatRequest | CompletionRequest) -> dict[str, Any]:
-    """Keyword options for ``session.start`` (the prompt as token ids under ``prompt``).
+    """Keyword options for ``session.start`` (the prompt under ``prompt``).
 
     Tokenises the prompt (chat messages through the model's chat template, with
     ``session.defaults.system`` first when the messages carry no system turn) and checks
     it and ``max_tokens`` fit the context, the steering names and judges exist.
     """
-    ids = _prompt(session, request)
+    prompt, chat, ids = _prompt(session, request)
     defaults = session.defaults
     limit = request.limit if request.limit is not None else defaults.max_new_tokens
     room = session.big.max_seq_len - len(ids)
@@ -32,9 +32,9 @@ def generation_options(session, request: ChatRequest | CompletionRequest) -> dic
                        f"exceed the model's context of {session.big.max_seq_len} tokens; "
                        f"shorten the prompt or send max_tokens <= {max(room, 0)}.",
                        param="max_tokens" if room > 0 else "messages", code="context_length_exceeded")
-    options: dict[str, Any] = {"prompt": ids, "max_new_tokens": limit,
+    options: dict[str, Any] = {"prompt": prompt, "max_new_tokens": limit,
                                "sampling": _sampling(defaults.sampling, request),
-                               "chat": False, "system": None, "ignore_eos": request.ignore_eos}
+                               "chat": chat, "system": None, "ignore_eos": request.ignore_eos}
     if request.stop is not None:
         options["stop"] = request.stop
     if request.steering:
@@ -46,20 +46,24 @@ def generation_options(session, request: ChatRequest | CompletionRequest) -> dic
     return options
 
 
-def _prompt(session, request: ChatRequest | CompletionRequest) -> list[int]:
+def _prompt(session, request: ChatRequest | CompletionRequest) -> tuple[Any, bool, list[int]]:
+    """(the prompt for ``session.start``, its ``chat`` flag, its big-model token ids). Chat
+    messages and text go to the session as they are, not as ids, so a small model with
+    another vocabulary reads them through its own chat template and tokenizer."""
     engine = session.big
     if isinstance(request, ChatRequest):
         messages = [m.as_template_message() for m in request.messages]
         system = session.defaults.system
         if system and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": system})
-        return prompt_ids(engine, messages)
+        return messages, True, prompt_ids(engine, messages)
     if isinstance(request.prompt, str):
-        return prompt_ids(engine, request.prompt, chat=False)
+        return request.prompt, False, prompt_ids(engine, request.prompt, chat=False)
     try:
-        return check_token_ids("prompt", request.prompt, engine.identity.vocab_size)
+        ids = check_token_ids("prompt", request.prompt, engine.identity.vocab_size)
     except BadArgumentError as e:
         raise APIError(400, str(e), param="prompt") from None
+    return ids, False, ids
 
 
 def _sampling(base, request: ChatRequest | CompletionRequest):
