@@ -17,11 +17,11 @@ picks, detokenisation), one warm-up then the median of ``RUNS`` runs.
 Rows (ii) and (iii) draft with a 7B-sized model, so they compare against the orchestrator
 mirroring that same 7B model without speculation ("mirror-7B"); their break-even acceptance
 is where the measured curve crosses that row. For the real pair's shapes the same break-even
-follows from measured pass times (a 1.5B step, a 7B step, a 7B verify of ``K + 1`` tokens)
-by the fixed-length model ``ms/token = (K * small + verify + small * P(reject)) / E[tokens
+follows from measured pass times (a 1.5B step, a 7B step, a 7B verify of ``k + 1`` tokens)
+by the fixed-length model ``ms/token = (k * small + verify + small * P(reject)) / E[tokens
 per block]`` with per-token acceptance ``alpha``; the model is printed next to the measured
-7B-drafter rows so it can be checked. Writes ``$OUT/gpu_speculative.json``.
-Run: ``bash bench/gpu_session.sh speculative`` (see docs/gpu.md).
+7B-drafter rows so it can be checked. Writes ``$OUT/gpu_speculative.json`` for
+``bench/gpu_tables.py``. Run: ``bash bench/gpu_session.sh speculative`` (see docs/gpu.md).
 """
 from __future__ import annotations
 
@@ -38,11 +38,14 @@ import torch
 
 from gpu_decode import (build_hf, exllamav2_generator, free_gpu, plain_run, repeat, save_gptq,
                         stamp)
+from gpu_tables import render_speculative
 from max_jupyter.engines.exllamav2 import ExLlamaV2Engine
 from max_jupyter.orchestrator import CognitiveOrchestrator
 
-PROMPT, NEW, RUNS, K = 512, 256, 3, 4
-NOISE = (0.05, 0.1, 0.2, 0.4)  # weight noise of the 7B drafters, in units of each tensor's std
+PROMPT, NEW, RUNS = 512, 256, 3
+K = (3, 4)  # draft lengths of rows (i) and (ii); rows (iii) and the model use the first
+VERIFY = range(2, 7)  # verify lengths whose pass times are measured
+NOISE = (0.002, 0.005, 0.01, 0.02)  # weight noise of the 7B drafters, in units of each tensor's std
 TOKENIZER_VOCAB = 49152  # ids the borrowed tokenizer has (the head's rows past it are zero)
 
 
@@ -114,8 +117,8 @@ def timed_ms(fn: Callable[[], object], reps: int = 30) -> float:
 
 
 def pass_times(big: ExLlamaV2Engine, small: ExLlamaV2Engine, ids: list[int]) -> dict:
-    """ms of one step of each model and of the big model's verify of ``K + 1`` tokens, at
-    the prompt's end (each pass rewound after it)."""
+    """ms of one step of each model and of the big model's verify of each length in
+    ``VERIFY``, at the prompt's end (each pass rewound after it)."""
     big.prefill(ids)
     small.prefill(ids)
 
@@ -126,26 +129,27 @@ def pass_times(big: ExLlamaV2Engine, small: ExLlamaV2Engine, ids: list[int]) -> 
         return run
 
     return {"big": timed_ms(passes(big, 1)), "small": timed_ms(passes(small, 1)),
-            "verify": timed_ms(passes(big, K + 1))}
+            "verify": {n: timed_ms(passes(big, n)) for n in VERIFY}}
 
 
-def modelled_ms(times: dict, small_ms: float, alpha: float) -> float:
-    """ms/token of fixed-length-``K`` speculation at per-token acceptance ``alpha``: ``K``
-    drafter steps and one verify per block, one more drafter step (the correction) when a
-    draft is rejected, over the expected ``sum(alpha^i, i=0..K)`` tokens a block emits."""
-    tokens = sum(alpha ** i for i in range(K + 1))
-    return (K * small_ms + times["verify"] + small_ms * (1 - alpha ** K)) / tokens
+def modelled_ms(times: dict, small_ms: float, alpha: float, k: int) -> float:
+    """ms/token of fixed-length-``k`` speculation at per-token acceptance ``alpha``: ``k``
+    drafter steps and one verify of ``k + 1`` tokens per block, one more drafter step (the
+    correction) when a draft is rejected, over the expected ``sum(alpha^i, i=0..k)`` tokens
+    a block emits."""
+    tokens = sum(alpha ** i for i in range(k + 1))
+    return (k * small_ms + times["verify"][k + 1] + small_ms * (1 - alpha ** k)) / tokens
 
 
-def solve_alpha(times: dict, small_ms: float, target_ms: float) -> float | None:
+def solve_alpha(times: dict, small_ms: float, target_ms: float, k: int) -> float | None:
     """The per-token acceptance at which the model's ms/token equals ``target_ms`` (bisection;
     None if even acceptance 1 is slower)."""
     lo, hi = 0.0, 1.0
-    if modelled_ms(times, small_ms, hi) > target_ms:
+    if modelled_ms(times, small_ms, hi, k) > target_ms:
         return None
     for _ in range(50):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if modelled_ms(times, small_ms, mid) > target_ms else (lo, mid)
+        lo, hi = (mid, hi) if modelled_ms(times, small_ms, mid, k) > target_ms else (lo, mid)
     return hi
 
 
@@ -182,22 +186,20 @@ def peer_rows(folders: dict[str, Path], ids: list[int]) -> tuple[list[dict], dic
 
 def drafter_rows(folders: dict[str, Path], ids: list[int]) -> tuple[list[dict], dict]:
     """Rows (i)-(iii) with the big model loaded once, and the pass times of the real pair."""
-    big, rows = load(folders["big"]), []
+    big = load(folders["big"])
     small = load(folders["small"])
-    rows.append(row("(i) mirror-1.5B, no speculation", orchestrated(big, small, ids, 0), "1.5B"))
-    rows.append(row(f"(i) 1.5B random drafter, speculate={K}", orchestrated(big, small, ids, K), "1.5B"))
+    rows = pair_rows(big, small, ids, "(i) mirror-1.5B", "(i) 1.5B random drafter", "1.5B")
     times = pass_times(big, small, ids)
     small.unload()
     free_gpu()
     copy = load(folders["big"])
-    rows.append(row("(ii) mirror-7B, no speculation", orchestrated(big, copy, ids, 0), "7B"))
-    rows.append(row(f"(ii) 7B drafting for itself, speculate={K}", orchestrated(big, copy, ids, K), "7B"))
+    rows += pair_rows(big, copy, ids, "(ii) mirror-7B", "(ii) 7B drafting for itself", "7B")
     copy.unload()
     free_gpu()
     for sigma in NOISE:
         noised = load(folders[f"noise {sigma:g}"])
-        rows.append(row(f"(iii) 7B + noise {sigma:g}, speculate={K}",
-                        orchestrated(big, noised, ids, K), "7B"))
+        rows.append(row(f"(iii) 7B + noise {sigma:g}, speculate={K[0]}",
+                        orchestrated(big, noised, ids, K[0]), "7B"))
         noised.unload()
         free_gpu()
     big.unload()
@@ -205,49 +207,33 @@ def drafter_rows(folders: dict[str, Path], ids: list[int]) -> tuple[list[dict], 
     return rows, times
 
 
-def render(data: dict) -> str:
-    """The table (ms/token, tok/s, ratios, acceptance, big passes per token, the model's
-    prediction for 7B-drafter rows) and the break-even lines."""
-    rows, times = data["rows"], data["pass_ms"]
-    base = rows[0]["ms"]
-    mirror = {r["drafter"]: r["ms"] for r in rows if r["k"] == 0}
-    lines = [f"Measured {data['date']} at commit `{data['commit']}` on {data['card']} (torch "
-             f"{data['torch']}, exllamav2 {data['exllamav2']['version']}); batch 1, greedy, "
-             f"{data['prompt']}-token prompt, every row timed over the same {data['new']} tokens, "
-             f"median of {data['runs']} runs after a warm-up. Pass times (ms): 7B step "
-             f"{times['big']:.2f}, 1.5B step {times['small']:.2f}, 7B verify of {K + 1} tokens "
-             f"{times['verify']:.2f}.", "",
-             "| row | ms/token | tok/s | vs (a) | vs mirror, no spec. | acceptance | big passes/token | model ms/token |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        vs_mirror = f"{mirror[r['drafter']] / r['ms']:.2f}" if r["drafter"] else "-"
-        acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.3f}"
-        passes = "-" if r["big_passes"] is None else f"{r['big_passes']:.2f}"
-        model = ("-" if r["drafter"] != "7B" or not r["k"] or r["acceptance"] is None else
-                 f"{modelled_ms(times, times['big'], r['acceptance']):.2f}")
-        lines.append(f"| {r['label']} | {r['ms']:.2f} | {1e3 / r['ms']:.1f} | {base / r['ms']:.2f} | "
-                     f"{vs_mirror} | {acc} | {passes} | {model} |")
-    lines += ["", *(f"- {line}" for line in data["break_even"])]
-    return "\n".join(lines)
+def pair_rows(big: ExLlamaV2Engine, drafter: ExLlamaV2Engine, ids: list[int], mirror: str,
+              speculating: str, shape: str) -> list[dict]:
+    """The orchestrator with ``drafter`` mirroring: without speculation, then with each ``K``."""
+    rows = [row(f"{mirror}, no speculation", orchestrated(big, drafter, ids, 0), shape)]
+    rows += [row(f"{speculating}, speculate={k}", orchestrated(big, drafter, ids, k), shape) for k in K]
+    return rows
 
 
 def break_even(rows: list[dict], times: dict) -> list[str]:
-    """Where speculation starts to pay: measured for the 7B drafters, modelled for 1.5B."""
+    """Where speculation starts to pay: measured for the 7B drafters (rows with ``K[0]``),
+    modelled for the 1.5B drafter."""
+    k = K[0]
     measured = [(r["acceptance"], r["ms"]) for r in rows
-                if r["drafter"] == "7B" and r["k"] and r["acceptance"] is not None]
+                if r["drafter"] == "7B" and r["k"] == k and r["acceptance"] is not None]
     lines = []
     for name, target in (("mirror-7B, no speculation", rows_ms(rows, "(ii) mirror")),
                          ("(b) our plain loop", rows_ms(rows, "(b)")),
                          ("(a) exllamav2's generator", rows_ms(rows, "(a)"))):
         a = crossing(measured, target)
-        lines.append(f"7B drafter, measured: break-even against {name} at acceptance "
-                     + ("(not reached)" if a is None else f"{a:.2f}"))
+        lines.append(f"7B drafter, measured (speculate={k}): break-even against {name} at "
+                     "acceptance " + ("(not reached)" if a is None else f"{a:.2f}"))
     for name, target in (("mirror-1.5B, no speculation", rows_ms(rows, "(i) mirror")),
                          ("(b) our plain loop", rows_ms(rows, "(b)")),
                          ("(a) exllamav2's generator", rows_ms(rows, "(a)"))):
-        a = solve_alpha(times, times["small"], target)
-        lines.append(f"1.5B drafter, modelled (K={K}): break-even against {name} at per-token "
-                     f"acceptance " + ("(not reached)" if a is None else f"{a:.2f}"))
+        a = solve_alpha(times, times["small"], target, k)
+        lines.append(f"1.5B drafter, modelled (fixed length {k}): break-even against {name} at "
+                     "per-token acceptance " + ("(not reached)" if a is None else f"{a:.2f}"))
     return lines
 
 
@@ -268,9 +254,12 @@ def main() -> None:
     data = {**stamp(torch.cuda.get_device_name(), 0.0, facts), "prompt": PROMPT, "new": NEW,
             "runs": RUNS, "rows": rows, "pass_ms": times, "noise": NOISE}
     del data["bandwidth"]  # not measured here
+    for r in rows:  # the model's ms/token where it applies: 7B drafters, speculating
+        r["model_ms"] = (modelled_ms(times, times["big"], r["acceptance"], r["k"])
+                         if r["drafter"] == "7B" and r["k"] and r["acceptance"] is not None else None)
     data["break_even"] = break_even(rows, times)
     (out / "gpu_speculative.json").write_text(json.dumps(data, indent=1))
-    print(render(data))
+    print(render_speculative(data))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""docs/gpu.md's measured tables, generated from ``bench/gpu_decode.py``'s JSON output.
+"""docs/gpu.md's measured tables, generated from the benchmarks' JSON output.
 
-    python bench/gpu_tables.py gpu_decode.json [docs/gpu.md]
+    python bench/gpu_tables.py gpu_decode.json|gpu_speculative.json [docs/gpu.md]
 
-Rewrites the text between ``<!-- gpu_tables:speed -->`` / ``<!-- /gpu_tables:speed -->``
-and ``<!-- gpu_tables:memory -->`` / ``<!-- /gpu_tables:memory -->`` in the document, so
-the tables are always those of one stamped run (commit, card, date). ``gpu_decode.py``
-prints the same tables.
+Rewrites the text between ``<!-- gpu_tables:NAME -->`` and ``<!-- /gpu_tables:NAME -->``
+in the document (``speed`` and ``memory`` from ``gpu_decode.py``, ``speculative`` from
+``gpu_speculative.py``), so the tables are always those of one stamped run (commit, card,
+date). The benchmarks print the same tables.
 """
 from __future__ import annotations
 
@@ -52,6 +52,33 @@ def render_memory(data: dict) -> str:
             f"planned.\n\n" + m["table"])
 
 
+def render_speculative(data: dict) -> str:
+    """``gpu_speculative.py``'s table: ms/token, tok/s, ratios to (a) and to the mirrored loop
+    without speculation (same drafter), acceptance, big passes per token, the fixed-length
+    model's ms/token; then the pass times and the break-even lines."""
+    rows, times = data["rows"], data["pass_ms"]
+    base = rows[0]["ms"]
+    mirror = {r["drafter"]: r["ms"] for r in rows if r["k"] == 0}
+    verify = ", ".join(f"{n} tokens {ms:.2f}" for n, ms in times["verify"].items())
+    lines = [f"Measured {data['date']} at commit `{data['commit']}` on {data['card']} (torch "
+             f"{data['torch']}, exllamav2 {data['exllamav2']['version']}); batch 1, greedy, "
+             f"{data['prompt']}-token prompt, every row timed over the same {data['new']} tokens, "
+             f"median of {data['runs']} runs after a warm-up.", "",
+             "| row | ms/token | tok/s | vs (a) | vs mirror, no spec. | acceptance | "
+             "big passes/token | model ms/token |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cells = [f"{mirror[r['drafter']] / r['ms']:.2f}" if r["drafter"] else "-",
+                 "-" if r["acceptance"] is None else f"{r['acceptance']:.3f}",
+                 "-" if r["big_passes"] is None else f"{r['big_passes']:.2f}",
+                 "-" if r.get("model_ms") is None else f"{r['model_ms']:.2f}"]
+        lines.append(f"| {r['label']} | {r['ms']:.2f} | {1e3 / r['ms']:.1f} | {base / r['ms']:.2f} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", f"Pass times (ms, synchronised, at the prompt's end): 7B step {times['big']:.2f}, "
+              f"1.5B step {times['small']:.2f}, 7B verify of {verify}.", "",
+              *(f"- {line}" for line in data["break_even"])]
+    return "\n".join(lines)
+
+
 def write(doc: Path, name: str, text: str) -> str:
     """``doc``'s text with the block ``name`` replaced by ``text``."""
     source = doc.read_text()
@@ -67,8 +94,11 @@ def main() -> None:
         raise SystemExit(__doc__)
     data = json.loads(Path(sys.argv[1]).read_text())
     doc = Path(sys.argv[2] if len(sys.argv) == 3 else Path(__file__).parent.parent / "docs/gpu.md")
-    doc.write_text(write(doc, "speed", render_speed(data)))
-    doc.write_text(write(doc, "memory", render_memory(data)))
+    if "pass_ms" in data:  # gpu_speculative.py's
+        doc.write_text(write(doc, "speculative", render_speculative(data)))
+    else:
+        doc.write_text(write(doc, "speed", render_speed(data)))
+        doc.write_text(write(doc, "memory", render_memory(data)))
     print(f"{doc}: tables of commit {data['commit']} on {data['card']}")
 
 
