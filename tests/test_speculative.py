@@ -1,26 +1,40 @@
-"""Greedy speculative decoding on the CPU: the embedded model verifies drafts from a second
-instance of itself (acceptance 1), from a copy with a little weight noise (partial
-acceptance) and from one with as much noise as weight (a bad drafter: falls back to plain)."""
+"""Speculative decoding on the CPU.
+
+Greedy: the embedded model verifies drafts from a second instance of itself (acceptance 1),
+from a copy with a little weight noise (partial acceptance) and from one with as much noise
+as weight (a bad drafter: falls back to plain); with judges the trace equals the plain one.
+Sampling: on a tiny random Llama (its head scaled up so its distributions are peaked, top-k
+4), the tokens of thousands of seeded generations follow the big model's distribution,
+computed exactly by enumeration, as closely as those of plain sampling do."""
 from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
 
 from max_jupyter.engines import TransformersEngine
 from max_jupyter.errors import BackendUnavailableError, BadArgumentError
-from max_jupyter.orchestrator import CognitiveOrchestrator, Never, SamplingConfig, TraceConfig
-from max_jupyter.steering import SteeringController
+from max_jupyter.orchestrator import (CognitiveOrchestrator, FunctionJudge, JudgeContext, Never,
+                                      ProbeJudge, Sampler, SamplingConfig, TraceConfig, Verdict)
+from max_jupyter.orchestrator.judges import NO_MIXES
+from max_jupyter.steering import SteeringController, SteeringVector
+from max_jupyter.testing import build_tiny_model
 from conftest import assert_mirrors
 
 PROMPT = "Write one sentence about the weather."
 LAYERS = (10, 15)  # the layers of the conftest ``vector``
 
 
-def noised(sigma: float) -> TransformersEngine:
-    """The embedded model with Gaussian noise of ``sigma`` times each weight's std added."""
-    model = TransformersEngine.load(device="cpu")
+def noised(sigma: float, path: str | None = None, head: float = 1.0) -> TransformersEngine:
+    """A model (default: the embedded one) with its output head scaled by ``head`` and
+    Gaussian noise of ``sigma`` times each weight's std added."""
+    model = TransformersEngine.load(path, device="cpu") if path else TransformersEngine.load(device="cpu")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
+        model.model.lm_head.weight.mul_(head)
         for p in model.model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * p.std() * sigma)
     return model
@@ -54,19 +68,26 @@ def pair(orch: CognitiveOrchestrator, speculate: int, **options):
 
 
 def assert_same(plain, spec) -> None:
-    """Same tokens, text, ending, trace and caches as the non-speculative run."""
+    """Same tokens, text, ending, trace (judges' scores, steering, re-runs included) and
+    caches as the non-speculative run."""
     (a, big_a, small_a), (b, big_b, small_b) = plain, spec
     assert b.token_ids == a.token_ids and b.text == a.text
     assert b.finish_reason == a.finish_reason
     assert b.small_ids == a.small_ids and (big_b, small_b) == (big_a, small_a)
-    assert [r.token for r in b.steps] == [r.token for r in a.steps]
-    assert [r.steered for r in b.steps] == [r.steered for r in a.steps]
-    assert [r.mix for r in b.steps] == [r.mix for r in a.steps]
-    assert torch.equal(b.big_topk.ids[:, 0], a.big_topk.ids[:, 0])
-    torch.testing.assert_close(b.big_topk.logits, a.big_topk.logits, atol=1e-3, rtol=1e-4)
+    for field in ("token", "prob", "steered", "mix", "steering", "rerun", "unsteered_token"):
+        assert [getattr(r, field) for r in b.steps] == [getattr(r, field) for r in a.steps], field
+    assert [list(r.scores) for r in b.steps] == [list(r.scores) for r in a.steps]
+    for name, scores in a.scores.items():
+        torch.testing.assert_close(b.scores[name], scores, atol=1e-3, rtol=1e-4, equal_nan=True)
+    for top in ("big_topk", "first_pass_topk"):
+        assert torch.equal(getattr(b, top).ids[:, 0], getattr(a, top).ids[:, 0])
+        torch.testing.assert_close(getattr(b, top).logits, getattr(a, top).logits, atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(b.small_topk.logits, a.small_topk.logits, atol=1e-3, rtol=1e-4)
     for layer, rows in a.big_hidden.items():
         torch.testing.assert_close(b.big_hidden[layer], rows, atol=1e-3, rtol=1e-4)
+    assert b.deltas.keys() == a.deltas.keys()
+    for layer, rows in a.deltas.items():
+        torch.testing.assert_close(b.deltas[layer], rows)
     assert a.drafted_tokens == 0 and a.acceptance_rate is None and b.speculate_off is None
 
 
@@ -184,10 +205,8 @@ def test_bad_drafter_falls_back_to_plain_steps(engine, bad):
 # ---------------------------------------------------------------- refused or off
 
 
-def test_speculate_refused_with_sampling_or_out_of_range(engine, small):
+def test_speculate_refused_out_of_range(engine, small):
     orch = CognitiveOrchestrator(engine, small)
-    with pytest.raises(BadArgumentError, match="speculative sampling is not supported"):
-        orch.prepare(PROMPT, speculate=4, sampling=SamplingConfig(temperature=0.7))
     for value in (-1, 17, 1.5, True):
         with pytest.raises(BadArgumentError, match="speculate"):
             orch.prepare(PROMPT, speculate=value)
@@ -196,7 +215,7 @@ def test_speculate_refused_with_sampling_or_out_of_range(engine, small):
 def test_speculate_off_where_it_cannot_draft(engine, small, tiny, monkeypatch):
     cases = {"no small model": CognitiveOrchestrator(engine),
              "vocabulary differs": CognitiveOrchestrator(engine, tiny),
-             "judges are on": CognitiveOrchestrator(engine, small, Never())}
+             "overlap is on": CognitiveOrchestrator(engine, small, Never(), overlap=True)}
     for reason, orch in cases.items():
         r = orch.generate(PROMPT, max_new_tokens=3, speculate=4)
         assert reason in r.speculate_off and r.drafted_tokens == 0
@@ -212,3 +231,212 @@ def test_the_session_passes_speculate_through(engine, small):
         plain = s.generate("Name three colours.", max_new_tokens=12)
         fast = s.generate("Name three colours.", max_new_tokens=12, speculate=4)
     assert fast.token_ids == plain.token_ids and fast.drafted_tokens > 0
+
+
+# ---------------------------------------------------------------- speculative sampling
+
+TINY_PROMPT = [5, 6, 7, 8]
+TINY_SAMPLING = {"temperature": 1.0, "top_k": 4}
+N_TOKENS, N_SAMPLES, ALPHA = 4, 3000, 1e-3
+VIEWS = {"token 0": (0,), "token 1": (1,), "token 2": (2,), "token 3": (3,),
+         "tokens 0-1": (0, 1), "tokens 0-2": (0, 1, 2), "tokens 1-3": (1, 2, 3),
+         "tokens 0-3": (0, 1, 2, 3)}
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> dict[str, TransformersEngine]:
+    """The tiny random Llama with its head scaled x30 (peaked distributions) as the big
+    model, and noised copies of it as drafters: "near" (acceptance about 0.55) and "bad"."""
+    folder = str(build_tiny_model(tmp_path_factory.mktemp("tiny-spec")))
+    return {name: noised(sigma, folder, head=30.0)
+            for name, sigma in (("big", 0.0), ("near", 0.15), ("bad", 1.0))}
+
+
+@pytest.fixture()
+def one_thread():
+    """One torch thread: the tiny model's forwards are overhead-bound, and the machine shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def exact(big: TransformersEngine, n: int) -> dict[tuple[int, ...], float]:
+    """The probability of every sequence of ``n`` tokens after ``TINY_PROMPT`` under
+    ``TINY_SAMPLING``, by enumeration (one prefill per prefix)."""
+    sampler = Sampler(SamplingConfig(**TINY_SAMPLING))
+    dist: dict[tuple[int, ...], float] = {(): 1.0}
+    for _ in range(n):
+        nxt = {}
+        for seq, prob in dist.items():
+            p = sampler.probabilities(big.prefill(TINY_PROMPT + list(seq)).logits)
+            for token in p.nonzero().flatten().tolist():
+                nxt[seq + (token,)] = prob * float(p[token])
+        dist = nxt
+    return dist
+
+
+def draw(orch: CognitiveOrchestrator, speculate: int, seeds: range) -> tuple[list[tuple[int, ...]], float | None]:
+    """The tokens of one seeded generation per seed, and the acceptance over all of them."""
+    seqs, drafted, accepted = [], 0, 0
+    for seed in seeds:
+        r = orch.generate(TINY_PROMPT, max_new_tokens=N_TOKENS, ignore_eos=True, speculate=speculate,
+                          sampling=SamplingConfig(seed=seed, **TINY_SAMPLING))
+        seqs.append(tuple(r.token_ids))
+        drafted, accepted = drafted + r.drafted_tokens, accepted + r.accepted_tokens
+    return seqs, accepted / drafted if drafted else None
+
+
+def project(dist: dict[tuple[int, ...], float], view: Sequence[int]) -> dict[tuple[int, ...], float]:
+    out: dict[tuple[int, ...], float] = {}
+    for seq, prob in dist.items():
+        key = tuple(seq[i] for i in view)
+        out[key] = out.get(key, 0.0) + prob
+    return out
+
+
+def chi_square_p(observed: list[float], expected: list[float], df: int) -> float:
+    """Pearson's chi-square p-value with ``df`` degrees of freedom."""
+    stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected))
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def pooled(cells: list, weight: Callable, least: float) -> list:
+    """``cells`` minus the rarest ones, pooled until they (and each cell left) weigh ``least``."""
+    cells, total, i = sorted(cells, key=weight), 0.0, 0
+    while i < len(cells) and (total < least or weight(cells[i]) < least):
+        total, i = total + weight(cells[i]), i + 1
+    return cells[i:]
+
+
+def fit_p(seqs: list[tuple[int, ...]], dist: dict[tuple[int, ...], float]) -> tuple[float, float]:
+    """The chi-square p-value of ``seqs`` drawn from ``dist`` (cells expecting < 5 pooled,
+    impossible sequences among them) and the total-variation distance between the two."""
+    n, counts = len(seqs), Counter(seqs)
+    kept = pooled(list(dist), lambda c: dist[c] * n, 5)
+    observed = [counts[c] for c in kept]
+    expected = [dist[c] * n for c in kept]
+    p = chi_square_p(observed + [n - sum(observed)], expected + [n - sum(expected)], len(kept))
+    tv = sum(abs(counts[c] / n - dist.get(c, 0.0)) for c in {*counts, *dist}) / 2
+    return p, tv
+
+
+def same_p(a: list[tuple[int, ...]], b: list[tuple[int, ...]]) -> float:
+    """The chi-square p-value that ``a`` and ``b`` come from one distribution (equal sizes;
+    cells with < 10 draws in all pooled)."""
+    ca, cb = Counter(a), Counter(b)
+    kept = pooled(list({*ca, *cb}), lambda c: ca[c] + cb[c], 10)
+    rows = [(ca[c], cb[c]) for c in kept]
+    rows.append((len(a) - sum(x for x, _ in rows), len(b) - sum(y for _, y in rows)))
+    observed = [x for row in rows for x in row]
+    expected = [(x + y) / 2 for x, y in rows for _ in (0, 1)]
+    return chi_square_p(observed, expected, len(rows) - 1)
+
+
+def test_speculative_sampling_draws_the_big_models_distribution(tiny_models, one_thread):
+    big, near = tiny_models["big"], tiny_models["near"]
+    truth = exact(big, N_TOKENS)
+    plain, _ = draw(CognitiveOrchestrator(big), 0, range(N_SAMPLES))
+    spec, acceptance = draw(CognitiveOrchestrator(big, near), 3, range(10**6, 10**6 + N_SAMPLES))
+    assert 0.3 < acceptance < 0.8, acceptance
+    failed = []
+    for name, view in VIEWS.items():
+        want = project(truth, view)
+        cut = [[tuple(s[i] for i in view) for s in seqs] for seqs in (plain, spec)]
+        (p_plain, tv_plain), (p_spec, tv_spec) = fit_p(cut[0], want), fit_p(cut[1], want)
+        p_same = same_p(*cut)
+        print(f"{name}: cells {len(want)}; exact vs plain p={p_plain:.3g} TV={tv_plain:.3f}; "
+              f"vs speculative p={p_spec:.3g} TV={tv_spec:.3f}; plain vs speculative p={p_same:.3g}")
+        if min(p_plain, p_spec, p_same) < ALPHA:
+            failed.append(name)
+    print(f"acceptance {acceptance:.3f}")
+    assert not failed, f"the tokens do not follow the big model's distribution at {failed}"
+
+
+# ---------------------------------------------------------------- judges during a block
+
+
+def counting(fn: Callable[[JudgeContext], bool | Verdict], name: str, mix: str,
+             post_step: bool = False) -> tuple[FunctionJudge, list[tuple[int, tuple[int, ...]]]]:
+    """A judge deciding by ``fn`` that notes each call's step and the tokens it saw."""
+    calls: list[tuple[int, tuple[int, ...]]] = []
+
+    def judge(ctx: JudgeContext) -> bool | Verdict:
+        calls.append((ctx.step, tuple(ctx.tokens)))
+        return fn(ctx)
+
+    return FunctionJudge(judge, post_step=post_step, mix=mix, name=name), calls
+
+
+def per_run(calls: list[tuple[int, tuple[int, ...]]]) -> list[list[tuple[int, tuple[int, ...]]]]:
+    """The calls split into generations (each begins at step 0)."""
+    runs: list[list[tuple[int, tuple[int, ...]]]] = []
+    for call in calls:
+        if call[0] == 0:
+            runs.append([])
+        runs[-1].append(call)
+    return runs
+
+
+def cuts(r) -> list[tuple[str, int, int]]:
+    """Where judges ended speculative blocks early: (kind, first step of the block, step);
+    kind "steering" where a step inside a block's range ran with other mixes than the
+    block, "rerun" where it was re-run."""
+    found = []
+    for b in r.steps:
+        for s in r.steps[b.step:b.step + b.accepted + 1] if b.drafted else ():
+            if s.rerun or s.steering != b.steering:
+                found.append(("rerun" if s.rerun else "steering", b.step, s.step))
+                break
+    return found
+
+
+def test_pre_step_judges_end_a_block_where_they_change_their_mind(engine, near, ctrl, vector):
+    probe = SteeringVector({15: vector.directions[15]}, near.identity, "happy-probe")
+    scout = CognitiveOrchestrator(engine, near, ProbeJudge(probe, threshold=math.inf, mix="happy", name="probe"),
+                                  steering={"happy": ctrl}).generate(PROMPT, max_new_tokens=24)
+    threshold = float(scout.scores["probe"].median())
+    count, calls = counting(lambda ctx: False, "count", "happy")
+    judges = [ProbeJudge(probe, threshold=threshold, cooldown=1, mix="happy", name="probe"), count]
+    orch = CognitiveOrchestrator(engine, near, judges, steering={"happy": ctrl})
+    plain, spec = pair(orch, 4, max_new_tokens=24, ignore_eos=True,
+                       trace=TraceConfig(big_layers=LAYERS, small_layers=(15,)))
+    assert_same(plain, spec)
+    r = spec[0]
+    assert 0 < int(r.steered.sum()) < len(r.steps), "the probe should flip during the generation"
+    assert any(kind == "steering" for kind, _, _ in cuts(r)), "a changed decision should end a block"
+    first, second = per_run(calls)
+    assert second == first and [step for step, _ in first] == list(range(24))
+    assert_caches(orch, r, big=False)
+
+
+def test_post_step_judges_rerun_inside_a_block(engine, near, ctrl, vector):
+    sad = SteeringController(engine.identity)
+    sad.set("sad", vector, -1.5)
+    mixes = {"happy": ctrl, "sad": sad}
+
+    def top(ctx: JudgeContext) -> float:
+        return float(torch.softmax(ctx.big_logits, -1).max())
+
+    scout = CognitiveOrchestrator(engine, near, FunctionJudge(lambda c: Verdict(top(c)), post_step=True,
+                                                              mix="sad", name="unsure"),
+                                  steering=mixes).generate(PROMPT, max_new_tokens=24)
+    ranked = sorted(scout.scores["unsure"].tolist())
+    threshold = (ranked[5] + ranked[6]) / 2  # between two scores: no tie to round across
+    unsure, post_calls = counting(
+        lambda c: Verdict(top(c), frozenset({"sad"}) if top(c) < threshold else NO_MIXES),
+        "unsure", "sad", post_step=True)
+    count, pre_calls = counting(lambda ctx: ctx.step % 7 == 3, "count", "happy")
+    orch = CognitiveOrchestrator(engine, near, [count, unsure], steering=mixes)
+    plain, spec = pair(orch, 4, max_new_tokens=24, ignore_eos=True, trace=TraceConfig(big_layers=LAYERS))
+    assert_same(plain, spec)
+    r = spec[0]
+    print("cuts", cuts(r))
+    assert any(kind == "rerun" and step > first for kind, first, step in cuts(r)), \
+        "a post-step judge should re-run a step inside a block"
+    assert r.drafted_tokens > 0 and any(s.rerun for s in r.steps)
+    for calls in (pre_calls, post_calls):
+        first, second = per_run(calls)
+        assert second == first and [step for step, _ in first] == list(range(24))
+    assert_caches(orch, r, big=False)

@@ -24,16 +24,24 @@ deltas (same mixes, no controller changed); otherwise the big model rewinds one 
 and forwards again (``GenerationResult.speculation_misses`` counts these; they are not
 re-runs). Tokens, records and trace are those of the order above; only the schedule differs.
 
-Speculative decoding (``speculate=k``, greedy only; see ``speculative``): at a step
-``t >= 1`` the small model drafts up to ``k`` tokens through the mirror and the big model
-verifies them in one ``Engine.verify`` with the step's deltas (one snapshot of the mixes:
-a change from another thread lands at the next block, as it would at the next step); the
-accepted prefix and the big model's next token then go through steps 4-6 one token at a
-time, with the verify pass's rows as each step's big state, and both caches rewind the
-rejected tail (also when EOS, a stop string or an abort ends the generation inside a
-block). Not with judges, overlap, a small model of another vocabulary or an engine without
-``supports_verify``: the generation then runs without it and says why in
-``GenerationResult.speculate_off``. Sampling with ``speculate`` is refused.
+Speculative decoding (``speculate=k``; see ``speculative``): at a step ``t >= 1`` the
+pre-step judges decide step ``t`` as usual, then the small model drafts up to ``k`` tokens
+through the mirror and the big model verifies them in one ``Engine.verify`` with that
+step's deltas (one snapshot of the mixes: a change from another thread lands at the next
+block, as it would at the next step); the rule of speculative sampling (greedy: the
+matching prefix) keeps a prefix and draws the token after it. These tokens then go through
+the steps one at a time, with the verify pass's rows as each step's big state: before
+block token ``j`` (step ``t + j``, ``j >= 1``) the pre-step judges run once on the small
+state before it; if they choose other mixes than the block's, the block ends there (both
+caches rewound to the state before that step's forward) and the step runs as a plain one
+with that decision. Post-step judges see each row's logits; if they add a mix, the block
+ends there and the step is re-run from the row as from a first pass. So every token is
+chosen under the steering the non-speculative loop would give it, each judge runs once per
+step on the same inputs, and the decision to end a block depends only on earlier tokens
+(sampling stays exact). Both caches rewind the rejected tail (also when EOS, a stop string
+or an abort ends the generation inside a block). Not with overlap, a small model of
+another vocabulary or an engine without ``supports_verify``: the generation then runs
+without it and says why in ``GenerationResult.speculate_off``.
 """
 from __future__ import annotations
 
@@ -49,13 +57,14 @@ from max_jupyter.orchestrator.judges import (NO_MIXES, Judge, JudgeContext, Judg
 from max_jupyter.orchestrator.mirror import ContextMirror
 from max_jupyter.orchestrator.mixes import Mixes
 from max_jupyter.orchestrator.sampling import Sampler, SamplingConfig
-from max_jupyter.orchestrator.speculative import MAX_SPECULATE, Block, DraftLength, draft_and_verify
+from max_jupyter.orchestrator.speculative import (MAX_SPECULATE, Block, DraftLength, SmallState,
+                                                  draft_and_verify)
 from max_jupyter.orchestrator.stopping import StopStrings
 from max_jupyter.orchestrator.trace import (GenerationResult, StepEvent, StepRecord, TraceConfig,
                                             TraceRecorder)
 from max_jupyter.orchestrator.types import Prompt, Steering, prompt_ids, run_to_end
 from max_jupyter.tokenizer import StreamDecoder
-from max_jupyter.validation import check_generation_args, check_int, fail
+from max_jupyter.validation import check_generation_args, check_int
 
 Ahead = tuple[LayerDeltas | None, ForwardResult]
 """A big forward issued ahead of its step: the deltas it ran with and its output."""
@@ -96,6 +105,16 @@ class _Forward:
     coefs: dict[str, float]
     first: ForwardResult | None = None
     unsteered: tuple[int, float] | None = None
+
+
+@dataclass
+class _Judged:
+    """A step's judging: the pre-step judges' decision, every judge's score, the seconds
+    spent in judges (pre- and post-step)."""
+
+    decided: frozenset[str] = NO_MIXES
+    scores: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 class CognitiveOrchestrator:
@@ -153,8 +172,9 @@ class CognitiveOrchestrator:
         strings that end the generation (never shown). ``ignore_eos`` keeps going past EOS
         tokens (for benchmarks of a fixed length). ``abort``: an event that stops the
         generation before its next step when set (default: the one ``abort()`` sets).
-        ``speculate``: the longest draft of greedy speculative decoding (0 = off; see the
-        module; the output is the same tokens, the caches end the same).
+        ``speculate``: the longest draft of speculative decoding (0 = off; see the module:
+        greedy gives the same tokens, sampling the same distribution of tokens; the caches
+        end the same).
 
         Ctrl-C (also inside a callback or judge) ends the generation with
         ``finish_reason == "interrupted"`` and the partial result; both caches stay
@@ -202,10 +222,6 @@ class CognitiveOrchestrator:
         max_new_tokens, sampling, stop = check_generation_args(max_new_tokens, sampling, stop)
         speculate = check_int("speculate", speculate, low=0, high=MAX_SPECULATE,
                               fix=f"use 0 (off) up to {MAX_SPECULATE} draft tokens (typical 4)")
-        if speculate and sampling.temperature > 0:
-            raise fail("speculate", speculate, f"needs greedy decoding, but temperature is "
-                       f"{sampling.temperature:g} (speculative sampling is not supported yet)",
-                       "pass temperature=0 or speculate=0")
         big, small, mirror = self.big, self.small, self.mirror
         ids = prompt_ids(big, prompt, chat)
         check_room(big, len(ids) + max_new_tokens, from_empty=True)
@@ -230,15 +246,13 @@ class CognitiveOrchestrator:
                            draft=DraftLength(speculate) if speculate and off is None else None)
 
     def _speculate_off(self) -> str | None:
-        """Why this orchestrator cannot speculate (greedy drafts), or None if it can."""
+        """Why this orchestrator cannot speculate, or None if it can."""
         if self.mirror is None:
             return "there is no small model to draft"
         if not self.mirror.shares_vocab:
             return "the small model's vocabulary differs from the big model's"
         if not self.big.supports_verify:
             return f"the big engine ({type(self.big).__name__}) has no verify forward"
-        if self.judges:
-            return "judges are on (speculation with judges is not supported yet)"
         if self.overlap:
             return "overlap is on (speculation replaces it)"
         return None
@@ -287,62 +301,106 @@ class CognitiveOrchestrator:
         draft = run.draft
         if draft is None:
             return (*self._step(step, run), False)
-        k = min(draft.k, run.max_new_tokens - step - 1)  # a block ends by the last step
-        if run.block is None and step > 0 and k > 0:
-            deltas, coefs = self.mixes.resolve(NO_MIXES)
-            run.block = draft_and_verify(self.big, self.mirror, run.result.token_ids[-1], k,
-                                         deltas, coefs, run.capture)
-            draft.after_draft(k, run.block.accepted)
         if run.block is not None:
             return self._block_step(step, run)
-        guess = int(self.mirror.logits.argmax())
+        k = min(draft.k, run.max_new_tokens - step - 1)  # a block ends by the last step
+        if step > 0 and k > 0:
+            return self._start_block(step, run, k)
+        small_logits = self.mirror.logits  # its argmax waits for the small model: after the big step
         record, decided = self._step(step, run)
-        draft.after_plain(guess, record.token)
+        draft.after_plain(int(small_logits.argmax()), record.token)
         return record, decided, False
 
-    def _block_step(self, step: int, run: PreparedRun) -> tuple[StepRecord, frozenset[str], bool]:
-        """Hand out the next token of the speculative block and record it as a step."""
-        block = run.block
-        j, token, row, (small_hidden, small_logits) = block.take()
-        first = j == 0
-        record = StepRecord(step, token, 1.0, {}, (), judge_s=0.0, mix=block.coefs,
-                            steered=block.deltas is not None,
-                            drafted=block.drafted if first else (),
-                            accepted=block.accepted if first else 0)
-        run.recorder.add(row, None, block.deltas, small_hidden, small_logits)
-        if block.done:
-            run.block = None
-        return record, NO_MIXES, j < block.accepted
+    def _start_block(self, step: int, run: PreparedRun, k: int
+                     ) -> tuple[StepRecord, frozenset[str], bool]:
+        """Judge step ``step``, draft ``k`` tokens and verify them with its steering, then
+        hand out the block's first token."""
+        mirror = self.mirror
+        judged = self._judge_pre(step, run, (mirror.hidden, mirror.logits))
+        deltas, coefs = self.mixes.resolve(judged.decided)
+        run.block = draft_and_verify(self.big, mirror, run.sampler, run.result.token_ids[-1], k,
+                                     run.capture, deltas=deltas, mixes=judged.decided, coefs=coefs)
+        run.draft.after_draft(k, run.block.accepted)
+        return self._block_step(step, run, judged)
 
-    def _step(self, step: int, run: PreparedRun) -> tuple[StepRecord, frozenset[str]]:
-        """Judge, forward (and maybe re-run) the big model, sample; record the step.
-        Returns the record and the pre-step judges' decision."""
-        t0 = time.perf_counter()
-        mirror, tokens = self.mirror, run.result.token_ids
-        small_hidden = mirror.hidden if mirror is not None else {}
-        small_logits = mirror.logits if mirror is not None else None
-        scores: dict[str, float] = {}
+    def _block_step(self, step: int, run: PreparedRun, judged: _Judged | None = None
+                    ) -> tuple[StepRecord, frozenset[str], bool]:
+        """Hand out the next token of the speculative block as step ``step`` (``judged``:
+        its pre-step judging, if done), or end the block where the judges steer this step
+        otherwise and run it as a plain step (see the module)."""
+        block, small = run.block, run.block.state
+        if judged is None:
+            judged = self._judge_pre(step, run, small)
+        if judged.decided != block.mixes:
+            block.cut(self.big, self.mirror, fed=False)
+            run.block = None
+            return (*self._step(step, run, judged), False)
+        stats = (block.drafted, block.accepted) if block.next == 0 else ((), 0)
+        token, prob, row = block.peek()
+        fwd = _Forward(row, block.deltas, block.mixes, block.coefs)
+        extra = self._judge_post(step, run, fwd, judged, small)
+        if extra:  # re-run the step from the row, as the plain loop re-runs its first pass
+            block.cut(self.big, self.mirror, fed=True)
+            run.block = None
+            fwd = self._rerun(step, run, fwd, fwd.steer | extra)
+            token, prob = run.sampler.sample(fwd.out.logits)
+            in_small = False
+        else:
+            in_small = block.advance()
+            if block.done:
+                run.block = None
+        record = self._record(step, run, token, prob, judged, fwd, small, *stats)
+        return record, judged.decided, in_small
+
+    def _step(self, step: int, run: PreparedRun, judged: _Judged | None = None
+              ) -> tuple[StepRecord, frozenset[str]]:
+        """Judge (unless ``judged`` holds this step's pre-step judging already), forward
+        (and maybe re-run) the big model, sample; record the step. Returns the record and
+        the pre-step judges' decision."""
+        mirror = self.mirror
+        small = (mirror.hidden, mirror.logits) if mirror is not None else ({}, None)
+        if judged is None:
+            judged = self._judge_pre(step, run, small)
         can_steer = step > 0 or run.steer_prompt
-        decided = NO_MIXES
-        if self._pre:
-            decided = self._decide(self._pre, JudgeContext(step, tokens, small_hidden, small_logits),
-                                   scores)
-        judge_s = time.perf_counter() - t0
-        fwd = self._forward(step, run, decided if can_steer else NO_MIXES, can_steer)
-        if self._post:
-            t1 = time.perf_counter()
-            ctx = JudgeContext(step, tokens, small_hidden, small_logits, fwd.out.logits, fwd.steer)
-            added = self._decide(self._post, ctx, scores)
-            judge_s += time.perf_counter() - t1
-            if can_steer and not added <= fwd.steer:
-                fwd = self._rerun(step, run, fwd, fwd.steer | added)
+        fwd = self._forward(step, run, judged.decided if can_steer else NO_MIXES, can_steer)
+        extra = self._judge_post(step, run, fwd, judged, small)
+        if can_steer and extra:
+            fwd = self._rerun(step, run, fwd, fwd.steer | extra)
         token, prob = run.sampler.sample(fwd.out.logits)
+        return self._record(step, run, token, prob, judged, fwd, small), judged.decided
+
+    def _judge_pre(self, step: int, run: PreparedRun, small: SmallState) -> _Judged:
+        """Run the pre-step judges of step ``step`` on the small state ``small``."""
+        t0 = time.perf_counter()
+        judged = _Judged()
+        if self._pre:
+            ctx = JudgeContext(step, run.result.token_ids, *small)
+            judged.decided = self._decide(self._pre, ctx, judged.scores)
+        judged.seconds = time.perf_counter() - t0
+        return judged
+
+    def _judge_post(self, step: int, run: PreparedRun, fwd: _Forward, judged: _Judged,
+                    small: SmallState) -> frozenset[str]:
+        """Run the post-step judges on ``fwd``'s logits (their scores and time go into
+        ``judged``); the mixes they turn on that ``fwd`` did not run with."""
+        if not self._post:
+            return NO_MIXES
+        t0 = time.perf_counter()
+        ctx = JudgeContext(step, run.result.token_ids, *small, fwd.out.logits, fwd.steer)
+        added = self._decide(self._post, ctx, judged.scores)
+        judged.seconds += time.perf_counter() - t0
+        return added - fwd.steer
+
+    @staticmethod
+    def _record(step: int, run: PreparedRun, token: int, prob: float, judged: _Judged,
+                fwd: _Forward, small: SmallState, drafted: tuple[int, ...] = (),
+                accepted: int = 0) -> StepRecord:
+        """The step's record; its trace row goes to the recorder."""
         unsteered_token, unsteered_prob = fwd.unsteered or (None, None)
-        record = StepRecord(step, token, prob, scores, tuple(sorted(fwd.steer)), fwd.first is not None,
-                            unsteered_token, unsteered_prob, judge_s, fwd.coefs,
-                            fwd.deltas is not None)
-        run.recorder.add(fwd.out, fwd.first, fwd.deltas, small_hidden, small_logits)
-        return record, decided
+        run.recorder.add(fwd.out, fwd.first, fwd.deltas, *small)
+        return StepRecord(step, token, prob, judged.scores, tuple(sorted(fwd.steer)),
+                          fwd.first is not None, unsteered_token, unsteered_prob, judged.seconds,
+                          fwd.coefs, fwd.deltas is not None, drafted, accepted)
 
     def _forward(self, step: int, run: PreparedRun, steer: frozenset[str], can_steer: bool) -> _Forward:
         """The big model's pass for step ``step`` with the mixes ``steer`` (and the always-on

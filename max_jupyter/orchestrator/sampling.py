@@ -83,5 +83,30 @@ class Sampler:
             token = int(logits.argmax())
             return token, 1.0
         probs = self.probabilities(logits)
-        token = int(torch.multinomial(probs, 1, generator=self._generator(probs.device)))
+        token = self.draw(probs)
         return token, float(probs[token])
+
+    def draw(self, probs: torch.Tensor) -> int:
+        """A token from the distribution ``probs`` ``[vocab]`` (greedy: its argmax, no draw)."""
+        if self.config.temperature == 0:
+            return int(probs.argmax())
+        return int(torch.multinomial(probs, 1, generator=self._generator(probs.device)))
+
+    def accept(self, p: float, q: float) -> bool:
+        """True with probability ``min(1, p / q)``: whether speculative sampling keeps a
+        token drafted with probability ``q`` that the big model gives ``p``. Draws a uniform
+        only when ``0 < p < q`` (so greedy, where both are 0 or 1, never draws)."""
+        if p >= q:
+            return True
+        if p <= 0:
+            return False
+        return float(torch.rand((), generator=self._generator(torch.device("cpu")))) * q < p
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``norm(max(0, p - q))``: where speculative sampling draws after rejecting a draft
+    from ``q`` (``p`` itself where rounding left nothing, since a rejection implies
+    ``p != q``). ``q`` is moved to ``p``'s device."""
+    rest = (p - q.to(p.device)).clamp_(min=0)
+    total = float(rest.sum())
+    return rest / total if total > 0 else p

@@ -1,16 +1,20 @@
-"""Greedy speculative decoding: the mirrored small model drafts, the big model verifies.
+"""Speculative decoding: the mirrored small model drafts, the big model verifies.
 
 At a step ``t >= 1`` (the big cache holds the context up to token ``t - 2``, the small one up
-to token ``t - 1``) the small model proposes ``k`` tokens greedily through the mirror; the big
-model feeds token ``t - 1`` and the draft in one ``Engine.verify`` with the step's deltas and
-takes its own greedy token at every position. The longest prefix of the draft that matches
-is accepted, and the big model's token after it is added (a correction, or a bonus when all
-matched): ``accepted + 1`` tokens, each then handed out as one ordinary step. Both caches
-rewind the rejected tail, so they hold what a non-speculative run would hold; the tokens
-are the non-speculative greedy tokens (up to ties between logits that differ only by the
-rounding of a multi-token pass, about 1e-5 in fp32).
+to token ``t - 1``) the small model proposes ``k`` tokens through the mirror, each drawn from
+``q_i``, the sampler's distribution (temperature, top-k, top-p) of its logits; the big model
+feeds token ``t - 1`` and the draft in one ``Engine.verify`` with the step's deltas, giving
+``p_i``, the sampler's distribution of each row. The rule of speculative sampling (Leviathan
+et al. 2023, Chen et al. 2023) keeps draft ``x_i`` with probability ``min(1, p_i(x_i) /
+q_i(x_i))``; at the first rejection it draws from ``norm(max(0, p_i - q_i))`` instead, and
+when all ``k`` are kept it draws a bonus token from ``p_k``: ``accepted + 1`` tokens, each
+distributed exactly as ordinary sampling from ``p`` would give it, each then handed out as one
+ordinary step. Greedy decoding is the case where ``p`` and ``q`` are one-hot: the longest
+matching prefix, then the big model's own token — the non-speculative greedy tokens (up to
+ties between logits that differ only by the rounding of a multi-token pass, about 1e-5 in
+fp32). Both caches rewind the rejected tail, so they hold what a non-speculative run would.
 
-``DraftLength`` adapts ``k`` to the measured agreement.
+``DraftLength`` adapts ``k`` to the measured acceptance.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 
 from max_jupyter.engines.base import Engine, ForwardResult, LayerDeltas
 from max_jupyter.orchestrator.mirror import ContextMirror
+from max_jupyter.orchestrator.sampling import Sampler, residual
 
 MAX_SPECULATE = 16
 """The largest draft length a generation may ask for (``speculate``)."""
@@ -54,21 +59,23 @@ class DraftLength:
 class Block:
     """One verified draft, handed out one step at a time.
 
-    ``drafted``: the small model's proposal; ``tokens``: its accepted prefix and the big
-    model's token after it (``accepted + 1`` tokens); ``out``: the verify pass (row ``j``
-    of ``all_logits`` and of each ``hidden`` belongs to ``tokens[j]``); ``states``: the
-    small model's state before each of ``tokens``; ``deltas`` / ``coefs``: the steering
-    the verify ran with (one snapshot of the mixes for the whole block); ``next``: how
-    many tokens were handed out. Until the last one is, both caches hold the accepted
-    draft: the big one ``accepted - j`` positions, the small one ``accepted - j - 1``
-    positions past the state of a non-speculative run after step ``j`` of the block.
+    ``drafted``: the small model's proposal; ``tokens``: its accepted prefix and the token
+    drawn after it (``accepted + 1`` tokens); ``probs``: the big model's probability of each
+    of ``tokens`` under the sampler (1.0 when greedy); ``out``: the verify pass (row ``j`` of
+    ``all_logits`` and of each ``hidden`` belongs to ``tokens[j]``); ``states``: the small
+    model's state before each of ``tokens``; ``deltas``: the steering the verify ran with,
+    ``mixes`` / ``coefs`` the judges' mixes and live-mix coefficients behind it (one snapshot
+    for the whole block); ``next``: how many tokens were handed out. Until the last one is,
+    both caches hold the first ``accepted`` tokens of the block.
     """
 
     drafted: tuple[int, ...]
     tokens: list[int]
+    probs: list[float]
     out: ForwardResult
     states: list[SmallState]
     deltas: LayerDeltas | None
+    mixes: frozenset[str]
     coefs: dict[str, float]
     next: int = 0
 
@@ -76,47 +83,66 @@ class Block:
     def accepted(self) -> int:
         return len(self.tokens) - 1
 
-    def take(self) -> tuple[int, int, ForwardResult, SmallState]:
-        """The next token: its index in the block, the token, its row of the verify pass
-        (``logits`` ``[vocab]``, ``hidden`` rows ``[1, hidden]``) and the small state before it."""
+    @property
+    def state(self) -> SmallState:
+        """The small model's state before the next token (what its pre-step judges read)."""
+        return self.states[self.next]
+
+    def peek(self) -> tuple[int, float, ForwardResult]:
+        """The next token, its probability and its row of the verify pass (``logits``
+        ``[vocab]``, ``hidden`` rows ``[1, hidden]``); ``advance`` hands it out."""
         j = self.next
-        self.next += 1
         row = ForwardResult(self.out.all_logits[j], {l: h[j:j + 1] for l, h in self.out.hidden.items()})
-        return j, self.tokens[j], row, self.states[j]
+        return self.tokens[j], self.probs[j], row
+
+    def advance(self) -> bool:
+        """Hand out the peeked token; True if it is already in the small cache (a draft)."""
+        self.next += 1
+        return self.next <= self.accepted
 
     @property
     def done(self) -> bool:
         return self.next > self.accepted
 
+    def cut(self, big: Engine, mirror: ContextMirror, fed: bool) -> None:
+        """End the block before its next token (a judge changed the step's steering): rewind
+        both caches to the non-speculative state before that step's big forward, or after
+        it with ``fed`` (the verify row stands for the step's first pass)."""
+        self._keep(big, mirror, self.next + (1 if fed else 0), self.next)
+
     def settle(self, big: Engine, mirror: ContextMirror, eos: bool) -> None:
         """The generation ended inside the block (EOS or a stop string at a drafted token,
-        an abort, an interrupt): rewind both caches to the non-speculative state after the
-        last handed-out token (with ``eos`` that token never reached the small model)."""
-        j = max(self.next - 1, 0)
-        if j >= self.accepted:
-            return
-        big.rewind(self.accepted - j)
-        extra = self.accepted - j - (0 if eos else 1)
-        mirror.rewind(extra, *self.states[self.accepted - extra])
+        an abort, an interrupt, an error): rewind both caches to the non-speculative state
+        after the last handed-out token (with ``eos`` that token never reached the small
+        model)."""
+        self._keep(big, mirror, self.next, self.next - (1 if eos else 0))
+
+    def _keep(self, big: Engine, mirror: ContextMirror, big_n: int, small_n: int) -> None:
+        """Rewind the big cache to keep ``big_n`` of the positions the verify fed (the
+        token before the block, then the block's tokens) and the small one to keep the
+        block's first ``small_n`` tokens."""
+        big.rewind(self.accepted + 1 - big_n)
+        mirror.rewind(self.accepted - small_n, *self.states[small_n])
 
 
-def draft_and_verify(big: Engine, mirror: ContextMirror, last: int, k: int,
-                     deltas: LayerDeltas | None, coefs: dict[str, float],
-                     capture: tuple[int, ...]) -> Block:
+def draft_and_verify(big: Engine, mirror: ContextMirror, sampler: Sampler, last: int, k: int,
+                     capture: tuple[int, ...], *, deltas: LayerDeltas | None,
+                     mixes: frozenset[str], coefs: dict[str, float]) -> Block:
     """Draft ``k`` tokens with the small model, verify them with the big model after
-    ``last`` (the token it has not fed yet) with ``deltas``; rewind both caches to the
-    accepted prefix (see ``Block``). A failure or interrupt leaves both caches as before."""
+    ``last`` (the token it has not fed yet) with ``deltas``, keep or replace them by the
+    rule of speculative sampling (``sampler``'s distributions and generator); rewind both
+    caches to the accepted prefix (see ``Block``). A failure or interrupt leaves both
+    caches as before."""
     start, fed = (mirror.hidden, mirror.logits), len(mirror.ids)
+    vocab = big.identity.vocab_size
     try:
-        drafted, states = _draft(mirror, k)
+        drafted, qs, states = _draft(mirror, sampler, k, vocab)
         out = big.verify([last, *drafted], deltas, capture)
     except BaseException:
         mirror.rewind(len(mirror.ids) - fed, *start)
         raise
-    choices = out.all_logits.argmax(-1).tolist()  # greedy, as Sampler.sample
-    a = 0
-    while a < k and drafted[a] == choices[a]:
-        a += 1
+    tokens, probs = _judge_draft(sampler, drafted, qs, out.all_logits)
+    a = len(tokens) - 1
     big.rewind(k - a)
     if a == k:
         mirror.feed(drafted[-1])
@@ -124,17 +150,50 @@ def draft_and_verify(big: Engine, mirror: ContextMirror, last: int, k: int,
     else:
         mirror.rewind(k - 1 - a, *states[a])
         del states[a + 1:]
-    return Block(tuple(drafted), [*drafted[:a], choices[a]], out, states, deltas, coefs)
+    return Block(tuple(drafted), tokens, probs, out, states, deltas, mixes, coefs)
 
 
-def _draft(mirror: ContextMirror, k: int) -> tuple[list[int], list[SmallState]]:
-    """``k`` greedy tokens from the mirror's small model, feeding all but the last; the
-    small states before each of them."""
+def _draft(mirror: ContextMirror, sampler: Sampler, k: int, vocab: int
+           ) -> tuple[list[int], list[torch.Tensor], list[SmallState]]:
+    """``k`` tokens drawn from the mirror's small model, feeding all but the last: the
+    tokens, the distributions ``q_i`` ``[vocab]`` (over the big model's ``vocab``) they
+    were drawn from, and the small states before each of them."""
     drafted: list[int] = []
+    qs: list[torch.Tensor] = []
     states: list[SmallState] = [(mirror.hidden, mirror.logits)]
     for i in range(k):
-        drafted.append(int(mirror.logits.argmax()))
+        qs.append(sampler.probabilities(_fit(mirror.logits, vocab)))
+        drafted.append(sampler.draw(qs[-1]))
         if i < k - 1:
             mirror.feed(drafted[-1])
             states.append((mirror.hidden, mirror.logits))
-    return drafted, states
+    return drafted, qs, states
+
+
+def _judge_draft(sampler: Sampler, drafted: list[int], qs: list[torch.Tensor],
+                 all_logits: torch.Tensor) -> tuple[list[int], list[float]]:
+    """The rule of speculative sampling on verify rows ``all_logits`` ``[k + 1, vocab]``:
+    the accepted prefix of ``drafted`` and the token drawn after it (from the residual at
+    a rejection, from the last row when all were kept), with the big model's probability
+    of each."""
+    tokens: list[int] = []
+    probs: list[float] = []
+    for i, x in enumerate(drafted):
+        p = sampler.probabilities(all_logits[i])
+        if not sampler.accept(float(p[x]), float(qs[i][x])):
+            token = sampler.draw(residual(p, qs[i]))
+            return tokens + [token], probs + [float(p[token])]
+        tokens.append(x)
+        probs.append(float(p[x]))
+    p = sampler.probabilities(all_logits[len(drafted)])
+    token = sampler.draw(p)
+    return tokens + [token], probs + [float(p[token])]
+
+
+def _fit(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The small model's ``logits`` over the big model's ``vocab`` ids (models of one
+    tokenizer may pad their embedding tables to different sizes): cut, or padded with -inf."""
+    n = logits.shape[-1]
+    if n >= vocab:
+        return logits[:vocab]
+    return torch.cat([logits, logits.new_full((vocab - n,), float("-inf"))])
