@@ -20,6 +20,7 @@ from max_jupyter.errors import BackendUnavailableError, BadArgumentError
 from max_jupyter.orchestrator import (CognitiveOrchestrator, FunctionJudge, JudgeContext, Never,
                                       ProbeJudge, Sampler, SamplingConfig, TraceConfig, Verdict)
 from max_jupyter.orchestrator.judges import NO_MIXES
+from max_jupyter.orchestrator.speculative import DraftLength
 from max_jupyter.steering import SteeringController, SteeringVector
 from max_jupyter.testing import build_tiny_model
 from conftest import assert_mirrors
@@ -237,7 +238,7 @@ def test_the_session_passes_speculate_through(engine, small):
 
 TINY_PROMPT = [5, 6, 7, 8]
 TINY_SAMPLING = {"temperature": 1.0, "top_k": 4}
-N_TOKENS, N_SAMPLES, ALPHA = 4, 3000, 1e-3
+N_TOKENS, N_SAMPLES, N_JUDGED, ALPHA = 4, 3000, 2000, 1e-4
 VIEWS = {"token 0": (0,), "token 1": (1,), "token 2": (2,), "token 3": (3,),
          "tokens 0-1": (0, 1), "tokens 0-2": (0, 1, 2), "tokens 1-3": (1, 2, 3),
          "tokens 0-3": (0, 1, 2, 3)}
@@ -246,7 +247,7 @@ VIEWS = {"token 0": (0,), "token 1": (1,), "token 2": (2,), "token 3": (3,),
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, TransformersEngine]:
     """The tiny random Llama with its head scaled x30 (peaked distributions) as the big
-    model, and noised copies of it as drafters: "near" (acceptance about 0.55) and "bad"."""
+    model, and noised copies of it as drafters: "near" (acceptance about 0.45) and "bad"."""
     folder = str(build_tiny_model(tmp_path_factory.mktemp("tiny-spec")))
     return {name: noised(sigma, folder, head=30.0)
             for name, sigma in (("big", 0.0), ("near", 0.15), ("bad", 1.0))}
@@ -261,22 +262,23 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def exact(big: TransformersEngine, n: int) -> dict[tuple[int, ...], float]:
-    """The probability of every sequence of ``n`` tokens after ``TINY_PROMPT`` under
-    ``TINY_SAMPLING``, by enumeration (one prefill per prefix)."""
+def exact(logits: Callable[[tuple[int, ...]], torch.Tensor], n: int) -> dict[tuple[int, ...], float]:
+    """The probability of every sequence of ``n`` tokens under ``TINY_SAMPLING``, by
+    enumeration: ``logits(prefix)`` gives the big model's logits after each prefix."""
     sampler = Sampler(SamplingConfig(**TINY_SAMPLING))
     dist: dict[tuple[int, ...], float] = {(): 1.0}
     for _ in range(n):
         nxt = {}
         for seq, prob in dist.items():
-            p = sampler.probabilities(big.prefill(TINY_PROMPT + list(seq)).logits)
+            p = sampler.probabilities(logits(seq))
             for token in p.nonzero().flatten().tolist():
                 nxt[seq + (token,)] = prob * float(p[token])
         dist = nxt
     return dist
 
 
-def draw(orch: CognitiveOrchestrator, speculate: int, seeds: range) -> tuple[list[tuple[int, ...]], float | None]:
+def draw(orch: CognitiveOrchestrator, speculate: int, seeds: range
+         ) -> tuple[list[tuple[int, ...]], float | None]:
     """The tokens of one seeded generation per seed, and the acceptance over all of them."""
     seqs, drafted, accepted = [], 0, 0
     for seed in seeds:
@@ -288,6 +290,7 @@ def draw(orch: CognitiveOrchestrator, speculate: int, seeds: range) -> tuple[lis
 
 
 def project(dist: dict[tuple[int, ...], float], view: Sequence[int]) -> dict[tuple[int, ...], float]:
+    """The distribution of the tokens at positions ``view``."""
     out: dict[tuple[int, ...], float] = {}
     for seq, prob in dist.items():
         key = tuple(seq[i] for i in view)
@@ -334,12 +337,10 @@ def same_p(a: list[tuple[int, ...]], b: list[tuple[int, ...]]) -> float:
     return chi_square_p(observed, expected, len(rows) - 1)
 
 
-def test_speculative_sampling_draws_the_big_models_distribution(tiny_models, one_thread):
-    big, near = tiny_models["big"], tiny_models["near"]
-    truth = exact(big, N_TOKENS)
-    plain, _ = draw(CognitiveOrchestrator(big), 0, range(N_SAMPLES))
-    spec, acceptance = draw(CognitiveOrchestrator(big, near), 3, range(10**6, 10**6 + N_SAMPLES))
-    assert 0.3 < acceptance < 0.8, acceptance
+def assert_distribution(truth: dict[tuple[int, ...], float], plain: list[tuple[int, ...]],
+                        spec: list[tuple[int, ...]]) -> None:
+    """Each view (a token's marginal, joints of several) of the plain and speculative
+    samples fits ``truth`` and the two fit each other (chi-square, p >= ``ALPHA``)."""
     failed = []
     for name, view in VIEWS.items():
         want = project(truth, view)
@@ -350,8 +351,121 @@ def test_speculative_sampling_draws_the_big_models_distribution(tiny_models, one
               f"vs speculative p={p_spec:.3g} TV={tv_spec:.3f}; plain vs speculative p={p_same:.3g}")
         if min(p_plain, p_spec, p_same) < ALPHA:
             failed.append(name)
-    print(f"acceptance {acceptance:.3f}")
     assert not failed, f"the tokens do not follow the big model's distribution at {failed}"
+
+
+def test_speculative_sampling_draws_the_big_models_distribution(tiny_models, one_thread):
+    big, near = tiny_models["big"], tiny_models["near"]
+    truth = exact(lambda seq: big.prefill(TINY_PROMPT + list(seq)).logits, N_TOKENS)
+    plain, _ = draw(CognitiveOrchestrator(big), 0, range(N_SAMPLES))
+    spec, acceptance = draw(CognitiveOrchestrator(big, near), 3, range(10**6, 10**6 + N_SAMPLES))
+    print(f"acceptance {acceptance:.3f}")
+    assert_distribution(truth, plain, spec)
+    assert 0.3 < acceptance < 0.8, "the drafter should be partly right"
+
+
+def tiny_mixes(big: TransformersEngine) -> dict[str, SteeringVector]:
+    """Two random directions at layer 0 of the tiny model, each moving its sampled
+    distribution by a total variation of about a third."""
+    g = torch.Generator().manual_seed(3)
+    return {name: SteeringVector({0: (d := torch.randn(64, generator=g)) / d.norm() * 0.05},
+                                 big.identity, name) for name in ("up", "down")}
+
+
+def even(tokens: Sequence[int]) -> bool:
+    """The pre-step rule of the judged test: steer "up" after an even token."""
+    return bool(tokens) and tokens[-1] % 2 == 0
+
+
+def unsure(logits: torch.Tensor) -> bool:
+    """The post-step rule of the judged test: re-run with "down" below 0.35 top probability."""
+    return float(torch.softmax(logits, -1).max()) < 0.35
+
+
+def judged_logits(big: TransformersEngine, mixes: dict[str, SteeringVector],
+                  seq: tuple[int, ...]) -> torch.Tensor:
+    """The big model's logits for the step after ``seq`` as the non-speculative loop steers
+    it with the judges ``even`` and ``unsure``: each step's pass with its pre-step mix, and
+    re-run with "down" added where ``unsure`` fires on it."""
+    def deltas(names):
+        return {0: sum(mixes[n].directions[0] for n in names)} if names else None
+
+    for t in range(len(seq) + 1):
+        names = ["up"] if even(seq[:t]) else []
+        for again in (False, True):
+            if t == 0:
+                out = big.prefill(TINY_PROMPT, deltas(names))
+            else:
+                if again:
+                    big.rewind(1)
+                out = big.step(seq[t - 1], deltas(names))
+            if again or not unsure(out.logits):
+                break
+            names.append("down")
+    return out.logits
+
+
+def test_speculative_sampling_with_judges_draws_the_judged_distribution(tiny_models, one_thread):
+    big, near = tiny_models["big"], tiny_models["near"]
+    mixes = tiny_mixes(big)
+    truth = exact(lambda seq: judged_logits(big, mixes, seq), N_TOKENS)
+
+    def judges():
+        return [FunctionJudge(lambda ctx: even(ctx.tokens), mix="up", name="even"),
+                FunctionJudge(lambda ctx: unsure(ctx.big_logits), post_step=True, mix="down",
+                              name="unsure")]
+
+    plain, _ = draw(CognitiveOrchestrator(big, None, judges(), steering=mixes), 0,
+                    range(N_JUDGED))
+    orch = CognitiveOrchestrator(big, near, judges(), steering=mixes)
+    spec, acceptance = draw(orch, 3, range(10**6, 10**6 + N_JUDGED))
+    print(f"acceptance {acceptance:.3f}")
+    assert_distribution(truth, plain, spec)
+    seen = set()
+    for seed in range(5):  # where judges ended blocks: (kind, after the block's first step)
+        r = orch.generate(TINY_PROMPT, max_new_tokens=32, ignore_eos=True, speculate=3,
+                          sampling=SamplingConfig(seed=seed, **TINY_SAMPLING))
+        seen |= {(kind, step > first) for kind, first, step in cuts(r)}
+    assert seen == {("steering", True), ("rerun", False), ("rerun", True)}
+
+
+def replay(r, limit: int) -> list[int]:
+    """The draft lengths ``DraftLength(limit)`` gives for ``r``'s acceptances and, at plain
+    steps, the small model's greedy guesses (its top logit in the trace)."""
+    draft, lengths, step = DraftLength(limit), [], 0
+    while step < len(r.steps):
+        k = min(draft.k, len(r.steps) - step - 1)
+        if step > 0 and k > 0:
+            lengths.append(k)
+            draft.after_draft(k, r.steps[step].accepted)
+            step += r.steps[step].accepted + 1
+        else:
+            draft.after_plain(int(r.small_topk.ids[step, 0]), r.steps[step].token)
+            step += 1
+    return lengths
+
+
+def test_speculative_sampling_is_seeded_and_adapts_the_draft_length(tiny_models):
+    big = tiny_models["big"]
+    config = SamplingConfig(seed=7, **TINY_SAMPLING)
+    for drafter in ("near", "bad"):
+        orch = CognitiveOrchestrator(big, tiny_models[drafter])
+        a, b = (orch.generate(TINY_PROMPT, max_new_tokens=32, ignore_eos=True, speculate=4,
+                              sampling=config, trace=TraceConfig(full_logits=True)) for _ in range(2))
+        assert b.token_ids == a.token_ids
+        assert [(s.drafted, s.accepted, s.prob) for s in b.steps] == [(s.drafted, s.accepted, s.prob)
+                                                                      for s in a.steps]
+        p = Sampler(config).probabilities
+        for s in a.steps:  # the big model's probability, from the verify row on block steps
+            assert s.prob == pytest.approx(float(p(a.big_logits[s.step])[s.token]), rel=1e-5)
+        lengths = [len(s.drafted) for s in a.steps if s.drafted]
+        assert lengths == replay(a, 4)
+        if drafter == "near":
+            assert 0.2 < a.acceptance_rate < 0.9 and 4 in lengths[1:] and min(lengths) < 4
+        else:
+            assert lengths[:4] == [4, 3, 2, 1] and a.acceptance_rate < 0.2
+            assert sum(1 for s in a.steps if not block_of(a, s.step)) >= 16  # mostly plain
+        assert_caches(orch, a)
 
 
 # ---------------------------------------------------------------- judges during a block
@@ -394,8 +508,9 @@ def cuts(r) -> list[tuple[str, int, int]]:
 
 def test_pre_step_judges_end_a_block_where_they_change_their_mind(engine, near, ctrl, vector):
     probe = SteeringVector({15: vector.directions[15]}, near.identity, "happy-probe")
-    scout = CognitiveOrchestrator(engine, near, ProbeJudge(probe, threshold=math.inf, mix="happy", name="probe"),
-                                  steering={"happy": ctrl}).generate(PROMPT, max_new_tokens=24)
+    never = ProbeJudge(probe, threshold=math.inf, mix="happy", name="probe")
+    scout = CognitiveOrchestrator(engine, near, never, steering={"happy": ctrl}).generate(
+        PROMPT, max_new_tokens=24)
     threshold = float(scout.scores["probe"].median())
     count, calls = counting(lambda ctx: False, "count", "happy")
     judges = [ProbeJudge(probe, threshold=threshold, cooldown=1, mix="happy", name="probe"), count]
@@ -432,7 +547,6 @@ def test_post_step_judges_rerun_inside_a_block(engine, near, ctrl, vector):
     plain, spec = pair(orch, 4, max_new_tokens=24, ignore_eos=True, trace=TraceConfig(big_layers=LAYERS))
     assert_same(plain, spec)
     r = spec[0]
-    print("cuts", cuts(r))
     assert any(kind == "rerun" and step > first for kind, first, step in cuts(r)), \
         "a post-step judge should re-run a step inside a block"
     assert r.drafted_tokens > 0 and any(s.rerun for s in r.steps)
