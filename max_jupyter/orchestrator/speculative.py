@@ -175,7 +175,14 @@ def _judge_draft(sampler: Sampler, drafted: list[int], qs: list[torch.Tensor],
     """The rule of speculative sampling on verify rows ``all_logits`` ``[k + 1, vocab]``:
     the accepted prefix of ``drafted`` and the token drawn after it (from the residual at
     a rejection, from the last row when all were kept), with the big model's probability
-    of each."""
+    of each. Greedy (``p`` and ``q`` one-hot) in one pass: the longest prefix matching the
+    big model's argmax, then its own token."""
+    if sampler.config.temperature == 0:
+        choices = all_logits.argmax(-1).tolist()
+        a = 0
+        while a < len(drafted) and drafted[a] == choices[a]:
+            a += 1
+        return [*drafted[:a], choices[a]], [1.0] * (a + 1)
     tokens: list[int] = []
     probs: list[float] = []
     for i, x in enumerate(drafted):
