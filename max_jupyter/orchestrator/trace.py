@@ -47,9 +47,10 @@ class StepRecord:
     the same mix: do not mutate); ``steered``: the final forward ran with any delta (the
     live mix, the call's steering or a judge's mix). Speculative decoding: on the step
     whose verify pass began a block, ``drafted`` holds the small model's draft and
-    ``accepted`` how many of it were taken (the tokens of this and the next steps; the
-    step after them took the big model's own token; ``rejected`` is the rest); other
-    steps ``()`` and 0."""
+    ``accepted`` how many of it the big model accepted (the tokens of this and the next
+    steps; the step after them took the token drawn after them — unless a judge ended the
+    block earlier, and plain steps followed); ``rejected`` is the rest; other steps ``()``
+    and 0."""
 
     step: int
     token: int
@@ -109,7 +110,7 @@ class GenerationResult(Generation):
     ``speculation_misses``: big forwards issued ahead (``CognitiveOrchestrator(overlap=...)``)
     with deltas the step's judges then changed, so rewound and run again (not re-runs).
     ``speculate_off``: why a generation asked to speculate (``speculate > 0``) did not
-    (no small model, another vocabulary, judges, ...); None otherwise.
+    (no small model, another vocabulary, overlap, ...); None otherwise.
     """
 
     steps: list[StepRecord] = field(default_factory=list)
