@@ -47,8 +47,10 @@ class GenerationOptions:
     """Mirror the small model (when one is loaded) even if no judge reads it: its logits
     and states land in the trace."""
     speculate: int = 0
-    """Greedy speculative decoding: the small model (same vocabulary) drafts up to this many
-    tokens a step for the big one to verify in one pass; 0 is off (docs/speculative.md)."""
+    """Speculative decoding: the small model (same vocabulary) drafts up to this many tokens
+    a step for the big one to verify in one pass. Greedy gives the same tokens, sampling the
+    same distribution, with the same judges and steering as without it; 0 is off
+    (docs/speculative.md)."""
 
 
 OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(GenerationOptions)) | {

@@ -157,8 +157,15 @@ def test_self_draft_equals_greedy(engine, small, ctrl, steered):
     assert_caches(orch, r, big=not steered)
 
 
-def test_noised_drafter_partial_acceptance_equals_greedy(engine, near):
-    orch = CognitiveOrchestrator(engine, near)
+@pytest.mark.parametrize("early", [False, True], ids=["feed-if-kept", "feed-during-verify"])
+def test_noised_drafter_partial_acceptance_equals_greedy(engine, near, early, monkeypatch):
+    """``early``: the engines claim to launch asynchronously, so the last draft token is fed
+    while the verify runs and taken back on a rejection (the GPU schedule); otherwise it is
+    fed only when the whole draft is kept. The small model's forwards show which ran."""
+    for e in (engine, near):
+        monkeypatch.setattr(e, "launches_async", early)
+    orch = CognitiveOrchestrator(engine, near, overlap=False)
+    calls = near.forward_calls
     plain, spec = pair(orch, 4, max_new_tokens=16, ignore_eos=True)
     assert_same(plain, spec)
     r = spec[0]
@@ -167,6 +174,10 @@ def test_noised_drafter_partial_acceptance_equals_greedy(engine, near):
     assert rejected, "the noised copy should disagree somewhere"
     for s in rejected:  # the big model's own token follows the accepted prefix
         assert r.steps[s.step + s.accepted].token != s.rejected[0]
+    blocks = [s for s in r.steps if s.drafted]
+    plain_steps = len(r.steps) - sum(s.accepted + 1 for s in blocks)
+    per_block = sum(len(s.drafted) - 1 + (early or not s.rejected) + 1 for s in blocks)
+    assert near.forward_calls - calls == (1 + len(plain[0].steps)) + 1 + plain_steps + per_block
     assert_caches(orch, r)
 
 
@@ -215,14 +226,22 @@ def test_speculate_refused_out_of_range(engine, small):
 
 def test_speculate_off_where_it_cannot_draft(engine, small, tiny, monkeypatch):
     cases = {"no small model": CognitiveOrchestrator(engine),
-             "vocabulary differs": CognitiveOrchestrator(engine, tiny),
-             "overlap is on": CognitiveOrchestrator(engine, small, Never(), overlap=True)}
+             "vocabulary differs": CognitiveOrchestrator(engine, tiny)}
     for reason, orch in cases.items():
         r = orch.generate(PROMPT, max_new_tokens=3, speculate=4)
         assert reason in r.speculate_off and r.drafted_tokens == 0
     monkeypatch.setattr(engine, "supports_verify", False)
     r = CognitiveOrchestrator(engine, small).generate(PROMPT, max_new_tokens=3, speculate=4)
     assert "no verify forward" in r.speculate_off and r.drafted_tokens == 0
+
+
+def test_speculation_replaces_overlap(engine, near):
+    """A generation that speculates does not issue big steps ahead of the judges (overlap):
+    it drafts, and gives the tokens and trace of the overlapped run without speculation."""
+    orch = CognitiveOrchestrator(engine, near, Never(), overlap=True)
+    plain, spec = pair(orch, 4, max_new_tokens=16, ignore_eos=True)
+    assert_same(plain, spec)
+    assert spec[0].drafted_tokens > 0 and spec[0].speculation_misses == 0
 
 
 def test_the_session_passes_speculate_through(engine, small):

@@ -39,9 +39,10 @@ ends there and the step is re-run from the row as from a first pass. So every to
 chosen under the steering the non-speculative loop would give it, each judge runs once per
 step on the same inputs, and the decision to end a block depends only on earlier tokens
 (sampling stays exact). Both caches rewind the rejected tail (also when EOS, a stop string
-or an abort ends the generation inside a block). Not with overlap, a small model of
-another vocabulary or an engine without ``supports_verify``: the generation then runs
-without it and says why in ``GenerationResult.speculate_off``.
+or an abort ends the generation inside a block). A speculating generation does not
+overlap (the verify replaces it). Not with a small model of another vocabulary or an engine
+without ``supports_verify``: the generation then runs without it and says why in
+``GenerationResult.speculate_off``.
 """
 from __future__ import annotations
 
@@ -130,7 +131,8 @@ class CognitiveOrchestrator:
     Construction checks the models, judges and mixes fit together. Without a small model
     and judges this is the plain loop (``plain.generate``). ``overlap``: issue each big
     step ahead of the mirror's (see the module); ``None``: where it pays
-    (``big.launches_async``, a small model and pre-step judges).
+    (``big.launches_async``, a small model and pre-step judges); a generation with
+    ``speculate`` does not overlap.
     """
 
     def __init__(self, big: Engine, small: Engine | None = None,
@@ -253,8 +255,6 @@ class CognitiveOrchestrator:
             return "the small model's vocabulary differs from the big model's"
         if not self.big.supports_verify:
             return f"the big engine ({type(self.big).__name__}) has no verify forward"
-        if self.overlap:
-            return "overlap is on (speculation replaces it)"
         return None
 
     def _steps(self, run: PreparedRun) -> Iterator[StepEvent]:
@@ -287,7 +287,7 @@ class CognitiveOrchestrator:
         result.token_ids.append(token)
         piece = run.stops.feed(run.decoder.feed(token))
         result.text += piece
-        if self.overlap and not run.stops.stopped and step + 1 < run.max_new_tokens:
+        if self.overlap and run.draft is None and not run.stops.stopped and step + 1 < run.max_new_tokens:
             deltas, _ = self.mixes.resolve(decided)  # speculation: the judges hold
             run.ahead = (deltas, self.big.step(token, deltas, run.capture))
         if self.mirror is not None and not in_small:

@@ -133,24 +133,34 @@ def draft_and_verify(big: Engine, mirror: ContextMirror, sampler: Sampler, last:
     rule of speculative sampling (``sampler``'s distributions and generator); rewind both
     caches to the accepted prefix (see ``Block``). A failure or interrupt leaves both
     caches as before."""
-    start, fed = (mirror.hidden, mirror.logits), len(mirror.ids)
-    vocab = big.identity.vocab_size
+    start, fed, big_len = (mirror.hidden, mirror.logits), len(mirror.ids), big.seq_len
+    # The small model needs the last draft token when the whole draft is kept. Engines that
+    # launch asynchronously get it while the verify runs (the two overlap on the device),
+    # taken back on a rejection; others only when it is kept.
+    early = big.launches_async and mirror.small.launches_async
     try:
-        drafted, qs, states = _draft(mirror, sampler, k, vocab)
+        drafted, qs, states = _draft(mirror, sampler, k, big.identity.vocab_size)
         out = big.verify([last, *drafted], deltas, capture)
+        if early:
+            _feed(mirror, drafted[-1], states)
+        tokens, probs = _judge_draft(sampler, drafted, qs, out.all_logits)
+        a = len(tokens) - 1
+        if a == k and not early:
+            _feed(mirror, drafted[-1], states)
     except BaseException:
+        big.rewind(big.seq_len - big_len)
         mirror.rewind(len(mirror.ids) - fed, *start)
         raise
-    tokens, probs = _judge_draft(sampler, drafted, qs, out.all_logits)
-    a = len(tokens) - 1
     big.rewind(k - a)
-    if a == k:
-        mirror.feed(drafted[-1])
-        states.append((mirror.hidden, mirror.logits))
-    else:
-        mirror.rewind(k - 1 - a, *states[a])
-        del states[a + 1:]
+    mirror.rewind(len(states) - 1 - a, *states[a])  # the fed drafts past the kept ones
+    del states[a + 1:]
     return Block(tuple(drafted), tokens, probs, out, states, deltas, mixes, coefs)
+
+
+def _feed(mirror: ContextMirror, token: int, states: list[SmallState]) -> None:
+    """Feed ``token`` to the small model and note the state after it."""
+    mirror.feed(token)
+    states.append((mirror.hidden, mirror.logits))
 
 
 def _draft(mirror: ContextMirror, sampler: Sampler, k: int, vocab: int
@@ -165,8 +175,7 @@ def _draft(mirror: ContextMirror, sampler: Sampler, k: int, vocab: int
         qs.append(sampler.probabilities(_fit(mirror.logits, vocab)))
         drafted.append(sampler.draw(qs[-1]))
         if i < k - 1:
-            mirror.feed(drafted[-1])
-            states.append((mirror.hidden, mirror.logits))
+            _feed(mirror, drafted[-1], states)
     return drafted, qs, states
 
 

@@ -110,7 +110,7 @@ class GenerationResult(Generation):
     ``speculation_misses``: big forwards issued ahead (``CognitiveOrchestrator(overlap=...)``)
     with deltas the step's judges then changed, so rewound and run again (not re-runs).
     ``speculate_off``: why a generation asked to speculate (``speculate > 0``) did not
-    (no small model, another vocabulary, overlap, ...); None otherwise.
+    (no small model, another vocabulary, no verify on the big engine); None otherwise.
     """
 
     steps: list[StepRecord] = field(default_factory=list)
