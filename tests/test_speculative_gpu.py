@@ -111,3 +111,34 @@ def test_speculative_generation_drafting_for_itself(gptq):
     assert agree / len(r.token_ids) >= QUANT_TOP1, agree
     for engine in (big, small):
         engine.unload()
+
+
+def test_speculative_sampling_with_a_judge_on_the_gpu(gptq):
+    """Sampling and a probe judge steering the big model, speculating on the graphed path:
+    the run drafts and accepts, the judge's decision varies and ends blocks where it
+    changes, every token has the big model's probability, and both caches hold the context."""
+    from max_jupyter.orchestrator import CognitiveOrchestrator, ProbeJudge, SamplingConfig
+    from max_jupyter.steering import SteeringVector
+
+    folder, _ = gptq
+    big, small = load_exl(folder), load_exl(folder)
+    g = torch.Generator().manual_seed(3)
+    probe = SteeringVector({2: torch.randn(HIDDEN, generator=g)}, small.identity, "probe")
+    steer = SteeringVector({1: torch.randn(HIDDEN, generator=g) * 0.5}, big.identity, "steer")
+    never = ProbeJudge(probe, threshold=float("inf"), mix="steer", name="probe")
+    scout = CognitiveOrchestrator(big, small, never, steering={"steer": steer})
+    threshold = float(scout.generate("Tell me a story.", max_new_tokens=48,
+                                     ignore_eos=True).scores["probe"].median())
+    judge = ProbeJudge(probe, threshold=threshold, mix="steer", name="probe")
+    orch = CognitiveOrchestrator(big, small, judge, steering={"steer": steer})
+    r = orch.generate("Tell me a story.", max_new_tokens=96, speculate=4, ignore_eos=True,
+                      sampling=SamplingConfig(temperature=0.7, seed=5))
+    steered = [s.steered for s in r.steps]
+    print(f"\nsampling + judge: acceptance {r.acceptance_rate:.3f}, {r.drafted_tokens} drafted, "
+          f"{sum(steered)}/{len(steered)} steps steered")
+    assert r.speculate_off is None and len(r.token_ids) == 96 and r.accepted_tokens > 0
+    assert 0 < sum(steered) < len(steered)
+    assert all(0 < s.prob <= 1 for s in r.steps)
+    assert big.seq_len == len(r.prompt_ids) + 95 and small.seq_len == big.seq_len + 1
+    for engine in (big, small):
+        engine.unload()
