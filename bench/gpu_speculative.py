@@ -14,6 +14,10 @@ picks, detokenisation), one warm-up then the median of ``RUNS`` runs.
   (iii) drafts from copies of the big model with growing weight noise (Gaussian, ``sigma``
         times each tensor's std, then 4-bit again): acceptance in between
 
+These rows draft by acceptance alone (``pace_speculation`` off), to measure speed against
+acceptance; the rows marked "paced" run the library's default, which pauses speculation
+where it costs more wall time per token than plain steps.
+
 Rows (ii) and (iii) draft with a 7B-sized model, so they compare against the orchestrator
 mirroring that same 7B model without speculation ("mirror-7B"); their break-even acceptance
 is where the measured curve crosses that row. For the real pair's shapes the same break-even
@@ -82,10 +86,13 @@ def load(folder: Path) -> ExLlamaV2Engine:
 
 
 def orchestrated(big: ExLlamaV2Engine, drafter: ExLlamaV2Engine, ids: list[int],
-                 k: int) -> dict:
+                 k: int, paced: bool = False) -> dict:
     """The orchestrator with ``drafter`` mirroring the big model, speculating up to ``k``
-    (0: off); timing as every row, plus the last run's acceptance and big passes per token."""
+    (0: off), by acceptance alone or ``paced`` (the default of the library: paused where
+    it does not pay); timing as every row, plus the last run's acceptance and big passes
+    per token."""
     orch = CognitiveOrchestrator(big, drafter)
+    orch.pace_speculation = paced
     last: dict = {}
 
     def run() -> tuple[float, int]:
@@ -99,7 +106,7 @@ def orchestrated(big: ExLlamaV2Engine, drafter: ExLlamaV2Engine, ids: list[int],
         return stamps[-1] - stamps[0], 0
 
     result = repeat(run, NEW, RUNS)
-    return {**result, **last, "k": k}
+    return {**result, **last, "k": k, "paced": paced}
 
 
 def timed_ms(fn: Callable[[], object], reps: int = 30) -> float:
@@ -166,7 +173,7 @@ def crossing(points: list[tuple[float, float]], target_ms: float) -> float | Non
 def row(label: str, result: dict, drafter: str | None = None) -> dict:
     return {"label": label, "ms": statistics.median(result["ms"]), "runs_ms": result["ms"],
             "drafter": drafter, **{k: result.get(k) for k in
-                                   ("acceptance", "drafted", "accepted", "big_passes", "k")}}
+                                   ("acceptance", "drafted", "accepted", "big_passes", "k", "paced")}}
 
 
 def peer_rows(folders: dict[str, Path], ids: list[int]) -> tuple[list[dict], dict]:
@@ -200,6 +207,9 @@ def drafter_rows(folders: dict[str, Path], ids: list[int]) -> tuple[list[dict], 
         noised = load(folders[f"noise {sigma:g}"])
         rows.append(row(f"(iii) 7B + noise {sigma:g}, speculate={K[0]}",
                         orchestrated(big, noised, ids, K[0]), "7B"))
+        if sigma == NOISE[-2]:  # partial acceptance, slower than the mirror: pacing's case
+            rows.append(row(f"(iii) 7B + noise {sigma:g}, speculate={K[0]}, paced (the default)",
+                            orchestrated(big, noised, ids, K[0], paced=True), "7B"))
         noised.unload()
         free_gpu()
     big.unload()
@@ -212,6 +222,8 @@ def pair_rows(big: ExLlamaV2Engine, drafter: ExLlamaV2Engine, ids: list[int], mi
     """The orchestrator with ``drafter`` mirroring: without speculation, then with each ``K``."""
     rows = [row(f"{mirror}, no speculation", orchestrated(big, drafter, ids, 0), shape)]
     rows += [row(f"{speculating}, speculate={k}", orchestrated(big, drafter, ids, k), shape) for k in K]
+    rows.append(row(f"{speculating}, speculate={K[0]}, paced (the default)",
+                    orchestrated(big, drafter, ids, K[0], paced=True), shape))
     return rows
 
 
@@ -219,8 +231,8 @@ def break_even(rows: list[dict], times: dict) -> list[str]:
     """Where speculation starts to pay: measured for the 7B drafters (rows with ``K[0]``),
     modelled for the 1.5B drafter."""
     k = K[0]
-    measured = [(r["acceptance"], r["ms"]) for r in rows
-                if r["drafter"] == "7B" and r["k"] == k and r["acceptance"] is not None]
+    measured = [(r["acceptance"], r["ms"]) for r in rows if r["drafter"] == "7B" and r["k"] == k
+                and not r["paced"] and r["acceptance"] is not None]
     lines = []
     for name, target in (("mirror-7B, no speculation", rows_ms(rows, "(ii) mirror")),
                          ("(b) our plain loop", rows_ms(rows, "(b)")),
@@ -254,9 +266,10 @@ def main() -> None:
     data = {**stamp(torch.cuda.get_device_name(), 0.0, facts), "prompt": PROMPT, "new": NEW,
             "runs": RUNS, "rows": rows, "pass_ms": times, "noise": NOISE}
     del data["bandwidth"]  # not measured here
-    for r in rows:  # the model's ms/token where it applies: 7B drafters, speculating
+    for r in rows:  # the model's ms/token where it applies: 7B drafters, speculating unpaced
         r["model_ms"] = (modelled_ms(times, times["big"], r["acceptance"], r["k"])
-                         if r["drafter"] == "7B" and r["k"] and r["acceptance"] is not None else None)
+                         if r["drafter"] == "7B" and r["k"] and not r["paced"]
+                         and r["acceptance"] is not None else None)
     data["break_even"] = break_even(rows, times)
     (out / "gpu_speculative.json").write_text(json.dumps(data, indent=1))
     print(render_speculative(data))

@@ -3,6 +3,8 @@
 Greedy: the embedded model verifies drafts from a second instance of itself (acceptance 1),
 from a copy with a little weight noise (partial acceptance) and from one with as much noise
 as weight (a bad drafter: falls back to plain); with judges the trace equals the plain one.
+These tests draft by acceptance alone (``pace_speculation`` off: wall-clock pacing would
+make the draft lengths depend on this machine's speed); pacing has tests of its own.
 Sampling: on a tiny random Llama (its head scaled up so its distributions are peaked, top-k
 4), the tokens of thousands of seeded generations follow the big model's distribution,
 computed exactly by enumeration, as closely as those of plain sampling do."""
@@ -20,6 +22,7 @@ from max_jupyter.errors import BackendUnavailableError, BadArgumentError
 from max_jupyter.orchestrator import (CognitiveOrchestrator, FunctionJudge, JudgeContext, Never,
                                       ProbeJudge, Sampler, SamplingConfig, TraceConfig, Verdict)
 from max_jupyter.orchestrator.judges import NO_MIXES
+from max_jupyter.orchestrator import speculative
 from max_jupyter.orchestrator.speculative import DraftLength
 from max_jupyter.steering import SteeringController, SteeringVector
 from max_jupyter.testing import build_tiny_model
@@ -27,6 +30,11 @@ from conftest import assert_mirrors
 
 PROMPT = "Write one sentence about the weather."
 LAYERS = (10, 15)  # the layers of the conftest ``vector``
+
+
+@pytest.fixture(autouse=True)
+def unpaced(monkeypatch):
+    monkeypatch.setattr(CognitiveOrchestrator, "pace_speculation", False)
 
 
 def noised(sigma: float, path: str | None = None, head: float = 1.0) -> TransformersEngine:
@@ -451,7 +459,7 @@ def test_speculative_sampling_with_judges_draws_the_judged_distribution(tiny_mod
 def replay(r, limit: int) -> list[int]:
     """The draft lengths ``DraftLength(limit)`` gives for ``r``'s acceptances and, at plain
     steps, the small model's greedy guesses (its top logit in the trace)."""
-    draft, lengths, step = DraftLength(limit), [], 0
+    draft, lengths, step = DraftLength(limit, paced=False), [], 0
     while step < len(r.steps):
         k = min(draft.k, len(r.steps) - step - 1)
         if step > 0 and k > 0:
@@ -573,3 +581,51 @@ def test_post_step_judges_rerun_inside_a_block(engine, near, ctrl, vector):
         first, second = per_run(calls)
         assert second == first and [step for step, _ in first] == list(range(24))
     assert_caches(orch, r, big=False)
+
+
+# ---------------------------------------------------------------- pacing by wall time
+
+
+def paced_run(block_s: float, plain_s: float, steps: int, spike: int | None = None
+              ) -> tuple[DraftLength, list[int]]:
+    """Drive a paced ``DraftLength(4)`` as the orchestrator does, with a fake wall clock:
+    each block of ``k + 1`` tokens (all accepted) takes ``block_s`` per token, each plain
+    step ``plain_s`` (the block begun at step ``spike`` 10x longer); the k of every step."""
+    draft, now, step, ks = DraftLength(4), 0.0, 1, []
+    while step < steps:
+        draft.clock(now, step)
+        k = draft.k
+        draft.begin(now, step, k > 0)
+        ks.append(k)
+        if k:
+            draft.after_draft(k, k)
+            now += block_s * (k + 1) * (10 if step == spike else 1)
+            step += k + 1
+        else:
+            draft.after_plain(0, 1)
+            now += plain_s
+            step += 1
+    return draft, ks
+
+
+def test_pacing_keeps_speculation_that_pays_and_pauses_what_does_not():
+    fast, ks = paced_run(block_s=0.004, plain_s=0.010, steps=200, spike=19)
+    assert ks[:speculative.PACE_BASELINE] == [0] * speculative.PACE_BASELINE  # timing plain first
+    assert all(k == 4 for k in ks[speculative.PACE_BASELINE:]) and not fast.paused  # one slow block: kept
+    slow, ks = paced_run(block_s=0.012, plain_s=0.010, steps=200)
+    blocks = [i for i, k in enumerate(ks) if k]
+    assert blocks[:speculative.PACE_BLOCKS] == list(range(3, 3 + speculative.PACE_BLOCKS))
+    plain_run = ks[blocks[speculative.PACE_BLOCKS - 1] + 1:]
+    assert plain_run[:speculative.PACE_PAUSE] == [0] * speculative.PACE_PAUSE  # paused
+    assert plain_run[speculative.PACE_PAUSE] > 0  # then drafting again, timed afresh
+    assert DraftLength(4, paced=False).k == 4  # unpaced: drafts from the first step
+
+
+def test_paced_generation_times_plain_steps_first_and_keeps_greedy(engine, small, monkeypatch):
+    monkeypatch.setattr(CognitiveOrchestrator, "pace_speculation", True)
+    orch = CognitiveOrchestrator(engine, small)
+    plain, spec = pair(orch, 4, max_new_tokens=20, ignore_eos=True)
+    assert_same(plain, spec)
+    r = spec[0]
+    first = min(s.step for s in r.steps if s.drafted)
+    assert first == 1 + speculative.PACE_BASELINE  # steps 1-3 are timed plain steps

@@ -95,6 +95,7 @@ def test_speculative_generation_drafting_for_itself(gptq):
     folder, _ = gptq
     big, small = load_exl(folder), load_exl(folder)
     orch = CognitiveOrchestrator(big, small)
+    orch.pace_speculation = False  # draft by acceptance alone: this tests the tokens, not the pace
     calls = big.forward_calls
     r = orch.generate("Tell me a story.", max_new_tokens=96, speculate=4, ignore_eos=True)
     passes = big.forward_calls - calls
@@ -131,6 +132,7 @@ def test_speculative_sampling_with_a_judge_on_the_gpu(gptq):
                                      ignore_eos=True).scores["probe"].median())
     judge = ProbeJudge(probe, threshold=threshold, mix="steer", name="probe")
     orch = CognitiveOrchestrator(big, small, judge, steering={"steer": steer})
+    orch.pace_speculation = False
     r = orch.generate("Tell me a story.", max_new_tokens=96, speculate=4, ignore_eos=True,
                       sampling=SamplingConfig(temperature=0.7, seed=5))
     steered = [s.steered for s in r.steps]

@@ -135,6 +135,10 @@ class CognitiveOrchestrator:
     ``speculate`` does not overlap.
     """
 
+    pace_speculation: bool = True
+    """Pause speculation where it costs more wall time per token than plain steps
+    (``speculative.DraftLength``); False drafts by acceptance alone (to measure it)."""
+
     def __init__(self, big: Engine, small: Engine | None = None,
                  judges: JudgeLike | Sequence[JudgeLike] | None = None,
                  steering: Steering | Mapping[str, Steering] = None, mirror_window: int = 8,
@@ -245,7 +249,8 @@ class CognitiveOrchestrator:
                            big.tokenizer.stream_decoder(), TraceRecorder(trace, big, small),
                            tuple(trace.big_layers), small_capture, steer_prompt, ignore_eos,
                            abort, on_event,
-                           draft=DraftLength(speculate) if speculate and off is None else None)
+                           draft=DraftLength(speculate, self.pace_speculation)
+                           if speculate and off is None else None)
 
     def _speculate_off(self) -> str | None:
         """Why this orchestrator cannot speculate, or None if it can."""
@@ -303,7 +308,10 @@ class CognitiveOrchestrator:
             return (*self._step(step, run), False)
         if run.block is not None:
             return self._block_step(step, run)
+        now = time.perf_counter()
+        draft.clock(now, step)
         k = min(draft.k, run.max_new_tokens - step - 1)  # a block ends by the last step
+        draft.begin(now, step, step > 0 and k > 0)
         if step > 0 and k > 0:
             return self._start_block(step, run, k)
         small_logits = self.mirror.logits  # its argmax waits for the small model: after the big step

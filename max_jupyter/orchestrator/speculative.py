@@ -18,6 +18,8 @@ fp32). Both caches rewind the rejected tail, so they hold what a non-speculative
 """
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -34,25 +36,94 @@ SmallState = tuple[dict[int, torch.Tensor], torch.Tensor]
 ``hidden`` and ``logits``)."""
 
 
+PACE_BASELINE = 3
+"""Plain steps timed at the start of a paced generation before the first draft."""
+PACE_BLOCKS = 3
+"""Blocks timed before their pace is held against the plain one."""
+PACE_MARGIN = 0.03
+"""How much slower per token speculation may run than plain steps before it pauses."""
+PACE_PAUSE = 64
+"""Plain steps a paused speculation waits before it drafts again (then timed afresh)."""
+PACE_WINDOW = 8
+"""Recent units (plain steps, blocks) whose median is the pace: robust to the odd slow one
+(a CUDA graph captured at a new cache bucket)."""
+
+
+@dataclass
+class Pace:
+    """Wall seconds per emitted token of recent plain steps and speculative blocks."""
+
+    plain: deque[float] = field(default_factory=lambda: deque(maxlen=PACE_WINDOW))
+    spec: deque[float] = field(default_factory=lambda: deque(maxlen=PACE_WINDOW))
+
+    def add(self, block: bool, seconds: float, tokens: int) -> None:
+        (self.spec if block else self.plain).append(seconds / max(tokens, 1))
+
+    def speculation_slower(self) -> bool:
+        """``PACE_BLOCKS`` blocks timed, and their median cost per token exceeds the plain
+        steps' by over ``PACE_MARGIN``."""
+        return (len(self.spec) >= PACE_BLOCKS and bool(self.plain)
+                and statistics.median(self.spec) > statistics.median(self.plain) * (1 + PACE_MARGIN))
+
+
 @dataclass
 class DraftLength:
-    """The adaptive draft length ``k`` in ``0..limit`` (starts at ``limit``). A fully
-    accepted draft grows it by one, a rejection shrinks it by one; at 0 nothing is drafted
-    until a plain step where the small model's greedy guess equals the big model's token
-    (then 1), so a drafter that disagrees costs a few drafts, then only an argmax a step."""
+    """The adaptive draft length ``k`` in ``0..limit`` (starts at ``limit``).
+
+    By acceptance: a fully accepted draft grows it by one, a rejection shrinks it by one;
+    at 0 nothing is drafted until a plain step where the small model's greedy guess equals
+    the big model's token (then 1), so a drafter that disagrees costs a few drafts, then
+    only an argmax a step. By speed (``paced``): the orchestrator reports each plain step
+    and each block with ``clock`` / ``begin``; the first ``PACE_BASELINE`` steps run plain
+    to time them, and where ``PACE_BLOCKS`` blocks then cost more wall time per token than
+    plain steps (``Pace``), speculation pauses for ``PACE_PAUSE`` steps and is timed afresh
+    after them. So it costs at most a few blocks where it does not pay on this machine.
+    """
 
     limit: int
-    k: int = field(init=False)
+    paced: bool = True
+    pace: Pace = field(default_factory=Pace)
+    paused: int = 0
+    _k: int = field(init=False)
+    _unit: tuple[float, int, bool] | None = field(default=None, init=False)
 
     def __post_init__(self):
-        self.k = self.limit
+        self._k = self.limit
+
+    @property
+    def k(self) -> int:
+        """The longest draft to try now (0: a plain step)."""
+        if self.paced and (self.paused or len(self.pace.plain) < PACE_BASELINE):
+            return 0
+        return self._k
 
     def after_draft(self, drafted: int, accepted: int) -> None:
-        self.k = min(self.limit, self.k + 1) if accepted == drafted else max(0, self.k - 1)
+        self._k = min(self.limit, self._k + 1) if accepted == drafted else max(0, self._k - 1)
 
     def after_plain(self, guess: int, token: int) -> None:
-        if self.k == 0 and guess == token:
-            self.k = 1
+        if self._k == 0 and guess == token:
+            self._k = 1
+
+    def clock(self, now: float, step: int) -> None:
+        """The unit (plain step or block) begun at the last ``begin`` ended at ``step``
+        (wall clock ``now``): add it to the pace; pause or resume speculation by it."""
+        if not self.paced or self._unit is None:
+            return
+        start, first, block = self._unit
+        self._unit = None
+        self.pace.add(block, now - start, step - first)
+        if block and self.pace.speculation_slower():
+            self.paused = PACE_PAUSE
+            self.pace.spec.clear()
+        elif not block and self.paused:
+            self.paused = max(0, self.paused - (step - first))
+            if not self.paused:
+                self._k = max(self._k, 1)
+
+    def begin(self, now: float, step: int, block: bool) -> None:
+        """A plain step (or, with ``block``, a speculative block) starts at ``step`` (not
+        timed at step 0: the prompt's prefill)."""
+        self._unit = (now, step, block) if self.paced and step > 0 else None
 
 
 @dataclass
