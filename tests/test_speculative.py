@@ -612,12 +612,13 @@ def test_pacing_keeps_speculation_that_pays_and_pauses_what_does_not():
     fast, ks = paced_run(block_s=0.004, plain_s=0.010, steps=200, spike=19)
     assert ks[:speculative.PACE_BASELINE] == [0] * speculative.PACE_BASELINE  # timing plain first
     assert all(k == 4 for k in ks[speculative.PACE_BASELINE:]) and not fast.paused  # one slow block: kept
-    slow, ks = paced_run(block_s=0.012, plain_s=0.010, steps=200)
+    slow, ks = paced_run(block_s=0.012, plain_s=0.010, steps=300)
     blocks = [i for i, k in enumerate(ks) if k]
     assert blocks[:speculative.PACE_BLOCKS] == list(range(3, 3 + speculative.PACE_BLOCKS))
-    plain_run = ks[blocks[speculative.PACE_BLOCKS - 1] + 1:]
-    assert plain_run[:speculative.PACE_PAUSE] == [0] * speculative.PACE_PAUSE  # paused
-    assert plain_run[speculative.PACE_PAUSE] > 0  # then drafting again, timed afresh
+    pauses = [len(run) for run in "".join("b" if k else "p" for k in ks).split("b") if run]
+    # paused, retried, paused twice as long (each retry that did not pay doubles the pause)
+    assert pauses[1:3] == [speculative.PACE_PAUSE, 2 * speculative.PACE_PAUSE]
+    assert pauses[0] == speculative.PACE_BASELINE and slow.pause > 2 * speculative.PACE_PAUSE
     assert DraftLength(4, paced=False).k == 4  # unpaced: drafts from the first step
 
 

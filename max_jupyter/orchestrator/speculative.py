@@ -43,7 +43,9 @@ PACE_BLOCKS = 3
 PACE_MARGIN = 0.03
 """How much slower per token speculation may run than plain steps before it pauses."""
 PACE_PAUSE = 64
-"""Plain steps a paused speculation waits before it drafts again (then timed afresh)."""
+"""Plain steps a paused speculation waits before it drafts again (then timed afresh); each
+pause right after a retry that did not pay either is twice as long, up to ``PACE_PAUSE_MAX``."""
+PACE_PAUSE_MAX = 1024
 PACE_WINDOW = 8
 """Recent units (plain steps, blocks) whose median is the pace: robust to the odd slow one
 (a CUDA graph captured at a new cache bucket)."""
@@ -76,14 +78,16 @@ class DraftLength:
     only an argmax a step. By speed (``paced``): the orchestrator reports each plain step
     and each block with ``clock`` / ``begin``; the first ``PACE_BASELINE`` steps run plain
     to time them, and where ``PACE_BLOCKS`` blocks then cost more wall time per token than
-    plain steps (``Pace``), speculation pauses for ``PACE_PAUSE`` steps and is timed afresh
-    after them. So it costs at most a few blocks where it does not pay on this machine.
+    plain steps (``Pace``), speculation pauses for ``PACE_PAUSE`` steps (twice as long
+    after each retry that did not pay) and is timed afresh after them. So it costs a few
+    blocks now and then where it does not pay on this machine.
     """
 
     limit: int
     paced: bool = True
     pace: Pace = field(default_factory=Pace)
     paused: int = 0
+    pause: int = PACE_PAUSE  # the next pause's length
     _k: int = field(init=False)
     _unit: tuple[float, int, bool] | None = field(default=None, init=False)
 
@@ -112,9 +116,12 @@ class DraftLength:
         start, first, block = self._unit
         self._unit = None
         self.pace.add(block, now - start, step - first)
-        if block and self.pace.speculation_slower():
-            self.paused = PACE_PAUSE
-            self.pace.spec.clear()
+        if block and len(self.pace.spec) >= PACE_BLOCKS:
+            if self.pace.speculation_slower():
+                self.paused, self.pause = self.pause, min(2 * self.pause, PACE_PAUSE_MAX)
+                self.pace.spec.clear()
+            else:
+                self.pause = PACE_PAUSE
         elif not block and self.paused:
             self.paused = max(0, self.paused - (step - first))
             if not self.paused:
