@@ -82,9 +82,10 @@ class Engine(ABC):
     forward_calls: int = 0
     """Forward passes handed to the backend (checked calls only), for tests and stats."""
     launches_async: bool = False
-    """One-token ``forward`` returns before the device has finished it, and its work runs
-    concurrently with another engine's (reading ``logits`` or ``hidden`` synchronises). A
-    caller may then issue this engine's step, do other work, and rewind it if not wanted."""
+    """One-token ``forward`` (and ``verify``) returns before the device has finished it, and
+    its work runs concurrently with another engine's (reading ``logits``, ``all_logits`` or
+    ``hidden`` synchronises). A caller may then issue this engine's pass, do other work, and
+    rewind it if not wanted."""
     supports_verify: bool = False
     """``verify`` works: the backend returns the logits of every fed position (for
     speculative decoding; callers check this flag and do not speculate without it)."""

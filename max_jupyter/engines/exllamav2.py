@@ -396,7 +396,8 @@ class ExLlamaV2Engine(Engine):
 
     @property
     def launches_async(self) -> bool:
-        """Direct decode steps run on this engine's own stream without waiting (see ``_step``)."""
+        """Direct passes (steps, verifies) run on this engine's own stream without waiting
+        (see ``_direct``)."""
         return self.direct
 
     @property

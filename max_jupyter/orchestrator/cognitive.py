@@ -272,9 +272,10 @@ class CognitiveOrchestrator:
                     run.result.finish_reason = "aborted"
                     return
                 event, finish = self._advance(step, run)
+                if finish is not None:  # set first: a consumer may close the iterator at the event
+                    run.result.finish_reason = finish
                 yield self._emit(event, run.on_event)
                 if finish is not None:
-                    run.result.finish_reason = finish
                     return
         finally:
             if run.block is not None:  # ended inside a speculative block
@@ -311,7 +312,7 @@ class CognitiveOrchestrator:
         now = time.perf_counter()
         draft.clock(now, step)
         k = min(draft.k, run.max_new_tokens - step - 1)  # a block ends by the last step
-        draft.begin(now, step, step > 0 and k > 0)
+        draft.begin(now, step, k if step > 0 else 0)
         if step > 0 and k > 0:
             return self._start_block(step, run, k)
         small_logits = self.mirror.logits  # its argmax waits for the small model: after the big step
@@ -340,16 +341,16 @@ class CognitiveOrchestrator:
         if judged is None:
             judged = self._judge_pre(step, run, small)
         if judged.decided != block.mixes:
+            run.block = None  # first: an interrupt inside cut must not settle it again
             block.cut(self.big, self.mirror, fed=False)
-            run.block = None
             return (*self._step(step, run, judged), False)
         stats = (block.drafted, block.accepted) if block.next == 0 else ((), 0)
         token, prob, row = block.peek()
         fwd = _Forward(row, block.deltas, block.mixes, block.coefs)
         extra = self._judge_post(step, run, fwd, judged, small)
         if extra:  # re-run the step from the row, as the plain loop re-runs its first pass
-            block.cut(self.big, self.mirror, fed=True)
             run.block = None
+            block.cut(self.big, self.mirror, fed=True)
             fwd = self._rerun(step, run, fwd, fwd.steer | extra)
             token, prob = run.sampler.sample(fwd.out.logits)
             in_small = False

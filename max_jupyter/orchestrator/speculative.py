@@ -77,7 +77,8 @@ class DraftLength:
     the big model's token (then 1), so a drafter that disagrees costs a few drafts, then
     only an argmax a step. By speed (``paced``): the orchestrator reports each plain step
     and each block with ``clock`` / ``begin``; the first ``PACE_BASELINE`` steps run plain
-    to time them, and where ``PACE_BLOCKS`` blocks then cost more wall time per token than
+    to time them, and where ``PACE_BLOCKS`` blocks (not the first of each length, which may
+    capture CUDA graphs) then cost more wall time per token than
     plain steps (``Pace``), speculation pauses for ``PACE_PAUSE`` steps (twice as long
     after each retry that did not pay) and is timed afresh after them. So it costs a few
     blocks now and then where it does not pay on this machine.
@@ -89,7 +90,8 @@ class DraftLength:
     paused: int = 0
     pause: int = PACE_PAUSE  # the next pause's length
     _k: int = field(init=False)
-    _unit: tuple[float, int, bool] | None = field(default=None, init=False)
+    _unit: tuple[float, int, int] | None = field(default=None, init=False)
+    _warm: set[int] = field(default_factory=set, init=False)  # draft lengths timed once
 
     def __post_init__(self):
         self._k = self.limit
@@ -113,8 +115,11 @@ class DraftLength:
         (wall clock ``now``): add it to the pace; pause or resume speculation by it."""
         if not self.paced or self._unit is None:
             return
-        start, first, block = self._unit
-        self._unit = None
+        start, first, k = self._unit
+        self._unit, block = None, k > 0
+        if block and k not in self._warm:  # its first verify may have captured a CUDA graph
+            self._warm.add(k)
+            return
         self.pace.add(block, now - start, step - first)
         if block and len(self.pace.spec) >= PACE_BLOCKS:
             if self.pace.speculation_slower():
@@ -127,10 +132,10 @@ class DraftLength:
             if not self.paused:
                 self._k = max(self._k, 1)
 
-    def begin(self, now: float, step: int, block: bool) -> None:
-        """A plain step (or, with ``block``, a speculative block) starts at ``step`` (not
-        timed at step 0: the prompt's prefill)."""
-        self._unit = (now, step, block) if self.paced and step > 0 else None
+    def begin(self, now: float, step: int, k: int) -> None:
+        """A plain step (``k == 0``) or a block drafting ``k`` tokens starts at ``step`` (not
+        timed at step 0, the prompt's prefill, nor the first block of each length)."""
+        self._unit = (now, step, k) if self.paced and step > 0 else None
 
 
 @dataclass
@@ -225,12 +230,12 @@ def draft_and_verify(big: Engine, mirror: ContextMirror, sampler: Sampler, last:
         a = len(tokens) - 1
         if a == k and not early:
             _feed(mirror, drafted[-1], states)
-    except BaseException:
+        big.rewind(k - a)
+        mirror.rewind(len(states) - 1 - a, *states[a])  # the fed drafts past the kept ones
+    except BaseException:  # back to the start, wherever it stopped
         big.rewind(big.seq_len - big_len)
         mirror.rewind(len(mirror.ids) - fed, *start)
         raise
-    big.rewind(k - a)
-    mirror.rewind(len(states) - 1 - a, *states[a])  # the fed drafts past the kept ones
     del states[a + 1:]
     return Block(tuple(drafted), tokens, probs, out, states, deltas, mixes, coefs)
 
