@@ -391,7 +391,7 @@ def test_steer_search(shell, session, capsys):
 
 def test_judges(shell, session, capsys):
     run(shell, "%max_judge probe happy --layer 12 --threshold -1000 --steer happy:0.3@12")
-    run(shell, "%max_judge divergence --threshold 0.0 --measure kl --steer joy:0.2 --name unsure")
+    run(shell, "%max_judge divergence --threshold 0.0 --measure kl --steer happy:0.2 --name unsure")
     assert set(session.judges) == {"probe:happy@12", "unsure"}
     assert set(session.mixes) == {"probe:happy", "unsure"}
     capsys.readouterr()
