@@ -223,6 +223,22 @@ def test_a_small_model_of_another_vocabulary_reads_the_messages_itself(tmp_path)
         s.close()
 
 
+def test_a_request_released_while_its_generation_starts_stops_it(session):
+    """A request cancelled while its generation is being started (its ticket released
+    before the handle arrives from the worker's queue) stops that generation as soon as the
+    handle is attached, instead of leaving it running unseen."""
+    from max_jupyter.server.admission import Admission
+
+    admission = Admission(max_queue=1)
+    ticket = admission.admit()
+    ticket.release()
+    assert admission.admitted == 0
+    handle = session.start("Count slowly to one thousand.", max_new_tokens=LONG, ignore_eos=True)
+    ticket.attach(handle)
+    result = handle.result(timeout=120)
+    assert result.finish_reason == "aborted" and len(result.token_ids) < LONG
+
+
 def test_models_vectors_health(server, client, judge):
     assert [m.id for m in client.models.list().data] == [MODEL]
     vectors = httpx.get(server.url + "/v1/vectors", headers={"Authorization": f"Bearer {KEY}"}).json()

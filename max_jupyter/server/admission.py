@@ -61,8 +61,21 @@ class Ticket:
 
     def __init__(self, admission: Admission):
         self.admission, self.since, self.handle = admission, time.monotonic(), None
+        self._lock = threading.Lock()
+        self._released = False
+
+    def attach(self, handle) -> None:
+        """Hold ``handle``, the request's generation; stop it at once if the request was
+        released meanwhile (cancelled while its generation was being started)."""
+        with self._lock:
+            self.handle = handle
+            released = self._released
+        if released:
+            handle.stop()
 
     def release(self) -> None:
-        if self.handle is not None:
-            self.handle.stop()
+        with self._lock:
+            self._released, handle = True, self.handle
+        if handle is not None:
+            handle.stop()
         self.admission._release(self)

@@ -122,4 +122,4 @@ async def _generate(session, admission: Admission, reply: Reply,
 def _start(session, body: ChatRequest | CompletionRequest, ticket: Ticket) -> None:
     """Validate ``body`` against the session and queue its generation on the worker."""
     options = generation_options(session, body)
-    ticket.handle = session.start(options.pop("prompt"), **options)
+    ticket.attach(session.start(options.pop("prompt"), **options))
