@@ -77,10 +77,17 @@ class Session:
         self.judges: dict[str, Judge] = {}
         self.defaults = GenerationOptions()
         self.last: GenerationResult | None = None
-        self.handle: GenerationHandle | None = None
+        self._started: GenerationHandle | None = None  # the last generation started
         self._worker = Worker(f"max_jupyter-session-{next(_ids)}")
         self._closed = False
         self._owns_store = False  # Session.load opened the library: close() closes it
+
+    @property
+    def handle(self) -> GenerationHandle | None:
+        """The generation running now (from the notebook or the server), else the last one
+        started (queued or finished); None before any. What a Stop button should stop."""
+        running = self._worker.running
+        return running if isinstance(running, GenerationHandle) else self._started
 
     @classmethod
     def load(cls, big: Source = None, small: Source = None, *, backend: str = "auto",
@@ -161,7 +168,7 @@ class Session:
                                   prepared.result.prompt_ids, on_event)
         prepared.on_event, prepared.abort = handle.push, handle.abort
         self._worker.submit(handle, wait=wait)
-        self.handle = handle
+        self._started = handle
         return handle
 
     def generate(self, prompt: Prompt, **options) -> GenerationResult:
@@ -344,7 +351,7 @@ class Session:
             if unload is not None:
                 unload()
         self._big = self._small = None
-        self.last = self.handle = None
+        self.last = self._started = None
         gc.collect()
         import torch
 

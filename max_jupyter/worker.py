@@ -49,6 +49,12 @@ class Worker:
         return any(not job.done for job in jobs)  # a job stopped while queued counts no more
 
     @property
+    def running(self) -> Job | None:
+        """The job running now, if any."""
+        with self._cond:
+            return self._running
+
+    @property
     def on_worker(self) -> bool:
         """The caller is this worker's thread."""
         return threading.current_thread() is self._thread

@@ -335,6 +335,22 @@ def test_reentrant_and_failing_calls_do_not_hang(session):
     assert session.handle.result(30).finish_reason == "error" and not session.busy
 
 
+def test_handle_is_the_running_generation(session):
+    """``session.handle`` is the generation running now, not one started later and queued
+    behind it (what the mixer's Stop button stops); then the last one started."""
+    assert session.handle is None
+    running = session.start(PROMPT, max_new_tokens=300, ignore_eos=True)
+    deadline = time.monotonic() + 30
+    while running.state != "running" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    queued = session.start(PROMPT, max_new_tokens=3)
+    assert queued.state == "queued" and session.handle is running
+    running.stop()
+    running.result(60)
+    queued.result(60)
+    assert session.handle is queued
+
+
 def test_stopping_a_queued_generation_ends_it_at_once(session):
     running = session.start(PROMPT, max_new_tokens=300, ignore_eos=True)
     queued = session.start(PROMPT, max_new_tokens=5)
