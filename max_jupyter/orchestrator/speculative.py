@@ -78,10 +78,10 @@ class DraftLength:
     only an argmax a step. By speed (``paced``): the orchestrator reports each plain step
     and each block with ``clock`` / ``begin``; the first ``PACE_BASELINE`` steps run plain
     to time them, and where ``PACE_BLOCKS`` blocks (not the first of each length, which may
-    capture CUDA graphs) then cost more wall time per token than
-    plain steps (``Pace``), speculation pauses for ``PACE_PAUSE`` steps (twice as long
-    after each retry that did not pay) and is timed afresh after them. So it costs a few
-    blocks now and then where it does not pay on this machine.
+    capture CUDA graphs) then cost more wall time per token than plain steps (``Pace``),
+    speculation pauses for ``PACE_PAUSE`` steps (twice as long after each retry that did
+    not pay) and is timed afresh after them. So it costs a few blocks now and then where
+    it does not pay on this machine.
     """
 
     limit: int
