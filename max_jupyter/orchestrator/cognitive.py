@@ -312,7 +312,7 @@ class CognitiveOrchestrator:
         now = time.perf_counter()
         draft.clock(now, step)
         k = min(draft.k, run.max_new_tokens - step - 1)  # a block ends by the last step
-        draft.begin(now, step, k if step > 0 else 0)
+        draft.begin(now, step, k)  # (step 0, the prefill, is never timed)
         if step > 0 and k > 0:
             return self._start_block(step, run, k)
         small_logits = self.mirror.logits  # its argmax waits for the small model: after the big step
