@@ -23,7 +23,7 @@ from max_jupyter.engines import Engine, TransformersEngine
 from max_jupyter.testing import build_tiny_model
 from max_jupyter.orchestrator import (CognitiveOrchestrator, DivergenceJudge, Never, ProbeJudge,
                                       TraceConfig, plain)
-from max_jupyter.steering import SteeringController, train_vector
+from max_jupyter.steering import Mix, train_vector
 
 PROMPT = "Write a short paragraph about the sea."
 POSITIVE = ["I love this, it is wonderful!", "Great joy and happiness.", "What a lovely day."]
@@ -61,12 +61,12 @@ def measure(orchestrator: CognitiveOrchestrator, tokens: int, spent: list[float]
     return {"tokens": len(result.token_ids), "tok/s": steps / (t1 - t0),
             "ms/step": 1e3 * (t1 - t0) / steps, "forward ms/step": 1e3 * (f1 - f0) / steps,
             "overhead ms/step": 1e3 * ((t1 - t0) - (f1 - f0)) / steps,
-            "judge ms/step": 1e3 * judge, "steered": sum(bool(r.steering) for r in result.steps),
+            "judge ms/step": 1e3 * judge, "steered": sum(bool(r.mixes_on) for r in result.steps),
             "re-runs": sum(r.rerun for r in result.steps),
-            "speculation misses": result.speculation_misses}
+            "ahead misses": result.ahead_misses}
 
 
-COUNTS = ("tokens", "steered", "re-runs", "speculation misses")
+COUNTS = ("tokens", "steered", "re-runs", "ahead misses")
 
 
 def cell(column: str, value) -> str:
@@ -86,25 +86,25 @@ def main() -> None:
 
     big, small = TransformersEngine.load(device="cpu"), TransformersEngine.load(device="cpu")
     tiny = TransformersEngine.load(build_tiny_model(tempfile.mkdtemp()), device="cpu")
-    mix = SteeringController(big.identity)
+    mix = Mix(big.identity)
     mix.set("happy", train_vector(big, POSITIVE, NEGATIVE, layers=[15], method="mean_diff"), 1.0)
     probe = train_vector(small, POSITIVE, NEGATIVE, layers=[15], method="mean_diff", label="happy")
     spent = timed([big, small, tiny])
 
     # A threshold inside the probe's range on this prompt, so it switches during the run.
     scout = CognitiveOrchestrator(big, small, judges=ProbeJudge(probe, threshold=float("inf"),
-                                                                name="p"), steering=mix)
+                                                                name="p"), mixes=mix)
     threshold = float(scout.generate(PROMPT, max_new_tokens=args.tokens,
                                      ignore_eos=True).scores["p"].median())
 
     configs = {
-        "big alone (Never, no small)": CognitiveOrchestrator(big, None, judges=Never(), steering=mix),
+        "big alone (Never, no small)": CognitiveOrchestrator(big, None, judges=Never(), mixes=mix),
         "big + mirrored small + ProbeJudge": CognitiveOrchestrator(
-            big, small, judges=ProbeJudge(probe, threshold=threshold), steering=mix),
+            big, small, judges=ProbeJudge(probe, threshold=threshold), mixes=mix),
         "big + small + post-step entropy>2 judge": CognitiveOrchestrator(
-            big, small, judges=DivergenceJudge(2.0), steering=mix),
+            big, small, judges=DivergenceJudge(2.0), mixes=mix),
         "big + small + post-step KL>0.05 judge": CognitiveOrchestrator(
-            big, small, judges=DivergenceJudge(0.05, "kl"), steering=mix),
+            big, small, judges=DivergenceJudge(0.05, "kl"), mixes=mix),
         "big + text-mirrored tiny (other tokenizer)": CognitiveOrchestrator(big, tiny, judges=Never()),
     }
     start = time.perf_counter()
@@ -128,7 +128,7 @@ def main() -> None:
           f"(incl. prefill): {statistics.median(plain_runs):.1f} tok/s; probe threshold "
           f"{threshold:.3g}")
     cols = ["tokens", "tok/s", "spread", "ms/step", "forward ms/step", "overhead ms/step",
-            "judge ms/step", "steered", "re-runs", "speculation misses"]
+            "judge ms/step", "steered", "re-runs", "ahead misses"]
     widths = [44] + [max(len(c), 8) for c in cols]
     print(" | ".join(c.ljust(w) for c, w in zip(["config", *cols], widths)))
     print("-+-".join("-" * w for w in widths))

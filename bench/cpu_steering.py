@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from max_jupyter.engines import TransformersEngine
 from max_jupyter.models import resolve_hf_folder
 from max_jupyter.orchestrator import generate
-from max_jupyter.steering import SteeringController, SteeringVector
+from max_jupyter.steering import Mix, SteeringVector
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
 
@@ -42,7 +42,7 @@ def main() -> None:
     engine = TransformersEngine.load(device="cpu")
     plain_hf = AutoModelForCausalLM.from_pretrained(str(resolve_hf_folder()), dtype=torch.float32).eval()
     ids = engine.tokenizer.chat(PROMPT)
-    one, three = SteeringController(engine.identity), SteeringController(engine.identity)
+    one, three = Mix(engine.identity), Mix(engine.identity)
     one.set("a", random_vector(engine, 12))
     for name, layer in zip("abc", (8, 12, 16)):
         three.set(name, random_vector(engine, layer))

@@ -5,7 +5,7 @@ model (fp16 for row e, then 4-bit GPTQ by round-to-nearest, ``testing.write_gptq
 a Qwen2.5-1.5B-shaped one (4-bit GPTQ, tied embeddings). Every row decodes the same
 1024-token prompt greedily to ``NEW + 1`` tokens and is timed over the same span, from the
 first new token on the host to the last: ``NEW`` tokens, each with one forward (plus any
-speculation miss), a greedy pick on the host and incremental detokenisation. One warm-up,
+ahead miss), a greedy pick on the host and incremental detokenisation. One warm-up,
 then the median of ``RUNS`` runs.
 
   (a) exllamav2's own dynamic generator at the best configuration this box allows (paged
@@ -14,14 +14,14 @@ then the median of ``RUNS`` runs.
   (b) our engine in the plain generation loop, unsteered; (c) one vector, three vectors
   (d) big + small mirroring every token + a probe of the small model's captured state
       deciding the big model's steering, under a 16 GB ``max_vram_gb`` cap: a hand-written
-      loop (both steps issued back to back, the big one speculatively with the last
+      loop (both steps issued back to back, the big one ahead with the last
       decision, rewound and run again when the decision flips) and CognitiveOrchestrator
       with a ProbeJudge, which does the same by itself; both count those extra big
-      forwards as speculation misses
+      forwards as ahead misses
   (e) HF transformers fp16 with a forward hook (one vector), same 7B shape, plain loop
 
 "bw frac": bytes read per token (weights on the GPU, KV cache at the mean context, and the
-big model's weights again per speculation miss), all derived from the model shapes, over
+big model's weights again per ahead miss), all derived from the model shapes, over
 the measured device-to-device copy bandwidth, divided by the measured time.
 Writes ``$OUT/gpu_decode.json`` (stamped with ``$MAX_JUPYTER_COMMIT`` and the card) for
 ``bench/gpu_tables.py``. Run: ``bash bench/gpu_session.sh bench`` (see docs/gpu.md).
@@ -206,7 +206,7 @@ def pair_rows(big_dir: Path, small_dir: Path, ids: list[int]) -> tuple[dict, dic
     def hand_loop() -> tuple[float, int]:
         """Both models fed each token back to back (their GPU work overlaps); the big step
         runs with the last decision and is rewound and run again when the probe of the small
-        model's state after that token flips it (a speculation miss)."""
+        model's state after that token flips it (a ahead miss)."""
         decoder, on, misses = big.tokenizer.stream_decoder(), False, 0
         small.prefill(ids, capture=[layer])
         token = int(big.prefill(ids).logits.argmax())
@@ -234,14 +234,14 @@ def pair_rows(big_dir: Path, small_dir: Path, ids: list[int]) -> tuple[dict, dic
     probe_judge = ProbeJudge(SteeringVector({layer: probe.cpu()}, small.identity, "probe"),
                              threshold=judge["threshold"], hysteresis=judge["hysteresis"])
     vector = SteeringVector({14: steer[14].float().cpu()}, big.identity, "steer")
-    orch = CognitiveOrchestrator(big, small, judges=probe_judge, steering=vector)  # overlap: auto
+    orch = CognitiveOrchestrator(big, small, judges=probe_judge, mixes=vector)  # overlap: auto
 
     def orchestrated() -> tuple[float, int]:
         stamps: list[float] = []  # one per step, after its token was picked and decoded
         result = orch.generate(ids, max_new_tokens=NEW + 1, ignore_eos=True,
                                on_event=lambda e: e.record and stamps.append(time.perf_counter()))
         assert len(stamps) == NEW + 1
-        return stamps[-1] - stamps[0], result.speculation_misses
+        return stamps[-1] - stamps[0], result.ahead_misses
 
     orchestrator = repeat(orchestrated)
     orchestrator["overlap"] = orch.overlap

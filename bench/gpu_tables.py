@@ -31,7 +31,7 @@ def render_speed(data: dict) -> str:
     lines = [_stamp(data) + f"; batch 1, {data['prompt']}-token prompt, every row timed over "
              f"the same {data['new']} tokens (forward, greedy pick, detokenisation), median of "
              f"{data['runs']} runs after a warm-up:", "",
-             "| row | ms/token | runs (min-max) | tok/s | vs (a) | speculation misses | bw frac |",
+             "| row | ms/token | runs (min-max) | tok/s | vs (a) | ahead misses | bw frac |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
         misses = "-" if r["misses"] is None else ", ".join(str(m) for m in r["misses"])

@@ -48,3 +48,11 @@ class BusyError(MaxJupyterError, RuntimeError):
 
 class SessionClosedError(MaxJupyterError, RuntimeError):
     """The session was closed; load a new one."""
+
+
+def warn_deprecated(old: str, new: str, stacklevel: int = 3) -> None:
+    """Warn (``DeprecationWarning``) that ``old`` is an old name of ``new``; ``stacklevel``
+    3 points at the caller of the function that calls this."""
+    import warnings
+
+    warnings.warn(f"{old} is deprecated; use {new}.", DeprecationWarning, stacklevel=stacklevel)

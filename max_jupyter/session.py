@@ -23,7 +23,7 @@ from max_jupyter.orchestrator.mirror import ContextMirror
 from max_jupyter.orchestrator.sampling import SamplingConfig
 from max_jupyter.orchestrator.trace import GenerationResult, TraceConfig
 from max_jupyter.orchestrator.types import Prompt, run_to_end
-from max_jupyter.steering.controller import SteeringController
+from max_jupyter.steering.mix import Mix
 from max_jupyter.steering.vector import SteeringVector
 from max_jupyter.worker import Worker
 
@@ -71,8 +71,8 @@ class Session:
         if small is not None:
             ContextMirror(big, small)  # a small model that cannot mirror is refused now
         self._big, self._small, self.plan = big, small, plan
-        self.mix = SteeringController(big.identity)
-        self.mixes: dict[str, SteeringController] = {}
+        self.mix = Mix(big.identity)
+        self.mixes: dict[str, Mix] = {}
         self.vectors: MutableMapping[str, SteeringVector] = {} if vectors is None else vectors
         self.judges: dict[str, Judge] = {}
         self.defaults = GenerationOptions()
@@ -211,8 +211,8 @@ class Session:
         small = self._small if (opts.mirror or any(j.needs_small or j.small_model for j in judges)) \
             else None
         orchestrator = CognitiveOrchestrator(
-            self._big, small, judges, self.mixes,
-            mix=[self.mix, self._call_steering(options.get("steering"))])
+            self._big, small, judges, mixes=self.mixes,
+            steering=[self.mix, self._call_steering(options.get("steering"))])
         prepared = orchestrator.prepare(
             with_system(prompt, opts.system), max_new_tokens=opts.max_new_tokens,
             sampling=sampling, stop=opts.stop, steer_prompt=opts.steer_prompt, chat=opts.chat,
@@ -235,14 +235,14 @@ class Session:
             chosen.append(judge)
         return chosen
 
-    def _call_steering(self, steering) -> SteeringController | SteeringVector | None:
-        """A call's own steering: a vector, a controller, or {vector name: coefficient}."""
-        if steering is None or isinstance(steering, (SteeringController, SteeringVector)):
+    def _call_steering(self, steering) -> Mix | SteeringVector | None:
+        """A call's own steering: a vector, a Mix, or {vector name: coefficient}."""
+        if steering is None or isinstance(steering, (Mix, SteeringVector)):
             return steering
         if not isinstance(steering, Mapping):
             raise BadArgumentError(f"steering={steering!r} is not steering; give a SteeringVector, a "
-                                   f"SteeringController or {{vector name: coefficient}}.")
-        mix = SteeringController(self._big.identity)
+                                   f"Mix or {{vector name: coefficient}}.")
+        mix = Mix(self._big.identity)
         for name, coef in steering.items():
             mix.set(name, self.vector(name), coef)
         return mix

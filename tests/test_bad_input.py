@@ -25,7 +25,7 @@ from max_jupyter.engines import TransformersEngine
 from max_jupyter.errors import (BadArgumentError, ContextOverflowError, CorruptFileError,
                                 MaxJupyterError, ModelMismatchError)
 from max_jupyter.orchestrator import SamplingConfig, generate
-from max_jupyter.steering import SteeringController, SteeringVector, train_vector
+from max_jupyter.steering import Mix, SteeringVector, train_vector
 from max_jupyter.validation import check_generation_args
 
 PROMPT = "Name three colours."
@@ -36,7 +36,7 @@ CHECK_TOKENS = 3
 class Ctx:
     engine: TransformersEngine
     vector: SteeringVector
-    mix: SteeringController
+    mix: Mix
     tmp: Path
 
     @property
@@ -50,13 +50,13 @@ class Ctx:
         return path
 
 
-def steered_mix(vector: SteeringVector) -> SteeringController:
-    mix = SteeringController(vector.model)
+def steered_mix(vector: SteeringVector) -> Mix:
+    mix = Mix(vector.model)
     mix.set("happy", vector, 4.0)
     return mix
 
 
-def check_generation(engine: TransformersEngine, mix: SteeringController) -> list[int]:
+def check_generation(engine: TransformersEngine, mix: Mix) -> list[int]:
     return generate(engine, PROMPT, max_new_tokens=CHECK_TOKENS, ignore_eos=True,
                     steering=mix).token_ids
 
@@ -69,7 +69,7 @@ def reference(vector) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def mix(vector) -> SteeringController:
+def mix(vector) -> Mix:
     return steered_mix(vector)
 
 

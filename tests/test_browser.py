@@ -39,12 +39,12 @@ SETUP = """\
 import time
 from max_jupyter import Session
 from max_jupyter.orchestrator import DivergenceJudge, FunctionJudge, ProbeJudge
-from max_jupyter.steering import SteeringController
+from max_jupyter.steering import Mix
 s = Session.load(small="same", store=None, progress=False)
 happy = s.train("happy", ["I love this, it is wonderful!", "Great joy and happiness."],
                 ["I hate this, it is terrible.", "Awful misery and sadness."], layers=(10, 15),
                 method="mean_diff", progress=False)
-s.mixes["cheer"] = SteeringController.of(happy, 0.3)
+s.mixes["cheer"] = Mix.of(happy, 0.3)
 s.judges["probe"] = ProbeJudge(happy, layer=10, threshold=40.0, mix="cheer")
 s.judges["unsure"] = DivergenceJudge(threshold=3.0, mix="cheer")
 # Test pacing: a judge that only waits, so the slider can move while tokens still come.
@@ -262,7 +262,7 @@ def check_click_selects(page, lab, tokens: list[dict], major: int) -> None:
         while True:
             out = kernel.run("import ipykernel; sel = live.view.selected\n"
                              "print(ipykernel.__version__.split('.')[0], live.view.selected_step, "
-                             "sel and sel.record.step, sel and sel.record.mix['happy'], "
+                             "sel and sel.record.step, sel and sel.record.live_coefs['happy'], "
                              "sel and sorted(sel.tensors))")
             if out.split()[1] == "7" or time.monotonic() > deadline:
                 break

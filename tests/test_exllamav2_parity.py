@@ -403,7 +403,7 @@ def test_orchestrator_overlap_matches_sequential(tmp_path, tokenizer_folder, mon
     the CognitiveOrchestrator with the big step issued ahead of the mirror's (overlap on)
     gives the tokens, step records (scores, steering), captured residuals of both models and
     logits of the same run with overlap off, within the run-to-run noise of three sequential
-    runs, with speculation misses taken. A missing stream synchronisation (wait_stream,
+    runs, with ahead misses taken. A missing stream synchronisation (wait_stream,
     record_stream) reads results before the GPU wrote them and fails this."""
     from max_jupyter.engines.exllamav2 import load_pair
     from max_jupyter.orchestrator import CognitiveOrchestrator, ProbeJudge, TraceConfig, generate
@@ -428,7 +428,7 @@ def test_orchestrator_overlap_matches_sequential(tmp_path, tokenizer_folder, mon
 
     def run(overlap: bool, threshold: float):
         orch = CognitiveOrchestrator(big, small, judges=ProbeJudge(probe, threshold=threshold),
-                                     steering=steer, overlap=overlap)
+                                     mixes=steer, overlap=overlap)
         assert orch.overlap == overlap
         return orch.generate(prompt, max_new_tokens=40, trace=trace, ignore_eos=True)
 
@@ -437,14 +437,14 @@ def test_orchestrator_overlap_matches_sequential(tmp_path, tokenizer_folder, mon
     width, threshold = max(gaps)  # a threshold in the widest gap: noise cannot flip decisions
     first, second, third = (run(False, threshold) for _ in range(3))
     ahead = run(True, threshold)
-    assert ahead.speculation_misses >= 2 and first.speculation_misses == 0
+    assert ahead.ahead_misses >= 2 and first.ahead_misses == 0
     print(f"\noverlap: {len(ahead.steps)} steps, {int(ahead.steered.sum())} steered, "
-          f"{ahead.speculation_misses} speculation misses; threshold gap {width:.3g}")
+          f"{ahead.ahead_misses} ahead misses; threshold gap {width:.3g}")
 
     def compare(a, b) -> Parity:
         assert a.token_ids == b.token_ids == ScriptedSampler.SCRIPT
         assert a.small_ids == b.small_ids == a.prompt_ids + a.token_ids
-        assert [r.steering for r in a.steps] == [r.steering for r in b.steps]
+        assert [r.mixes_on for r in a.steps] == [r.mixes_on for r in b.steps]
         assert (a.deltas.keys() == b.deltas.keys()
                 and all(torch.equal(a.deltas[i], b.deltas[i]) for i in a.deltas))
         parity = Parity()

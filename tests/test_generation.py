@@ -7,7 +7,7 @@ import torch
 from max_jupyter.engines import ContextOverflowError, TransformersEngine
 from max_jupyter.orchestrator import SamplingConfig, generate, stream
 from max_jupyter.orchestrator.sampling import Sampler
-from max_jupyter.steering import SteeringController, SteeringVector
+from max_jupyter.steering import Mix, SteeringVector
 
 PROMPT = "Name three colours."
 
@@ -69,7 +69,7 @@ def test_steered_generation_uses_the_mix_and_changes_between_steps(engine):
     v = SteeringVector({l: torch.randn(576, generator=torch.Generator().manual_seed(l)) for l in (6, 7)},
                        ident, "noise")
     ids = engine.tokenizer.chat(PROMPT)
-    mix = SteeringController(ident)
+    mix = Mix(ident)
     mix.set("v", v, coef=0.8)
     g = generate(engine, PROMPT, max_new_tokens=8, ignore_eos=True, steering=mix)
     assert g.token_ids == manual_greedy(engine, ids, 8, mix.deltas(engine))

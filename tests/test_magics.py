@@ -241,7 +241,7 @@ def test_capture_and_steer_options(shell, session):
     torch.testing.assert_close(r.deltas[14][1], -0.25 * happy.directions[14])
     run(shell, "%max_steer on happy 0.5 --layers 11")
     live = run(shell, "%%max_generate -n 2\nHi")
-    assert set(live.deltas) == {11} and live.steps[1].mix == {"happy": 0.5}
+    assert set(live.deltas) == {11} and live.steps[1].live_coefs == {"happy": 0.5}
 
 
 def test_background_returns_a_handle(shell, session):
@@ -401,7 +401,7 @@ def test_judges(shell, session, capsys):
     assert "unsure: DivergenceJudge, post-step, threshold 0" in out
     r = run(shell, "%%max_generate -n 3\nHi")
     assert set(r.scores) == {"probe:happy@12", "unsure"}
-    assert all("probe:happy" in s.steering for s in r.steps)
+    assert all("probe:happy" in s.mixes_on for s in r.steps)
     only = run(shell, "%%max_generate -n 2 --judge unsure\nHi")
     assert set(only.scores) == {"unsure"}
     none = run(shell, "%%max_generate -n 2 --judge none\nHi")

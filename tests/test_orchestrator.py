@@ -13,7 +13,7 @@ from max_jupyter.orchestrator import (Always, CognitiveOrchestrator, ContextMirr
                                       FunctionJudge, JudgeContext, JudgeError, MirrorError, Never,
                                       ProbeJudge, SamplingConfig, TraceConfig, Verdict, plain)
 from max_jupyter.orchestrator.mirror import window_safe
-from max_jupyter.steering import ModelMismatchError, SteeringController, SteeringVector
+from max_jupyter.steering import ModelMismatchError, Mix, SteeringVector
 from conftest import assert_mirrors
 
 PROMPT = "Write one sentence about the weather."
@@ -27,8 +27,8 @@ def big(engine):
 
 
 @pytest.fixture()
-def ctrl(big, vector) -> SteeringController:
-    c = SteeringController(big.identity)
+def ctrl(big, vector) -> Mix:
+    c = Mix(big.identity)
     c.set("happy", vector, 1.5)
     return c
 
@@ -43,13 +43,13 @@ def baseline(big):
 
 
 def test_never_equals_big_alone(big, small, ctrl, baseline):
-    alone = CognitiveOrchestrator(big, None, Never(), steering=ctrl)
+    alone = CognitiveOrchestrator(big, None, Never(), mixes=ctrl)
     assert alone.mirror is None
     r = alone.generate(PROMPT, max_new_tokens=N)
     assert r.token_ids == baseline.token_ids and r.text == baseline.text
     assert r.finish_reason == baseline.finish_reason
     assert r.small_ids is None and r.small_topk is None
-    mirrored = CognitiveOrchestrator(big, small, Never(), steering=ctrl).generate(
+    mirrored = CognitiveOrchestrator(big, small, Never(), mixes=ctrl).generate(
         PROMPT, max_new_tokens=N)
     assert mirrored.token_ids == baseline.token_ids
     assert not mirrored.steered.any() and mirrored.deltas == {}
@@ -59,10 +59,10 @@ def test_never_equals_big_alone(big, small, ctrl, baseline):
 def test_always_equals_steered_throughout(big, ctrl, baseline, steer_prompt):
     expected = plain.generate(big, PROMPT, max_new_tokens=N, steering=ctrl, steer_prompt=steer_prompt)
     assert expected.token_ids != baseline.token_ids  # the mix does something
-    r = CognitiveOrchestrator(big, None, Always(), steering=ctrl).generate(
+    r = CognitiveOrchestrator(big, None, Always(), mixes=ctrl).generate(
         PROMPT, max_new_tokens=N, steer_prompt=steer_prompt)
     assert r.token_ids == expected.token_ids and r.text == expected.text
-    steered = [bool(s.steering) for s in r.steps]
+    steered = [bool(s.mixes_on) for s in r.steps]
     assert steered == [steer_prompt] + [True] * (len(r.steps) - 1)
     want = ctrl.deltas(big)
     for layer in LAYERS:
@@ -78,12 +78,12 @@ def test_post_step_rerun_keeps_both_and_matches_fresh_forward(big, small, ctrl, 
     ctrl.set_coef("happy", 6.0)
     at = 3
     judge = FunctionJudge(lambda ctx: ctx.step == at, post_step=True, name="at3")
-    r = CognitiveOrchestrator(big, small, judge, steering=ctrl).generate(
+    r = CognitiveOrchestrator(big, small, judge, mixes=ctrl).generate(
         PROMPT, max_new_tokens=N, trace=TraceConfig(full_logits=True))
     reruns = [s.step for s in r.steps if s.rerun]
     assert reruns == [at]
     rec = r.steps[at]
-    assert rec.steering == ("default",) and rec.changed
+    assert rec.mixes_on == ("default",) and rec.changed
     assert rec.unsteered_token == baseline.token_ids[at]  # the first pass = the unsteered model
     assert r.token_ids[:at] == baseline.token_ids[:at] and r.token_ids[at] == rec.token
     assert int(r.first_pass_topk.ids[at, 0]) == rec.unsteered_token
@@ -99,11 +99,11 @@ def test_post_step_rerun_keeps_both_and_matches_fresh_forward(big, small, ctrl, 
 
 def test_divergence_judges(big, small, ctrl):
     kl = DivergenceJudge(1e-3, "kl", name="kl")
-    r = CognitiveOrchestrator(big, small, kl, steering=ctrl).generate(PROMPT, max_new_tokens=6)
+    r = CognitiveOrchestrator(big, small, kl, mixes=ctrl).generate(PROMPT, max_new_tokens=6)
     assert r.scores["kl"].abs().max() < 1e-4  # the same model on the same context: no divergence
     assert not r.reruns.any()
     ent = DivergenceJudge(3.0, "entropy", name="entropy")
-    r = CognitiveOrchestrator(big, None, ent, steering=ctrl).generate(
+    r = CognitiveOrchestrator(big, None, ent, mixes=ctrl).generate(
         PROMPT, max_new_tokens=8, trace=TraceConfig(full_logits=True))
     fired = r.scores["entropy"] > 3.0
     assert fired.any() and not fired.all()
@@ -118,8 +118,8 @@ def test_judges_compose_over_named_mixes(big, ctrl, vector):
     calm = -0.5 * vector.select([15])  # a fixed vector is a mix too
     even = FunctionJudge(lambda ctx: ctx.step % 2 == 0, mix="calm", name="even")
     r = CognitiveOrchestrator(big, None, [Always("happy"), even],
-                              steering={"happy": ctrl, "calm": calm}).generate(PROMPT, max_new_tokens=6)
-    assert [s.steering for s in r.steps] == [("calm", "happy") if t % 2 == 0 else ("happy",)
+                              mixes={"happy": ctrl, "calm": calm}).generate(PROMPT, max_new_tokens=6)
+    assert [s.mixes_on for s in r.steps] == [("calm", "happy") if t % 2 == 0 else ("happy",)
                                              for t in range(len(r.steps))]
     for t in range(len(r.steps)):
         want15 = (1.5 - 0.5 * (t % 2 == 0)) * vector.directions[15]
@@ -144,7 +144,7 @@ def test_probe_judge_threshold_hysteresis_cooldown(small):
         out = [judge.decide(scripted_ctx(t, p, unit)) for t, p in enumerate(script)]
         for v, p in zip(out, script):
             assert math.isclose(v.score, p, abs_tol=1e-4)
-        return [bool(v.steer) for v in out]
+        return [bool(v.turn_on) for v in out]
 
     plain_judge = ProbeJudge(vec, threshold=1.0)
     assert run(plain_judge) == [p > 1.0 for p in script]
@@ -158,10 +158,10 @@ def test_probe_judge_threshold_hysteresis_cooldown(small):
 def test_probe_judge_fires_where_projection_crosses(big, small, ctrl, vector):
     probe_vec = SteeringVector({15: vector.directions[15]}, small.identity, "happy-probe")
     scout = ProbeJudge(probe_vec, threshold=math.inf, name="probe")
-    r0 = CognitiveOrchestrator(big, small, scout, steering=ctrl).generate(PROMPT, max_new_tokens=N)
+    r0 = CognitiveOrchestrator(big, small, scout, mixes=ctrl).generate(PROMPT, max_new_tokens=N)
     threshold = float(r0.scores["probe"].median())
     judge = ProbeJudge(probe_vec, threshold=threshold, hysteresis=0.0, name="probe")
-    r = CognitiveOrchestrator(big, small, judge, steering=ctrl).generate(
+    r = CognitiveOrchestrator(big, small, judge, mixes=ctrl).generate(
         PROMPT, max_new_tokens=N, trace=TraceConfig(small_layers=(15,)))
     scores = r.scores["probe"]
     unit = probe_vec.directions[15] / probe_vec.directions[15].norm()
@@ -224,17 +224,17 @@ def test_mirror_text_mode_mid_character_and_window(big, tiny):
 
 def test_determinism_with_seed(big, small, ctrl):
     sampling = SamplingConfig(temperature=0.9, top_k=50, seed=1234)
-    o = CognitiveOrchestrator(big, small, DivergenceJudge(2.0, name="ent"), steering=ctrl)
+    o = CognitiveOrchestrator(big, small, DivergenceJudge(2.0, name="ent"), mixes=ctrl)
     a = o.generate(PROMPT, max_new_tokens=10, sampling=sampling)
     b = o.generate(PROMPT, max_new_tokens=10, sampling=sampling)
     assert a.token_ids == b.token_ids and a.text == b.text
-    assert [(s.token, s.rerun, s.unsteered_token, s.steering) for s in a.steps] == \
-           [(s.token, s.rerun, s.unsteered_token, s.steering) for s in b.steps]
+    assert [(s.token, s.rerun, s.unsteered_token, s.mixes_on) for s in a.steps] == \
+           [(s.token, s.rerun, s.unsteered_token, s.mixes_on) for s in b.steps]
     torch.testing.assert_close(a.scores["ent"], b.scores["ent"])
 
 
 def test_mix_change_applies_at_next_step(big, ctrl, vector):
-    o = CognitiveOrchestrator(big, None, Always(), steering=ctrl)
+    o = CognitiveOrchestrator(big, None, Always(), mixes=ctrl)
 
     def on_event(ev):
         if ev.record is not None and ev.record.step == 3:
@@ -260,7 +260,7 @@ def test_mix_change_from_another_thread_is_race_free(big, ctrl, vector):
     thread = threading.Thread(target=slider)
     thread.start()
     try:
-        r = CognitiveOrchestrator(big, None, Always(), steering=ctrl).generate(PROMPT, max_new_tokens=8)
+        r = CognitiveOrchestrator(big, None, Always(), mixes=ctrl).generate(PROMPT, max_new_tokens=8)
     finally:
         stop.set()
         thread.join()
@@ -308,7 +308,7 @@ def test_judge_error_names_judge_and_step_and_keeps_partial_trace(big, small, ct
             raise RuntimeError("boom")
         return False
 
-    o = CognitiveOrchestrator(big, small, FunctionJudge(flaky, name="flaky"), steering=ctrl)
+    o = CognitiveOrchestrator(big, small, FunctionJudge(flaky, name="flaky"), mixes=ctrl)
     with pytest.raises(JudgeError, match=r"judge 'flaky' failed at step 4: RuntimeError: boom") as err:
         o.generate(PROMPT, max_new_tokens=N)
     partial = err.value.result
@@ -366,21 +366,21 @@ def test_bad_input(big, small, tiny, vector, ctrl):
     with pytest.raises(MirrorError, match="different vocabularies.*no tokenizer"):
         CognitiveOrchestrator(big, blind)
     with pytest.raises(ModelMismatchError, match=r"that is the big model.*train its vector on"):
-        CognitiveOrchestrator(big, tiny, ProbeJudge(vector.select([10])), steering=ctrl)
+        CognitiveOrchestrator(big, tiny, ProbeJudge(vector.select([10])), mixes=ctrl)
     with pytest.raises(ValueError, match="different vocabularies"):
-        CognitiveOrchestrator(big, tiny, DivergenceJudge(1.0, "kl"), steering=ctrl)
+        CognitiveOrchestrator(big, tiny, DivergenceJudge(1.0, "kl"), mixes=ctrl)
     with pytest.raises(ValueError, match="has none"):
-        CognitiveOrchestrator(big, None, ProbeJudge(vector.select([10])), steering=ctrl)
+        CognitiveOrchestrator(big, None, ProbeJudge(vector.select([10])), mixes=ctrl)
     with pytest.raises(KeyError, match="'calm'"):
-        CognitiveOrchestrator(big, None, Always("calm"), steering=ctrl)
+        CognitiveOrchestrator(big, None, Always("calm"), mixes=ctrl)
     with pytest.raises(ValueError, match="separate engine"):
         CognitiveOrchestrator(big, big)
     with pytest.raises(ValueError, match="unique"):
         CognitiveOrchestrator(big, None, [Never(), Never()])
     with pytest.raises(ModelMismatchError):
-        CognitiveOrchestrator(tiny, None, Always(), steering=ctrl)  # mix for another model
+        CognitiveOrchestrator(tiny, None, Always(), mixes=ctrl)  # mix for another model
     rogue = FunctionJudge(lambda ctx: Verdict(1.0, frozenset({"x"})), name="rogue")
-    bad = CognitiveOrchestrator(big, None, rogue, steering=ctrl)
+    bad = CognitiveOrchestrator(big, None, rogue, mixes=ctrl)
     with pytest.raises(JudgeError, match="rogue.*step 0"):
         bad.generate(PROMPT, max_new_tokens=2)
 
@@ -397,8 +397,65 @@ def test_ignore_eos_runs_to_max_tokens_like_the_plain_loop(big):
 
 def test_post_step_rerun_at_step_0_steers_the_whole_prompt(big, ctrl):
     first = FunctionJudge(lambda ctx: ctx.step == 0, post_step=True, name="first")
-    r = CognitiveOrchestrator(big, None, first, steering=ctrl).generate(
+    r = CognitiveOrchestrator(big, None, first, mixes=ctrl).generate(
         PROMPT, max_new_tokens=2, trace=TraceConfig(full_logits=True))
     assert [s.rerun for s in r.steps] == [True, False]
     steered_prompt = big.prefill(r.prompt_ids, ctrl.deltas(big)).logits
     torch.testing.assert_close(r.big_logits[0], steered_prompt, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- old names
+
+
+def test_old_names_warn_and_still_work(big, ctrl):
+    """Each renamed public name (docs/design.md, "Vocabulary") still works and warns."""
+    import importlib
+    import sys
+
+    import max_jupyter.steering as steering_pkg
+
+    with pytest.warns(DeprecationWarning, match="SteeringController"):
+        assert steering_pkg.SteeringController is Mix
+    sys.modules.pop("max_jupyter.steering.controller", None)
+    with pytest.warns(DeprecationWarning, match="steering.mix"):
+        assert importlib.import_module("max_jupyter.steering.controller").SteeringController is Mix
+
+    with pytest.warns(DeprecationWarning, match="turn_on"):
+        verdict = Verdict(1.0, steer=frozenset({"default"}))
+    assert verdict.turn_on == {"default"}
+    with pytest.warns(DeprecationWarning, match="turn_on"):
+        assert verdict.steer == {"default"}
+    with pytest.warns(DeprecationWarning, match="turns_on"):
+        class OldJudge(Never):
+            mixes = ("default",)
+    assert OldJudge().turns_on == ("default",)
+    with pytest.warns(DeprecationWarning, match="turns_on"):
+        assert Always().mixes == ("default",)
+
+    with pytest.warns(DeprecationWarning, match="steering="):
+        old_live = CognitiveOrchestrator(big, mix=ctrl)
+    assert old_live.resolver.always == [ctrl] and not old_live.resolver.named
+    with pytest.warns(DeprecationWarning, match="mixes="):
+        old_gated = CognitiveOrchestrator(big, None, Always(), steering=ctrl)
+    assert old_gated.resolver.named == {"default": ctrl} and not old_gated.resolver.always
+    r = old_gated.generate(PROMPT, max_new_tokens=2)
+    with pytest.warns(DeprecationWarning, match="mixes_on"):
+        assert r.steps[0].steering == ("default",) == r.steps[0].mixes_on
+    with pytest.warns(DeprecationWarning, match="live_coefs"):
+        assert r.steps[0].mix == {} == r.steps[0].live_coefs
+    with pytest.warns(DeprecationWarning, match="ahead_misses"):
+        assert r.speculation_misses == 0 == r.ahead_misses
+
+
+def test_steering_always_on_beside_gated_mixes(big, vector):
+    """``steering=`` applies at every step; ``mixes=`` only where a judge turns one on,
+    and without judges that turn mixes on, ``steering=`` raises no warning."""
+    import warnings
+
+    live = Mix.of(vector, 1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        r = CognitiveOrchestrator(big, None, Never(), mixes={"joy": Mix.of(vector)},
+                                  steering=live).generate(PROMPT, max_new_tokens=3)
+    assert all(s.steered and s.mixes_on == () for s in r.steps)
+    assert r.token_ids == plain.generate(big, PROMPT, max_new_tokens=3, steering=live).token_ids

@@ -1,4 +1,4 @@
-"""The orchestrator's overlapped schedule (big step issued speculatively before the mirror's
+"""The orchestrator's overlapped schedule (big step issued ahead before the mirror's
 step) gives exactly the sequential order's results, on the real embedded model (big), a
 second instance of it (small) and a tiny random Llama with its own tokenizer (text mirror)."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from max_jupyter.orchestrator import (Always, CognitiveOrchestrator, Never, ProbeJudge,
                                       TraceConfig)
-from max_jupyter.steering import SteeringController, SteeringVector
+from max_jupyter.steering import Mix, SteeringVector
 from conftest import assert_mirrors
 
 PROMPT = "Write one sentence about the weather."
@@ -17,8 +17,8 @@ TRACE = TraceConfig(big_layers=(15,), small_layers=(1,), top_k=5, full_logits=Tr
 
 
 @pytest.fixture()
-def ctrl(engine, vector) -> SteeringController:
-    c = SteeringController(engine.identity)
+def ctrl(engine, vector) -> Mix:
+    c = Mix(engine.identity)
     c.set("happy", vector, 4.0)
     return c
 
@@ -32,7 +32,7 @@ def both(big, small, judges, steering, **options):
 def assert_same(a, b) -> None:
     """Equal tokens, text, records (all but timing) and trace tensors, bit for bit."""
     assert a.token_ids == b.token_ids and a.text == b.text and a.finish_reason == b.finish_reason
-    fields = lambda r: [(s.step, s.token, s.prob, s.steering, s.rerun, s.unsteered_token,
+    fields = lambda r: [(s.step, s.token, s.prob, s.mixes_on, s.rerun, s.unsteered_token,
                          s.unsteered_prob, sorted(s.scores)) for s in r.steps]
     assert fields(a) == fields(b)
     assert a.small_ids == b.small_ids
@@ -67,8 +67,8 @@ def test_probe_judge_switching_overlap_equals_sequential(engine, small, ctrl, ve
     seq, ovl = both(engine, small, judge, ctrl, max_new_tokens=N, trace=TRACE)
     assert_same(seq, ovl)
     flips = sum(a != b for a, b in zip(ovl.steered.tolist(), ovl.steered.tolist()[1:]))
-    assert flips >= 2 and ovl.speculation_misses == flips and seq.speculation_misses == 0
-    assert not ovl.reruns.any()  # a speculation miss is no re-run
+    assert flips >= 2 and ovl.ahead_misses == flips and seq.ahead_misses == 0
+    assert not ovl.reruns.any()  # a ahead miss is no re-run
     assert ovl.small_ids == ovl.prompt_ids + ovl.token_ids
     assert engine.seq_len == len(ovl.prompt_ids) + len(ovl.steps) - 1  # nothing issued past the end
     assert_mirrors(small, ovl.small_ids)
@@ -79,7 +79,7 @@ def test_always_overlap_equals_sequential(engine, small, ctrl, steer_prompt):
     seq, ovl = both(engine, small, Always(), ctrl, max_new_tokens=12, steer_prompt=steer_prompt,
                     trace=TRACE)
     assert_same(seq, ovl)
-    assert ovl.speculation_misses == 0  # the unmasked decision of step 0 is speculated
+    assert ovl.ahead_misses == 0  # the unmasked decision of step 0 is issued ahead
     assert_mirrors(small, ovl.small_ids)
 
 
@@ -88,7 +88,7 @@ def test_never_text_mirror_and_stop_string_overlap_equals_sequential(engine, tin
     stop = " " + free.text.split()[4]
     seq, ovl = both(engine, tiny, Never(), None, max_new_tokens=N, stop=[stop], trace=TRACE)
     assert_same(seq, ovl)
-    assert ovl.finish_reason == "stop" and ovl.speculation_misses == 0
+    assert ovl.finish_reason == "stop" and ovl.ahead_misses == 0
     text = engine.tokenizer.decode(ovl.token_ids)  # the stop string too: the mirror saw it
     assert ovl.small_ids == tiny.tokenizer.chat(PROMPT) + tiny.tokenizer.encode(text)
     assert_mirrors(tiny, ovl.small_ids)
@@ -105,7 +105,7 @@ def test_mix_change_and_interrupt_with_overlap(engine, small, ctrl):
         o = CognitiveOrchestrator(engine, small, Always(), ctrl, overlap=overlap)
         results.append(o.generate(PROMPT, max_new_tokens=8, on_event=change_at_3, trace=TRACE))
     assert_same(*results)
-    assert results[1].speculation_misses == 1  # the changed controller, not the judge
+    assert results[1].ahead_misses == 1  # the changed mix, not the judge
 
     def interrupt_at_3(ev):
         if ev.record is not None and ev.record.step == 3:

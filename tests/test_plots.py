@@ -13,7 +13,7 @@ from max_jupyter.jupyter.lens import logit_lens
 from max_jupyter.jupyter.plots import (divergence, plot_divergence, plot_judges, plot_logit_lens,
                                        plot_projection)
 from max_jupyter.orchestrator import Always, CognitiveOrchestrator, FunctionJudge, TraceConfig
-from max_jupyter.steering import SteeringController
+from max_jupyter.steering import Mix
 
 STEERED = {3, 4, 5, 9}
 
@@ -22,10 +22,10 @@ STEERED = {3, 4, 5, 9}
 def result(engine, small, vector):
     """10 steps, steered at STEERED only (a judge on the step index); the small model is
     the same model, so it sees what the big one sees unless the big one is steered."""
-    mix = SteeringController(engine.identity)
+    mix = Mix(engine.identity)
     mix.set("happy", vector, 4.0)
     judge = FunctionJudge(lambda ctx: ctx.step in STEERED, name="by-step")
-    orch = CognitiveOrchestrator(engine, small, steering=mix, judges=[judge])
+    orch = CognitiveOrchestrator(engine, small, mixes=mix, judges=[judge])
     return orch.generate("Name three fruits.", max_new_tokens=10, ignore_eos=True,
                          trace=TraceConfig(big_layers=(10, 15, 29), full_logits=True))
 
@@ -103,7 +103,7 @@ def test_figures_render_to_png(result, vector):
 
 
 def test_no_steps_is_a_clear_error(engine, vector):
-    orch = CognitiveOrchestrator(engine, steering=SteeringController.of(vector), judges=[Always()])
+    orch = CognitiveOrchestrator(engine, mixes=Mix.of(vector), judges=[Always()])
     empty = orch.generate("Hi", max_new_tokens=1)
     empty.steps.clear()
     with pytest.raises(BadArgumentError, match="no steps"):

@@ -10,17 +10,17 @@ import torch
 from max_jupyter.jupyter.render import pretty, result_html, summary, token_pieces
 from max_jupyter.orchestrator import CognitiveOrchestrator, DivergenceJudge, ProbeJudge, TraceConfig
 from max_jupyter.orchestrator.trace import GenerationResult, StepRecord
-from max_jupyter.steering import SteeringController
+from max_jupyter.steering import Mix
 
 
 @pytest.fixture(scope="module")
 def result(engine, small, vector) -> GenerationResult:
     """12 steps with a pre-step probe judge on the small model (same weights, so the big
     model's vector fits it) and a post-step entropy judge that re-runs uncertain steps."""
-    mix = SteeringController(engine.identity)
+    mix = Mix(engine.identity)
     mix.set("happy", vector, 2.0)
     probe = ProbeJudge(vector, layer=10, threshold=-1e9, hysteresis=0.0)  # fires from step 0
-    orch = CognitiveOrchestrator(engine, small, steering=mix,
+    orch = CognitiveOrchestrator(engine, small, mixes=mix,
                                  judges=[probe, DivergenceJudge(threshold=2.0)])
     out = orch.generate("Tell me about rain.", max_new_tokens=12, ignore_eos=True,
                         trace=TraceConfig(big_layers=(10, 15)))
@@ -41,7 +41,7 @@ def test_html_has_one_marked_span_per_token(result, engine, small):
     found = spans(markup)
     assert len(found) == len(result.token_ids) == 12
     assert "".join(html.unescape(text) for _, _, text in found) == result.text
-    steered = [bool(r.steering) for r in result.steps]
+    steered = [bool(r.mixes_on) for r in result.steps]
     assert [("mj-steered" in cls) for cls, _, _ in found] == steered
     assert any(steered)
     assert [("mj-rerun" in cls) for cls, _, _ in found] == [r.rerun for r in result.steps]

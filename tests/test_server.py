@@ -21,7 +21,7 @@ from max_jupyter.orchestrator import Always, FunctionJudge  # noqa: E402
 from max_jupyter.orchestrator.speculative import MAX_SPECULATE  # noqa: E402
 from max_jupyter.server import BackgroundServer  # noqa: E402
 from max_jupyter.session import Session  # noqa: E402
-from max_jupyter.steering import SteeringController  # noqa: E402
+from max_jupyter.steering import Mix  # noqa: E402
 
 KEY = "test-key-123"
 MODEL = "max-jupyter"
@@ -34,7 +34,7 @@ LONG = 2000  # a generation far longer than any test waits for
 def session():
     s = Session.load(store=None, progress=False)
     happy = s.train("happy", *HAPPY, layers=(10, 15), method="mean_diff", progress=False)
-    s.mixes["cheer"] = SteeringController.of(happy, 4.0)
+    s.mixes["cheer"] = Mix.of(happy, 4.0)
     yield s
     s.close()
 
@@ -408,7 +408,7 @@ def test_live_mix_change_mid_stream_applies_from_the_next_token(session, client)
     switch = changes[1]["step"]
     assert lo <= switch <= hi + 1 and switch < 40
     steps = session.last.steps
-    assert all(s.mix == {} for s in steps[:switch]) and all(s.mix == {"happy": 6.0} for s in steps[switch:])
+    assert all(s.live_coefs == {} for s in steps[:switch]) and all(s.live_coefs == {"happy": 6.0} for s in steps[switch:])
     assert session.last.token_ids[:switch] == plain.token_ids[:switch]
     assert session.last.token_ids != plain.token_ids
 

@@ -18,7 +18,7 @@ from max_jupyter.orchestrator import FunctionJudge, SamplingConfig, generate
 from max_jupyter.orchestrator.mirror import MirrorError
 from max_jupyter.orchestrator.sampling import Sampler
 from max_jupyter.orchestrator.types import prompt_ids
-from max_jupyter.steering import SteeringController, SteeringVector
+from max_jupyter.steering import Mix, SteeringVector
 
 PROMPT = "Name three colours."
 N = 10
@@ -81,7 +81,7 @@ def record_deltas(engine, seen: list):
 
 class SlowEntries(dict):
     """The mix's entry table with a pause after each write: it widens the moment between
-    the two writes of an update, where a reader without the controller's lock would see
+    the two writes of an update, where a reader without the mix's lock would see
     half of it."""
 
     def __setitem__(self, key, value):
@@ -120,7 +120,7 @@ def test_mix_update_lands_whole_at_a_step_boundary(engine, vector):
     coefs = {(round(float(d[10] @ unit_a / (unit_a @ unit_a)), 3),
               round(float(d[12] @ unit_b / (unit_b @ unit_b)), 3)) for d in seen}
     assert coefs <= set(pairs) and len(coefs) == 2  # both pairs seen, never a mix of them
-    recorded = {(r.mix["a"], r.mix["b"]) for r in result.steps}
+    recorded = {(r.live_coefs["a"], r.live_coefs["b"]) for r in result.steps}
     assert recorded <= set(pairs)
 
 
@@ -173,7 +173,7 @@ def test_events_arrive_in_order_and_replay(session):
 
 
 def test_worker_exception_surfaces_and_session_stays_usable(session, engine, vector):
-    session.mixes["default"] = SteeringController.of(vector)
+    session.mixes["default"] = Mix.of(vector)
 
     def flaky(ctx):
         if ctx.step == 3:

@@ -60,7 +60,7 @@ def load_generate_close(folder: Path) -> tuple[int, int, int]:
     s.mix.set("random", SteeringVector({2: torch.randn(512)}, s.big.identity, "random"), 4.0)
     r = s.generate("Hello there.", max_new_tokens=16, ignore_eos=True)
     assert len(r.token_ids) == 16 and r.small_ids[-16:] == r.token_ids
-    assert r.steps[-1].mix == {"random": 4.0}
+    assert r.steps[-1].live_coefs == {"random": 4.0}
     loaded = torch.cuda.memory_allocated()
     s.close()
     with pytest.raises(SessionClosedError):

@@ -24,7 +24,7 @@ from max_jupyter.orchestrator import (CognitiveOrchestrator, FunctionJudge, Judg
 from max_jupyter.orchestrator.judges import NO_MIXES
 from max_jupyter.orchestrator import speculative
 from max_jupyter.orchestrator.speculative import DraftLength
-from max_jupyter.steering import SteeringController, SteeringVector
+from max_jupyter.steering import Mix, SteeringVector
 from max_jupyter.testing import build_tiny_model
 from conftest import assert_mirrors
 
@@ -60,8 +60,8 @@ def bad(engine) -> TransformersEngine:
 
 
 @pytest.fixture()
-def ctrl(engine, vector) -> SteeringController:
-    c = SteeringController(engine.identity)
+def ctrl(engine, vector) -> Mix:
+    c = Mix(engine.identity)
     c.set("happy", vector, 1.5)
     return c
 
@@ -151,7 +151,7 @@ def test_verify_refused_without_support(engine, monkeypatch):
 
 @pytest.mark.parametrize("steered", [False, True])
 def test_self_draft_equals_greedy(engine, small, ctrl, steered):
-    orch = CognitiveOrchestrator(engine, small, mix=ctrl if steered else None)
+    orch = CognitiveOrchestrator(engine, small, steering=ctrl if steered else None)
     trace = TraceConfig(big_layers=LAYERS, small_layers=(5,))
     plain, spec = pair(orch, 4, max_new_tokens=10, ignore_eos=True, trace=trace)
     assert_same(plain, spec)
@@ -265,7 +265,7 @@ def test_speculation_replaces_overlap(engine, near):
     orch = CognitiveOrchestrator(engine, near, Never(), overlap=True)
     plain, spec = pair(orch, 4, max_new_tokens=16, ignore_eos=True)
     assert_same(plain, spec)
-    assert spec[0].drafted_tokens > 0 and spec[0].speculation_misses == 0
+    assert spec[0].drafted_tokens > 0 and spec[0].ahead_misses == 0
 
 
 def test_the_session_passes_speculate_through(engine, small):
@@ -458,9 +458,9 @@ def test_speculative_sampling_with_judges_draws_the_judged_distribution(tiny_mod
                 FunctionJudge(lambda ctx: unsure(ctx.big_logits), post_step=True, mix="down",
                               name="unsure")]
 
-    plain, _ = draw(CognitiveOrchestrator(big, None, judges(), steering=mixes), 0,
+    plain, _ = draw(CognitiveOrchestrator(big, None, judges(), mixes=mixes), 0,
                     range(N_JUDGED))
-    orch = CognitiveOrchestrator(big, near, judges(), steering=mixes)
+    orch = CognitiveOrchestrator(big, near, judges(), mixes=mixes)
     spec, acceptance = draw(orch, 3, range(10**6, 10**6 + N_JUDGED))
     print(f"acceptance {acceptance:.3f}")
     assert_distribution(truth, plain, spec)
@@ -543,7 +543,7 @@ def cuts(r) -> list[tuple[str, int, int]]:
     found = []
     for b in r.steps:
         for s in r.steps[b.step:b.step + b.accepted + 1] if b.drafted else ():
-            if s.rerun or s.steering != b.steering:
+            if s.rerun or s.mixes_on != b.mixes_on:
                 found.append(("rerun" if s.rerun else "steering", b.step, s.step))
                 break
     return found
@@ -552,12 +552,12 @@ def cuts(r) -> list[tuple[str, int, int]]:
 def test_pre_step_judges_end_a_block_where_they_change_their_mind(engine, near, ctrl, vector):
     probe = SteeringVector({15: vector.directions[15]}, near.identity, "happy-probe")
     never = ProbeJudge(probe, threshold=math.inf, mix="happy", name="probe")
-    scout = CognitiveOrchestrator(engine, near, never, steering={"happy": ctrl}).generate(
+    scout = CognitiveOrchestrator(engine, near, never, mixes={"happy": ctrl}).generate(
         PROMPT, max_new_tokens=24)
     threshold = float(scout.scores["probe"].median())
     count, calls = counting(lambda ctx: False, "count", "happy")
     judges = [ProbeJudge(probe, threshold=threshold, cooldown=1, mix="happy", name="probe"), count]
-    orch = CognitiveOrchestrator(engine, near, judges, steering={"happy": ctrl})
+    orch = CognitiveOrchestrator(engine, near, judges, mixes={"happy": ctrl})
     plain, spec = pair(orch, 4, max_new_tokens=24, ignore_eos=True,
                        trace=TraceConfig(big_layers=LAYERS, small_layers=(15,)))
     assert_same(plain, spec)
@@ -570,7 +570,7 @@ def test_pre_step_judges_end_a_block_where_they_change_their_mind(engine, near, 
 
 
 def test_post_step_judges_rerun_inside_a_block(engine, near, ctrl, vector):
-    sad = SteeringController(engine.identity)
+    sad = Mix(engine.identity)
     sad.set("sad", vector, -1.5)
     mixes = {"happy": ctrl, "sad": sad}
 
@@ -579,14 +579,14 @@ def test_post_step_judges_rerun_inside_a_block(engine, near, ctrl, vector):
 
     scout = CognitiveOrchestrator(engine, near, FunctionJudge(lambda c: Verdict(top(c)), post_step=True,
                                                               mix="sad", name="unsure"),
-                                  steering=mixes).generate(PROMPT, max_new_tokens=24)
+                                  mixes=mixes).generate(PROMPT, max_new_tokens=24)
     ranked = sorted(scout.scores["unsure"].tolist())
     threshold = (ranked[5] + ranked[6]) / 2  # between two scores: no tie to round across
     unsure, post_calls = counting(
         lambda c: Verdict(top(c), frozenset({"sad"}) if top(c) < threshold else NO_MIXES),
         "unsure", "sad", post_step=True)
     count, pre_calls = counting(lambda ctx: ctx.step % 7 == 3, "count", "happy")
-    orch = CognitiveOrchestrator(engine, near, [count, unsure], steering=mixes)
+    orch = CognitiveOrchestrator(engine, near, [count, unsure], mixes=mixes)
     plain, spec = pair(orch, 4, max_new_tokens=24, ignore_eos=True, trace=TraceConfig(big_layers=LAYERS))
     assert_same(plain, spec)
     r = spec[0]

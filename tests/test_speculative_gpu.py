@@ -127,11 +127,11 @@ def test_speculative_sampling_with_a_judge_on_the_gpu(gptq):
     probe = SteeringVector({2: torch.randn(HIDDEN, generator=g)}, small.identity, "probe")
     steer = SteeringVector({1: torch.randn(HIDDEN, generator=g) * 0.5}, big.identity, "steer")
     never = ProbeJudge(probe, threshold=float("inf"), mix="steer", name="probe")
-    scout = CognitiveOrchestrator(big, small, never, steering={"steer": steer})
+    scout = CognitiveOrchestrator(big, small, never, mixes={"steer": steer})
     threshold = float(scout.generate("Tell me a story.", max_new_tokens=48,
                                      ignore_eos=True).scores["probe"].median())
     judge = ProbeJudge(probe, threshold=threshold, mix="steer", name="probe")
-    orch = CognitiveOrchestrator(big, small, judge, steering={"steer": steer})
+    orch = CognitiveOrchestrator(big, small, judge, mixes={"steer": steer})
     orch.pace_speculation = False
     r = orch.generate("Tell me a story.", max_new_tokens=96, speculate=4, ignore_eos=True,
                       sampling=SamplingConfig(temperature=0.7, seed=5))

@@ -9,7 +9,7 @@ import torch
 
 from max_jupyter.errors import BadArgumentError
 from max_jupyter.orchestrator.types import steering_deltas
-from max_jupyter.steering import ModelMismatchError, SteeringController, SteeringVector, train_vector
+from max_jupyter.steering import ModelMismatchError, Mix, SteeringVector, train_vector
 
 PROMPT = "Tell me about your day."
 
@@ -50,9 +50,9 @@ def test_zero_vector_gives_exact_unsteered_logits(engine, ident, ids):
 
 def test_coefficient_two_equals_vector_doubled(engine, ident, ids):
     v = rand_vector(ident, [8, 12]) * 0.5
-    mix = SteeringController(ident)
+    mix = Mix(ident)
     mix.set("v", v, coef=2.0)
-    doubled = SteeringController(ident)
+    doubled = Mix(ident)
     doubled.set("v", v * 2, coef=1.0)
     a = engine.prefill(ids, mix.deltas(engine)).logits
     b = engine.prefill(ids, doubled.deltas(engine)).logits
@@ -62,7 +62,7 @@ def test_coefficient_two_equals_vector_doubled(engine, ident, ids):
 
 def test_mix_sums_vectors_and_selects_layers(engine, ident):
     a, b = rand_vector(ident, [3, 4], 0), rand_vector(ident, [4], 1)
-    mix = SteeringController(ident)
+    mix = Mix(ident)
     mix.set("a", a, coef=0.5, layers=[4])
     mix.set("b", b, coef=-1.0)
     deltas = mix.deltas(engine)
@@ -78,7 +78,7 @@ def test_mix_sums_vectors_and_selects_layers(engine, ident):
 
 def test_mix_changes_from_another_thread_are_whole(engine, ident):
     a = rand_vector(ident, [2])
-    mix = SteeringController(ident)
+    mix = Mix(ident)
     mix.set("a", a, coef=0.0)
     seen = set()
 
@@ -107,7 +107,7 @@ def test_bad_vectors_are_refused(engine, ident):
     with pytest.raises(ModelMismatchError):
         steering_deltas(engine, rand_vector(other, [1]))
     with pytest.raises(ModelMismatchError):
-        SteeringController(ident).set("x", rand_vector(other, [1]))
+        Mix(ident).set("x", rand_vector(other, [1]))
     with pytest.raises(ValueError, match=r"shape \[100\]"):
         SteeringVector({1: torch.zeros(100)}, ident)
     with pytest.raises(ValueError, match="NaN or inf"):
@@ -121,7 +121,7 @@ def test_bad_vectors_are_refused(engine, ident):
     with pytest.raises(ValueError, match="not finite"):
         rand_vector(ident, [1]) * float("nan")
     with pytest.raises(KeyError, match="no vector named"):
-        SteeringController(ident).set_coef("missing", 1.0)
+        Mix(ident).set_coef("missing", 1.0)
 
 
 def test_save_load_roundtrip(tmp_path, ident):

@@ -65,7 +65,7 @@ def test_slider_message_mid_run_changes_later_steps_only(kernel):
     after = int(after)
     assert float(coef) == NEW, "the slider's comm_msg did not reach the mix"
     coefs = json.loads(kernel.run("r = h.result(timeout=300)\n"
-                                  "print(json.dumps([st.mix['happy'] for st in r.steps]))"))
+                                  "print(json.dumps([st.live_coefs['happy'] for st in r.steps]))"))
     assert len(coefs) == STEPS and after < STEPS, "the generation ended before the message"
     switch = coefs.index(NEW)
     assert coefs == [OLD] * switch + [NEW] * (STEPS - switch)

@@ -559,7 +559,7 @@ class MaxMagics(Magics, Configurable):
         finally:
             self._new_mix = None
         session.judges[judge.name] = judge
-        print(f"judge {judge.name!r} on (turns on mix {judge.mixes[0]!r}); judges: {sorted(session.judges)}")
+        print(f"judge {judge.name!r} on (turns on mix {judge.turns_on[0]!r}); judges: {sorted(session.judges)}")
 
     def _judge_off(self, args):
         session = self.need_session()
@@ -582,7 +582,7 @@ class MaxMagics(Magics, Configurable):
             threshold = getattr(judge, "threshold", None)
             print(f"{name}: {type(judge).__name__}, {kind}"
                   + (f", threshold {threshold:g}" if threshold is not None else "")
-                  + f", turns on {list(judge.mixes)}")
+                  + f", turns on {list(judge.turns_on)}")
 
     # ---------------------------------------------------------------- %max_sweep
 

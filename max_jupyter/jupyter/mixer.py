@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import ipywidgets as widgets
 
 from max_jupyter.errors import ModelMismatchError
-from max_jupyter.steering.controller import MixEntry, SteeringController
+from max_jupyter.steering.mix import Mix, MixEntry
 from max_jupyter.steering.vector import SteeringVector
 
 ALL_LAYERS: tuple[int, ...] = ()
@@ -32,7 +32,7 @@ class MixerRow(widgets.HBox):
     widgets to a mix entry without writing back. ``library``: where the vector comes from;
     switching the row on takes its current version there (it may have been retrained)."""
 
-    def __init__(self, name: str, vector: SteeringVector, mix: SteeringController, *,
+    def __init__(self, name: str, vector: SteeringVector, mix: Mix, *,
                  coef_range: tuple[float, float], step: float, library=None):
         self.name, self.vector, self.mix, self.library = name, vector, mix, library
         self._showing = False
@@ -166,7 +166,7 @@ class Mixer(widgets.VBox):
             for name, row in self.rows.items():
                 row.show(entries.get(name))
 
-    def _on_mix(self, mix: SteeringController) -> None:
+    def _on_mix(self, mix: Mix) -> None:
         """The mix changed (on the thread that changed it): move the rows."""
         entries = mix.entries
         if any(name not in self.rows for name in entries):

@@ -93,10 +93,10 @@ def _tooltip(result: GenerationResult, record: StepRecord, piece: str, tokenizer
     lines = f"step {record.step} · {piece!r} p={record.prob:.2f}"
     if record.scores:
         lines += "\nscores: " + ", ".join(f"{k}={v:.3g}" for k, v in record.scores.items())
-    if record.steering:
-        lines += "\njudge-gated mixes: " + ", ".join(record.steering)
-    if record.mix:
-        lines += "\nlive mix: " + ", ".join(f"{k} {v:+g}" for k, v in record.mix.items())
+    if record.mixes_on:
+        lines += "\njudge-gated mixes: " + ", ".join(record.mixes_on)
+    if record.live_coefs:
+        lines += "\nlive mix: " + ", ".join(f"{k} {v:+g}" for k, v in record.live_coefs.items())
     if record.drafted:
         lines += (f"\nspeculation: a draft of {len(record.drafted)} token(s) from here, "
                   f"{record.accepted} accepted")

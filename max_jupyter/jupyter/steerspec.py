@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from max_jupyter.engines.base import ModelIdentity
 from max_jupyter.errors import BadArgumentError
-from max_jupyter.steering.controller import SteeringController
+from max_jupyter.steering.mix import Mix
 from max_jupyter.steering.vector import SteeringVector
 
 _TOKEN = re.compile(r"\s*(?:(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
@@ -157,14 +157,14 @@ def parse_layers(text: str, what: str = "--layers") -> tuple[int, ...]:
 
 
 def spec_mix(specs: Iterable[str | SteerTerm], vectors: Mapping[str, SteeringVector],
-             model: ModelIdentity) -> SteeringController | None:
+             model: ModelIdentity) -> Mix | None:
     """One mix for ``model`` from ``--steer`` specs (strings or parsed terms), each name
     looked up in ``vectors``; ``None`` when there are no terms. Raises ``BadArgumentError``
     for an unknown vector, a vector of another model or a layer it lacks."""
     terms = [t for s in specs for t in ([s] if isinstance(s, SteerTerm) else parse_spec(s))]
     if not terms:
         return None
-    mix = SteeringController(model)
+    mix = Mix(model)
     for term in terms:
         vector = lookup_vector(vectors, term.name)
         if vector.model != model:

@@ -39,7 +39,7 @@ class StreamDisplay:
         record = event.record
         if record is not None:
             self.steps += 1
-            self.mix = record.mix
+            self.mix = record.live_coefs
             marks = ("mj-steered " if record.steered else "") + ("mj-rerun" if record.rerun else "")
             if event.text:
                 self.spans.append(f'<span class="mj-tok {marks}">{html.escape(event.text)}</span>')

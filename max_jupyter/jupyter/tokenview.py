@@ -159,7 +159,7 @@ class TokenView(anywidget.AnyWidget):
     def _row(self, record: StepRecord, text: str) -> dict:
         return {"i": record.step, "t": text, "tok": record.token, "p": _finite(record.prob),
                 "sc": {k: _finite(v) for k, v in record.scores.items()},
-                "st": list(record.steering), "mix": dict(record.mix), "sd": record.steered,
+                "st": list(record.mixes_on), "mix": dict(record.live_coefs), "sd": record.steered,
                 "rr": record.rerun,
                 "ch": record.changed, "big": None, "small": None,
                 "ut": _spell(self._big_tok, record.unsteered_token) if record.rerun else None}

@@ -17,12 +17,13 @@ Without a small model no mirroring happens; with no judges nothing is steered.
 
 Overlap (``overlap``; by default on where the big engine ``launches_async`` and there are a
 small model and pre-step judges): once token ``t`` is sampled and the generation goes on,
-the big model's forward of step ``t + 1`` (feeding token ``t``) is issued *before* step 5,
-speculatively, with the deltas that step ``t``'s pre-step judges chose, so the two models'
-work overlaps on the device. Step ``t + 1`` keeps that forward if its judges choose the same
-deltas (same mixes, no controller changed); otherwise the big model rewinds one position
-and forwards again (``GenerationResult.speculation_misses`` counts these; they are not
-re-runs). Tokens, records and trace are those of the order above; only the schedule differs.
+the big model's forward of step ``t + 1`` (feeding token ``t``) is issued *ahead*, before
+step 5, with the deltas that step ``t``'s pre-step judges chose, so the two models' work
+overlaps on the device. Step ``t + 1`` keeps that forward if its judges choose the same
+deltas (same mixes, no mix changed); otherwise the big model rewinds one position and
+forwards again (``GenerationResult.ahead_misses`` counts these; they are not re-runs).
+Tokens, records and trace are those of the order above; only the schedule differs. This is
+not speculative decoding (below): nothing is drafted or verified.
 
 Speculative decoding (``speculate=k``; see ``speculative``): at a step ``t >= 1`` the
 pre-step judges decide step ``t`` as usual, then the small model drafts up to ``k`` tokens
@@ -52,11 +53,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from max_jupyter.engines.base import Engine, ForwardResult, LayerDeltas, check_layers, check_room
-from max_jupyter.errors import BadArgumentError
+from max_jupyter.errors import BadArgumentError, warn_deprecated
 from max_jupyter.orchestrator.judges import (NO_MIXES, Judge, JudgeContext, JudgeError, JudgeLike,
                                              as_judges, check_judges)
 from max_jupyter.orchestrator.mirror import ContextMirror
-from max_jupyter.orchestrator.mixes import Mixes
+from max_jupyter.orchestrator.resolver import SteeringResolver
 from max_jupyter.orchestrator.sampling import Sampler, SamplingConfig
 from max_jupyter.orchestrator.speculative import (MAX_SPECULATE, Block, DraftLength, SmallState,
                                                   draft_and_verify)
@@ -98,11 +99,12 @@ class PreparedRun:
 
 @dataclass
 class _Forward:
-    """A step's big-model pass: its output, deltas and mixes, and a first pass if re-run."""
+    """A step's big-model pass: its output, deltas, the mixes judges turned on for it and
+    the live mix's coefficients, and a first pass if re-run."""
 
     out: ForwardResult
     deltas: LayerDeltas | None
-    steer: frozenset[str]
+    mixes_on: frozenset[str]
     coefs: dict[str, float]
     first: ForwardResult | None = None
     unsteered: tuple[int, float] | None = None
@@ -119,15 +121,17 @@ class _Judged:
 
 
 class CognitiveOrchestrator:
-    """Generates with ``big``, mirrored by ``small`` (optional), steered by ``mix`` always
-    and by the mixes in ``steering`` that ``judges`` turn on.
+    """Generates with ``big``, mirrored by ``small`` (optional), steered by ``steering``
+    always and by the mixes in ``mixes`` that ``judges`` turn on.
 
-    ``mix``: steering applied at every step whatever the judges say (the Session's live mix
-    and a call's own steering: a controller or vector, or a sequence of them; the first
-    one's coefficients are recorded per step in ``StepRecord.mix``). ``steering``: the
-    mixes judges may turn on — a ``SteeringController`` or vector (named ``"default"``) or a
-    mapping name -> controller/vector. All for the big model. A controller may be changed
-    from another thread at any time: the change applies whole from the next step.
+    ``steering``: steering applied at every step whatever the judges say (the Session's
+    live mix and a call's own steering: a ``Mix`` or vector, or a sequence of them; the
+    first one's coefficients are recorded per step in ``StepRecord.live_coefs``).
+    ``mixes``: the named mixes judges may turn on — a ``Mix`` or vector (named
+    ``"default"``) or a mapping name -> Mix/vector. All for the big model. A mix may be
+    changed from another thread at any time: the change applies whole from the next step.
+    (``steering=`` used to name the judge-gated mixes and ``mix=`` the always-on steering;
+    ``mix=`` and that old use warn with a ``DeprecationWarning``.)
     Construction checks the models, judges and mixes fit together. Without a small model
     and judges this is the plain loop (``plain.generate``). ``overlap``: issue each big
     step ahead of the mirror's (see the module); ``None``: where it pays
@@ -136,19 +140,21 @@ class CognitiveOrchestrator:
     """
 
     pace_speculation: bool = True
-    """Pause speculation where it costs more wall time per token than plain steps
+    """Pause speculative decoding where it costs more wall time per token than plain steps
     (``speculative.DraftLength``); False drafts by acceptance alone (to measure it)."""
 
     def __init__(self, big: Engine, small: Engine | None = None,
                  judges: JudgeLike | Sequence[JudgeLike] | None = None,
-                 steering: Steering | Mapping[str, Steering] = None, mirror_window: int = 8,
-                 overlap: bool | None = None, *, mix: Steering | Sequence[Steering] = None):
+                 mixes: Steering | Mapping[str, Steering] = None, mirror_window: int = 8,
+                 overlap: bool | None = None, *, steering: Steering | Sequence[Steering] = None,
+                 mix: Steering | Sequence[Steering] = None):
         self.big, self.small = big, small
-        always = mix if isinstance(mix, Sequence) else [mix]
-        self.mixes = Mixes(big, steering, always)
-        self.mirror = ContextMirror(big, small, mirror_window) if small is not None else None
         self.judges = as_judges(judges)
-        check_judges(self.judges, self.mixes, big.identity, small.identity if small else None,
+        mixes, steering = _old_keywords(self.judges, mixes, steering, mix)
+        always = steering if isinstance(steering, Sequence) else [steering]
+        self.resolver = SteeringResolver(big, mixes, always)
+        self.mirror = ContextMirror(big, small, mirror_window) if small is not None else None
+        check_judges(self.judges, self.resolver, big.identity, small.identity if small else None,
                      self.mirror is not None and self.mirror.shares_vocab)
         self._pre = [j for j in self.judges if not j.post_step]
         self._post = [j for j in self.judges if j.post_step]
@@ -173,8 +179,8 @@ class CognitiveOrchestrator:
         """Yield a ``StepEvent`` per step (also passed to ``on_event`` first); the return
         value (``StopIteration.value``) is the ``GenerationResult``.
 
-        ``steer_prompt``: the prompt's prefill is steered too (by ``mix``, and by mixes the
-        step-0 judges turn on). ``chat``: text goes through the chat template. ``stop``:
+        ``steer_prompt``: the prompt's prefill is steered too (by ``steering``, and by mixes
+        the step-0 judges turn on). ``chat``: text goes through the chat template. ``stop``:
         strings that end the generation (never shown). ``ignore_eos`` keeps going past EOS
         tokens (for benchmarks of a fixed length). ``abort``: an event that stops the
         generation before its next step when set (default: the one ``abort()`` sets).
@@ -294,7 +300,7 @@ class CognitiveOrchestrator:
         piece = run.stops.feed(run.decoder.feed(token))
         result.text += piece
         if self.overlap and run.draft is None and not run.stops.stopped and step + 1 < run.max_new_tokens:
-            deltas, _ = self.mixes.resolve(decided)  # speculation: the judges hold
+            deltas, _ = self.resolver.resolve(decided)  # ahead: as if the judges hold
             run.ahead = (deltas, self.big.step(token, deltas, run.capture))
         if self.mirror is not None and not in_small:
             self.mirror.feed(token)
@@ -326,9 +332,10 @@ class CognitiveOrchestrator:
         hand out the block's first token."""
         mirror = self.mirror
         judged = self._judge_pre(step, run, (mirror.hidden, mirror.logits))
-        deltas, coefs = self.mixes.resolve(judged.decided)
+        deltas, coefs = self.resolver.resolve(judged.decided)
         run.block = draft_and_verify(self.big, mirror, run.sampler, run.result.token_ids[-1], k,
-                                     run.capture, deltas=deltas, mixes=judged.decided, coefs=coefs)
+                                     run.capture, deltas=deltas, mixes_on=judged.decided,
+                                     coefs=coefs)
         run.draft.after_draft(k, run.block.accepted)
         return self._block_step(step, run, judged)
 
@@ -340,18 +347,18 @@ class CognitiveOrchestrator:
         block, small = run.block, run.block.state
         if judged is None:
             judged = self._judge_pre(step, run, small)
-        if judged.decided != block.mixes:
+        if judged.decided != block.mixes_on:
             run.block = None  # first: an interrupt inside cut must not settle it again
             block.cut(self.big, self.mirror, fed=False)
             return (*self._step(step, run, judged), False)
         stats = (block.drafted, block.accepted) if block.next == 0 else ((), 0)
         token, prob, row = block.peek()
-        fwd = _Forward(row, block.deltas, block.mixes, block.coefs)
+        fwd = _Forward(row, block.deltas, block.mixes_on, block.coefs)
         extra = self._judge_post(step, run, fwd, judged, small)
         if extra:  # re-run the step from the row, as the plain loop re-runs its first pass
             run.block = None
             block.cut(self.big, self.mirror, fed=True)
-            fwd = self._rerun(step, run, fwd, fwd.steer | extra)
+            fwd = self._rerun(step, run, fwd, fwd.mixes_on | extra)
             token, prob = run.sampler.sample(fwd.out.logits)
             in_small = False
         else:
@@ -374,7 +381,7 @@ class CognitiveOrchestrator:
         fwd = self._forward(step, run, judged.decided if can_steer else NO_MIXES, can_steer)
         extra = self._judge_post(step, run, fwd, judged, small)
         if can_steer and extra:
-            fwd = self._rerun(step, run, fwd, fwd.steer | extra)
+            fwd = self._rerun(step, run, fwd, fwd.mixes_on | extra)
         token, prob = run.sampler.sample(fwd.out.logits)
         return self._record(step, run, token, prob, judged, fwd, small), judged.decided
 
@@ -395,10 +402,10 @@ class CognitiveOrchestrator:
         if not self._post:
             return NO_MIXES
         t0 = time.perf_counter()
-        ctx = JudgeContext(step, run.result.token_ids, *small, fwd.out.logits, fwd.steer)
+        ctx = JudgeContext(step, run.result.token_ids, *small, fwd.out.logits, fwd.mixes_on)
         added = self._decide(self._post, ctx, judged.scores)
         judged.seconds += time.perf_counter() - t0
-        return added - fwd.steer
+        return added - fwd.mixes_on
 
     @staticmethod
     def _record(step: int, run: PreparedRun, token: int, prob: float, judged: _Judged,
@@ -407,36 +414,41 @@ class CognitiveOrchestrator:
         """The step's record; its trace row goes to the recorder."""
         unsteered_token, unsteered_prob = fwd.unsteered or (None, None)
         run.recorder.add(fwd.out, fwd.first, fwd.deltas, *small)
-        return StepRecord(step, token, prob, judged.scores, tuple(sorted(fwd.steer)),
+        return StepRecord(step, token, prob, judged.scores, tuple(sorted(fwd.mixes_on)),
                           fwd.first is not None, unsteered_token, unsteered_prob, judged.seconds,
                           fwd.coefs, fwd.deltas is not None, drafted, accepted)
 
-    def _forward(self, step: int, run: PreparedRun, steer: frozenset[str], can_steer: bool) -> _Forward:
-        """The big model's pass for step ``step`` with the mixes ``steer`` (and the always-on
-        mixes where ``can_steer``): a prefill at step 0, else one token — or the forward
-        issued ahead, if it ran with the same deltas (else rewound: a speculation miss)."""
-        deltas, coefs = self.mixes.resolve(steer) if can_steer else (None, {})
+    def _forward(self, step: int, run: PreparedRun, mixes_on: frozenset[str], can_steer: bool
+                 ) -> _Forward:
+        """The big model's pass for step ``step`` with the mixes ``mixes_on`` (and the
+        always-on steering where ``can_steer``): a prefill at step 0, else one token — or
+        the forward issued ahead, if it ran with the same deltas (else rewound: an ahead
+        miss)."""
+        deltas, coefs = self.resolver.resolve(mixes_on) if can_steer else (None, {})
         big, ahead, run.ahead = self.big, run.ahead, None
         if step == 0:
-            return _Forward(big.prefill(run.result.prompt_ids, deltas, run.capture), deltas, steer, coefs)
+            return _Forward(big.prefill(run.result.prompt_ids, deltas, run.capture), deltas,
+                            mixes_on, coefs)
         if ahead is not None and ahead[0] is deltas:
-            return _Forward(ahead[1], deltas, steer, coefs)
-        if ahead is not None:  # the judges or a controller changed: drop the speculation
+            return _Forward(ahead[1], deltas, mixes_on, coefs)
+        if ahead is not None:  # the judges or a mix changed: drop the forward issued ahead
             big.rewind(1)
-            run.result.speculation_misses += 1
-        return _Forward(big.step(run.result.token_ids[-1], deltas, run.capture), deltas, steer, coefs)
+            run.result.ahead_misses += 1
+        return _Forward(big.step(run.result.token_ids[-1], deltas, run.capture), deltas,
+                        mixes_on, coefs)
 
-    def _rerun(self, step: int, run: PreparedRun, first: _Forward, steer: frozenset[str]) -> _Forward:
-        """Re-run step ``step`` with the mixes ``steer`` after a post-step judge added one;
-        keeps the first pass and what it would have sampled."""
-        deltas, coefs = self.mixes.resolve(steer)
+    def _rerun(self, step: int, run: PreparedRun, first: _Forward, mixes_on: frozenset[str]
+               ) -> _Forward:
+        """Re-run step ``step`` with the mixes ``mixes_on`` after a post-step judge added
+        one; keeps the first pass and what it would have sampled."""
+        deltas, coefs = self.resolver.resolve(mixes_on)
         unsteered = run.sampler.sample(first.out.logits)
         if step == 0:  # the mix steers the whole prompt, as a pre-step decision would
             out = self.big.prefill(run.result.prompt_ids, deltas, run.capture)
         else:
             self.big.rewind(1)
             out = self.big.forward([run.result.token_ids[-1]], deltas, run.capture)
-        return _Forward(out, deltas, steer, coefs, first.out, unsteered)
+        return _Forward(out, deltas, mixes_on, coefs, first.out, unsteered)
 
     def _finish(self, run: PreparedRun) -> None:
         """Stack the trace, note the small model's context and the time taken."""
@@ -447,26 +459,48 @@ class CognitiveOrchestrator:
 
     @staticmethod
     def _decide(judges: list[Judge], ctx: JudgeContext, scores: dict[str, float]) -> frozenset[str]:
-        """Union of the judges' mixes; each score goes into ``scores``."""
-        steer = NO_MIXES
+        """Union of the mixes the judges turn on; each score goes into ``scores``."""
+        turn_on = NO_MIXES
         for judge in judges:
             try:
                 verdict = judge.decide(ctx)
             except Exception as e:
                 raise JudgeError(judge.name, ctx.step, e) from e
             scores[judge.name] = verdict.score
-            if verdict.steer:
-                if not verdict.steer.issubset(judge.mixes):
+            if verdict.turn_on:
+                if not verdict.turn_on.issubset(judge.turns_on):
                     raise JudgeError(judge.name, ctx.step, KeyError(
-                        f"turned on {sorted(verdict.steer)}; it declares only {list(judge.mixes)}"))
-                steer = steer | verdict.steer
-        return steer
+                        f"turned on {sorted(verdict.turn_on)}; it declares only "
+                        f"{list(judge.turns_on)}"))
+                turn_on = turn_on | verdict.turn_on
+        return turn_on
 
     @staticmethod
     def _emit(event: StepEvent, on_event: Callable[[StepEvent], None] | None) -> StepEvent:
         if on_event is not None:
             on_event(event)
         return event
+
+
+def _old_keywords(judges: list[Judge], mixes, steering, mix) -> tuple:
+    """``(mixes, steering)`` from the old keywords: ``mix=`` was the always-on steering, and
+    ``steering=`` named the judge-gated mixes. Where judges turn on mixes but only
+    ``steering=`` is given, the caller means the old use (the new one would find none of
+    their mixes): read it as ``mixes=``, with a warning."""
+    if mix is not None:
+        warn_deprecated("CognitiveOrchestrator(mix=...)", "steering= (always-on steering)", 4)
+        if steering is not None and mixes is not None:
+            raise BadArgumentError("mix= is the old name of steering=; give steering= only.")
+        if steering is not None:  # wholly the old use: steering= gated, mix= always-on
+            return steering, mix
+        steering = mix
+    if (mixes is None and steering is not None and not isinstance(steering, Sequence)
+            and any(j.turns_on for j in judges)):
+        warn_deprecated("CognitiveOrchestrator(judges, steering=<mixes the judges turn on>)",
+                        "mixes= for the judge-gated mixes: steering= now means steering "
+                        "applied at every step", 4)
+        return steering, None
+    return mixes, steering
 
 
 def _attach_result(error: Exception, result: GenerationResult) -> None:

@@ -8,7 +8,8 @@ a few declarative attributes that the orchestrator checks once, before generatin
   state after it consumed the previous token (free: the mirror's forward already captured
   it). ``True`` — decided after the step, seeing the big model's logits; a verdict that adds
   a mix makes the orchestrator rewind the big model by one position and re-run the step.
-- ``mixes``: names of the mixes it may turn on (must exist in the orchestrator).
+- ``turns_on``: names of the mixes it may turn on (must exist in the orchestrator's
+  ``mixes``).
 - ``small_layers``: small-model layers it reads; the mirror captures them.
 - ``small_model``: identity of the small model its data was made for, or ``None``.
 - ``needs_small``, ``needs_shared_vocab``: what it needs from the pair of models.
@@ -26,11 +27,12 @@ from dataclasses import dataclass
 import torch
 
 from max_jupyter.engines.base import ModelIdentity, check_layers
-from max_jupyter.errors import BadArgumentError, MaxJupyterError, UnknownNameError
+from max_jupyter.errors import (BadArgumentError, MaxJupyterError, UnknownNameError,
+                                 warn_deprecated)
 from max_jupyter.steering.vector import ModelMismatchError, SteeringVector
 
 DEFAULT_MIX = "default"
-"""Name of the mix when the orchestrator is given a single controller or vector."""
+"""Name of the mix when the orchestrator is given a single Mix or vector as ``mixes``."""
 
 NO_MIXES: frozenset[str] = frozenset()
 
@@ -46,7 +48,7 @@ class JudgeContext:
     ``small_logits``: ``[vocab_small]`` float32, the small model's next-token logits, or None.
     ``big_logits``: ``[vocab]`` float32, the big model's next-token logits of this step's
     first pass (post-step judges only; None before the step).
-    ``steering``: post-step: the mixes the first pass ran with; pre-step: empty.
+    ``mixes_on``: post-step: the mixes the first pass ran with; pre-step: empty.
     """
 
     step: int
@@ -54,15 +56,36 @@ class JudgeContext:
     small_hidden: Mapping[int, torch.Tensor]
     small_logits: torch.Tensor | None
     big_logits: torch.Tensor | None = None
-    steering: frozenset[str] = NO_MIXES
+    mixes_on: frozenset[str] = NO_MIXES
+
+    @property
+    def steering(self) -> frozenset[str]:
+        """Deprecated name of ``mixes_on``."""
+        warn_deprecated("JudgeContext.steering", "JudgeContext.mixes_on")
+        return self.mixes_on
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Verdict:
-    """A judge's answer: its ``score`` (NaN if it has none) and the mixes to turn on."""
+    """A judge's answer: its ``score`` (NaN if it has none) and the names of the mixes to
+    turn on (``turn_on``; ``steer=`` is its deprecated name)."""
 
-    score: float = math.nan
-    steer: frozenset[str] = NO_MIXES
+    score: float
+    turn_on: frozenset[str]
+
+    def __init__(self, score: float = math.nan, turn_on: frozenset[str] = NO_MIXES, *,
+                 steer: frozenset[str] | None = None):
+        if steer is not None:
+            warn_deprecated("Verdict(steer=...)", "Verdict(turn_on=...)")
+            turn_on = steer
+        object.__setattr__(self, "score", score)
+        object.__setattr__(self, "turn_on", turn_on)
+
+    @property
+    def steer(self) -> frozenset[str]:
+        """Deprecated name of ``turn_on``."""
+        warn_deprecated("Verdict.steer", "Verdict.turn_on")
+        return self.turn_on
 
 
 OFF = Verdict()
@@ -83,11 +106,29 @@ class Judge(ABC):
 
     name: str = "judge"
     post_step: bool = False
-    mixes: tuple[str, ...] = ()
+    turns_on: tuple[str, ...] = ()
     small_layers: tuple[int, ...] = ()
     small_model: ModelIdentity | None = None
     needs_small: bool = False
     needs_shared_vocab: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "mixes" in vars(cls) and not isinstance(vars(cls)["mixes"], property):
+            warn_deprecated(f"{cls.__name__}.mixes", "turns_on")  # the old class attribute
+            cls.turns_on = tuple(vars(cls)["mixes"])
+            del cls.mixes
+
+    @property
+    def mixes(self) -> tuple[str, ...]:
+        """Deprecated name of ``turns_on``."""
+        warn_deprecated("Judge.mixes", "Judge.turns_on")
+        return self.turns_on
+
+    @mixes.setter
+    def mixes(self, names: Sequence[str]) -> None:
+        warn_deprecated("Judge.mixes", "Judge.turns_on")
+        self.turns_on = tuple(names)
 
     @abstractmethod
     def decide(self, ctx: JudgeContext) -> Verdict:
@@ -112,8 +153,8 @@ class Always(Judge):
 
     def __init__(self, mix: str = DEFAULT_MIX, name: str | None = None):
         self.name = name or f"always:{mix}"
-        self.mixes = (mix,)
-        self._on = Verdict(math.nan, frozenset(self.mixes))
+        self.turns_on = (mix,)
+        self._on = Verdict(math.nan, frozenset(self.turns_on))
 
     def decide(self, ctx: JudgeContext) -> Verdict:
         return self._on
@@ -145,14 +186,14 @@ class ProbeJudge(Judge):
             raise BadArgumentError(f"ProbeJudge: hysteresis ({hysteresis}) and cooldown ({cooldown}) "
                                    f"must be >= 0.")
         self.name = name or f"probe:{vector.label or 'vector'}@{layer}"
-        self.mixes = (mix,)
+        self.turns_on = (mix,)
         self.small_layers = (layer,)
         self.small_model = vector.model
         self.needs_small = True
         self.layer, self.threshold = layer, threshold
         self.hysteresis, self.cooldown = hysteresis, cooldown
         self._unit = direction / norm  # [hidden_small] float32
-        self._on_verdict = frozenset(self.mixes)
+        self._on_verdict = frozenset(self.turns_on)
         self._on, self._hold = False, 0
 
     def decide(self, ctx: JudgeContext) -> Verdict:
@@ -187,9 +228,9 @@ class DivergenceJudge(Judge):
             raise BadArgumentError(f"DivergenceJudge: unknown measure {measure!r}; use 'entropy' or 'kl'.")
         self.name = name or f"{measure}>{threshold:g}"
         self.threshold, self.measure = threshold, measure
-        self.mixes = (mix,)
+        self.turns_on = (mix,)
         self.needs_small = self.needs_shared_vocab = measure == "kl"
-        self._on = frozenset(self.mixes)
+        self._on = frozenset(self.turns_on)
 
     def decide(self, ctx: JudgeContext) -> Verdict:
         if self.measure == "entropy":
@@ -217,10 +258,10 @@ class FunctionJudge(Judge):
         self.fn = fn
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.post_step = post_step
-        self.mixes = (mix,) if isinstance(mix, str) else tuple(mix)
+        self.turns_on = (mix,) if isinstance(mix, str) else tuple(mix)
         self.small_layers = tuple(small_layers)
         self.needs_small = bool(small_layers)
-        self._on = Verdict(math.nan, frozenset(self.mixes))
+        self._on = Verdict(math.nan, frozenset(self.turns_on))
 
     def decide(self, ctx: JudgeContext) -> Verdict:
         out = self.fn(ctx)
@@ -263,7 +304,7 @@ def check_judges(judges: Sequence[Judge], mixes: Collection[str], big: ModelIden
                 f"model is {small.describe()}; train its vector on the small model.")
         if small is not None and j.small_layers:
             check_layers(small, j.small_layers, f"judge {j.name!r}")
-        unknown = [m for m in j.mixes if m not in mixes]
+        unknown = [m for m in j.turns_on if m not in mixes]
         if unknown:
             raise UnknownNameError(f"judge {j.name!r} turns on mix(es) {unknown}, but the orchestrator has "
-                           f"{sorted(mixes) or 'no mixes'}; pass steering={{name: controller}}.")
+                                   f"{sorted(mixes) or 'no mixes'}; pass mixes={{name: Mix}}.")

@@ -23,12 +23,12 @@ def stream(engine: Engine, prompt: Prompt, *, steering: Steering = None,
     ``GenerationResult``.
 
     ``steering`` (a mix, or one vector at coefficient 1) is added at every step, and to the
-    prompt's prefill too when ``steer_prompt`` (default True). A ``SteeringController`` is
+    prompt's prefill too when ``steer_prompt`` (default True). A ``Mix`` is
     re-read every step, so changes to the mix from another thread apply from the next token
     on. The other options (``max_new_tokens``, ``sampling``, ``stop``, ``steer_prompt``,
     ``chat``, ``trace``, ``ignore_eos``) are those of ``CognitiveOrchestrator.stream``.
     """
-    events = CognitiveOrchestrator(engine, mix=steering).stream(prompt, **options)
+    events = CognitiveOrchestrator(engine, steering=steering).stream(prompt, **options)
     while True:
         try:
             event = next(events)

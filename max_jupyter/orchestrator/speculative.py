@@ -147,9 +147,9 @@ class Block:
     of ``tokens`` under the sampler (1.0 when greedy); ``out``: the verify pass (row ``j`` of
     ``all_logits`` and of each ``hidden`` belongs to ``tokens[j]``); ``states``: the small
     model's state before each of ``tokens``; ``deltas``: the steering the verify ran with,
-    ``mixes`` / ``coefs`` the judges' mixes and live-mix coefficients behind it (one snapshot
-    for the whole block); ``next``: how many tokens were handed out. Until the last one is,
-    both caches hold the first ``accepted`` tokens of the block.
+    ``mixes_on`` / ``coefs`` the mixes judges turned on and the live-mix coefficients
+    behind it (one snapshot for the whole block); ``next``: how many tokens were handed
+    out. Until the last one is, both caches hold the first ``accepted`` tokens of the block.
     """
 
     drafted: tuple[int, ...]
@@ -158,7 +158,7 @@ class Block:
     out: ForwardResult
     states: list[SmallState]
     deltas: LayerDeltas | None
-    mixes: frozenset[str]
+    mixes_on: frozenset[str]
     coefs: dict[str, float]
     next: int = 0
 
@@ -210,7 +210,7 @@ class Block:
 
 def draft_and_verify(big: Engine, mirror: ContextMirror, sampler: Sampler, last: int, k: int,
                      capture: tuple[int, ...], *, deltas: LayerDeltas | None,
-                     mixes: frozenset[str], coefs: dict[str, float]) -> Block:
+                     mixes_on: frozenset[str], coefs: dict[str, float]) -> Block:
     """Draft ``k`` tokens with the small model, verify them with the big model after
     ``last`` (the token it has not fed yet) with ``deltas``, keep or replace them by the
     rule of speculative sampling (``sampler``'s distributions and generator); rewind both
@@ -237,7 +237,7 @@ def draft_and_verify(big: Engine, mirror: ContextMirror, sampler: Sampler, last:
         mirror.rewind(len(mirror.ids) - fed, *start)
         raise
     del states[a + 1:]
-    return Block(tuple(drafted), tokens, probs, out, states, deltas, mixes, coefs)
+    return Block(tuple(drafted), tokens, probs, out, states, deltas, mixes_on, coefs)
 
 
 def _feed(mirror: ContextMirror, token: int, states: list[SmallState]) -> None:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from max_jupyter.engines.base import Engine, ForwardResult, LayerDeltas
-from max_jupyter.errors import BadArgumentError
+from max_jupyter.errors import BadArgumentError, warn_deprecated
 from max_jupyter.orchestrator.types import Generation
 
 
@@ -38,12 +38,13 @@ class TraceConfig:
 
 @dataclass(slots=True)
 class StepRecord:
-    """One step. ``steering``: the mixes the step's final forward ran with; ``scores``: judge
+    """One step. ``mixes_on``: the named mixes judges turned on that the step's final forward
+    ran with; ``scores``: judge
     name -> score; ``rerun``: a post-step judge re-ran the step; ``unsteered_token`` /
     ``unsteered_prob``: what the first pass would have sampled (re-run steps only);
     ``prob``: probability of ``token`` under the sampler's distribution; ``judge_s``: time
-    spent in judges and mix resolution this step (no model forwards); ``mix``: the live
-    mix's coefficients (entry name -> coef) this step ran with (shared between steps with
+    spent in judges and mix resolution this step (no model forwards); ``live_coefs``: the
+    live mix's coefficients (entry name -> coef) this step ran with (shared between steps with
     the same mix: do not mutate); ``steered``: the final forward ran with any delta (the
     live mix, the call's steering or a judge's mix). Speculative decoding: on the step
     whose verify pass began a block, ``drafted`` holds the small model's draft and
@@ -56,15 +57,27 @@ class StepRecord:
     token: int
     prob: float
     scores: dict[str, float]
-    steering: tuple[str, ...]
+    mixes_on: tuple[str, ...]
     rerun: bool = False
     unsteered_token: int | None = None
     unsteered_prob: float | None = None
     judge_s: float = 0.0
-    mix: dict[str, float] = field(default_factory=dict)
+    live_coefs: dict[str, float] = field(default_factory=dict)
     steered: bool = False
     drafted: tuple[int, ...] = ()
     accepted: int = 0
+
+    @property
+    def steering(self) -> tuple[str, ...]:
+        """Deprecated name of ``mixes_on``."""
+        warn_deprecated("StepRecord.steering", "StepRecord.mixes_on")
+        return self.mixes_on
+
+    @property
+    def mix(self) -> dict[str, float]:
+        """Deprecated name of ``live_coefs``."""
+        warn_deprecated("StepRecord.mix", "StepRecord.live_coefs")
+        return self.live_coefs
 
     @property
     def rejected(self) -> tuple[int, ...]:
@@ -107,8 +120,9 @@ class GenerationResult(Generation):
     - ``big_logits`` / ``small_logits``: ``[steps, vocab]`` when ``full_logits``, else None.
 
     ``small_ids``: the small model's context after the generation (None without one).
-    ``speculation_misses``: big forwards issued ahead (``CognitiveOrchestrator(overlap=...)``)
-    with deltas the step's judges then changed, so rewound and run again (not re-runs).
+    ``ahead_misses``: big forwards issued ahead of their step (``CognitiveOrchestrator(
+    overlap=...)``) with deltas the step's judges or a mix then changed, so rewound and run
+    again (not re-runs).
     ``speculate_off``: why a generation asked to speculate (``speculate > 0``) did not
     (no small model, another vocabulary, no verify on the big engine); None otherwise.
     """
@@ -123,8 +137,15 @@ class GenerationResult(Generation):
     big_logits: torch.Tensor | None = None
     small_logits: torch.Tensor | None = None
     small_ids: list[int] | None = None
-    speculation_misses: int = 0
+    ahead_misses: int = 0
     speculate_off: str | None = None
+
+    @property
+    def speculation_misses(self) -> int:
+        """Deprecated name of ``ahead_misses`` (issuing a forward ahead is not speculative
+        decoding)."""
+        warn_deprecated("GenerationResult.speculation_misses", "GenerationResult.ahead_misses")
+        return self.ahead_misses
 
     @property
     def drafted_tokens(self) -> int:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from max_jupyter.engines.base import Engine, LayerDeltas
-from max_jupyter.steering.controller import SteeringController
+from max_jupyter.steering.mix import Mix
 from max_jupyter.steering.vector import SteeringVector
 from max_jupyter.tokenizer import Message
 from max_jupyter.validation import check_token_ids, fail
@@ -15,7 +15,7 @@ from max_jupyter.validation import check_token_ids, fail
 T, R = TypeVar("T"), TypeVar("R")
 Prompt = str | Sequence[Message] | Sequence[int]
 """A user turn (text), chat messages (``{"role", "content"}`` dicts) or token ids."""
-Steering = SteeringController | SteeringVector | None
+Steering = Mix | SteeringVector | None
 """A mix (re-read every step) or one vector at coefficient 1."""
 
 
@@ -59,9 +59,9 @@ def prompt_ids(engine: Engine, prompt: Prompt, chat: bool = True) -> list[int]:
     return ids
 
 
-def as_mix(steering: Steering) -> SteeringController | None:
+def as_mix(steering: Steering) -> Mix | None:
     """``steering`` as a mix: a vector alone counts at coefficient 1."""
-    return SteeringController.of(steering) if isinstance(steering, SteeringVector) else steering
+    return Mix.of(steering) if isinstance(steering, SteeringVector) else steering
 
 
 def steering_deltas(engine: Engine, steering: Steering) -> LayerDeltas | None:

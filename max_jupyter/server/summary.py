@@ -23,7 +23,7 @@ def trace_summary(result: GenerationResult) -> dict[str, Any]:
     steps = result.steps
     mixes: dict[str, int] = {}
     for record in steps:
-        for name in record.steering:
+        for name in record.mixes_on:
             mixes[name] = mixes.get(name, 0) + 1
     return {"steps": len(steps),
             "steered_steps": _steered_steps(result),
@@ -58,7 +58,7 @@ def _judge_scores(result: GenerationResult) -> dict[str, dict[str, float | int]]
 def _mix_changes(result: GenerationResult) -> list[dict[str, Any]]:
     changes, last = [], None
     for record in result.steps:
-        if record.mix != last:
-            changes.append({"step": record.step, "mix": dict(record.mix)})
-            last = record.mix
+        if record.live_coefs != last:
+            changes.append({"step": record.step, "mix": dict(record.live_coefs)})
+            last = record.live_coefs
     return changes

@@ -1,12 +1,11 @@
-"""``Mixes``: the steering of one engine at each step — mixes that always apply, and named
-mixes that judges turn on and off.
+"""``SteeringResolver``: the steering of one engine at each step — mixes that always apply
+(``steering``), and named mixes (``mixes``) that judges turn on and off.
 
-Each mix is a ``SteeringController`` (changeable from any thread: a widget slider); a
-fixed ``SteeringVector`` becomes a one-vector mix at coefficient 1. ``resolve(names)``
-snapshots every mix involved once and returns the summed per-layer deltas of the
-always-on mixes plus the named ones, so a change made by another thread lands whole at the
-next step. The sum is cached per set of names and the mixes' versions: an unchanged step
-costs a few lock-and-lookups.
+Each is a ``Mix`` (changeable from any thread: a widget slider); a fixed ``SteeringVector``
+becomes a one-vector mix at coefficient 1. ``resolve(names)`` snapshots every mix involved
+once and returns the summed per-layer deltas of the always-on mixes plus the named ones, so
+a change made by another thread lands whole at the next step. The sum is cached per set of
+names and the mixes' versions: an unchanged step costs a few lock-and-lookups.
 """
 from __future__ import annotations
 
@@ -15,25 +14,25 @@ from collections.abc import Mapping, Sequence
 from max_jupyter.engines.base import Engine, LayerDeltas
 from max_jupyter.orchestrator.judges import DEFAULT_MIX
 from max_jupyter.orchestrator.types import Steering, as_mix
-from max_jupyter.steering.controller import SteeringController
+from max_jupyter.steering.mix import Mix
 
 NO_COEFS: dict[str, float] = {}
 
 
-class Mixes:
-    """Mixes for ``engine``: ``always`` apply at every step (the first is the live mix whose
-    coefficients the trace records); ``named`` ones only when a judge turns them on. A
-    single controller or vector given as ``steering`` is named ``DEFAULT_MIX``."""
+class SteeringResolver:
+    """Steering for ``engine``: ``always`` apply at every step (the first is the live mix
+    whose coefficients the trace records); ``named`` ones only when a judge turns them on.
+    A single mix or vector given as ``mixes`` is named ``DEFAULT_MIX``."""
 
-    def __init__(self, engine: Engine, steering: Steering | Mapping[str, Steering] = None,
+    def __init__(self, engine: Engine, mixes: Steering | Mapping[str, Steering] = None,
                  always: Sequence[Steering] = ()):
-        if steering is None:
-            steering = {}
-        elif not isinstance(steering, Mapping):
-            steering = {DEFAULT_MIX: steering}
+        if mixes is None:
+            mixes = {}
+        elif not isinstance(mixes, Mapping):
+            mixes = {DEFAULT_MIX: mixes}
         self.engine = engine
-        self.named: dict[str, SteeringController] = {n: as_mix(m) for n, m in steering.items()}
-        self.always: list[SteeringController] = [as_mix(m) for m in always if m is not None]
+        self.named: dict[str, Mix] = {n: as_mix(m) for n, m in mixes.items()}
+        self.always: list[Mix] = [as_mix(m) for m in always if m is not None]
         for mix in [*self.named.values(), *self.always]:
             mix.snapshot(engine)  # raises now if a mix is for another model
         self._cache: dict[frozenset[str], tuple[tuple[int, ...], LayerDeltas | None]] = {}

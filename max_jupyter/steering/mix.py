@@ -1,0 +1,227 @@
+"""``Mix``: a live, thread-safe set of named steering vectors with coefficients, for one model.
+
+The mix (name -> vector, coefficient, layers) may be changed from any thread (a widget
+slider) at any time; ``snapshot`` / ``deltas`` take a consistent view under a lock, so a
+change — also one of several entries at once (``update``) — lands whole at the next step.
+The combined per-layer delta is cached per mix version and device, so an unchanged mix
+costs one lock and one dict lookup per step. Listeners hear of every change (a widget
+moves its slider when code changes the mix).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import torch
+
+from max_jupyter.engines.base import Engine, LayerDeltas, ModelIdentity
+from max_jupyter.errors import UnknownNameError
+from max_jupyter.steering.vector import ModelMismatchError, SteeringVector
+from max_jupyter.validation import check_coef, fail
+
+
+@dataclass(frozen=True)
+class MixEntry:
+    """One vector in the mix: ``coef * vector`` at ``layers`` (None: all of its layers)."""
+
+    vector: SteeringVector
+    coef: float
+    layers: tuple[int, ...] | None
+
+    def effective(self) -> SteeringVector:
+        return self.coef * (self.vector.select(self.layers) if self.layers is not None else self.vector)
+
+
+class MixState(NamedTuple):
+    """One consistent view of a mix: its ``version``, each entry's coefficient (do not
+    mutate: shared while the mix is unchanged) and the summed deltas (None when empty)."""
+
+    version: int
+    coefs: dict[str, float]
+    deltas: LayerDeltas | None
+
+
+log = logging.getLogger(__name__)
+
+EntryChange = float | SteeringVector | tuple | None
+"""For ``update``: a new coefficient, a vector (coefficient 1), ``(vector, coef)`` or
+``(vector, coef, layers)``, or None to remove the entry."""
+
+
+class Mix:
+    """Holds named vectors with coefficients for the model ``model`` and combines them."""
+
+    def __init__(self, model: ModelIdentity):
+        self.model = model
+        self._entries: dict[str, MixEntry] = {}
+        self._version = 0
+        self._lock = threading.Lock()
+        self._cached: tuple[torch.device, torch.dtype, MixState] | None = None
+        self._listeners: list[Callable[[Mix], None]] = []
+
+    @classmethod
+    def of(cls, vector: SteeringVector, coef: float = 1.0) -> Mix:
+        """A mix holding only ``vector`` (named by its label) at ``coef``."""
+        mix = cls(vector.model)
+        mix.set(vector.label or "vector", vector, coef)
+        return mix
+
+    def set(self, name: str, vector: SteeringVector, coef: float = 1.0,
+            layers: Iterable[int] | None = None) -> None:
+        """Add or replace ``name``. Checks the model, the coefficient and the layers first."""
+        entry = self._entry(name, vector, coef, layers)
+        with self._lock:
+            self._entries[name] = entry
+            self._version += 1
+        self._notify()
+
+    def _entry(self, name: str, vector: SteeringVector, coef: float,
+               layers: Iterable[int] | None) -> MixEntry:
+        """A checked entry: the vector's model, the coefficient and the layers."""
+        if not isinstance(name, str) or not name:
+            raise fail("name", name, "is not a non-empty str", "name the entry, e.g. 'happy'")
+        if not isinstance(vector, SteeringVector):
+            raise fail("vector", vector, f"is a {type(vector).__name__}, not a SteeringVector",
+                       "train, load or build a SteeringVector first")
+        vector.check_model(self.model)
+        coef = check_coef(f"coef for {name!r}", coef)
+        layers = vector.select(layers).layers if layers is not None else None  # checked there
+        return MixEntry(vector, coef, layers)
+
+    def set_coef(self, name: str, coef: float) -> None:
+        """Change one vector's coefficient (the widget-slider path), atomically."""
+        coef = check_coef(f"coef for {name!r}", coef)
+        with self._lock:
+            self._entries[name] = replace(self._get(name), coef=coef)
+            self._version += 1
+        self._notify()
+
+    def update(self, changes: Mapping[str, EntryChange]) -> None:
+        """Change several entries at once (see ``EntryChange``); every change is checked
+        first, then all apply together, so a generation sees either none or all of them."""
+        current = self.entries
+        new: dict[str, MixEntry | float | None] = {}
+        for name, change in changes.items():
+            if change is None:
+                if name not in current:
+                    raise UnknownNameError(f"no vector named {name!r} in the mix; it has {sorted(current)}.")
+                new[name] = None
+            elif isinstance(change, (int, float)):  # a bool is refused by the coefficient check
+                if name not in current:
+                    raise UnknownNameError(f"no vector named {name!r} in the mix to set a "
+                                           f"coefficient on; give (vector, coef) to add it.")
+                new[name] = check_coef(f"coef for {name!r}", change)  # applied to the entry as it is then
+            elif isinstance(change, SteeringVector):
+                new[name] = self._entry(name, change, 1.0, None)
+            elif isinstance(change, tuple) and len(change) in (2, 3):
+                vector, coef, layers = (*change, None)[:3]
+                new[name] = self._entry(name, vector, coef, layers)
+            else:
+                raise fail(f"update[{name!r}]", change, "is not a change of the mix",
+                           "give a coefficient, a SteeringVector, (vector, coef) or "
+                           "(vector, coef, layers), or None to remove the entry")
+        with self._lock:
+            gone = [n for n, e in new.items() if isinstance(e, float) and n not in self._entries]
+            if gone:  # removed by another thread since the check: apply nothing
+                raise UnknownNameError(f"no vector named {gone[0]!r} in the mix any more.")
+            for name, entry in new.items():
+                if entry is None:
+                    self._entries.pop(name, None)
+                elif isinstance(entry, float):
+                    self._entries[name] = replace(self._entries[name], coef=entry)
+                else:
+                    self._entries[name] = entry
+            self._version += 1
+        self._notify()
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._get(name)
+            del self._entries[name]
+            self._version += 1
+        self._notify()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._version += 1
+        self._notify()
+
+    def add_listener(self, listener: Callable[[Mix], None]) -> None:
+        """Call ``listener(self)`` after every change, on the thread that made it."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[Mix], None]) -> None:
+        self._listeners.remove(listener)
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(self)
+            except Exception:  # the change stands; one broken widget must not undo it
+                log.exception("a listener of the steering mix raised")
+
+    def _get(self, name: str) -> MixEntry:
+        if name not in self._entries:
+            raise UnknownNameError(f"no vector named {name!r} in the mix; it has {sorted(self._entries)}.")
+        return self._entries[name]
+
+    @property
+    def entries(self) -> dict[str, MixEntry]:
+        with self._lock:
+            return dict(self._entries)
+
+    @property
+    def version(self) -> int:
+        """Increases with every change of the mix."""
+        return self._version
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def combined(self) -> SteeringVector | None:
+        """The whole mix as one vector (``None`` when empty)."""
+        return _sum(self.entries.values())
+
+    def deltas(self, engine: Engine) -> LayerDeltas | None:
+        """Per-layer deltas for ``engine`` (checked to be this mix's model), or ``None`` if empty."""
+        return self.snapshot(engine).deltas
+
+    def snapshot(self, engine: Engine) -> MixState:
+        """The mix as it is now, with its deltas for ``engine`` (checked to be this mix's
+        model); version, coefficients and deltas always belong together."""
+        if engine.identity != self.model:
+            raise ModelMismatchError(f"this mix is for {self.model.describe()}, the engine runs "
+                                     f"{engine.identity.describe()}.")
+        with self._lock:
+            cached = self._cached
+            if (cached and cached[2].version == self._version and cached[0] == engine.device
+                    and cached[1] == engine.dtype):
+                return cached[2]
+            version = self._version
+            entries = dict(self._entries)
+        total = _sum(e for e in entries.values() if e.coef != 0)  # a zero adds nothing
+        deltas = total.deltas(1.0, engine.device, engine.dtype) if total is not None else None
+        state = MixState(version, {n: e.coef for n, e in entries.items()}, deltas)
+        with self._lock:
+            self._cached = (engine.device, engine.dtype, state)
+        return state
+
+    def __repr__(self) -> str:
+        parts = [f"{n}: {e.coef:g} x {e.vector.label or 'vector'}"
+                 + (f" @ {list(e.layers)}" if e.layers is not None else "")
+                 for n, e in self.entries.items()]
+        return f"Mix({'; '.join(parts) or 'empty'})"
+
+
+def _sum(entries: Iterable[MixEntry]) -> SteeringVector | None:
+    total = None
+    for e in entries:
+        total = e.effective() if total is None else total + e.effective()
+    return total
