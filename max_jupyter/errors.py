@@ -48,3 +48,12 @@ class BusyError(MaxJupyterError, RuntimeError):
 
 class SessionClosedError(MaxJupyterError, RuntimeError):
     """The session was closed; load a new one."""
+
+
+def did_you_mean(word: str, known) -> str:
+    """``" (did you mean X?)"`` for the name in ``known`` closest to a mistyped ``word``
+    (difflib), else ``""``: the hint an error message ends a name with."""
+    import difflib
+
+    close = difflib.get_close_matches(word, [str(k) for k in known], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
