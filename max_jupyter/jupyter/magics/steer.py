@@ -115,7 +115,9 @@ def off(magics, args):
 def mixer(magics, args):
     session = magics.need_session()
     positional(args, [])
-    return session.mixer()
+    from max_jupyter.jupyter.mixer import Mixer
+
+    return Mixer(session)
 
 
 def mix(magics, args):
