@@ -26,7 +26,7 @@ from max_jupyter.errors import (BadArgumentError, ContextOverflowError, CorruptF
                                 MaxJupyterError, ModelMismatchError)
 from max_jupyter.orchestrator import SamplingConfig, generate
 from max_jupyter.steering import SteeringController, SteeringVector, train_vector
-from max_jupyter.validation import check_generation_args
+from max_jupyter.orchestrator.sampling import check_generation_args
 
 PROMPT = "Name three colours."
 CHECK_TOKENS = 3
