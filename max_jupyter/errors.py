@@ -56,3 +56,12 @@ def warn_deprecated(old: str, new: str, stacklevel: int = 3) -> None:
     import warnings
 
     warnings.warn(f"{old} is deprecated; use {new}.", DeprecationWarning, stacklevel=stacklevel)
+
+
+def did_you_mean(word: str, known) -> str:
+    """``" (did you mean X?)"`` for the name in ``known`` closest to a mistyped ``word``
+    (difflib), else ``""``: the hint an error message ends a name with."""
+    import difflib
+
+    close = difflib.get_close_matches(word, [str(k) for k in known], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -7,10 +7,23 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 from max_jupyter.orchestrator.trace import GenerationResult, StepEvent
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Listener:
+    """One subscriber of a handle's event pump (what ``subscribe`` returns): ``on_event``
+    gets each ``StepEvent`` in order, ``on_end`` the handle once it has ended and every
+    event has been delivered. ``seen``: events delivered so far."""
+
+    on_event: Callable[[StepEvent], None]
+    on_end: Callable[[GenerationHandle], None] | None = None
+    seen: int = 0
+    active: bool = True
 
 
 class GenerationHandle:
@@ -18,8 +31,10 @@ class GenerationHandle:
 
     ``state``: queued, running, done, stopped (``stop()`` ended it early) or error.
     ``step`` and ``text``: steps taken and text shown so far. ``events()`` replays every
-    ``StepEvent`` from the first and waits for more; ``result()`` / ``await handle`` wait
-    for the ``GenerationResult``. Thread-safe.
+    ``StepEvent`` from the first and waits for more, on the caller's thread;
+    ``subscribe`` hands the same events to any number of listeners from one pump thread
+    per handle; ``result()`` / ``await handle`` wait for the ``GenerationResult``.
+    Thread-safe.
     """
 
     def __init__(self, generate: Callable[[GenerationHandle], GenerationResult],
@@ -33,6 +48,8 @@ class GenerationHandle:
         self._result: GenerationResult | None = None
         self._error: BaseException | None = None
         self._done_callbacks: list[Callable[[], None]] = []
+        self._listeners: list[Listener] = []
+        self._pump: threading.Thread | None = None  # runs while there are listeners
         self.abort = threading.Event()
         """Set by ``stop()``; the generation ends before its next step."""
         self.stop_reason = "aborted"
@@ -108,6 +125,68 @@ class GenerationHandle:
             seen += len(batch)
             if finished and seen == len(self._events):
                 return
+
+    def subscribe(self, on_event: Callable[[StepEvent], None],
+                  on_end: Callable[[GenerationHandle], None] | None = None) -> Listener:
+        """Deliver every event from the first (a late subscriber gets the past ones first,
+        as ``events()`` does) to ``on_event``, then call ``on_end(handle)`` once the
+        generation has ended. Calls come in order from the handle's pump thread, one
+        listener after another; a listener that raises is logged and unsubscribed, and
+        neither the generation nor the other listeners notice. Returns the ``Listener``
+        to pass to ``unsubscribe``."""
+        listener = Listener(on_event, on_end)
+        with self._cond:
+            self._listeners.append(listener)
+            if self._pump is None:
+                self._pump = threading.Thread(target=self._run_pump, daemon=True,
+                                              name="max-jupyter-handle-pump")
+                self._pump.start()
+            self._cond.notify_all()
+        return listener
+
+    def unsubscribe(self, listener: Listener) -> None:
+        """Stop delivering to ``listener`` (at most the event being delivered now still
+        reaches it; ``on_end`` is not called). A no-op if it is not subscribed."""
+        with self._cond:
+            listener.active = False
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+            self._cond.notify_all()
+
+    def _run_pump(self) -> None:
+        """The pump thread: deliver new events to each listener, then ``on_end`` after
+        the last; ends when no listener is left (``subscribe`` starts a new one)."""
+        while True:
+            with self._cond:
+                self._cond.wait_for(self._pump_has_work)
+                if not self._listeners:
+                    self._pump = None
+                    return
+                finished = self.done
+                work = [(l, self._events[l.seen:]) for l in self._listeners]
+            for listener, batch in work:
+                self._deliver(listener, batch, finished)
+
+    def _pump_has_work(self) -> bool:
+        return not self._listeners or self.done or any(
+            l.seen < len(self._events) for l in self._listeners)
+
+    def _deliver(self, listener: Listener, batch: list[StepEvent], finished: bool) -> None:
+        """``batch`` to ``listener``, then its ``on_end`` if the generation had ``finished``
+        when the batch was taken (so the batch holds every event)."""
+        try:
+            for event in batch:
+                if not listener.active:
+                    return
+                listener.on_event(event)
+                listener.seen += 1
+            if finished and listener.active:
+                self.unsubscribe(listener)
+                if listener.on_end is not None:
+                    listener.on_end(self)
+        except Exception:  # one listener's trouble reaches neither the others nor the worker
+            log.exception("a listener of a generation raised; it is unsubscribed")
+            self.unsubscribe(listener)
 
     def _when_done(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` once the generation has finished (now, if it has)."""

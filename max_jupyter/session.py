@@ -322,12 +322,6 @@ class Session:
             tick()
         return job.future.result()
 
-    def mixer(self):
-        """The live Mixer widget bound to this session (``max_jupyter.jupyter.mixer``)."""
-        from max_jupyter.jupyter.mixer import Mixer
-
-        return Mixer(self)
-
     # Closing ---------------------------------------------------------------------------
 
     def close(self) -> None:

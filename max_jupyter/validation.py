@@ -10,15 +10,21 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from max_jupyter.errors import BadArgumentError
 
-if TYPE_CHECKING:
-    from max_jupyter.engines.base import ModelIdentity
-    from max_jupyter.orchestrator.sampling import SamplingConfig
+
+class ModelShape(Protocol):
+    """What the checks read of a model: ``engines.base.ModelIdentity`` has it (named here
+    by shape, so this bottom layer imports nothing above it)."""
+
+    num_layers: int
+    hidden_size: int
+
+    def describe(self) -> str: ...
 
 MAX_COEF = 1e4
 """Largest steering coefficient accepted: beyond it the delta swamps the residual stream
@@ -43,6 +49,13 @@ def fail(name: str, value: Any, problem: str, fix: str, limit: int | None = 60) 
 
 def _type_name(value: Any) -> str:
     return type(value).__name__
+
+
+def check_type(name: str, value: Any, kind: type, fix: str) -> Any:
+    """``value`` if it is a ``kind``, else ``BadArgumentError`` ("is a X, not a Kind")."""
+    if not isinstance(value, kind):
+        raise fail(name, value, f"is a {_type_name(value)}, not a {kind.__name__}", fix)
+    return value
 
 
 def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None,
@@ -140,7 +153,7 @@ def check_stop(value: Any) -> tuple[str, ...]:
     return () if value is None else check_str_list("stop", value)
 
 
-def check_layers(identity: ModelIdentity, layers: Any, what: str) -> tuple[int, ...]:
+def check_layers(identity: ModelShape, layers: Any, what: str) -> tuple[int, ...]:
     """``layers`` (an iterable of ints, not bools; not text) as a tuple, each in
     ``0..num_layers-1``. ``what`` names the argument in the message (e.g. ``"capture"``).
     """
@@ -184,7 +197,7 @@ def check_token_ids(name: str, ids: Any, vocab_size: int) -> list[int]:
     return list(ids)
 
 
-def check_deltas(identity: ModelIdentity, deltas: Any) -> dict[int, torch.Tensor]:
+def check_deltas(identity: ModelShape, deltas: Any) -> dict[int, torch.Tensor]:
     """Per-layer deltas: a mapping of known int layers to tensors of shape exactly
     ``[hidden]`` (no scalars, no ``[n, hidden]``: never broadcast)."""
     if deltas is None:
@@ -242,17 +255,3 @@ def check_dtype(dtype: Any) -> torch.dtype | None:
         return dtype
     raise fail("dtype", dtype, "is not a supported weight dtype",
                "use torch.float32, torch.float16 or torch.bfloat16 (or their names)")
-
-
-def check_generation_args(max_new_tokens: Any, sampling: Any, stop: Any
-                          ) -> tuple[int, SamplingConfig, tuple[str, ...]]:
-    """Validate and normalise a generation's ``max_new_tokens`` (int >= 1), ``sampling`` (a
-    ``SamplingConfig``) and ``stop`` (a list of non-empty strings, or None)."""
-    from max_jupyter.orchestrator.sampling import SamplingConfig
-
-    n = check_int("max_new_tokens", max_new_tokens, low=1, fix="use a whole number >= 1 such as 128")
-    if not isinstance(sampling, SamplingConfig):
-        fix = ("use SamplingConfig(**d)" if isinstance(sampling, Mapping)
-               else "pass SamplingConfig(temperature=..., top_k=..., top_p=..., seed=...)")
-        raise fail("sampling", sampling, f"is a {_type_name(sampling)}, not a SamplingConfig", fix)
-    return n, sampling, check_stop(stop)

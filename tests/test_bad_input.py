@@ -25,8 +25,8 @@ from max_jupyter.engines import TransformersEngine
 from max_jupyter.errors import (BadArgumentError, ContextOverflowError, CorruptFileError,
                                 MaxJupyterError, ModelMismatchError)
 from max_jupyter.orchestrator import SamplingConfig, generate
+from max_jupyter.orchestrator.sampling import check_generation_args
 from max_jupyter.steering import Mix, SteeringVector, train_vector
-from max_jupyter.validation import check_generation_args
 
 PROMPT = "Name three colours."
 CHECK_TOKENS = 3

@@ -5,7 +5,9 @@ the mix changed in code moves the slider; the TokenView's batched deltas rebuild
 step. Run on both ipykernel major versions (the other one is pip-installed for the test)."""
 from __future__ import annotations
 
+import html
 import json
+import re
 import time
 
 import pytest
@@ -13,21 +15,23 @@ import pytest
 from jupyter_kernels import IPYKERNEL_MAJORS, Kernel, ipykernel_env
 
 OLD, NEW, STEPS = 0.0, 0.8, 60
+WIDGET = "application/vnd.jupyter.widget-view+json"
 
 SETUP = f"""
 import json, time
 import ipykernel
 from max_jupyter import Session
-from max_jupyter.jupyter.tokenview import TokenView
+from max_jupyter.jupyter import Mixer, TokenView
 s = Session.load(store=None, progress=False)
 s.train("happy", ["I love this, it is wonderful!", "Great joy and happiness."],
         ["I hate this, it is terrible.", "Awful misery and sadness."], layers=(10, 15),
         method="mean_diff", progress=False)
 s.mix.set("happy", s.vectors["happy"], {OLD})
-m = s.mixer()
+m = Mixer(s)
 slider = m.rows["happy"].coef
 h = s.start("Tell me about your day.", max_new_tokens={STEPS}, ignore_eos=True,
             on_event=lambda e: time.sleep(0.05))   # at most 20 steps/s: a window to act in
+m.follow(h)
 view = TokenView(h, session=s)
 display(m, view)
 row = m.rows["happy"]
@@ -76,8 +80,36 @@ def test_slider_message_mid_run_changes_later_steps_only(kernel):
                "while not view.status.startswith('done') and time.time() - t0 < 30:\n"
                "    time.sleep(0.05)")
     rows = rebuild_rows(kernel.seen, view_id)
-    assert [row["mix"]["happy"] for row in rows] == coefs
+    assert [row["live_coefs"]["happy"] for row in rows] == coefs
     assert all(row["big"] for row in rows), "top-k alternatives missing after the end"
+
+
+def test_the_view_leaves_a_static_copy_of_the_final_text(kernel):
+    """Displayed, the view is followed by an HTML output (the copy a saved notebook keeps);
+    at the end it is rewritten with the text, one coloured span per token, and the live
+    mix per step."""
+    kernel.run("h.result(timeout=300)\n"
+               "t0 = time.time()\n"
+               "while not view.status.startswith('done') and time.time() - t0 < 30:\n"
+               "    time.sleep(0.05)\n"
+               "time.sleep(0.5)")
+    displays = [m["content"] for m in kernel.seen if m["msg_type"] == "display_data"]
+    at = [d["data"].get(WIDGET, {}).get("model_id") for d in displays].index(kernel.ids[2])
+    copy = displays[at + 1]
+    assert "mj-fallback" in copy["data"]["text/html"], "no static copy under the view"
+    copy_id = copy["transient"]["display_id"]
+    updates = [m["content"]["data"]["text/html"] for m in kernel.seen
+               if m["msg_type"] == "update_display_data"
+               and m["content"]["transient"]["display_id"] == copy_id]
+    assert updates, "the static copy was not brought up to date at the end"
+    last = updates[-1]
+    text, coefs = json.loads(kernel.run(
+        "r = h.result()\nprint(json.dumps([r.text, [st.mix['happy'] for st in r.steps]]))"))
+    assert len(re.findall(r'<span class="mj-tok[^"]*" style=', last)) == STEPS
+    assert text in html.unescape(re.sub(r"<[^>]+>", "", last))
+    switch = coefs.index(NEW)
+    assert (f"live mix per step: 0-{switch - 1} happy +{OLD:g}; {switch}-{STEPS - 1} happy "
+            f"+{NEW:g}") in last
 
 
 def test_a_view_rendered_late_gets_every_token(kernel):
@@ -88,7 +120,7 @@ def test_a_view_rendered_late_gets_every_token(kernel):
     kernel.send_custom(view_id, {"type": "sync"})
     assert int(kernel.run("print(len(view.records))")) == STEPS
     rows = rebuild_rows(kernel.seen, view_id)
-    assert [row["i"] for row in rows] == list(range(STEPS))
+    assert [row["step"] for row in rows] == list(range(STEPS))
     assert all(row["big"] for row in rows)
 
 
@@ -124,8 +156,9 @@ def test_max_steer_mixer_and_max_steer_on(kernel):
     assert out.splitlines()[-1].split() == ["Mixer", "True", "happy"]
     kernel.seen.clear()
     kernel.run("%max_steer mixer")
-    shown = [m["content"]["data"] for m in kernel.seen if m["msg_type"] == "execute_result"]
-    assert shown and "application/vnd.jupyter.widget-view+json" in shown[-1]
+    shown = [m["content"]["data"] for m in kernel.seen if m["msg_type"] == "display_data"]
+    assert len(shown) == 2 and WIDGET in shown[0], "the Mixer, then its static copy"
+    assert "mj-fallback" in shown[1]["text/html"] and "live mix: happy" in shown[1]["text/html"]
     kernel.run("%max_steer on happy 0.9")
     assert kernel.run("print(mm.rows['happy'].coef.value, m.rows['happy'].coef.value)").split() \
         == ["0.9", "0.9"]
@@ -140,19 +173,48 @@ def test_vector_added_to_the_library_gets_a_row(kernel):
     assert kernel.run("print(m.rows['sad'].on.value, 'sad' in s.mix)").split() == ["False", "False"]
 
 
-def test_stop_button_stops_the_running_generation(kernel):
-    stop_id = kernel.run("h2 = s.start('Count to one hundred.', max_new_tokens=400, "
-                         "on_event=lambda e: time.sleep(0.05))\nprint(m.stop_button.model_id)")
+def test_stop_button_stops_only_its_own_generation(kernel):
+    """``m`` follows ``h`` (ended): another generation neither shows in it nor is stopped
+    by it; a Mixer following that generation stops it."""
+    stop_id, stop2_id = kernel.run(
+        "h2 = s.start('Count to one hundred.', max_new_tokens=400, "
+        "on_event=lambda e: time.sleep(0.05))\n"
+        "m2 = Mixer(s, h2)\nprint(m.stop_button.model_id, m2.stop_button.model_id)").split()
     deadline = time.monotonic() + 60
-    while kernel.run("print(m.stop_button.disabled, h2.step > 2)").split() != ["False", "True"]:
+    while kernel.run("print(m2.stop_button.disabled, h2.step > 2)").split() != ["False", "True"]:
         assert time.monotonic() < deadline, "the Stop button was not enabled for the generation"
         time.sleep(0.1)
-    kernel.send_custom(stop_id.strip(), {"event": "click"})
+    assert kernel.run("print(m.stop_button.disabled, h.state in m.status.value, "
+                      "f'<b>{h.step}</b>' in m.status.value)").split() == ["True"] * 3
+    kernel.send_custom(stop_id, {"event": "click"})  # disabled on the page; sent anyway
+    time.sleep(0.5)
+    assert kernel.run("print(h2.state)").strip() == "running"
+    kernel.send_custom(stop2_id, {"event": "click"})
     out = kernel.run("r2 = h2.result(timeout=60); time.sleep(0.5)\n"
-                     "print(h2.state, len(r2.steps), m.stop_button.disabled, m.status.value)")
+                     "print(h2.state, len(r2.steps), m2.stop_button.disabled, m2.status.value)")
     state, steps, disabled, *status = out.split()
     assert (state, disabled) == ("stopped", "True") and int(steps) < 400
     assert "stopped" in " ".join(status) and steps in " ".join(status)
+
+
+def test_widgets_of_a_closed_session_say_so_and_disable_themselves(kernel):
+    """``%max_load`` again closes ``s``: its Mixers (alone and in a LiveView) disable
+    every control and say why, the LiveView's TokenView too; a slider message sent to an
+    old Mixer changes nothing. (Last: it closes the module's session.)"""
+    kernel.run("%%max_generate --live -n 3 -v live\nHi")
+    kernel.run("live.handle.result(timeout=60)\n%max_load --store :memory:")
+    deadline = time.monotonic() + 10
+    check = ("print(all(w.disabled for r in [*m.rows.values(), *live.mixer.rows.values()] "
+             "for w in (r.on, r.coef, r.layer)), m.stop_button.disabled, "
+             "'session closed' in m.status.value, 'session closed' in live.mixer.status.value, "
+             "live.view.closed, live.view.status.endswith('session closed'))")
+    while kernel.run(check).split() != ["True"] * 6:
+        assert time.monotonic() < deadline, kernel.run(check)
+        time.sleep(0.1)
+    before = kernel.run("print(s.mix.entries['happy'].coef)").strip()
+    kernel.update_widget(kernel.ids[1], {"value": -1.5})
+    assert kernel.run("print(s.mix.entries['happy'].coef)").strip() == before
+    assert "session closed" in kernel.run("print(m.fallback.html)")
 
 
 def rebuild_rows(messages: list[dict], view_id: str) -> list[dict]:

@@ -4,21 +4,26 @@ Each row has an on/off box, a coefficient slider and a layer choice. A widget ch
 writes the mix (``set`` / ``set_coef`` / ``remove``: thread-safe, applied from the next
 step of a running generation) and does nothing else; a change of the mix made anywhere
 else (code, ``%max_steer``) reaches the rows through the mix's listener and moves them.
-A header holds a Stop button for the running generation and its current step, read from
-``session.handle`` by a small watcher thread (a few times a second, sending only changes).
+A header holds a Stop button and the step of the Mixer's own generation (``handle``, or
+``follow(handle)``; none for a Mixer made alone), read from the handle's event pump. A small
+watcher thread adds rows for vectors new to the library and, once the session is closed
+(``%max_load`` again), disables the Mixer and says so.
 
 Widget messages reach the kernel only while no cell runs, so a live generation is
 started in the background (``session.start(...)``) and the cell returns at once.
 """
 from __future__ import annotations
 
+import html
 import math
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 import ipywidgets as widgets
 
 from max_jupyter.errors import ModelMismatchError
+from max_jupyter.jupyter.fallback import ShownWithFallback, StaticFallback
 from max_jupyter.steering.mix import Mix, MixEntry
 from max_jupyter.steering.vector import SteeringVector
 
@@ -60,8 +65,9 @@ class MixerRow(widgets.HBox):
         self.on.tooltip = why
 
     def _write(self, change: dict) -> None:
-        """Widget -> mix: bring the mix's entry to what the row shows (only if it differs)."""
-        if self._showing:
+        """Widget -> mix: bring the mix's entry to what the row shows (only if it differs;
+        not at all once the row is disabled)."""
+        if self._showing or self.on.disabled:
             return
         current = self.mix.entries.get(self.name)
         layers = self.layer.value or None
@@ -117,20 +123,27 @@ class MixerRow(widgets.HBox):
             self.coef.max = math.ceil(coef)
 
 
-class Mixer(widgets.VBox):
+class Mixer(ShownWithFallback, widgets.VBox):
     """The live mix of ``session`` as widgets: a row per vector in ``session.vectors`` (and
-    per mix entry not in the library), a Stop button and the running generation's step.
+    per mix entry not in the library), a Stop button and the step of ``handle`` (the
+    Mixer's own generation; ``follow`` binds another, None: no generation).
 
     ``coef_range`` / ``step``: the sliders' range and step (a coefficient set in code
-    outside the range widens it). ``poll_s``: how often the watcher reads the handle.
-    ``close()`` detaches the listener and ends the watcher.
+    outside the range widens it). ``poll_s``: how often the watcher looks at the library
+    and the session, and the most often the step is shown. ``close()`` detaches the
+    listeners and ends the watcher. Displayed, the Mixer is followed by its static copy
+    (``fallback``: the live mix and the generation's state).
     """
 
-    def __init__(self, session, *, coef_range: tuple[float, float] = (-2.0, 2.0),
+    def __init__(self, session, handle=None, *, coef_range: tuple[float, float] = (-2.0, 2.0),
                  step: float = 0.05, poll_s: float = 0.2):
         self.session = session
+        self.handle = None
         self.rows: dict[str, MixerRow] = {}
-        self._coef_range, self._step = coef_range, step
+        self._coef_range, self._step, self._poll_s = coef_range, step, poll_s
+        self._listener = None
+        self._shown_at = -float("inf")
+        self._closed_callbacks: list[Callable[[], None]] = []
         self.stop_button = widgets.Button(description="Stop", icon="stop", button_style="danger",
                                           disabled=True, layout=widgets.Layout(width="90px"))
         self.stop_button.add_class("max-mixer-stop")
@@ -145,9 +158,25 @@ class Mixer(widgets.VBox):
         self.refresh()
         session.mix.add_listener(self._on_mix)
         self._closed = threading.Event()
+        if handle is not None:
+            self.follow(handle)
+        self.fallback = StaticFallback(self.static_html())
         self._watcher = threading.Thread(target=self._watch, args=(poll_s,), daemon=True,
                                          name="max-mixer-watch")
         self._watcher.start()
+
+    def follow(self, handle) -> None:
+        """Show ``handle``'s step and state, and let Stop stop it (and no other)."""
+        if self._listener is not None:
+            self.handle.unsubscribe(self._listener)
+        self.handle, self._shown_at = handle, -float("inf")
+        self._show_handle(handle)
+        self._listener = handle.subscribe(lambda _event: self._on_step(handle),
+                                          lambda ended: self._show_handle(ended))
+
+    def on_session_closed(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (on the watcher thread) once the session is seen closed."""
+        self._closed_callbacks.append(callback)
 
     def refresh(self) -> None:
         """Add rows for vectors new to the library or the mix, and show the mix on all rows."""
@@ -176,33 +205,65 @@ class Mixer(widgets.VBox):
             row.show(entries.get(name))
 
     def _stop(self, _button: widgets.Button) -> None:
-        handle = self.session.handle
-        if handle is not None:
-            handle.stop()
+        if self.handle is not None:
+            self.handle.stop()
+
+    def _on_step(self, handle) -> None:
+        """A step of the followed generation: show it, at most once per ``poll_s``."""
+        if time.monotonic() - self._shown_at >= self._poll_s:
+            self._show_handle(handle)
+
+    def _show_handle(self, handle) -> None:
+        """Show ``handle``'s step and state; enable Stop while it runs (not once the Mixer
+        or its session is closed: what they show stays)."""
+        if handle is not self.handle or self._closed.is_set() or self.session.closed:
+            return
+        self._shown_at = time.monotonic()
+        self.stop_button.disabled = handle.state not in ("queued", "running")
+        self.status.value = f"step <b>{handle.step}</b> · {handle.state}"
 
     def _watch(self, poll_s: float) -> None:
-        """Every ``poll_s``: add rows for vectors new to the library; show the running
-        generation's step and state. Ends with ``close()`` or the session."""
-        shown = None
-        while not self._closed.wait(poll_s) and not self.session.closed:
+        """Every ``poll_s``: add rows for vectors new to the library, keep the static copy
+        current; once the session is closed, disable the Mixer. Ends with ``close()``."""
+        while not self._closed.wait(poll_s):
+            if self.session.closed:
+                self._session_closed()
+                return
             if len(self.session.vectors) != self._library_size:
                 self.refresh()
-            shown = self._show_handle(shown)
+            self.fallback.update(self.static_html())
 
-    def _show_handle(self, shown: tuple | None) -> tuple | None:
-        """Show ``session.handle`` if it changed from ``shown``; enable Stop while it runs."""
-        handle = self.session.handle
-        now = (id(handle), handle.state, handle.step) if handle is not None else None
-        if now != shown:
-            running = handle is not None and handle.state in ("queued", "running")
-            self.stop_button.disabled = not running
-            self.status.value = (f"step <b>{handle.step}</b> · {handle.state}"
-                                 if handle is not None else "no generation")
-        return now
+    def _session_closed(self) -> None:
+        """Disable every control and say why; tell ``on_session_closed``'s callbacks."""
+        for row in self.rows.values():
+            row._disable("the session of this Mixer is closed")
+        self.stop_button.disabled = True
+        self.status.value = ("<b>session closed</b>: this Mixer no longer steers anything; "
+                             "make a new one for the new session (%max_steer mixer)")
+        try:
+            self.session.mix.remove_listener(self._on_mix)
+        except ValueError:
+            pass
+        self.fallback.update(self.static_html())
+        for callback in self._closed_callbacks:
+            callback()
+
+    def static_html(self) -> str:
+        """The static copy: the live mix's entries and the generation's state."""
+        entries = self.session.mix.entries
+        mix = "; ".join(f"{name} {e.coef:+g}" + (f" @{','.join(map(str, e.layers))}" if e.layers else "")
+                        for name, e in entries.items()) or "empty"
+        state = (f"step {self.handle.step} · {self.handle.state}" if self.handle is not None
+                 else "no generation")
+        closed = " · session closed" if self.session.closed else ""
+        return (f'<div class="mj-summary">Mixer · live mix: {html.escape(mix)} · '
+                f'{html.escape(state)}{closed}</div>')
 
     def close(self) -> None:
-        """Stop following the session and close the widgets."""
+        """Stop following the session and the generation and close the widgets."""
         self._closed.set()
+        if self._listener is not None:
+            self.handle.unsubscribe(self._listener)
         try:
             self.session.mix.remove_listener(self._on_mix)
         except ValueError:

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from max_jupyter.engines.base import ModelIdentity
-from max_jupyter.errors import BadArgumentError
+from max_jupyter.errors import BadArgumentError, did_you_mean
 from max_jupyter.steering.mix import Mix
 from max_jupyter.steering.vector import SteeringVector
 
@@ -190,7 +190,7 @@ def lookup_vector(vectors: Mapping[str, SteeringVector], name: str) -> SteeringV
     """``vectors[name]``, or ``BadArgumentError`` listing the names there are."""
     if name not in vectors:
         known = sorted(vectors)
-        raise BadArgumentError(f"unknown vector {name!r}; the library has "
+        raise BadArgumentError(f"unknown vector {name!r}{did_you_mean(name, known)}; the library has "
                                f"{', '.join(known[:12]) + (' ...' if len(known) > 12 else '') if known else 'none'} "
                                f"(train one with %max_steer train, or list them with %max_steer list).")
     return vectors[name]

@@ -6,24 +6,33 @@ coefficients and the judged mixes) and, once the generation has ended, the top-k
 alternatives of both models. A click selects a step: ``view.selected`` is then that
 step's record and tensors.
 
-``follow(handle)`` reads the handle's events on a thread of its own and sends the new rows
-to the page as deltas, at most ``max_hz`` times a second (the front end is in
-``tokenview_assets``: plain strings, no build step, nothing fetched from the network).
+``follow(handle)`` listens to the handle's event pump (``GenerationHandle.subscribe``) and
+sends the new rows to the page as deltas, at most ``max_hz`` times a second. The front end
+is ``tokenview.js`` / ``tokenview.css`` next to this file (anywidget reads them: no build
+step, nothing fetched from the network). Displayed, the view is followed by its static copy
+(``fallback``): the final text with its token colouring and the live mix per step, kept in
+the saved notebook.
 """
 from __future__ import annotations
 
+import html
 import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anywidget
 import ipywidgets
 import traitlets
 
+from max_jupyter.jupyter.fallback import ShownWithFallback, StaticFallback
+from max_jupyter.jupyter.mixer import Mixer
+from max_jupyter.jupyter.render import result_html
 from max_jupyter.orchestrator.trace import GenerationResult, StepEvent, StepRecord
-from max_jupyter.jupyter.tokenview_assets import CSS, ESM
+
+WAITING = "the generation had not ended when this copy was made; its text appears here when it ends"
 
 
 @dataclass(frozen=True)
@@ -40,34 +49,39 @@ class SelectedStep:
     tensors: dict[str, Any] = field(default_factory=dict)
 
 
-class TokenView(anywidget.AnyWidget):
+class TokenView(ShownWithFallback, anywidget.AnyWidget):
     """Tokens of a generation as an interactive widget.
 
     ``TokenView(handle, session=s)`` follows a running ``GenerationHandle`` at once;
     ``session`` gives the tokenizers that spell the top-k alternatives (without it they
     show as ids). Traits: ``selected_step`` (the clicked step, -1 for none; synced both
     ways), ``status`` (shown above the tokens), ``judge`` (whose score colours the tokens;
-    empty: the first judge). ``records`` and ``result`` hold what has arrived.
+    empty: the first judge), ``closed`` (the session is closed: the view says so and takes
+    no clicks). ``records`` and ``result`` hold what has arrived; ``fallback`` is the static
+    copy shown under the view.
     """
 
-    _esm = ESM
-    _css = CSS
+    _esm = Path(__file__).with_name("tokenview.js")
+    _css = Path(__file__).with_name("tokenview.css")
     selected_step = traitlets.Int(-1).tag(sync=True)
     status = traitlets.Unicode("waiting for tokens").tag(sync=True)
     judge = traitlets.Unicode("").tag(sync=True)
+    closed = traitlets.Bool(False).tag(sync=True)
 
     def __init__(self, handle=None, *, session=None, max_hz: float = 20.0, **kwargs):
         super().__init__(**kwargs)
+        self._session = session
         self._big_tok = session.big.tokenizer if session is not None else None
         small = getattr(session, "small", None)
         self._small_tok = small.tokenizer if small is not None else None
         self.records: list[StepRecord] = []
         self.result: GenerationResult | None = None
+        self.fallback = StaticFallback(html.escape(WAITING))
         self._rows: list[dict] = []
         self._lock = threading.Lock()
         self._dirty_from: int | None = None
         self._status = self.status
-        self._handle = None
+        self._handle = self._listener = self._flusher = None
         self._interval = 1.0 / max_hz
         self.on_msg(self._on_page)
         if handle is not None:
@@ -75,12 +89,39 @@ class TokenView(anywidget.AnyWidget):
 
     def follow(self, handle) -> None:
         """Show ``handle``'s generation (from its first step), replacing what was shown."""
+        self._unfollow()
+        flusher = _Flusher(self._flush, self._interval)
         with self._lock:
             self.records, self._rows, self.result = [], [], None
             self._dirty_from, self._status = 0, f"{handle.state} · step 0"
-            self._handle = handle
-        threading.Thread(target=self._consume, args=(handle, _Flusher(self._flush, self._interval)),
-                         daemon=True, name="max-tokenview").start()
+            self._handle, self._flusher = handle, flusher
+        self.fallback.update(html.escape(WAITING))
+        flusher.start()
+        flusher.poke()
+        self._listener = handle.subscribe(lambda event: self._on_event(handle, event, flusher),
+                                          lambda ended: self._on_end(ended, flusher))
+
+    def _unfollow(self) -> None:
+        """Stop listening to the generation shown until now (if any)."""
+        handle, listener, flusher = self._handle, self._listener, self._flusher
+        if listener is not None:
+            handle.unsubscribe(listener)
+            flusher.stop()
+
+    def _on_event(self, handle, event: StepEvent, flusher: _Flusher) -> None:
+        if self._handle is handle:  # else follow() has moved on to another generation
+            self._push(event)
+            flusher.poke()
+
+    def _on_end(self, handle, flusher: _Flusher) -> None:
+        """The generation ended: its result (also a partial one), the static copy."""
+        if self._handle is handle:
+            self._finish(_outcome(handle), handle.state)
+            if self._session is not None and self._session.closed:
+                self.mark_closed()
+        flusher.stop()
+        if self._handle is handle:
+            self.fallback.update(self.static_html())
 
     def _push(self, event: StepEvent) -> None:
         """Add one step event (any thread); it reaches the page with the next batch."""
@@ -88,7 +129,7 @@ class TokenView(anywidget.AnyWidget):
             if event.record is None:  # text held back to the end belongs to the last token
                 if not self._rows:
                     return
-                self._rows[-1]["t"] += event.text
+                self._rows[-1]["text"] += event.text
                 self._mark(len(self._rows) - 1)
             else:
                 self.records.append(event.record)
@@ -109,6 +150,23 @@ class TokenView(anywidget.AnyWidget):
                 self._status = state
             self._mark(0)
 
+    def mark_closed(self) -> None:
+        """The session is closed: say so above the tokens and take no more clicks."""
+        with self._lock:
+            if not self._status.endswith("session closed"):
+                self._status += " · session closed"
+        self.closed = True
+        self.status = self._status
+
+    def static_html(self) -> str:
+        """The static copy: the result's text with its token colouring (a tooltip per token)
+        and summary, and the live mix per step; a note while there is no result."""
+        result = self.result
+        if result is None:
+            return html.escape(self._status)
+        return (result_html(result, self._big_tok, self._small_tok, self.judge or None)
+                + f'<div class="mj-summary">{html.escape(mix_per_step(result.steps))}</div>')
+
     @property
     def selected(self) -> SelectedStep | None:
         """The clicked step's record and tensors, or None when nothing is selected."""
@@ -116,23 +174,8 @@ class TokenView(anywidget.AnyWidget):
         with self._lock:
             if not 0 <= step < len(self.records):
                 return None
-            record, text, result = self.records[step], self._rows[step]["t"], self.result
+            record, text, result = self.records[step], self._rows[step]["text"], self.result
         return SelectedStep(step, record, text, _step_tensors(result, step) if result else {})
-
-    def _consume(self, handle, flusher: _Flusher) -> None:
-        """Worker of ``follow``: events -> rows, then the result (also a partial one)."""
-        flusher.start()
-        flusher.poke()
-        try:
-            for event in handle.events():
-                if self._handle is not handle:  # follow() moved on to another generation
-                    return
-                self._push(event)
-                flusher.poke()
-        finally:
-            if self._handle is handle:
-                self._finish(_outcome(handle), handle.state)
-            flusher.stop()
 
     def _mark(self, index: int) -> None:
         self._dirty_from = index if self._dirty_from is None else min(self._dirty_from, index)
@@ -157,12 +200,14 @@ class TokenView(anywidget.AnyWidget):
                 self._send_rows(0)
 
     def _row(self, record: StepRecord, text: str) -> dict:
-        return {"i": record.step, "t": text, "tok": record.token, "p": _finite(record.prob),
-                "sc": {k: _finite(v) for k, v in record.scores.items()},
-                "st": list(record.mixes_on), "mix": dict(record.live_coefs), "sd": record.steered,
-                "rr": record.rerun,
-                "ch": record.changed, "big": None, "small": None,
-                "ut": _spell(self._big_tok, record.unsteered_token) if record.rerun else None}
+        """A step as the page gets it (keys: see tokenview.js)."""
+        return {"step": record.step, "text": text, "token": record.token,
+                "prob": _finite(record.prob),
+                "scores": {k: _finite(v) for k, v in record.scores.items()},
+                "mixes_on": list(record.mixes_on), "live_coefs": dict(record.live_coefs),
+                "steered": record.steered, "rerun": record.rerun, "changed": record.changed,
+                "first_pass_text": _spell(self._big_tok, record.unsteered_token) if record.rerun else None,
+                "big": None, "small": None}
 
     def _add_alternatives(self, result: GenerationResult) -> None:
         for name, topk, tok in (("big", result.big_topk, self._big_tok),
@@ -173,20 +218,38 @@ class TokenView(anywidget.AnyWidget):
                 row[name] = [[_spell(tok, i), _finite(l)] for i, l in zip(ids, logits)]
 
 
-class LiveView(ipywidgets.VBox):
-    """What ``%%max_generate --live`` shows: the session's ``mixer`` above a TokenView
-    (``view``) following ``handle``."""
+class LiveView(ShownWithFallback, ipywidgets.VBox):
+    """What ``%%max_generate --live`` shows: a ``Mixer`` of the session (``mixer``) bound to
+    ``handle`` above a TokenView (``view``) following it. Its static copy is the view's."""
 
     def __init__(self, session, handle):
         self.handle = handle
-        self.mixer = session.mixer()
         self.view = TokenView(handle, session=session)
+        self.mixer = Mixer(session, handle)
+        self.mixer.on_session_closed(self.view.mark_closed)
+        self.fallback = self.view.fallback
         super().__init__([self.mixer, self.view])
 
     def close(self) -> None:
         self.mixer.close()
         self.view.close()
         super().close()
+
+
+def mix_per_step(records: list[StepRecord]) -> str:
+    """The live mix's coefficients per step as runs of equal steps, e.g. ``live mix per
+    step: 0-12 happy +0; 13-59 happy +0.8``."""
+    runs: list[list] = []  # [first step, last step, coefficients]
+    for record in records:
+        coefs = dict(record.live_coefs)
+        if runs and runs[-1][2] == coefs:
+            runs[-1][1] = record.step
+        else:
+            runs.append([record.step, record.step, coefs])
+    parts = [(f"{a}" if a == b else f"{a}-{b}") + " "
+             + (", ".join(f"{k} {v:+g}" for k, v in coefs.items()) or "empty")
+             for a, b, coefs in runs]
+    return "live mix per step: " + ("; ".join(parts) if parts else "no steps")
 
 
 class _Flusher:

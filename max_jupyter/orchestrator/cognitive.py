@@ -58,7 +58,7 @@ from max_jupyter.orchestrator.judges import (NO_MIXES, Judge, JudgeContext, Judg
                                              as_judges, check_judges)
 from max_jupyter.orchestrator.mirror import ContextMirror
 from max_jupyter.orchestrator.resolver import SteeringResolver
-from max_jupyter.orchestrator.sampling import Sampler, SamplingConfig
+from max_jupyter.orchestrator.sampling import Sampler, SamplingConfig, check_generation_args
 from max_jupyter.orchestrator.speculative import (MAX_SPECULATE, Block, DraftLength, SmallState,
                                                   draft_and_verify)
 from max_jupyter.orchestrator.stopping import StopStrings
@@ -66,7 +66,7 @@ from max_jupyter.orchestrator.trace import (GenerationResult, StepEvent, StepRec
                                             TraceRecorder)
 from max_jupyter.orchestrator.types import Prompt, Steering, prompt_ids, run_to_end
 from max_jupyter.tokenizer import StreamDecoder
-from max_jupyter.validation import check_generation_args, check_int
+from max_jupyter.validation import check_int
 
 Ahead = tuple[LayerDeltas | None, ForwardResult]
 """A big forward issued ahead of its step: the deltas it ran with and its output."""

@@ -1,11 +1,14 @@
 """Choosing the next token from logits: greedy, or temperature / top-k / top-p with a seed."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from max_jupyter.validation import MAX_SEED, MAX_TEMPERATURE, check_int, check_real
+from max_jupyter.validation import (MAX_SEED, MAX_TEMPERATURE, check_int, check_real, check_stop,
+                                    check_type)
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,16 @@ class SamplingConfig:
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
+
+
+def check_generation_args(max_new_tokens: Any, sampling: Any, stop: Any
+                          ) -> tuple[int, SamplingConfig, tuple[str, ...]]:
+    """Validate and normalise a generation's ``max_new_tokens`` (int >= 1), ``sampling`` (a
+    ``SamplingConfig``) and ``stop`` (a list of non-empty strings, or None)."""
+    n = check_int("max_new_tokens", max_new_tokens, low=1, fix="use a whole number >= 1 such as 128")
+    fix = ("use SamplingConfig(**d)" if isinstance(sampling, Mapping)
+           else "pass SamplingConfig(temperature=..., top_k=..., top_p=..., seed=...)")
+    return n, check_type("sampling", sampling, SamplingConfig, fix), check_stop(stop)
 
 
 class Sampler:

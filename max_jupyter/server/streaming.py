@@ -9,7 +9,6 @@ the same way while it waits.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +38,8 @@ class _Failed:
 
 async def follow(handle) -> AsyncIterator[StepEvent | Finished]:
     """Yield the handle's ``StepEvent``s in order, then ``Finished``; the worker's exception
-    is raised here. A daemon thread reads the handle and ends with it."""
+    is raised here. A listener of the handle's event pump feeds the loop; it is
+    unsubscribed when this generator ends, however it ends."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -49,22 +49,23 @@ async def follow(handle) -> AsyncIterator[StepEvent | Finished]:
         except RuntimeError:  # the loop is closed: nobody is listening any more
             handle.stop()
 
-    def pump() -> None:
+    def end(ended) -> None:
         try:
-            for event in handle.events():
-                put(event)
-            put(Finished(handle.result()))
+            put(Finished(ended.result(0)))
         except BaseException as error:  # noqa: BLE001 - delivered to the request's task
             put(_Failed(error))
 
-    threading.Thread(target=pump, name="max-jupyter-server-follow", daemon=True).start()
-    while True:
-        item = await queue.get()
-        if isinstance(item, _Failed):
-            raise item.error
-        yield item
-        if isinstance(item, Finished):
-            return
+    listener = handle.subscribe(put, end)
+    try:
+        while True:
+            item = await queue.get()
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+            if isinstance(item, Finished):
+                return
+    finally:
+        handle.unsubscribe(listener)
 
 
 async def sse_body(handle, reply: Reply, include_usage: bool) -> AsyncIterator[bytes]:

@@ -1,0 +1,121 @@
+"""``%%max_generate``: generate from the cell; and the generation options every magic
+that generates shares (``generation_options``)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from IPython.core.error import UsageError
+from IPython.core.magic_arguments import argument, magic_arguments
+
+from max_jupyter.jupyter.magics.arguments import layers_arg, parse, usage_errors
+from max_jupyter.jupyter.steerspec import spec_mix
+from max_jupyter.orchestrator.speculative import MAX_SPECULATE
+
+
+def generation_options(magics, args, session) -> dict:
+    """Session.generate keywords from parsed options and the %config defaults
+    (``speculate`` only when ``--speculate`` is given or the trait is not 0: otherwise
+    the session's default stands)."""
+    from max_jupyter.orchestrator.trace import TraceConfig
+
+    opts = {"max_new_tokens": args.n if args.n is not None else magics.max_new_tokens,
+            "temperature": args.temperature if args.temperature is not None else magics.temperature,
+            "top_p": args.top_p if args.top_p is not None else magics.top_p,
+            "top_k": args.top_k if args.top_k is not None else magics.top_k,
+            "seed": args.seed if args.seed is not None else magics.seed,
+            "system": args.system if args.system is not None else magics.system}
+    opts = {k: v for k, v in opts.items() if v is not None}
+    if args.speculate is not None or magics.speculate:
+        opts["speculate"] = args.speculate if args.speculate is not None else magics.speculate
+    if args.raw:
+        opts["chat"] = False
+    if args.steer:
+        opts["steering"] = spec_mix(args.steer, session.vectors, session.big.identity)
+    if args.judge:
+        opts["judges"] = judge_names(args.judge)
+    big = layers_arg(args.capture or magics.capture or None, session.big.identity.num_layers,
+                     "--capture")
+    small = (layers_arg(args.capture_small, session.small.identity.num_layers, "--capture-small")
+             if args.capture_small and session.small is not None else None)
+    if args.capture_small and session.small is None:
+        raise UsageError("--capture-small: there is no small model (%max_load --small ...).")
+    if big or small:
+        opts["trace"] = TraceConfig(big_layers=big or (), small_layers=small or ())
+    return opts
+
+
+def judge_names(names: Sequence[str]) -> list[str]:
+    """``--judge`` values: names of the session's judges, or just ``none``."""
+    return [] if list(names) == ["none"] else list(names)
+
+
+@magic_arguments()
+@argument("-n", type=int, default=None, metavar="N", help="Tokens to generate.")
+@argument("--temperature", type=float, default=None, metavar="T", help="0: greedy.")
+@argument("--top-p", type=float, default=None, metavar="P", help="Nucleus sampling mass.")
+@argument("--top-k", type=int, default=None, metavar="K", help="Sample among the K best.")
+@argument("--seed", type=int, default=None, metavar="S", help="Sampling seed.")
+@argument("--speculate", type=int, default=None, metavar="K",
+          help=f"Speculative decoding: the small model drafts up to K tokens a step for the "
+               f"big one to verify (0: off; at most {MAX_SPECULATE}).")
+@argument("--steer", action="append", default=[], metavar="SPEC",
+          help="Extra steering for this cell: 'joy:0.8', '0.5*joy - 0.3*formal@12-16' "
+               "(repeatable; quote an expression that has spaces).")
+@argument("--judge", action="append", default=[], metavar="NAME",
+          help="Use only these judges (repeatable; 'none': no judges; default: all of the session's).")
+@argument("--capture", default=None, metavar="LAYERS",
+          help="Big-model layers whose states to keep per step, e.g. 12-15 or 10,14.")
+@argument("--capture-small", default=None, metavar="LAYERS", help="Small-model layers to keep.")
+@argument("--raw", action="store_true", help="The cell is raw text: no chat template.")
+@argument("--system", default=None, metavar="TEXT", help="System message.")
+@argument("-v", dest="var", default=None, metavar="VAR",
+          help="Also store the result (or the handle, with --background) in VAR.")
+@argument("--background", action="store_true",
+          help="Return a GenerationHandle at once; the kernel stays free.")
+@argument("--no-stream", action="store_true", help="Show nothing until the result.")
+@argument("--live", action="store_true",
+          help="As --background, showing the live token view under the mixer (VAR gets "
+               "that LiveView: .handle, .view, .mixer).")
+def max_generate(magics, line: str, cell: str):
+    """Generate from the cell (the prompt, verbatim); stream the text; return the result."""
+    args = parse(max_generate, line)
+    session = magics.need_session()
+    prompt = cell.strip("\n")
+    if not prompt.strip():
+        raise UsageError("the cell is empty; write the prompt below %%max_generate.")
+    with usage_errors():
+        opts = generation_options(magics, args, session)
+        if args.live:
+            from max_jupyter.jupyter.tokenview import LiveView
+
+            out = LiveView(session, session.start(prompt, **opts))
+        elif args.background:
+            out = session.start(prompt, **opts)
+        else:
+            out = generate_streamed(session, prompt, opts, magics.update_hz,
+                                    stream=magics.stream and not args.no_stream)
+    if args.var:
+        magics.shell.user_ns[args.var] = out
+    return out
+
+
+def generate_streamed(session, prompt: str, opts: dict, update_hz: float, stream: bool):
+    """Blocking generation, streamed into the cell output (at most ``update_hz`` updates a
+    second) unless ``stream`` is False. Ctrl-C stops it within one step and returns the
+    partial result (as ``Session.generate`` does), here with the events read on the cell's
+    thread."""
+    if not stream:
+        return session.generate(prompt, **opts)
+    from max_jupyter.jupyter.stream import StreamDisplay
+
+    handle = session.start(prompt, **opts)
+    view = StreamDisplay(update_hz)
+    try:
+        for event in handle.events():
+            view.add(event)
+        return handle.result()
+    except KeyboardInterrupt:
+        handle.stop("interrupted")
+        return handle.result()
+    finally:
+        view.close()

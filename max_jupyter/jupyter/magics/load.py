@@ -1,0 +1,51 @@
+"""``%max_load``: load the models into a Session (closing the previous one)."""
+from __future__ import annotations
+
+from IPython.core.error import UsageError
+from IPython.core.magic_arguments import argument, magic_arguments
+
+from max_jupyter.jupyter.magics.arguments import parse, usage_errors
+
+
+@magic_arguments()
+@argument("big", nargs="?", default=None,
+          help="Big model: a local HF folder or .gguf file (default: the embedded SmolLM2).")
+@argument("--small", default=None, help="Small model: a folder, a .gguf, or 'same' (the big one again).")
+@argument("--backend", default="auto", help="auto, transformers or exllamav2.")
+@argument("--vram", type=float, default=None, metavar="GB", help="GPU memory budget in GB.")
+@argument("--cache-tokens", type=int, default=None, metavar="N", help="KV cache length in tokens.")
+@argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if present).")
+@argument("--store", default="default",
+          help="Vector library: 'default' (kept across kernels), ':memory:' (a throwaway "
+               "library), 'none' (a plain dict), or a path to a SQLite file.")
+@argument("--session", default=None, metavar="VAR",
+          help="Use the Session already in variable VAR instead of loading one.")
+def max_load(magics, line: str = ""):
+    """Load the models into a Session (closing the previous one) and print its layout."""
+    from max_jupyter.session import Session
+
+    args = parse(max_load, line)
+    if args.session is not None:
+        session = magics.shell.user_ns.get(args.session)
+        if not isinstance(session, Session) or session.closed:
+            raise UsageError(f"--session {args.session}: no open Session in that variable.")
+    else:
+        from max_jupyter.loading import check_sources
+
+        with usage_errors():  # a mistyped source must not cost the session that works
+            check_sources(args.big, args.small, args.backend)
+        magics.close_session()  # first: the memory goes back before the new models load
+        store = None if args.store == "none" else args.store
+        with usage_errors():
+            session = Session.load(args.big, args.small, backend=args.backend,
+                                   max_vram_gb=args.vram, cache_tokens=args.cache_tokens,
+                                   device=args.device, store=store)
+    if magics.session is not session:
+        magics.close_session()
+    magics.session = session
+    magics.shell.user_ns["max_session"] = session
+    print(f"big:   {session.big.identity.describe()}")
+    if session.small is not None:
+        print(f"small: {session.small.identity.describe()}")
+    if session.plan is not None:
+        print(session.plan)
