@@ -104,7 +104,7 @@ def test_the_view_leaves_a_static_copy_of_the_final_text(kernel):
     assert updates, "the static copy was not brought up to date at the end"
     last = updates[-1]
     text, coefs = json.loads(kernel.run(
-        "r = h.result()\nprint(json.dumps([r.text, [st.mix['happy'] for st in r.steps]]))"))
+        "r = h.result()\nprint(json.dumps([r.text, [st.live_coefs['happy'] for st in r.steps]]))"))
     assert len(re.findall(r'<span class="mj-tok[^"]*" style=', last)) == STEPS
     assert text in html.unescape(re.sub(r"<[^>]+>", "", last))
     switch = coefs.index(NEW)
