@@ -18,7 +18,6 @@ from max_jupyter.errors import BadArgumentError
 
 if TYPE_CHECKING:
     from max_jupyter.engines.base import ModelIdentity
-    from max_jupyter.orchestrator.sampling import SamplingConfig
 
 MAX_COEF = 1e4
 """Largest steering coefficient accepted: beyond it the delta swamps the residual stream
@@ -242,17 +241,3 @@ def check_dtype(dtype: Any) -> torch.dtype | None:
         return dtype
     raise fail("dtype", dtype, "is not a supported weight dtype",
                "use torch.float32, torch.float16 or torch.bfloat16 (or their names)")
-
-
-def check_generation_args(max_new_tokens: Any, sampling: Any, stop: Any
-                          ) -> tuple[int, SamplingConfig, tuple[str, ...]]:
-    """Validate and normalise a generation's ``max_new_tokens`` (int >= 1), ``sampling`` (a
-    ``SamplingConfig``) and ``stop`` (a list of non-empty strings, or None)."""
-    from max_jupyter.orchestrator.sampling import SamplingConfig
-
-    n = check_int("max_new_tokens", max_new_tokens, low=1, fix="use a whole number >= 1 such as 128")
-    if not isinstance(sampling, SamplingConfig):
-        fix = ("use SamplingConfig(**d)" if isinstance(sampling, Mapping)
-               else "pass SamplingConfig(temperature=..., top_k=..., top_p=..., seed=...)")
-        raise fail("sampling", sampling, f"is a {_type_name(sampling)}, not a SamplingConfig", fix)
-    return n, sampling, check_stop(stop)
