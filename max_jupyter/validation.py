@@ -26,6 +26,7 @@ class ModelShape(Protocol):
 
     def describe(self) -> str: ...
 
+
 MAX_COEF = 1e4
 """Largest steering coefficient accepted: beyond it the delta swamps the residual stream
 (a coefficient of 1e30 makes every logit 0 or NaN), which is never what was meant."""

@@ -4,6 +4,7 @@ from max_jupyter.orchestrator.judges import (DEFAULT_MIX, Always, DivergenceJudg
                                              Judge, JudgeContext, JudgeError, Never, ProbeJudge,
                                              Verdict)
 from max_jupyter.orchestrator.mirror import ContextMirror, MirrorError
+from max_jupyter.orchestrator.options import GenerationOptions
 from max_jupyter.orchestrator.plain import generate, stream
 from max_jupyter.orchestrator.types import Generation
 from max_jupyter.orchestrator.sampling import Sampler, SamplingConfig
@@ -11,6 +12,7 @@ from max_jupyter.orchestrator.trace import (GenerationResult, StepEvent, StepRec
                                             TraceConfig)
 
 __all__ = ["DEFAULT_MIX", "Always", "CognitiveOrchestrator", "ContextMirror", "DivergenceJudge",
-           "FunctionJudge", "Generation", "GenerationResult", "Judge", "JudgeContext",
-           "JudgeError", "MirrorError", "Never", "ProbeJudge", "Sampler", "SamplingConfig",
-           "StepEvent", "StepRecord", "TopK", "TraceConfig", "Verdict", "generate", "stream"]
+           "FunctionJudge", "Generation", "GenerationOptions", "GenerationResult", "Judge",
+           "JudgeContext", "JudgeError", "MirrorError", "Never", "ProbeJudge", "Sampler",
+           "SamplingConfig", "StepEvent", "StepRecord", "TopK", "TraceConfig", "Verdict",
+           "generate", "stream"]

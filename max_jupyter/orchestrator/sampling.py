@@ -43,16 +43,6 @@ class SamplingConfig:
             object.__setattr__(self, name, value)
 
 
-def check_generation_args(max_new_tokens: Any, sampling: Any, stop: Any
-                          ) -> tuple[int, SamplingConfig, tuple[str, ...]]:
-    """Validate and normalise a generation's ``max_new_tokens`` (int >= 1), ``sampling`` (a
-    ``SamplingConfig``) and ``stop`` (a list of non-empty strings, or None)."""
-    n = check_int("max_new_tokens", max_new_tokens, low=1, fix="use a whole number >= 1 such as 128")
-    fix = ("use SamplingConfig(**d)" if isinstance(sampling, Mapping)
-           else "pass SamplingConfig(temperature=..., top_k=..., top_p=..., seed=...)")
-    return n, check_type("sampling", sampling, SamplingConfig, fix), check_stop(stop)
-
-
 class Sampler:
     """Draws tokens for one generation; holds its own random generator."""
 

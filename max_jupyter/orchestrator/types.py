@@ -10,6 +10,7 @@ from max_jupyter.engines.base import Engine, LayerDeltas
 from max_jupyter.steering.mix import Mix
 from max_jupyter.steering.vector import SteeringVector
 from max_jupyter.tokenizer import Message
+from max_jupyter.errors import BadArgumentError
 from max_jupyter.validation import check_token_ids, fail
 
 T, R = TypeVar("T"), TypeVar("R")
@@ -57,6 +58,20 @@ def prompt_ids(engine: Engine, prompt: Prompt, chat: bool = True) -> list[int]:
     if not ids:
         raise fail("prompt", prompt, "is empty", "give text, chat messages or token ids")
     return ids
+
+
+def with_system(prompt: Prompt, system: str | None) -> Prompt:
+    """``prompt`` with a system message first (text becomes a user turn); unchanged
+    without ``system``. Token ids cannot take one."""
+    if system is None:
+        return prompt
+    if isinstance(prompt, str):
+        return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    prompt = list(prompt)
+    if prompt and all(isinstance(m, dict) for m in prompt):
+        return [{"role": "system", "content": system}, *prompt]
+    raise BadArgumentError("system= needs a text or chat-message prompt; token ids already "
+                           "hold any system turn.")
 
 
 def as_mix(steering: Steering) -> Mix | None:
