@@ -6,6 +6,7 @@ The default vector store of this test run (also for the kernels and servers it s
 file in a temporary folder, never the user's own library."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 
@@ -66,6 +67,18 @@ def assert_mirrors(engine, ids: list[int]) -> None:
     assert engine.seq_len == len(ids)
     on_cache = engine.step(ids[-1]).logits
     torch.testing.assert_close(on_cache, engine.prefill(ids + [ids[-1]]).logits, atol=2e-4, rtol=1e-4)
+
+
+GPU_MISSING = ("needs CUDA" if not torch.cuda.is_available()
+               else "needs exllamav2" if importlib.util.find_spec("exllamav2") is None else None)
+"""Why tests marked ``gpu`` skip here, or None where they run."""
+
+
+def pytest_runtest_setup(item):
+    """Skip a test marked ``gpu`` where CUDA or exllamav2 is missing (the one definition of
+    the GPU markers)."""
+    if GPU_MISSING is not None and item.get_closest_marker("gpu") is not None:
+        pytest.skip(GPU_MISSING)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -28,6 +28,8 @@ from max_jupyter.orchestrator import SamplingConfig, generate
 from max_jupyter.steering import SteeringController, SteeringVector, train_vector
 from max_jupyter.validation import check_generation_args
 
+pytestmark = pytest.mark.slow  # vectors trained on the embedded model
+
 PROMPT = "Name three colours."
 CHECK_TOKENS = 3
 

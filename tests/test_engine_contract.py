@@ -9,7 +9,6 @@ the residual it is added to by exactly itself.
 """
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
@@ -17,13 +16,11 @@ import torch
 from max_jupyter.errors import BadArgumentError, ContextOverflowError
 from test_exllamav2_parity import build_model, tokenizer_folder  # noqa: F401 (a fixture)
 
+pytestmark = pytest.mark.slow  # the embedded model (and ExLlamaV2 on a GPU)
+
 BACKENDS = [
     pytest.param("transformers", id="transformers"),
-    pytest.param("exllamav2", id="exllamav2", marks=[
-        pytest.mark.gpu,
-        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-        pytest.mark.skipif(importlib.util.find_spec("exllamav2") is None, reason="needs exllamav2"),
-    ]),
+    pytest.param("exllamav2", id="exllamav2", marks=pytest.mark.gpu),
 ]
 TOLERANCE = {"transformers": 1e-4, "exllamav2": 2e-2}  # absolute, on logits and hidden states
 PROMPT = "The quick brown fox jumps over the lazy dog because"

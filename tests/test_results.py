@@ -12,6 +12,8 @@ from max_jupyter.orchestrator import CognitiveOrchestrator, DivergenceJudge, Pro
 from max_jupyter.orchestrator.trace import GenerationResult, StepRecord
 from max_jupyter.steering import SteeringController
 
+pytestmark = pytest.mark.slow  # a generation of the embedded model
+
 
 @pytest.fixture(scope="module")
 def result(engine, small, vector) -> GenerationResult:

@@ -23,6 +23,8 @@ from max_jupyter.server import BackgroundServer  # noqa: E402
 from max_jupyter.session import Session  # noqa: E402
 from max_jupyter.steering import SteeringController  # noqa: E402
 
+pytestmark = pytest.mark.slow  # HTTP servers on Sessions of the embedded model
+
 KEY = "test-key-123"
 MODEL = "max-jupyter"
 HAPPY = (["I love this, it is wonderful!", "Great joy and happiness."],
