@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from max_jupyter.engines import TransformersEngine
-from max_jupyter.testing import build_tiny_model
 from max_jupyter.steering import SteeringVector, train_vector
-
+from max_jupyter.testing import build_tiny_model
 
 os.environ.setdefault("MAX_JUPYTER_STORE",
                       os.path.join(tempfile.mkdtemp(prefix="max_jupyter-tests-"), "vectors.sqlite"))

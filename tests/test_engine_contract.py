@@ -10,7 +10,6 @@ the residual it is added to by exactly itself.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 
