@@ -167,13 +167,14 @@ class ScriptedEngine(Engine):
     The KV cache is the list of fed ids with, per position, a hash ``c_p`` of the ids up to
     it and the sum of the deltas fed up to it. A position's residual at layer ``i`` is
     ``h0(p) * (1 + i / num_layers)``, plus the deltas at layers ``0..i`` fed with it, plus
-    half the mean of what earlier positions got at layers below ``i`` (an "attention"), so a
+    a tenth of the mean of what earlier positions got at layers below ``i`` (an "attention"): a
     cache that lost, repeated or mis-steered a position changes later outputs, as in a real
     model; ``h0(p)`` sums a token embedding and a row chosen by ``c_p``. The logits are
-    ``head @ h_last``: a delta ``d`` fed with a position moves its logits by exactly
-    ``head @ d`` (``direction(token)`` gives a delta that favours ``token``). EOS ids are held 20 logits
-    down, except that with ``eos_at`` the position that makes the context ``eos_at`` long
-    predicts the first EOS id (20 logits up). All weights come from ``seed``.
+    ``head @ h_last`` plus a fixed bias: a delta ``d`` fed with a position moves its logits
+    by exactly ``head @ d`` (``direction(token)`` gives a delta that favours ``token``). The
+    bias holds EOS ids 20 logits down and tokens that do not decode to printable ASCII 10
+    (so greedy text is readable); with ``eos_at``, the position that makes the context
+    ``eos_at`` long predicts the first EOS id (20 logits up). All weights come from ``seed``.
 
     ``agreement`` (a drafter): in about ``1 - agreement`` of contexts (chosen by ``c_p``) a
     second token gets the top logit, so an engine with ``agreement < 1`` and the same seed
@@ -195,8 +196,12 @@ class ScriptedEngine(Engine):
         g = torch.Generator().manual_seed(seed)
         self.embed = torch.randn(vocab, hidden_size, generator=g)  # [vocab, hidden]
         self.context_rows = torch.randn(4096, hidden_size, generator=g)  # [4096, hidden]
-        self.head = torch.randn(vocab, hidden_size, generator=g) / hidden_size ** 0.5  # [vocab, hidden]
+        head = torch.randn(vocab, hidden_size, generator=g)
+        self.head = head / head.norm(dim=1, keepdim=True)  # [vocab, hidden], unit rows
         self._eos = sorted(self.tokenizer.eos_ids)
+        self._bias = torch.tensor([0.0 if _readable(self.tokenizer.decode([i])) else -10.0
+                                   for i in range(vocab)])  # [vocab]: readable text wins
+        self._bias[self._eos] = -20.0
         fingerprint = hashlib.sha256(repr((seed, vocab, num_layers, hidden_size, agreement,
                                            eos_at)).encode()).hexdigest()
         self.identity = ModelIdentity("ScriptedEngine", num_layers, hidden_size, vocab, fingerprint)
@@ -221,10 +226,10 @@ class ScriptedEngine(Engine):
         del self._ids[keep:], self._hashes[keep:], self._sums[keep:]
 
     def direction(self, token: int, norm: float = 1.0) -> torch.Tensor:
-        """A ``[hidden]`` delta of length ``norm`` along ``token``'s head row: added at any
-        layer, it raises ``token``'s logit by ``norm * |head[token]|``, more than any other's."""
-        row = self.head[token]
-        return row * (norm / float(row.norm()))
+        """A ``[hidden]`` delta of length ``norm`` along ``token``'s head row: fed with a
+        position, it raises ``token``'s logit by ``norm`` and every other's by less (the
+        rows have unit length); large enough, it makes ``token`` the greedy choice."""
+        return self.head[token] * norm
 
     def _forward(self, ids: list[int], deltas: dict[int, torch.Tensor],
                  capture: frozenset[int]) -> ForwardResult:
@@ -255,7 +260,7 @@ class ScriptedEngine(Engine):
         for row in range(len(ids)):  # one position at a time: the same rounding as single steps
             earlier = len(self._ids) + row
             if earlier:  # attention: the mean of what earlier positions got below each layer
-                carry[row, 1:] = 0.5 * total[:-1] / earlier
+                carry[row, 1:] = 0.1 * total[:-1] / earlier
             total = total + added
             sums.append(total)
         scale = 1 + torch.arange(n_layers, dtype=torch.float32) / n_layers  # [layers]
@@ -269,14 +274,19 @@ class ScriptedEngine(Engine):
         return logits, {i: states[:, i].clone() for i in capture}
 
     def _script(self, logits: torch.Tensor, hashes: list[int], before: int) -> None:
-        """EOS held down (or up at ``eos_at``), and the drafter's disagreements, in place."""
-        logits[:, self._eos] -= 20.0
+        """The bias (EOS and unreadable tokens held down), EOS at ``eos_at`` and the
+        drafter's disagreements, in place."""
+        logits += self._bias
         for row, c in enumerate(hashes):
             if before + row + 1 == self.eos_at:
                 logits[row, self._eos[0]] += 40.0
             elif (c >> 20) % 1000 >= self.agreement * 1000:
                 second = int(logits[row].topk(2).indices[1])
                 logits[row, second] = logits[row].max() + 1.0
+
+
+def _readable(text: str) -> bool:
+    return text.isascii() and text.isprintable()
 
 
 def _mix(c: int, x: int) -> int:
