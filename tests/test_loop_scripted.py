@@ -79,7 +79,8 @@ def test_a_mix_steers_every_step_and_the_prompt_if_asked(big, steer_prompt):
     ids = big.tokenizer.chat(PROMPT)
     assert result.token_ids == greedy(big, ids, 8, lambda step: vector, steer_prompt)
     unsteered = greedy(big, ids, 1)[0]
-    assert result.token_ids[0] == (target if steer_prompt else unsteered) != (unsteered if steer_prompt else target)
+    assert unsteered != target
+    assert result.token_ids[0] == (target if steer_prompt else unsteered)
     assert result.token_ids[1:] == [target] * 7
     assert all(r.steered for r in result.steps[1:]) and result.steps[0].steered == steer_prompt
 
@@ -182,9 +183,9 @@ def test_a_mirror_of_another_vocabulary_follows_the_text(big, other):
 def test_stop_strings_end_the_text_before_them(big):
     free = CognitiveOrchestrator(big).generate(PROMPT, max_new_tokens=40)
     for stop in (free.text[12:15], free.text[30:31]):  # in or across tokens, and one character
-        pieces = []
+        pieces: list[str] = []
         result = CognitiveOrchestrator(big).generate(PROMPT, max_new_tokens=40, stop=[stop, "\x00"],
-                                                     on_event=lambda e: pieces.append(e.text))
+                                                     on_event=lambda e, pieces=pieces: pieces.append(e.text))
         assert result.finish_reason == "stop" and result.text == free.text[:free.text.index(stop)]
         assert "".join(pieces) == result.text
         assert result.token_ids == free.token_ids[:len(result.token_ids)]
