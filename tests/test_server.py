@@ -84,7 +84,11 @@ def judge(session):
 
 
 @pytest.fixture(autouse=True)
-def empty_live_mix(session):
+def empty_live_mix(request):
+    if "session" not in request.fixturenames:  # (a test on its own models runs once, not per session)
+        yield
+        return
+    session = request.getfixturevalue("session")
     session.mix.clear()
     yield
     session.mix.clear()
