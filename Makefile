@@ -1,6 +1,6 @@
 # Two commands for a fresh machine; each sets up what it needs in .venv first.
 #   make quickstart   load the embedded model, generate plain and steered, print both
-#   make test         run the test suite
+#   make test         run the test suite (make test-fast: only the tests not marked slow)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 # or a CUDA build for a GPU box.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: quickstart test bench clean-cache
+.PHONY: quickstart test test-fast bench clean-cache
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ quickstart: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(VENV)/.installed
 	$(PY) bench/cpu_steering.py

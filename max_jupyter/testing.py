@@ -1,15 +1,24 @@
-"""Weights built here, for tests and benchmarks without a model hub.
+"""Models built here, for tests and benchmarks without a model hub.
 
 ``write_gptq_rtn`` turns a model into a 4-bit GPTQ checkpoint (its dequantised weights
 written back, so the model is the exact reference); ``build_tiny_model`` makes a tiny random
-Llama with a tokenizer of its own.
+Llama with a tokenizer of its own; ``ScriptedEngine`` is the whole engine contract without a
+neural network (logits and hidden states are cheap functions of the context), for fast tests
+of the loop, speculative decoding, the Session and the server.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
+from max_jupyter.engines.base import Engine, ForwardResult, ModelIdentity
 from max_jupyter.models import write_rope_theta
+from max_jupyter.tokenizer import Tokenizer
 
 GPTQ_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -26,7 +35,6 @@ def write_gptq_rtn(model, folder: str | os.PathLike, group_size: int = 128) -> P
     """
     import json
 
-    import torch
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -83,8 +91,6 @@ def _rtn4(weight, group_size: int):
 
 def _pack4(values, dim: int):
     """Pack 4-bit ``values`` (int64, 0..15) eight to an int32 along ``dim`` (low nibble first)."""
-    import torch
-
     v = values.movedim(dim, 0)
     v = v.reshape(v.shape[0] // 8, 8, *v.shape[1:])  # [n/8, 8, ...]
     shifts = (torch.arange(8, device=v.device) * 4).reshape(1, 8, *([1] * (v.dim() - 2)))
@@ -103,23 +109,40 @@ TINY_TEXT = [
 ]
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+"""A ChatML chat template (SmolLM2's and Qwen's turn markers)."""
+
+
+def build_tiny_tokenizer(vocab_size: int = 320, chat: bool = False):
+    """A byte-level BPE of about ``vocab_size`` tokens trained on ``TINY_TEXT`` in-process (a
+    few milliseconds), as a HF ``PreTrainedTokenizerFast``: EOS ``<|endoftext|>``; with
+    ``chat``, also ``<|im_start|>`` / ``<|im_end|>`` and the ``CHATML`` template. Any text
+    encodes (bytes are in the alphabet)."""
+    from tokenizers import Tokenizer as BPETokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|endoftext|>", *(["<|im_start|>", "<|im_end|>"] if chat else [])]
+    bpe = BPETokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(TINY_TEXT, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                   chat_template=CHATML if chat else None)
+
+
 def build_tiny_model(folder: str | os.PathLike, seed: int = 0) -> Path:
     """Train a ~300-token byte-level BPE on ``TINY_TEXT`` and save it with a randomly
     initialised 2-layer Llama (hidden 64) as a HF folder; return ``folder``.
 
     A small model whose tokenizer differs from the embedded one, built here with no
     download (for the text-level mirror, its tests and benchmarks)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(TINY_TEXT, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tokenizer = build_tiny_tokenizer(320)
     folder = Path(folder)
     tokenizer.save_pretrained(folder)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
@@ -128,3 +151,145 @@ def build_tiny_model(folder: str | os.PathLike, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+@functools.lru_cache(maxsize=None)
+def scripted_tokenizer(vocab_size: int = 320) -> Tokenizer:
+    """The tokenizer of ``ScriptedEngine``s of this vocabulary size (one object per size, so
+    engines of one size share it): ``build_tiny_tokenizer(vocab_size, chat=True)``."""
+    return Tokenizer(build_tiny_tokenizer(vocab_size, chat=True))
+
+
+class ScriptedEngine(Engine):
+    """The engine contract without a network: deterministic, exact and cheap (microseconds a
+    token), for tests of everything above the engines.
+
+    The KV cache is the list of fed ids with, per position, a hash ``c_p`` of the ids up to
+    it and the sum of the deltas fed up to it. A position's residual at layer ``i`` is
+    ``h0(p) * (1 + i / num_layers)``, plus the deltas at layers ``0..i`` fed with it, plus
+    a tenth of the mean of what earlier positions got at layers below ``i`` (an "attention"): a
+    cache that lost, repeated or mis-steered a position changes later outputs, as in a real
+    model; ``h0(p)`` sums a token embedding and a row chosen by ``c_p``. The logits are
+    ``head @ h_last`` plus a fixed bias: a delta ``d`` fed with a position moves its logits
+    by exactly ``head @ d`` (``direction(token)`` gives a delta that favours ``token``). The
+    bias holds EOS ids 20 logits down and tokens that do not decode to printable ASCII 10
+    (so greedy text is readable); with ``eos_at``, the position that makes the context
+    ``eos_at`` long predicts the first EOS id (20 logits up). All weights come from ``seed``.
+
+    ``agreement`` (a drafter): in about ``1 - agreement`` of contexts (chosen by ``c_p``) a
+    second token gets the top logit, so an engine with ``agreement < 1`` and the same seed
+    drafts for one with ``agreement == 1``, agreeing on that fraction of greedy tokens.
+    ``before_forward(ids)``, if set, is called before each pass (checked arguments, cache
+    untouched): a test can raise there (an interrupt) or sleep (a slow model).
+    ``cached_ids`` is what the cache holds.
+    """
+
+    supports_verify = True
+
+    def __init__(self, *, seed: int = 0, vocab_size: int = 320, num_layers: int = 4,
+                 hidden_size: int = 16, max_seq_len: int = 4096, agreement: float = 1.0,
+                 eos_at: int | None = None):
+        self.tokenizer = scripted_tokenizer(vocab_size)
+        vocab = self.tokenizer.vocab_size
+        self.device, self.dtype, self.max_seq_len = torch.device("cpu"), torch.float32, max_seq_len
+        self.agreement, self.eos_at = agreement, eos_at
+        g = torch.Generator().manual_seed(seed)
+        self.embed = torch.randn(vocab, hidden_size, generator=g)  # [vocab, hidden]
+        self.context_rows = torch.randn(4096, hidden_size, generator=g)  # [4096, hidden]
+        head = torch.randn(vocab, hidden_size, generator=g)
+        self.head = head / head.norm(dim=1, keepdim=True)  # [vocab, hidden], unit rows
+        self._eos = sorted(self.tokenizer.eos_ids)
+        self._bias = torch.tensor([0.0 if _readable(self.tokenizer.decode([i])) else -10.0
+                                   for i in range(vocab)])  # [vocab]: readable text wins
+        self._bias[self._eos] = -20.0
+        fingerprint = hashlib.sha256(repr((seed, vocab, num_layers, hidden_size, agreement,
+                                           eos_at)).encode()).hexdigest()
+        self.identity = ModelIdentity("ScriptedEngine", num_layers, hidden_size, vocab, fingerprint)
+        self.before_forward: Callable[[list[int]], None] | None = None
+        self._ids: list[int] = []
+        self._hashes: list[int] = []  # per position: the hash of the ids up to it
+        self._sums: list[torch.Tensor] = []  # per position: [layers, hidden] deltas added up to it
+
+    @property
+    def cached_ids(self) -> list[int]:
+        return list(self._ids)
+
+    @property
+    def seq_len(self) -> int:
+        return len(self._ids)
+
+    def reset(self) -> None:
+        self._ids, self._hashes, self._sums = [], [], []
+
+    def _rewind(self, n: int) -> None:
+        keep = len(self._ids) - n
+        del self._ids[keep:], self._hashes[keep:], self._sums[keep:]
+
+    def direction(self, token: int, norm: float = 1.0) -> torch.Tensor:
+        """A ``[hidden]`` delta of length ``norm`` along ``token``'s head row: fed with a
+        position, it raises ``token``'s logit by ``norm`` and every other's by less (the
+        rows have unit length); large enough, it makes ``token`` the greedy choice."""
+        return self.head[token] * norm
+
+    def _forward(self, ids: list[int], deltas: dict[int, torch.Tensor],
+                 capture: frozenset[int]) -> ForwardResult:
+        logits, hidden = self._pass(ids, deltas, capture)
+        return ForwardResult(logits=logits[-1], hidden=hidden)
+
+    def _verify(self, ids: list[int], deltas: dict[int, torch.Tensor],
+                capture: frozenset[int]) -> ForwardResult:
+        logits, hidden = self._pass(ids, deltas, capture)
+        return ForwardResult(logits=logits[-1], hidden=hidden, all_logits=logits)
+
+    def _pass(self, ids: list[int], deltas: dict[int, torch.Tensor], capture: frozenset[int]
+              ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Append ``ids`` (fed with ``deltas``); ``[n, vocab]`` logits and the captured rows."""
+        if self.before_forward is not None:
+            self.before_forward(ids)
+        n_layers, width = self.identity.num_layers, self.identity.hidden_size
+        hashes, c = [], self._hashes[-1] if self._hashes else 0
+        for token in ids:
+            c = _mix(c, token)
+            hashes.append(c)
+        h0 = self.embed[ids] + self.context_rows[[c % 4096 for c in hashes]]  # [n, hidden]
+        added = torch.zeros(n_layers, width)  # [layers, hidden]: what the deltas add at each output
+        for layer, delta in deltas.items():
+            added[layer:] += delta  # a delta at layer i reaches every later block's output
+        sums, total = [], self._sums[-1] if self._sums else torch.zeros(n_layers, width)
+        carry = torch.zeros(len(ids), n_layers, width)
+        for row in range(len(ids)):  # one position at a time: the same rounding as single steps
+            earlier = len(self._ids) + row
+            if earlier:  # attention: the mean of what earlier positions got below each layer
+                carry[row, 1:] = 0.1 * total[:-1] / earlier
+            total = total + added
+            sums.append(total)
+        scale = 1 + torch.arange(n_layers, dtype=torch.float32) / n_layers  # [layers]
+        states = h0[:, None, :] * scale[None, :, None] + added + carry  # [n, layers, hidden]
+        last = states[:, -1]  # [n, hidden]
+        logits = (last[:, None, :] * self.head).sum(-1)  # [n, vocab]; per row, so exact in any batch
+        self._script(logits, hashes, len(self._ids))
+        self._ids.extend(ids)
+        self._hashes.extend(hashes)
+        self._sums.extend(sums)
+        return logits, {i: states[:, i].clone() for i in capture}
+
+    def _script(self, logits: torch.Tensor, hashes: list[int], before: int) -> None:
+        """The bias (EOS and unreadable tokens held down), EOS at ``eos_at`` and the
+        drafter's disagreements, in place."""
+        logits += self._bias
+        for row, c in enumerate(hashes):
+            if before + row + 1 == self.eos_at:
+                logits[row, self._eos[0]] += 40.0
+            elif (c >> 20) % 1000 >= self.agreement * 1000:
+                second = int(logits[row].topk(2).indices[1])
+                logits[row, second] = logits[row].max() + 1.0
+
+
+def _readable(text: str) -> bool:
+    return text.isascii() and text.isprintable()
+
+
+def _mix(c: int, x: int) -> int:
+    """One step of a 64-bit FNV-1a-style hash."""
+    return ((c ^ (x + 1)) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+

@@ -1,11 +1,13 @@
 """Shared fixtures: the real embedded model (SmolLM2-135M-Instruct) as the big model, a
 second instance of it (a small model with the same vocabulary, its own KV cache) and a
-tiny random Llama with a tokenizer of its own (a small model for the text-level mirror).
+tiny random Llama with a tokenizer of its own (a small model for the text-level mirror);
+a Session on scripted engines for the fast tier (``scripted_session``); the GPU markers.
 
 The default vector store of this test run (also for the kernels and servers it starts) is a
 file in a temporary folder, never the user's own library."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 
@@ -13,9 +15,8 @@ import pytest
 import torch
 
 from max_jupyter.engines import TransformersEngine
-from max_jupyter.testing import build_tiny_model
 from max_jupyter.steering import SteeringVector, train_vector
-
+from max_jupyter.testing import ScriptedEngine, build_tiny_model
 
 os.environ.setdefault("MAX_JUPYTER_STORE",
                       os.path.join(tempfile.mkdtemp(prefix="max_jupyter-tests-"), "vectors.sqlite"))
@@ -38,6 +39,21 @@ def small() -> TransformersEngine:
 def tiny(tmp_path_factory) -> TransformersEngine:
     """A tiny random Llama whose tokenizer differs from the embedded model's."""
     return TransformersEngine.load(build_tiny_model(tmp_path_factory.mktemp("tiny")), device="cpu")
+
+
+def scripted_session(drafter: bool = False, seconds_per_pass: float = 0.001):
+    """A Session (vectors in a dict) on a 16-layer ``ScriptedEngine`` taking about
+    ``seconds_per_pass`` a forward (a model's pace, so streams, stops and disconnects happen
+    mid-generation), with a drafter agreeing on 80% of greedy tokens as the small model if
+    ``drafter``: the fast tier's stand-in for ``Session.load``."""
+    import time
+
+    from max_jupyter.session import Session
+
+    big = ScriptedEngine(num_layers=16)
+    big.before_forward = lambda ids: time.sleep(seconds_per_pass)
+    small = ScriptedEngine(num_layers=16, agreement=0.95) if drafter else None
+    return Session(big, small, vectors={})
 
 
 @pytest.fixture(scope="session")
@@ -66,6 +82,18 @@ def assert_mirrors(engine, ids: list[int]) -> None:
     assert engine.seq_len == len(ids)
     on_cache = engine.step(ids[-1]).logits
     torch.testing.assert_close(on_cache, engine.prefill(ids + [ids[-1]]).logits, atol=2e-4, rtol=1e-4)
+
+
+GPU_MISSING = ("needs CUDA" if not torch.cuda.is_available()
+               else "needs exllamav2" if importlib.util.find_spec("exllamav2") is None else None)
+"""Why tests marked ``gpu`` skip here, or None where they run."""
+
+
+def pytest_runtest_setup(item):
+    """Skip a test marked ``gpu`` where CUDA or exllamav2 is missing (the one definition of
+    the GPU markers)."""
+    if GPU_MISSING is not None and item.get_closest_marker("gpu") is not None:
+        pytest.skip(GPU_MISSING)
 
 
 @pytest.hookimpl(hookwrapper=True)

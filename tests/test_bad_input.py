@@ -28,6 +28,8 @@ from max_jupyter.orchestrator import SamplingConfig, generate
 from max_jupyter.steering import Mix, SteeringVector, train_vector
 from max_jupyter.orchestrator.options import GenerationOptions
 
+pytestmark = pytest.mark.slow  # vectors trained on the embedded model
+
 PROMPT = "Name three colours."
 CHECK_TOKENS = 3
 

@@ -27,6 +27,8 @@ import pytest
 
 from jupyter_kernels import IPYKERNEL_MAJORS, Kernel, ipykernel_env, missing
 
+pytestmark = pytest.mark.slow  # a Jupyter server and the embedded model
+
 CHROMIUM = os.environ.get("MAX_JUPYTER_CHROMIUM", "/usr/bin/chromium")
 OLD, NEW = 0.0, 0.5
 LOW, HIGH, STEP = -2.0, 2.0, 0.05  # the Mixer's default slider range and step

@@ -8,6 +8,8 @@ from max_jupyter.engines import ContextOverflowError
 from max_jupyter.errors import BadArgumentError
 from conftest import hf_forward
 
+pytestmark = pytest.mark.slow  # the embedded model
+
 PROMPT = "The quick brown fox jumps over the lazy dog because"
 
 

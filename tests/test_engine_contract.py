@@ -1,5 +1,6 @@
-"""The engine contract, run against every backend present: transformers (the embedded model,
-CPU) everywhere; ExLlamaV2 on a GPU with exllamav2 installed (a random fp16 Llama built by
+"""The engine contract, run against every backend present: the scripted engine
+(``max_jupyter.testing``) and transformers (the embedded model, CPU, marked ``slow``)
+everywhere; ExLlamaV2 on a GPU with exllamav2 installed (a random fp16 Llama built by
 the parity tests' builder), marked ``gpu`` and skipped elsewhere.
 
 Checked: bad arguments are refused by ``Engine.forward`` / ``rewind`` before any compute
@@ -9,29 +10,28 @@ the residual it is added to by exactly itself.
 """
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 from max_jupyter.errors import BadArgumentError, ContextOverflowError
+from max_jupyter.testing import ScriptedEngine
 from test_exllamav2_parity import build_model, tokenizer_folder  # noqa: F401 (a fixture)
 
 BACKENDS = [
-    pytest.param("transformers", id="transformers"),
-    pytest.param("exllamav2", id="exllamav2", marks=[
-        pytest.mark.gpu,
-        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-        pytest.mark.skipif(importlib.util.find_spec("exllamav2") is None, reason="needs exllamav2"),
-    ]),
+    pytest.param("scripted", id="scripted"),
+    pytest.param("transformers", id="transformers", marks=pytest.mark.slow),
+    pytest.param("exllamav2", id="exllamav2", marks=[pytest.mark.gpu, pytest.mark.slow]),
 ]
-TOLERANCE = {"transformers": 1e-4, "exllamav2": 2e-2}  # absolute, on logits and hidden states
+TOLERANCE = {"scripted": 1e-6, "transformers": 1e-4, "exllamav2": 2e-2}  # absolute, logits and states
 PROMPT = "The quick brown fox jumps over the lazy dog because"
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend(request, tmp_path_factory):
     """``(name, engine)`` for each backend present."""
+    if request.param == "scripted":
+        yield "scripted", ScriptedEngine()
+        return
     if request.param == "transformers":
         yield "transformers", request.getfixturevalue("engine")
         return

@@ -21,7 +21,6 @@ embedded model.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -33,11 +32,7 @@ import torch
 
 from max_jupyter.engines.base import ForwardResult
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-    pytest.mark.skipif(importlib.util.find_spec("exllamav2") is None, reason="needs exllamav2"),
-]
+pytestmark = pytest.mark.gpu  # skipped without CUDA or exllamav2 (conftest.py)
 
 REL_TOL, TOP1 = 5e-3, 0.99
 # 4-bit kernels are not bit-deterministic (fp16 dequantisation, split-K atomics): two runs of

@@ -9,6 +9,8 @@ from max_jupyter.orchestrator import SamplingConfig, generate, stream
 from max_jupyter.orchestrator.sampling import Sampler
 from max_jupyter.steering import Mix, SteeringVector
 
+pytestmark = pytest.mark.slow  # the embedded model
+
 PROMPT = "Name three colours."
 
 

@@ -150,6 +150,7 @@ def test_bad_paths(tmp_path):
 REPENG_LAYERS = [5, 10, 15]
 
 
+@pytest.mark.slow
 def test_repeng_gguf_loads_and_steers_identically(engine, repeng, hf_copy, tmp_path):
     model, tokenizer = hf_copy
     dataset = [repeng.DatasetEntry("I am so happy!", "I am so sad."),
@@ -178,6 +179,7 @@ def test_repeng_gguf_loads_and_steers_identically(engine, repeng, hf_copy, tmp_p
         wrapped.unwrap()
 
 
+@pytest.mark.slow
 def test_our_gguf_loads_in_repeng(vector, repeng, tmp_path):
     path = export_vector(vector, tmp_path / "happy.gguf")
     theirs = repeng.ControlVector.import_gguf(path)

@@ -24,6 +24,8 @@ from max_jupyter.jupyter.sweep import Sweep
 from max_jupyter.orchestrator.speculative import MAX_SPECULATE
 from max_jupyter.orchestrator.trace import GenerationResult
 
+pytestmark = pytest.mark.slow  # a shell with the embedded model loaded
+
 HAPPY = ["I love this, it is wonderful!", "Great joy and happiness.", "What a lovely sunny day."]
 SAD = ["I hate this, it is terrible.", "Awful misery and sadness.", "What a bleak grey day."]
 

@@ -11,6 +11,7 @@ from max_jupyter.engines import TransformersEngine
 from max_jupyter.testing import build_tiny_model
 
 
+@pytest.mark.slow
 def test_embedded_model_is_found_and_cached(engine):
     gguf = models.embedded_gguf_path()
     assert gguf.name == models.EMBEDDED_GGUF and gguf.stat().st_size > 50_000_000

@@ -16,6 +16,8 @@ from max_jupyter.orchestrator.mirror import window_safe
 from max_jupyter.steering import ModelMismatchError, Mix, SteeringVector
 from conftest import assert_mirrors
 
+pytestmark = pytest.mark.slow  # the embedded model and small models
+
 PROMPT = "Write one sentence about the weather."
 N = 12
 LAYERS = (10, 15)  # the layers of the conftest ``vector``

@@ -11,6 +11,8 @@ from max_jupyter.orchestrator import (Always, CognitiveOrchestrator, Never, Prob
 from max_jupyter.steering import Mix, SteeringVector
 from conftest import assert_mirrors
 
+pytestmark = pytest.mark.slow  # the embedded model
+
 PROMPT = "Write one sentence about the weather."
 N = 16
 TRACE = TraceConfig(big_layers=(15,), small_layers=(1,), top_k=5, full_logits=True)

@@ -15,6 +15,8 @@ from max_jupyter.jupyter.plots import (divergence, plot_divergence, plot_judges,
 from max_jupyter.orchestrator import Always, CognitiveOrchestrator, FunctionJudge, TraceConfig
 from max_jupyter.steering import Mix
 
+pytestmark = pytest.mark.slow  # a generation of the embedded model
+
 STEERED = {3, 4, 5, 9}
 
 

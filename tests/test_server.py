@@ -1,6 +1,7 @@
 """The OpenAI-compatible server: a real uvicorn on a free loopback port, serving a real
-Session on the embedded model, driven by the official ``openai`` client (and httpx for raw
-status codes). Every request loop is bounded in count and time."""
+Session on scripted engines (the fast tier) and on the embedded model (``slow``), driven by
+the official ``openai`` client (and httpx for raw status codes). Every request loop is
+bounded in count and time."""
 from __future__ import annotations
 
 import socket
@@ -17,22 +18,25 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from conftest import scripted_session  # noqa: E402
 from max_jupyter.orchestrator import Always, FunctionJudge  # noqa: E402
 from max_jupyter.orchestrator.speculative import MAX_SPECULATE  # noqa: E402
 from max_jupyter.server import BackgroundServer  # noqa: E402
 from max_jupyter.session import Session  # noqa: E402
 from max_jupyter.steering import Mix  # noqa: E402
+from max_jupyter.testing import ScriptedEngine  # noqa: E402
 
 KEY = "test-key-123"
 MODEL = "max-jupyter"
 HAPPY = (["I love this, it is wonderful!", "Great joy and happiness."],
          ["I hate this, it is terrible.", "Awful misery and sadness."])
 LONG = 2000  # a generation far longer than any test waits for
+SESSIONS = [pytest.param("scripted"), pytest.param("embedded", marks=pytest.mark.slow)]
 
 
-@pytest.fixture(scope="module")
-def session():
-    s = Session.load(store=None, progress=False)
+@pytest.fixture(scope="module", params=SESSIONS)
+def session(request):
+    s = scripted_session() if request.param == "scripted" else Session.load(store=None, progress=False)
     happy = s.train("happy", *HAPPY, layers=(10, 15), method="mean_diff", progress=False)
     s.mixes["cheer"] = Mix.of(happy, 4.0)
     yield s
@@ -53,9 +57,12 @@ def client(server) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="module")
-def spec_session():
-    """The embedded model as big and small (the small one can draft for speculation)."""
-    s = Session.load(small="same", store=None, progress=False)
+def spec_session(session):
+    """A small model that can draft for speculation: a scripted drafter by a scripted
+    session (the big model slow enough that speculation's pacing always drafts), or the
+    embedded model as big and small."""
+    s = scripted_session(drafter=True, seconds_per_pass=0.005) if isinstance(session.big, ScriptedEngine) \
+        else Session.load(small="same", store=None, progress=False)
     yield s
     s.close()
 
@@ -77,7 +84,11 @@ def judge(session):
 
 
 @pytest.fixture(autouse=True)
-def empty_live_mix(session):
+def empty_live_mix(request):
+    if "session" not in request.fixturenames:  # (a test on its own models runs once, not per session)
+        yield
+        return
+    session = request.getfixturevalue("session")
     session.mix.clear()
     yield
     session.mix.clear()
@@ -198,6 +209,7 @@ def test_speculate_off_without_a_small_model(session, client):
     assert plain.model_extra["max_jupyter"]["speculate_off"] is None
 
 
+@pytest.mark.slow
 def test_a_small_model_of_another_vocabulary_reads_the_messages_itself(tmp_path):
     """A chat request reaches a small model with its own tokenizer as messages, through its
     own chat template (here: none, so the bare text), not as the big model's chat markup."""
@@ -431,6 +443,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_cli_serve_from_the_shell():
     port = free_port()
     script = Path(sys.executable).with_name("max-jupyter")  # the console script

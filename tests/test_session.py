@@ -21,6 +21,8 @@ from max_jupyter.orchestrator.sampling import Sampler
 from max_jupyter.orchestrator.types import prompt_ids
 from max_jupyter.steering import Mix, SteeringVector
 
+pytestmark = pytest.mark.slow  # Sessions of the embedded model
+
 PROMPT = "Name three colours."
 N = 10
 

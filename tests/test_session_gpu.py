@@ -4,7 +4,6 @@ memory back. Run with the GPU suite (``bash bench/gpu_session.sh tests``)."""
 from __future__ import annotations
 
 import gc
-import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -12,11 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-    pytest.mark.skipif(importlib.util.find_spec("exllamav2") is None, reason="needs exllamav2"),
-]
+pytestmark = pytest.mark.gpu  # skipped without CUDA or exllamav2 (conftest.py)
 MiB = 1024 ** 2
 
 

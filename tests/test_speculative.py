@@ -28,6 +28,8 @@ from max_jupyter.steering import Mix, SteeringVector
 from max_jupyter.testing import build_tiny_model
 from conftest import assert_mirrors
 
+pytestmark = pytest.mark.slow  # the embedded model drafting for itself
+
 PROMPT = "Write one sentence about the weather."
 LAYERS = (10, 15)  # the layers of the conftest ``vector``
 

@@ -11,6 +11,8 @@ from max_jupyter.errors import BadArgumentError
 from max_jupyter.orchestrator.types import steering_deltas
 from max_jupyter.steering import ModelMismatchError, Mix, SteeringVector, train_vector
 
+pytestmark = pytest.mark.slow  # the embedded model
+
 PROMPT = "Tell me about your day."
 
 

@@ -168,6 +168,7 @@ def test_rebuild_index_and_check(store):
     assert "zero" not in [h.name for h in before]
 
 
+@pytest.mark.slow
 def test_active_scores_each_step_of_a_real_generation(engine, vector, tmp_path):
     with VectorStore(tmp_path / "lib.sqlite") as store:
         store.save("happy", vector)

@@ -1,6 +1,10 @@
 """Chat template, EOS ids and streaming decode that never shows broken UTF-8."""
 from __future__ import annotations
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the embedded model's tokenizer (loads the model)
+
 
 def test_chat_template_and_eos(engine):
     tok = engine.tokenizer

@@ -13,6 +13,8 @@ from max_jupyter.steering.training import METHODS, pca_diff_unit, svd_diff
 
 from repeng_support import hf_copy, repeng  # noqa: F401  (fixtures)
 
+pytestmark = pytest.mark.slow  # the embedded model (against repeng)
+
 POSITIVE = ["I love this, it is wonderful!", "Great joy and happiness.",
             "What a delightful day.", "I feel fantastic today."]
 NEGATIVE = ["I hate this, it is terrible.", "Awful misery and sadness.",

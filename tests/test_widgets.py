@@ -14,6 +14,8 @@ import pytest
 
 from jupyter_kernels import IPYKERNEL_MAJORS, Kernel, ipykernel_env
 
+pytestmark = pytest.mark.slow  # kernels with the embedded model loaded
+
 OLD, NEW, STEPS = 0.0, 0.8, 60
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
