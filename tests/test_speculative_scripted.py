@@ -94,8 +94,8 @@ def test_judges_and_steering_give_the_plain_tokens(big):
     spec = orchestrator(big, drafter, judges=judges(), **args).generate(PROMPT, max_new_tokens=40,
                                                                         speculate=5)
     assert spec.token_ids == plain.token_ids
-    assert [(r.steering, r.rerun, r.unsteered_token) for r in spec.steps] \
-        == [(r.steering, r.rerun, r.unsteered_token) for r in plain.steps]
+    assert [(r.mixes_on, r.rerun, r.unsteered_token) for r in spec.steps] \
+        == [(r.mixes_on, r.rerun, r.unsteered_token) for r in plain.steps]
     assert spec.drafted_tokens > 0 and check_blocks(spec) > 2
     assert drafter.cached_ids == spec.small_ids
 
