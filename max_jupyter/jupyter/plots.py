@@ -30,6 +30,7 @@ LENS_COLUMNS = 32  # steps per panel of the logit lens (a longer result gets mor
 MAX_LENS_STEPS = 256  # steps one lens figure draws (8 panels); the title says how to see more
 ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "$": "\\$"}  # "$" would start mathtext
 MISSING_GLYPH = "\u25a1"  # white square, in DejaVu Sans
+LOG_SPAN = 10.0  # a sweep's perplexity axis turns logarithmic when its values span more
 
 
 def figure(width: float = 8.0, height: float = 3.2) -> Figure:
@@ -264,20 +265,49 @@ def _lens_title(total: int, shown: range) -> str:
 
 
 def plot_sweep(sweep: Sweep) -> Figure:
-    """A sweep as a chart: the unsteered model's perplexity of each row's text against the
-    coefficient, each point labelled with the start of its text."""
+    """A sweep as a chart. Above: the unsteered model's perplexity of each row's text against
+    the coefficient (a linear axis unless the values span more than ``LOG_SPAN`` times),
+    collapsed rows crossed, each point labelled with the start of its text. Below: each
+    text's degeneracy score, with the threshold above which a row counts as collapsed.
+    An interrupted row has no perplexity; a dotted line marks its coefficient."""
+    from max_jupyter.evaluation.degeneracy import COLLAPSED
+
     if not sweep.rows:
         raise BadArgumentError("plot_sweep: the sweep has no rows.")
-    fig = figure()
-    ax = fig.axes[0]
-    coefs = [r.coef for r in sweep.rows]
-    ppl = [r.perplexity for r in sweep.rows]
-    ax.plot(coefs, ppl, marker="o")
-    for row in sweep.rows:
-        ax.annotate(row.text.strip().replace("\n", " ")[:24], (row.coef, row.perplexity),
-                    fontsize=6, rotation=30, xytext=(2, 4), textcoords="offset points")
-    ax.set_xlabel(f"coefficient of {sweep.spec}")
-    ax.set_ylabel("perplexity (unsteered model)")
-    ax.set_yscale("log")
-    ax.set_title("steering sweep")
+    _show_figures_in_ipython()
+    fig = Figure(figsize=(8.0, 5.0), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    scored = [r for r in sweep.rows if not r.interrupted]
+    top.plot([r.coef for r in scored], [r.perplexity for r in scored], marker="o", label="perplexity")
+    collapsed = [r for r in scored if r.status == "collapsed"]
+    if collapsed:
+        top.plot([r.coef for r in collapsed], [r.perplexity for r in collapsed], "x", color="#d62828",
+                 ms=10, mew=2, label=f"collapsed (degeneracy ≥ {COLLAPSED:g}): ranked last")
+    values = [r.perplexity for r in scored]
+    if values and max(values) > LOG_SPAN * min(values):
+        top.set_yscale("log")
+    _label_points(top, scored, [r.coef for r in sweep.rows])
+    bottom.plot(sweep.coefs, [r.degeneracy.score for r in sweep.rows], marker="o", color="#6a4c93")
+    for row in (r for r in sweep.rows if r.interrupted):
+        for ax in (top, bottom):
+            ax.axvline(row.coef, ls=":", color="#888", label="interrupted" if ax is top else None)
+    top.margins(x=0.08, y=0.25)
+    top.set_ylabel("perplexity (unsteered)")
+    top.set_title(f"steering sweep of {plot_text(sweep.spec)}")
+    top.legend(fontsize=7, loc="best")
+    bottom.axhline(COLLAPSED, color="#d62828", ls="--", lw=1)
+    bottom.set_ylim(-0.05, 1.05)
+    bottom.set_ylabel("degeneracy")
+    bottom.set_xlabel(f"coefficient of {plot_text(sweep.spec)}")
     return fig
+
+
+def _label_points(ax, rows, coefs: list[float]) -> None:
+    """The start of each row's text next to its point: left of the point in the right half
+    of the range (so no label runs off the axes), alternately above and below."""
+    middle = (min(coefs) + max(coefs)) / 2
+    for i, row in enumerate(rows):
+        right = row.coef > middle
+        ax.annotate(plot_text(" ".join(row.text.split()), 18), (row.coef, row.perplexity),
+                    fontsize=6, xytext=(-3 if right else 3, 6 if i % 2 == 0 else -11),
+                    textcoords="offset points", ha="right" if right else "left")
