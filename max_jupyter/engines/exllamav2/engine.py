@@ -188,8 +188,8 @@ class ExLlamaV2Engine(Engine):
 
     def _unembed(self, hidden: torch.Tensor) -> torch.Tensor:
         """The final norm and head over ``hidden`` in chunks of ``max_input_len`` rows (the
-        longest input exllamav2's head is sized for), on the caller's stream."""
-        torch.cuda.current_stream().wait_stream(self._stream)  # rows a direct pass just wrote
+        longest input exllamav2's head is sized for), on the caller's stream (which every
+        direct pass's outputs are already ready on)."""
         chunks = hidden.contiguous().split(self._max_input_len)
         return torch.cat([self._logits(rows[None], all_rows=True)[0].float() for rows in chunks])
 
