@@ -216,6 +216,25 @@ def check_deltas(identity: ModelShape, deltas: Any) -> dict[int, torch.Tensor]:
     return dict(zip(layers, deltas.values()))
 
 
+def check_hidden_rows(identity: ModelIdentity, hidden: Any) -> torch.Tensor:
+    """Residual rows for ``Engine.unembed``: a floating-point tensor of shape exactly
+    ``[n, hidden]`` with ``n >= 1`` and every value finite."""
+    width = identity.hidden_size
+    if not isinstance(hidden, torch.Tensor):
+        raise fail("hidden", hidden, f"is a {_type_name(hidden)}, not a tensor",
+                   f"pass a [n, {width}] tensor (e.g. a captured residual)")
+    if hidden.dim() != 2 or hidden.shape[0] == 0 or hidden.shape[1] != width:
+        raise BadArgumentError(f"hidden has shape {list(hidden.shape)}, not [n, {width}] with n >= 1; "
+                               f"pass one row per position (a single row as hidden[None]).")
+    if not hidden.is_floating_point():
+        raise BadArgumentError(f"hidden has dtype {hidden.dtype}, not a floating-point dtype; "
+                               f"pass residuals as float16/bfloat16/float32.")
+    if not torch.isfinite(hidden).all():
+        raise BadArgumentError(f"hidden holds {int((~torch.isfinite(hidden)).sum())} non-finite "
+                               f"value(s) (inf/NaN); pass finite residuals.")
+    return hidden
+
+
 def check_max_seq_len(value: Any, limit: int | None = None) -> int | None:
     """``None`` -> ``limit``; else an int >= 1, capped at ``limit`` (the model's positions)
     where it is known."""

@@ -1,11 +1,15 @@
 """The engine contract on the reference backend, with the real embedded model."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from max_jupyter.engines import ContextOverflowError
-from max_jupyter.errors import BadArgumentError
+from max_jupyter.errors import BadArgumentError, ModelSourceError
 from conftest import hf_forward
 
 pytestmark = pytest.mark.slow  # the embedded model
@@ -113,3 +117,55 @@ def test_interrupt_mid_forward_leaves_cache_as_before(engine, ids):
     after = engine.step(42).logits
     torch.testing.assert_close(after, engine.prefill(ids + [42]).logits, rtol=1e-4, atol=1e-4)
     assert before.shape == after.shape
+
+
+def model_folder(path, config: dict):
+    """A folder that passes the file checks: config.json and a (header-less) weights file."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "model.safetensors").write_bytes(b"")
+    return path
+
+
+def test_exllamav2_load_refuses_bad_input_before_importing_exllamav2(tmp_path):
+    """Each mistake gets a typed one-line error naming argument, value and fix, before
+    exllamav2 is imported (on this machine, without CUDA or exllamav2, any later step would
+    raise BackendUnavailableError instead)."""
+    from max_jupyter.engines.exllamav2 import load_engines, load_pair
+
+    llama = model_folder(tmp_path / "llama", {"architectures": ["LlamaForCausalLM"]})
+    gpt2 = model_folder(tmp_path / "gpt2", {"architectures": ["GPT2LMHeadModel"]})
+    yarn = model_folder(tmp_path / "yarn", {"architectures": ["Qwen2ForCausalLM"],
+                                           "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+    cases = [
+        (lambda: load_pair(llama, llama, max_vram_gb=0), BadArgumentError, "max_vram_gb=0.0 is out of range"),
+        (lambda: load_pair(llama, llama, max_vram_gb="16"), BadArgumentError, "max_vram_gb='16' is a str"),
+        (lambda: load_pair(llama, llama, cache_tokens=True), BadArgumentError, "cache_tokens=True is a bool"),
+        (lambda: load_pair(llama, llama, cache_tokens=-5), BadArgumentError, "cache_tokens=-5 is out of range"),
+        (lambda: load_engines([("big", llama)], max_input_len=0), BadArgumentError, "max_input_len=0"),
+        (lambda: load_pair(llama, gpt2), BadArgumentError, "GPT2LMHeadModel model, which the ExLlamaV2"),
+        (lambda: load_pair(yarn, llama), BadArgumentError, "rope_type 'yarn'.*copy rope_parameters"),
+        (lambda: load_pair(llama, tmp_path / "nowhere"), ModelSourceError, "does not exist"),
+    ]
+    for call, error, fragment in cases:
+        with pytest.raises(error, match=fragment) as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+def test_memory_plan_refuses_a_cache_longer_than_the_models_positions():
+    from max_jupyter.engines.exllamav2 import GiB, ModelMemory, plan_memory
+
+    model = ModelMemory("big", "/models/big", weights=GiB, scratch=0, cache_per_token=1024,
+                        sincos_per_token=0, prefill_fixed=0, prefill_per_token=0,
+                        host_embedding=0, max_positions=4096)
+    assert plan_memory([model], max_vram_gb=8, cache_tokens=4096).cache_tokens == 4096
+    with pytest.raises(BadArgumentError, match=r"cache_tokens=8192 exceeds .* \(4096\); pass cache_tokens <= 4096"):
+        plan_memory([model], max_vram_gb=8, cache_tokens=8192)
+
+
+def test_exllamav2_package_imports_lightly():
+    code = ("import sys; from max_jupyter.engines.exllamav2 import ExLlamaV2Engine, load_pair, plan_memory; "
+            "print(sorted(m for m in ('transformers', 'exllamav2') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -3,10 +3,11 @@
 everywhere; ExLlamaV2 on a GPU with exllamav2 installed (a random fp16 Llama built by
 the parity tests' builder), marked ``gpu`` and skipped elsewhere.
 
-Checked: bad arguments are refused by ``Engine.forward`` / ``rewind`` before any compute
-(no forward counted, the cache and the next logits unchanged); steps equal one prefill;
-captures have ``[n_fed, hidden]`` rows; rewind; zero deltas change nothing; a delta shifts
-the residual it is added to by exactly itself.
+Checked: bad arguments are refused by ``Engine.forward`` / ``rewind`` / ``unembed`` before
+any compute (no forward counted, the cache and the next logits unchanged); steps equal one
+prefill; captures have ``[n_fed, hidden]`` rows; rewind; zero deltas change nothing; a
+delta shifts the residual it is added to by exactly itself; ``unembed`` of the last
+layer's residual is the forward's logits.
 """
 from __future__ import annotations
 
@@ -64,6 +65,12 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
     torch.testing.assert_close(a.float().cpu(), b.float().cpu(), rtol=0, atol=tol)
 
 
+def with_value(rows: torch.Tensor, value: float) -> torch.Tensor:
+    """``rows`` with ``value`` in column 3 of every row."""
+    rows[:, 3] = value
+    return rows
+
+
 def bad_calls(eng):
     """``(id, call, fragment)``: wrong arguments every backend must refuse before compute."""
     hidden, layers, vocab = eng.identity.hidden_size, eng.identity.num_layers, eng.identity.vocab_size
@@ -89,6 +96,17 @@ def bad_calls(eng):
         ("rewind-negative", lambda: eng.rewind(-1), "is out of range"),
         ("rewind-float", lambda: eng.rewind(1.0), r"n=1.0 is a float"),
         ("rewind-bool", lambda: eng.rewind(True), r"n=True is a bool"),
+        ("unembed-list", lambda: eng.unembed([[0.0] * hidden]), "is a list, not a tensor"),
+        ("unembed-1d", lambda: eng.unembed(z), rf"shape \[{hidden}\], not \[n, {hidden}\]"),
+        ("unembed-3d", lambda: eng.unembed(z[None, None]), rf"shape \[1, 1, {hidden}\]"),
+        ("unembed-no-rows", lambda: eng.unembed(torch.zeros(0, hidden)), "with n >= 1"),
+        ("unembed-width", lambda: eng.unembed(torch.zeros(2, hidden + 1)), f"not \\[n, {hidden}\\]"),
+        ("unembed-int", lambda: eng.unembed(torch.zeros(2, hidden, dtype=torch.long)),
+         "not a floating-point dtype"),
+        ("unembed-nan", lambda: eng.unembed(with_value(torch.zeros(2, hidden), float("nan"))),
+         "holds 2 non-finite"),
+        ("unembed-inf", lambda: eng.unembed(with_value(torch.zeros(1, hidden), float("inf"))),
+         "holds 1 non-finite"),
     ]
 
 
@@ -173,3 +191,20 @@ def test_verify_rows_equal_per_token_steps(eng, ids, tol):
         close(out.hidden[last][j], step.hidden[last][0], tol * 10)  # residuals are larger
     eng.rewind(3)  # a rejected tail goes back like any positions
     close(eng.step(22, deltas).logits, out.all_logits[1], tol)
+
+
+def test_unembed_of_the_last_layer_is_the_forward_logits(eng, ids, tol):
+    """``unembed`` (final norm + head) of the last layer's captured residual gives the logits
+    of every position; from any device and float dtype; it touches no cache, counts no forward."""
+    last, vocab = eng.identity.num_layers - 1, eng.identity.vocab_size
+    eng.prefill(ids[:1])
+    out = eng.verify(ids[1:], capture=[last])
+    expected = eng.step(5).logits.clone()
+    eng.rewind(1)
+    calls, seq_len = eng.forward_calls, eng.seq_len
+    logits = eng.unembed(out.hidden[last])
+    assert logits.shape == (len(ids) - 1, vocab) and logits.dtype == torch.float32
+    close(logits, out.all_logits, tol)
+    close(eng.unembed(out.hidden[last][-1:].float().cpu())[0], out.logits, tol)
+    assert (eng.forward_calls, eng.seq_len) == (calls, seq_len)
+    close(eng.step(5).logits, expected, tol)

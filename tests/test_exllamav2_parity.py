@@ -464,6 +464,7 @@ def test_failed_load_leaves_nothing_behind(tmp_path, tokenizer_folder, monkeypat
     tokenizer raises) unloads both and lifts the allocator cap; a later load works."""
     from max_jupyter.engines import exllamav2 as backend
     from max_jupyter.testing import write_gptq_rtn
+    from max_jupyter.tokenizer import Tokenizer
 
     for name, seed in (("big", 0), ("small", 1)):
         model = build_model("LlamaForCausalLM", tmp_path / f"{name}16", tokenizer_folder, seed)
@@ -472,7 +473,7 @@ def test_failed_load_leaves_nothing_behind(tmp_path, tokenizer_folder, monkeypat
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    real = backend.Tokenizer.from_folder
+    real = Tokenizer.from_folder
 
     def fail_on_small(folder):
         if Path(folder).name == "small":
@@ -480,7 +481,7 @@ def test_failed_load_leaves_nothing_behind(tmp_path, tokenizer_folder, monkeypat
         return real(folder)
 
     before = torch.cuda.memory_allocated()
-    monkeypatch.setattr(backend.Tokenizer, "from_folder", fail_on_small)
+    monkeypatch.setattr(Tokenizer, "from_folder", fail_on_small)
     with pytest.raises(RuntimeError, match="injected"):
         backend.load_pair(tmp_path / "big", tmp_path / "small", max_vram_gb=1.5)
     monkeypatch.undo()

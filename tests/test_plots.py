@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -10,8 +11,9 @@ from matplotlib.patches import Polygon, Rectangle
 
 from max_jupyter.errors import BadArgumentError
 from max_jupyter.jupyter.lens import logit_lens
+from max_jupyter.jupyter.render import token_pieces
 from max_jupyter.jupyter.plots import (divergence, plot_divergence, plot_judges, plot_logit_lens,
-                                       plot_projection)
+                                       plot_projection, plot_text)
 from max_jupyter.orchestrator import Always, CognitiveOrchestrator, FunctionJudge, TraceConfig
 from max_jupyter.steering import Mix
 
@@ -92,10 +94,52 @@ def test_logit_lens_last_layer_is_the_models_choice(result, engine):
     assert torch.equal(lens.ids[-1, :, 0], result.big_topk.ids[:, 0])
     assert ((lens.probs >= 0) & (lens.probs <= 1)).all()
     assert (lens.probs[:, :, 0] >= lens.probs[:, :, 1]).all()
+    assert lens.token_ids == tuple(r.token for r in result.steps)
     fig = plot_logit_lens(lens, engine.tokenizer)
     cells = [t.get_text() for t in fig.axes[0].texts]
     assert len(cells) == 30
-    assert cells[20:] == [engine.tokenizer.decode([int(i)])[:8] for i in result.big_topk.ids[:, 0]]
+    assert cells[20:] == [plot_text(engine.tokenizer.decode([int(i)]), 8) for i in result.big_topk.ids[:, 0]]
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert "".join(ticks) == plot_text(result.text)  # the tokens written, not step numbers
+
+
+def test_logit_lens_plot_draws_every_step_or_says_what_is_cut(engine):
+    """40 steps: two panels, every step a column labelled with its token; past
+    ``MAX_LENS_STEPS`` (here lowered to 16) the title names the steps shown and how to see the rest."""
+    orch = CognitiveOrchestrator(engine)
+    long = orch.generate("Write a short story about a cat.", max_new_tokens=40, ignore_eos=True,
+                         trace=TraceConfig(big_layers=(5, 29)))
+    lens = logit_lens(engine, long, k=1)
+    assert lens.steps == 40
+    fig = plot_logit_lens(lens, engine.tokenizer)
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert [len(ax.get_xticklabels()) for ax in panels] == [32, 8]
+    assert sum(len(ax.texts) for ax in panels) == 2 * 40
+    ticks = [t.get_text() for ax in panels for t in ax.get_xticklabels()]
+    assert ticks == [plot_text(p, 16) for p in token_pieces(engine.tokenizer, long.token_ids)]
+    assert "40 steps" in fig._suptitle.get_text()
+    part = plot_logit_lens(lens, engine.tokenizer, steps=slice(8, 24))
+    title = part._suptitle.get_text()
+    assert "steps 8–23 of 40 shown" in title and "steps=slice(0, 8) or steps=slice(24, 40)" in title
+    with pytest.raises(BadArgumentError, match="selects none"):
+        plot_logit_lens(lens, engine.tokenizer, steps=slice(40, 50))
+
+
+def test_plot_text_is_drawn_without_glyph_warnings():
+    """Emoji the font lacks become a square, control characters and ``$`` are escaped, so
+    drawing the text warns of nothing (matplotlib warns once per missing glyph)."""
+    text = "Joy! \U0001f973\U0001f389\U0001fae0 costs $5 and $6\n\tnext\x07"
+    safe = plot_text(text)
+    assert safe == "Joy! \u25a1\u25a1\u25a1 costs \\$5 and \\$6\\n\\tnext\\x07"
+    fig = Figure()
+    fig.text(0.1, 0.5, safe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig.savefig(io.BytesIO(), format="png")
+    raw = Figure()
+    raw.text(0.1, 0.5, "\U0001f973")
+    with pytest.warns(UserWarning, match="missing from font"):  # the check above can fail
+        raw.savefig(io.BytesIO(), format="png")
 
 
 def test_figures_render_to_png(result, vector):

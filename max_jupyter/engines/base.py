@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from max_jupyter.errors import BackendUnavailableError, ContextOverflowError
-from max_jupyter.validation import check_deltas, check_int, check_layers, check_token_ids
+from max_jupyter.validation import (check_deltas, check_hidden_rows, check_int, check_layers,
+                                   check_token_ids)
 
 if TYPE_CHECKING:
     from max_jupyter.tokenizer import Tokenizer
@@ -64,7 +65,7 @@ class ForwardResult:
 class Engine(ABC):
     """A batch-1 language model with a KV cache, residual-stream access and a tokenizer.
 
-    Backends implement ``_forward``, ``_rewind``, ``reset`` and ``seq_len``. The public
+    Backends implement ``_forward``, ``_rewind``, ``_unembed``, ``reset`` and ``seq_len``. The public
     ``forward`` (and ``prefill``, ``step``) checks the arguments here, once for every
     backend, and raises ``BadArgumentError`` / ``ContextOverflowError`` before any compute:
     ids a non-empty list of ints in ``0..vocab_size-1``; deltas exactly ``[hidden]`` on
@@ -110,11 +111,27 @@ class Engine(ABC):
     def _rewind(self, n: int) -> None:
         """The backend's rewind by a checked ``n`` (``0 <= n <= seq_len``)."""
 
+    @abstractmethod
+    def _unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The backend's final norm and LM head on checked rows (``[n, hidden]``, finite,
+        on the engine's device and dtype): ``[n, vocab]`` float32 logits."""
+
     def rewind(self, n: int) -> None:
         """Drop the last ``n`` cached positions; ``n`` an int in ``0..seq_len``
         (``BadArgumentError`` otherwise, the cache unchanged)."""
         self._rewind(check_int("n", n, low=0, high=self.seq_len,
                                fix=f"rewind 0..{self.seq_len} positions (the cache holds {self.seq_len})"))
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``[n, vocab]`` (float32, on the engine's device) of residuals ``hidden``
+        ``[n, hidden]`` read through the final norm and the LM head, as if their layer were
+        the last (the logit lens): ``unembed`` of the last layer's capture is the forward's
+        logits. Rows from any layer, any float dtype and device (moved to the engine's).
+        Touches no cache and counts no forward; ``BadArgumentError`` before any compute for
+        another shape, a non-float dtype or a non-finite value."""
+        hidden = check_hidden_rows(self.identity, hidden)
+        with torch.inference_mode():
+            return self._unembed(hidden.to(self.device, self.dtype))
 
     def forward(self, ids: Sequence[int], deltas: LayerDeltas | None = None,
                 capture: Collection[int] = ()) -> ForwardResult:

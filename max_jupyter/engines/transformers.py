@@ -109,6 +109,9 @@ class TransformersEngine(Engine):
         logits, captured = self._pass(ids, deltas, capture, keep=len(ids))
         return ForwardResult(logits=logits[-1], hidden=captured, all_logits=logits)
 
+    def _unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(self.model.model.norm(hidden)).float()
+
     @torch.inference_mode()
     def _pass(self, ids: list[int], deltas: dict[int, torch.Tensor], capture: frozenset[int],
               keep: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

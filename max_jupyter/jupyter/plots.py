@@ -6,11 +6,14 @@ Steered steps are shaded in every per-step plot.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from matplotlib import font_manager, rcParams
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 
 from max_jupyter.errors import BadArgumentError
 from max_jupyter.jupyter.render import token_pieces
@@ -23,6 +26,11 @@ if TYPE_CHECKING:
     from max_jupyter.jupyter.sweep import Sweep
 
 MAX_TICKS = 48
+LENS_COLUMNS = 32  # steps per panel of the logit lens (a longer result gets more panels)
+MAX_LENS_STEPS = 256  # steps one lens figure draws (8 panels); the title says how to see more
+ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "$": "\\$"}  # "$" would start mathtext
+MISSING_GLYPH = "\u25a1"  # white square, in DejaVu Sans
+LOG_SPAN = 10.0  # a sweep's perplexity axis turns logarithmic when its values span more
 
 
 def figure(width: float = 8.0, height: float = 3.2) -> Figure:
@@ -48,6 +56,30 @@ def _show_figures_in_ipython() -> None:
     select_figure_formats(shell, {"png"})
 
 
+@functools.cache
+def _font_glyphs() -> frozenset[int]:
+    """Code points the sans-serif fonts matplotlib draws with (its fallback chain) cover."""
+    points: set[int] = set()
+    for family in rcParams["font.sans-serif"]:
+        try:
+            path = font_manager.findfont(FontProperties(family=family), fallback_to_default=False)
+        except ValueError:
+            continue  # not installed here
+        points.update(font_manager.get_font(path).get_charmap())
+    return frozenset(points)
+
+
+def plot_text(text: str, limit: int | None = None) -> str:
+    """``text`` as it can be drawn: newlines, tabs and ``$`` escaped, other control
+    characters as ``\\xNN``, characters no font here has (most emoji) as a white square,
+    so matplotlib warns of no missing glyph; cut to ``limit`` characters (``…`` marks a cut)."""
+    glyphs = _font_glyphs()
+    out = "".join(ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 32 else
+                                     c if ord(c) in glyphs or c == " " else MISSING_GLYPH)
+                  for c in text)
+    return out if limit is None or len(out) <= limit else out[:limit - 1] + "…"
+
+
 def _shade_steered(ax, result: GenerationResult) -> None:
     """Shade the spans of steered steps (x = step index)."""
     steered = result.steered.tolist()
@@ -67,7 +99,7 @@ def _token_ticks(ax, result: GenerationResult, tokenizer: Tokenizer | None) -> N
     if tokenizer is None or n == 0 or n > MAX_TICKS:
         return
     pieces = token_pieces(tokenizer, result.token_ids) + ["<eos>"] * (n - len(result.token_ids))
-    ax.set_xticks(range(n), [p.replace("\n", "\\n") for p in pieces[:n]], rotation=90, fontsize=7)
+    ax.set_xticks(range(n), [plot_text(p) for p in pieces[:n]], rotation=90, fontsize=7)
 
 
 def _need_steps(result: GenerationResult) -> None:
@@ -173,44 +205,109 @@ def plot_divergence(result: GenerationResult, *, tokenizer: Tokenizer | None = N
     return fig
 
 
-def plot_logit_lens(lens: LogitLens, tokenizer: Tokenizer, *, max_steps: int = 24) -> Figure:
-    """The logit lens as a grid: rows are captured layers, columns steps; each cell shows
-    the top token through the final norm and unembedding, coloured by its probability."""
-    probs = lens.probs[:, :max_steps, 0]  # [layers, steps]
-    ids = lens.ids[:, :max_steps, 0]
-    n_layers, n_steps = probs.shape
-    fig = figure(width=max(6.0, 0.55 * n_steps + 1.5), height=0.4 * n_layers + 1.4)
-    ax = fig.axes[0]
-    image = ax.imshow(probs.numpy(), aspect="auto", cmap="Blues", vmin=0, vmax=1)
-    for i in range(n_layers):
-        for j in range(n_steps):
-            text = tokenizer.decode([int(ids[i, j])]).replace("\n", "\\n")[:8]
-            ax.text(j, i, text, ha="center", va="center", fontsize=7,
-                    color="white" if probs[i, j] > 0.6 else "black")
-    ax.set_yticks(range(n_layers), [str(l) for l in lens.layers])
-    ax.set_xticks(range(n_steps))
-    ax.set_ylabel("layer")
-    ax.set_xlabel("step")
-    ax.set_title("logit lens: top token per layer and step")
-    fig.colorbar(image, ax=ax, label="probability")
+def plot_logit_lens(lens: LogitLens, tokenizer: Tokenizer, *, steps: slice | None = None) -> Figure:
+    """The logit lens as a grid: rows are captured layers, columns steps, labelled with the
+    token each step wrote; each cell shows the top token through the final norm and
+    unembedding, coloured by its probability. Every step is drawn, ``LENS_COLUMNS`` to a
+    panel, up to ``MAX_LENS_STEPS``; beyond that the title says which steps are shown and
+    how to see the rest (``steps=slice(start, stop)`` picks them)."""
+    if lens.steps == 0:
+        raise BadArgumentError("plot_logit_lens: the lens has no steps; generate at least one token.")
+    if steps is None:
+        steps = slice(0, MAX_LENS_STEPS)
+    if not isinstance(steps, slice) or steps.step not in (None, 1):
+        raise BadArgumentError(f"plot_logit_lens: steps={steps!r} is not a slice of consecutive steps; "
+                               f"pass e.g. steps=slice(0, 64).")
+    first, stop, _ = steps.indices(lens.steps)
+    shown = range(first, max(first, stop))
+    if not shown:
+        raise BadArgumentError(f"plot_logit_lens: steps={steps!r} selects none of the lens's "
+                               f"{lens.steps} steps; pass e.g. steps=slice(0, {lens.steps}).")
+    panels = [shown[i:i + LENS_COLUMNS] for i in range(0, len(shown), LENS_COLUMNS)]
+    n_layers = len(lens.layers)
+    fig = Figure(figsize=(0.5 * len(panels[0]) + 2.2, (0.36 * n_layers + 1.3) * len(panels)),
+                 layout="constrained")
+    _show_figures_in_ipython()
+    labels = token_pieces(tokenizer, lens.token_ids)
+    for panel, axes in zip(panels, fig.subplots(len(panels), 1, squeeze=False)[:, 0]):
+        image = _lens_panel(axes, lens, tokenizer, panel, labels)
+        axes.set_xlim(-0.5, len(panels[0]) - 0.5)  # a short last panel keeps the column width
+    fig.colorbar(image, ax=fig.axes, label="probability", shrink=min(1.0, 3 / len(panels)))
+    fig.suptitle(_lens_title(lens.steps, shown))
     return fig
+
+
+def _lens_panel(ax, lens: LogitLens, tokenizer: Tokenizer, steps: range, labels: list[str]):
+    """One panel of the lens over ``steps``; returns its image (for the colorbar)."""
+    probs = lens.probs[:, steps.start:steps.stop, 0]  # [layers, steps]
+    ids = lens.ids[:, steps.start:steps.stop, 0]
+    image = ax.imshow(probs.numpy(), aspect="auto", cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(lens.layers)):
+        for j in range(len(steps)):
+            ax.text(j, i, plot_text(tokenizer.decode([int(ids[i, j])]), 8), ha="center", va="center",
+                    fontsize=7, color="white" if probs[i, j] > 0.6 else "black")
+    ax.set_yticks(range(len(lens.layers)), [str(l) for l in lens.layers])
+    ticks = [plot_text(labels[s] or tokenizer.decode([lens.token_ids[s]]), 16) for s in steps]
+    ax.set_xticks(range(len(steps)), ticks, rotation=90, fontsize=7)
+    ax.set_ylabel("layer")
+    ax.set_xlabel(f"token written at steps {steps.start}–{steps.stop - 1}")
+    return image
+
+
+def _lens_title(total: int, shown: range) -> str:
+    title = "logit lens: top token per layer and step"
+    if len(shown) == total:
+        return f"{title} ({total} steps)"
+    rest = [f"steps=slice(0, {shown.start})"] if shown.start else []
+    rest += [f"steps=slice({shown.stop}, {total})"] if shown.stop < total else []
+    return (f"{title}: steps {shown.start}–{shown.stop - 1} of {total} shown; "
+            f"see the rest with {' or '.join(rest)}")
 
 
 def plot_sweep(sweep: Sweep) -> Figure:
-    """A sweep as a chart: the unsteered model's perplexity of each row's text against the
-    coefficient, each point labelled with the start of its text."""
+    """A sweep as a chart. Above: the unsteered model's perplexity of each row's text against
+    the coefficient (a linear axis unless the values span more than ``LOG_SPAN`` times),
+    collapsed rows crossed, each point labelled with the start of its text. Below: each
+    text's degeneracy score, with the threshold above which a row counts as collapsed.
+    An interrupted row has no perplexity; a dotted line marks its coefficient."""
+    from max_jupyter.evaluation.degeneracy import COLLAPSED
+
     if not sweep.rows:
         raise BadArgumentError("plot_sweep: the sweep has no rows.")
-    fig = figure()
-    ax = fig.axes[0]
-    coefs = [r.coef for r in sweep.rows]
-    ppl = [r.perplexity for r in sweep.rows]
-    ax.plot(coefs, ppl, marker="o")
-    for row in sweep.rows:
-        ax.annotate(row.text.strip().replace("\n", " ")[:24], (row.coef, row.perplexity),
-                    fontsize=6, rotation=30, xytext=(2, 4), textcoords="offset points")
-    ax.set_xlabel(f"coefficient of {sweep.spec}")
-    ax.set_ylabel("perplexity (unsteered model)")
-    ax.set_yscale("log")
-    ax.set_title("steering sweep")
+    _show_figures_in_ipython()
+    fig = Figure(figsize=(8.0, 5.0), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    scored = [r for r in sweep.rows if not r.interrupted]
+    top.plot([r.coef for r in scored], [r.perplexity for r in scored], marker="o", label="perplexity")
+    collapsed = [r for r in scored if r.status == "collapsed"]
+    if collapsed:
+        top.plot([r.coef for r in collapsed], [r.perplexity for r in collapsed], "x", color="#d62828",
+                 ms=10, mew=2, label=f"collapsed (degeneracy ≥ {COLLAPSED:g}): ranked last")
+    values = [r.perplexity for r in scored]
+    if values and max(values) > LOG_SPAN * min(values):
+        top.set_yscale("log")
+    _label_points(top, scored, [r.coef for r in sweep.rows])
+    bottom.plot(sweep.coefs, [r.degeneracy.score for r in sweep.rows], marker="o", color="#6a4c93")
+    for row in (r for r in sweep.rows if r.interrupted):
+        for ax in (top, bottom):
+            ax.axvline(row.coef, ls=":", color="#888", label="interrupted" if ax is top else None)
+    top.margins(x=0.08, y=0.25)
+    top.set_ylabel("perplexity (unsteered)")
+    top.set_title(f"steering sweep of {plot_text(sweep.spec)}")
+    top.legend(fontsize=7, loc="best")
+    bottom.axhline(COLLAPSED, color="#d62828", ls="--", lw=1)
+    bottom.set_ylim(-0.05, 1.05)
+    bottom.set_ylabel("degeneracy")
+    bottom.set_xlabel(f"coefficient of {plot_text(sweep.spec)}")
     return fig
+
+
+def _label_points(ax, rows, coefs: list[float]) -> None:
+    """The start of each row's text next to its point: left of the point in the right half
+    of the range (so no label runs off the axes), alternately above and below."""
+    middle = (min(coefs) + max(coefs)) / 2
+    for i, row in enumerate(rows):
+        right = row.coef > middle
+        ax.annotate(plot_text(" ".join(row.text.split()), 18), (row.coef, row.perplexity),
+                    fontsize=6, xytext=(-3 if right else 3, 6 if i % 2 == 0 else -11),
+                    textcoords="offset points", ha="right" if right else "left")

@@ -1,5 +1,7 @@
 """Coefficient sweeps: the same prompt generated with one vector at a range of
-coefficients, each row scored by the unsteered model's perplexity of its text."""
+coefficients, each row scored by the unsteered model's perplexity of its text and by the
+text's degeneracy (``evaluation.degeneracy``), which keeps a collapsed row from ranking
+above a coherent one."""
 from __future__ import annotations
 
 import html
@@ -11,6 +13,8 @@ import torch
 
 from max_jupyter.engines.base import Engine
 from max_jupyter.errors import BadArgumentError
+from max_jupyter.evaluation.degeneracy import COLLAPSED, Degeneracy, degeneracy
+from max_jupyter.jupyter.render import token_pieces
 from max_jupyter.jupyter.steerspec import SteerTerm, spec_mix
 from max_jupyter.orchestrator.trace import GenerationResult
 
@@ -37,41 +41,80 @@ def parse_coefs(text: str) -> list[float]:
     return coefs
 
 
+SCORE_CHUNK = 256  # tokens per verify pass: bounds the [n, vocab] float32 logits held at once
+
+
 def perplexity(engine: Engine, prompt_ids: Sequence[int], token_ids: Sequence[int]) -> float:
     """exp(mean negative log-likelihood) of ``token_ids`` after ``prompt_ids`` under
-    ``engine`` with no steering (NaN for no tokens). Side effect: resets the engine's cache."""
+    ``engine`` with no steering (NaN for no tokens): a prefill of the prompt, then one
+    ``verify`` pass over the tokens (per ``SCORE_CHUNK``) for the logits of every position;
+    token by token where the engine has no verify. Side effect: resets the engine's cache."""
+    token_ids = list(token_ids)
     if not token_ids:
         return math.nan
-    nll = 0.0
-    logits = engine.prefill(list(prompt_ids)).logits
-    for i, token in enumerate(token_ids):
-        nll -= float(torch.log_softmax(logits.float(), -1)[token])
-        if i + 1 < len(token_ids):
-            logits = engine.step(token).logits
-    engine.reset()
+    try:
+        nll = _nll(engine.prefill(list(prompt_ids)).logits[None], token_ids[:1])
+        fed, targets = token_ids[:-1], token_ids[1:]
+        step = SCORE_CHUNK if engine.supports_verify else 1
+        for start in range(0, len(fed), step):
+            part = fed[start:start + step]
+            logits = engine.verify(part).all_logits if engine.supports_verify else engine.forward(part).logits[None]
+            nll += _nll(logits, targets[start:start + step])
+    finally:
+        engine.reset()
     return math.exp(nll / len(token_ids))
+
+
+def _nll(logits: torch.Tensor, targets: list[int]) -> float:
+    """Summed negative log-likelihood of ``targets`` under ``logits`` ``[len(targets), vocab]``."""
+    logp = torch.log_softmax(logits.float(), -1)
+    return -float(logp[torch.arange(len(targets)), torch.tensor(targets, device=logp.device)].sum())
 
 
 @dataclass(repr=False)
 class SweepRow:
-    """One coefficient: its generation and the unsteered model's perplexity of its text."""
+    """One coefficient: its generation, the unsteered model's perplexity of its text (None:
+    not scored, the row was interrupted) and the text's ``Degeneracy`` (collapse measures)."""
 
     coef: float
     result: GenerationResult
-
-    perplexity: float = math.nan
+    degeneracy: Degeneracy
+    perplexity: float | None = None
 
     @property
     def text(self) -> str:
         return self.result.text
 
+    @property
+    def interrupted(self) -> bool:
+        """Ctrl-C stopped its generation or its scoring: partial text, no perplexity."""
+        return self.result.finish_reason == "interrupted" or self.perplexity is None
+
+    @property
+    def status(self) -> str:
+        """``"interrupted"``, ``"collapsed"`` (``Degeneracy.collapsed``) or ``"ok"``."""
+        return "interrupted" if self.interrupted else "collapsed" if self.degeneracy.collapsed else "ok"
+
+    def rank_key(self) -> tuple:
+        """Sort key, best first: coherent rows by perplexity, then collapsed rows by
+        degeneracy, then interrupted rows."""
+        order = ("ok", "collapsed", "interrupted").index(self.status)
+        if order == 2:
+            return (2, 0.0, 0.0)
+        return (order, self.degeneracy.score if order else 0.0, self.perplexity)
+
+    def _perplexity_text(self) -> str:
+        return "interrupted" if self.interrupted else f"{self.perplexity:.2f}"
+
     def __repr__(self) -> str:
-        return f"SweepRow(coef={self.coef:g}, perplexity={self.perplexity:.2f}, text={self.text!r})"
+        return (f"SweepRow(coef={self.coef:g}, perplexity={self._perplexity_text()}, "
+                f"degeneracy={self.degeneracy.score:.2f}, text={self.text!r})")
 
 
 @dataclass(repr=False)
 class Sweep:
-    """The rows of a sweep of ``spec`` (a vector name, maybe with ``@layers``) on ``prompt``."""
+    """The rows of a sweep of ``spec`` (a vector name, maybe with ``@layers``) on ``prompt``,
+    in coefficient order; ``ranked()`` orders them best first."""
 
     spec: str
     prompt: str
@@ -87,8 +130,13 @@ class Sweep:
 
     @property
     def perplexities(self) -> torch.Tensor:
-        """``[rows]`` float32."""
-        return torch.tensor([r.perplexity for r in self.rows])
+        """``[rows]`` float32; NaN for an interrupted row (not scored)."""
+        return torch.tensor([math.nan if r.perplexity is None else r.perplexity for r in self.rows])
+
+    def ranked(self) -> list[SweepRow]:
+        """The rows best first: coherent rows by perplexity (lower first), then collapsed
+        rows (a low perplexity does not save a collapsed text), then interrupted rows."""
+        return sorted(self.rows, key=SweepRow.rank_key)
 
     def plot(self):
         """The sweep as a chart (``plots.plot_sweep``)."""
@@ -97,14 +145,18 @@ class Sweep:
         return plot_sweep(self)
 
     def _repr_html_(self) -> str:
-        rows = "".join(f"<tr><td>{r.coef:+g}</td><td>{r.perplexity:.2f}</td>"
-                       f"<td>{len(r.result.token_ids)}</td>"
+        rank = {id(r): i + 1 for i, r in enumerate(self.ranked())}
+        rows = "".join(f"<tr><td>{r.coef:+g}</td><td>{rank[id(r)]}</td><td>{r._perplexity_text()}</td>"
+                       f"<td>{r.degeneracy.repetition:.2f}</td><td>{r.degeneracy.nonword:.2f}</td>"
+                       f"<td>{'' if r.status == 'ok' else r.status}</td><td>{len(r.result.token_ids)}</td>"
                        f'<td style="text-align:left;white-space:pre-wrap">{html.escape(r.text)}</td></tr>'
                        for r in self.rows)
         return (f"<div><b>sweep of {html.escape(self.spec)}</b> on "
-                f"<i>{html.escape(self.prompt[:80])}</i><table><thead><tr><th>coef</th>"
-                f"<th>perplexity (unsteered)</th><th>tokens</th><th style='text-align:left'>text</th>"
-                f"</tr></thead><tbody>{rows}</tbody></table></div>")
+                f"<i>{html.escape(self.prompt[:80])}</i><table><thead><tr><th>coef</th><th>rank</th>"
+                f"<th>perplexity (unsteered)</th><th>repetition</th><th>non-word</th><th>status</th>"
+                f"<th>tokens</th><th style='text-align:left'>text</th></tr></thead><tbody>{rows}</tbody>"
+                f"</table><small>rank: coherent rows by perplexity, then collapsed rows (repetition "
+                f"or non-word share &ge; {COLLAPSED}), then interrupted ones.</small></div>")
 
     def __repr__(self) -> str:
         return f"Sweep({self.spec!r}, {len(self.rows)} rows)"
@@ -113,27 +165,29 @@ class Sweep:
         p.text(f"Sweep({self.spec}, {len(self.rows)} rows)")
         for r in self.rows:
             p.break_()
-            p.text(f"{r.coef:+8g}  ppl {r.perplexity:8.2f}  {r.text.strip()[:60]!r}")
+            p.text(f"{r.coef:+8g}  ppl {r._perplexity_text():>11}  degeneracy {r.degeneracy.score:.2f}"
+                   f"{'  ' + r.status if r.status != 'ok' else ''}  {r.text.strip()[:60]!r}")
 
 
 def run_sweep(session, prompt: str, term: SteerTerm, coefs: Sequence[float], *,
               progress: bool = True, **options) -> Sweep:
     """Generate ``prompt`` once per coefficient with ``coef * term.name`` at ``term.layers``
     (on top of the live mix), then score each text with the unsteered big model on the
-    Session's worker. ``options``: generation options of ``Session.generate``. Ctrl-C ends
-    the sweep with the rows so far (an interrupted row keeps its partial text, perplexity
-    NaN)."""
+    Session's worker (perplexity) and by its degeneracy. ``options``: generation options of
+    ``Session.generate``. Ctrl-C ends the sweep with the rows so far (an interrupted row
+    keeps its partial text and is marked interrupted, without a perplexity)."""
     from tqdm.auto import tqdm
 
     spec = f"{term.name}@{','.join(map(str, term.layers))}" if term.layers else term.name
     sweep = Sweep(spec, prompt)
     mixes = [spec_mix([SteerTerm(term.name, c, term.layers)], session.vectors, session.big.identity)
              for c in coefs]  # every coefficient checked before the first generation
+    tokenizer = session.big.tokenizer
     try:
         for coef, steering in tqdm(list(zip(coefs, mixes)), desc=f"sweep {spec}",
                                    disable=not progress, leave=False):
             result = session.generate(prompt, steering=steering, **options)
-            row = SweepRow(coef, result)
+            row = SweepRow(coef, result, degeneracy(token_pieces(tokenizer, result.token_ids)))
             sweep.rows.append(row)
             if result.finish_reason == "interrupted":
                 break

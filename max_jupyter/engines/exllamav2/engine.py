@@ -1,4 +1,5 @@
-"""ExLlamaV2 backend (CUDA): EXL2, GPTQ and fp16 model folders of the Llama and Qwen2 families.
+"""The ExLlamaV2 engine and its loading (CUDA): EXL2, GPTQ and fp16 model folders of the
+Llama and Qwen2 families.
 
 ``exllamav2`` (0.3.2) is imported lazily, only when an engine is loaded, so this module
 imports on machines without CUDA.
@@ -32,255 +33,30 @@ How it runs:
   writes ``rope_parameters`` instead of ``rope_theta`` and exllamav2 would silently use
   10000, so the theta is read from either; torch's cuDNN attention re-plans for every new
   KV length (~40 ms each), so SDPA is kept off cuDNN during this backend's prefill.
-- **Memory.** ``plan_memory`` sizes weights, KV caches, working buffers and overhead of
-  one or two models before anything is allocated, derives cache capacity from the VRAM
-  budget, and raises ``VramBudgetError`` naming the parts when they do not fit; loading
-  then caps torch's allocator at the budget. Token embeddings stay on the CPU, as in
-  exllamav2 (token ids go through the CPU table, then one row is copied to the GPU).
+- **Memory.** ``load_engines`` plans first (``plan.plan_memory``: nothing is allocated
+  if the models do not fit), then caps torch's allocator at the budget. Token embeddings
+  stay on the CPU, as in exllamav2 (token ids go through the CPU table, then one row is
+  copied to the GPU).
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from max_jupyter.engines.base import (Engine, ForwardResult, ModelIdentity,
                                       embedding_fingerprint)
-from max_jupyter.errors import BackendUnavailableError, MaxJupyterError
-from max_jupyter.models import check_hf_folder
+from max_jupyter.engines.exllamav2.folder import import_exllamav2, read_raw_config
+from max_jupyter.engines.exllamav2.plan import (BUCKET, CONTEXT_OVERHEAD, GiB, MemoryPlan,
+                                                VramBudgetError, check_plan_args, measure_model,
+                                                plan_memory, round_up)
 from max_jupyter.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
-GiB = 1024 ** 3
-BUCKET = 256  # decode attention reads the cache in buckets of this many positions
 MAX_GRAPHS = 32  # direct-pass graphs kept per engine (oldest dropped first)
 MAX_DIRECT_ROWS = 32  # the longest direct pass (a verify): exllamav2's quantised GEMM row limit
-CONTEXT_OVERHEAD = 820 * 1024 ** 2  # CUDA context, kernels, cuBLAS (0.80 GiB measured, H200)
-GRAPH_POOL = 64 * 1024 ** 2  # per engine: decode graphs' intermediates and outputs
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN
-
-
-class VramBudgetError(MaxJupyterError, MemoryError):
-    """Two models, their caches and buffers do not fit the VRAM budget (raised before allocating)."""
-
-
-def _exllamav2():
-    """Import exllamav2 (builds or loads its CUDA extension) and apply global fixes."""
-    if not torch.cuda.is_available():
-        raise BackendUnavailableError("The ExLlamaV2 backend needs a CUDA GPU; use TransformersEngine "
-                                      "on the CPU.")
-    try:
-        import exllamav2
-        from exllamav2 import attn, ext
-    except ImportError as e:
-        raise BackendUnavailableError("The ExLlamaV2 backend needs exllamav2 0.3.2: "
-                                      "pip install 'max-jupyter[gpu]' (or exllamav2==0.3.2)") from e
-    return exllamav2, attn, ext
-
-
-# ---------------------------------------------------------------------------------------
-# Reading a folder and planning memory
-
-
-@dataclass(frozen=True)
-class ModelMemory:
-    """Bytes one model needs on the GPU, from its config and safetensors headers (no allocation)."""
-
-    name: str
-    folder: str
-    weights: int  # GPU weights (quantised linears, norms, head)
-    scratch: int  # exllamav2's fixed per-device scratch (sized by max_input_len)
-    cache_per_token: int  # fp16 K and V of every layer, one position
-    sincos_per_token: int  # rope sin/cos tables, one position
-    prefill_fixed: int  # transient activations of one prefill chunk
-    prefill_per_token: int  # transient bytes per cached position during prefill (GQA K/V expansion, mask)
-    host_embedding: int  # token-embedding table kept on the CPU
-    max_positions: int
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    """A VRAM layout: parts in bytes, the cache capacity in tokens, and the budget."""
-
-    models: tuple[ModelMemory, ...]
-    cache_tokens: int
-    max_input_len: int
-    budget: int
-
-    def cache_bytes(self, m: ModelMemory) -> int:
-        return m.cache_per_token * self.cache_tokens
-
-    @property
-    def working(self) -> int:
-        """Scratch + rope tables + graph pools of every model, plus the largest prefill peak."""
-        peak = max(m.prefill_fixed + m.prefill_per_token * self.cache_tokens for m in self.models)
-        return peak + sum(m.scratch + m.sincos_per_token * self.cache_tokens + GRAPH_POOL
-                          for m in self.models)
-
-    @property
-    def total(self) -> int:
-        return (sum(m.weights + self.cache_bytes(m) for m in self.models) + self.working
-                + CONTEXT_OVERHEAD)
-
-    def parts(self) -> list[tuple[str, int, str]]:
-        """(part, bytes, note) rows, in the order of the report."""
-        rows = [(f"{m.name} weights", m.weights, Path(m.folder).name) for m in self.models]
-        rows += [(f"{m.name} KV cache", self.cache_bytes(m),
-                  f"{self.cache_tokens} tokens x {m.cache_per_token / 1024:.0f} KiB")
-                 for m in self.models]
-        rows.append(("working buffers", self.working,
-                     f"scratch + rope tables + decode graphs + prefill chunk of "
-                     f"{self.max_input_len} at full cache"))
-        rows.append(("overhead", CONTEXT_OVERHEAD, "CUDA context, kernels, cuBLAS (estimate)"))
-        return rows
-
-    def table(self, measured: MeasuredPeak | None = None) -> str:
-        """The layout as a markdown table (GiB); ``measured`` adds the measured peak."""
-        lines = ["| part | GiB | note |", "|---|---:|---|"]
-        lines += [f"| {name} | {size / GiB:.2f} | {note} |" for name, size, note in self.parts()]
-        lines.append(f"| **total planned** | **{self.total / GiB:.2f}** | budget {self.budget / GiB:.2f} |")
-        if measured is not None:
-            lines.append(f"| measured peak | {measured.total / GiB:.2f} | torch peak reserved "
-                         f"{measured.torch / GiB:.2f} + outside torch {measured.outside_torch / GiB:.2f}"
-                         f" (CUDA context, kernels; mem_get_info) |")
-        host = sum(m.host_embedding for m in self.models)
-        lines.append(f"| (host RAM) embeddings | {host / GiB:.2f} | on the CPU, not in VRAM |")
-        return "\n".join(lines)
-
-    def describe_overflow(self) -> str:
-        parts = " + ".join(f"{name} {size / GiB:.2f}" for name, size, _ in self.parts())
-        return (f"needs {self.total / GiB:.2f} GiB > budget {self.budget / GiB:.2f} GiB: {parts} "
-                f"(GiB). Lower cache_tokens or max_input_len, use a lower-bit quantisation, "
-                f"or raise max_vram_gb.")
-
-
-@dataclass(frozen=True)
-class MeasuredPeak:
-    """Device memory measured at run time, in bytes, to hold against a ``MemoryPlan``."""
-
-    torch: int  # torch's peak reserved since the last reset_peak_memory_stats (less held)
-    outside_torch: int  # what the device holds beyond torch's reserve: context, kernels
-
-    @property
-    def total(self) -> int:
-        return self.torch + self.outside_torch
-
-
-def measured_peak(held: int = 0) -> MeasuredPeak:
-    """Peak memory of this process on GPU 0 since ``torch.cuda.reset_peak_memory_stats()``:
-    torch's peak reserved less ``held`` (what torch held before the measured part), plus
-    the device memory in use beyond torch's current reserve (``mem_get_info``: the CUDA
-    context, loaded kernels, non-torch allocations), read now."""
-    free, total = torch.cuda.mem_get_info()
-    outside = total - free - torch.cuda.memory_reserved()
-    return MeasuredPeak(torch.cuda.max_memory_reserved() - held, outside)
-
-
-def read_config(folder: str | os.PathLike, max_seq_len: int, max_input_len: int = 2048):
-    """An ``ExLlamaV2Config`` for ``folder`` with this backend's settings and fixes.
-
-    Checks the architecture (Llama or Qwen2), reads ``rope_theta`` from either the legacy
-    key or transformers 5's ``rope_parameters``, and turns off exllamav2's per-module CUDA
-    graphs (the engine graphs whole decode steps itself).
-    """
-    exl, _, _ = _exllamav2()
-    folder = Path(folder)
-    check_hf_folder(folder)
-    raw = json.loads((folder / "config.json").read_text())
-    arch = (raw.get("architectures") or ["?"])[0]
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"{folder}: architecture {arch} is not supported by the ExLlamaV2 backend "
-                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}).")
-    rope = raw.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default" and "rope_scaling" not in raw:
-        raise ValueError(f"{folder}: rope_parameters has rope_type {rope['rope_type']!r}, which "
-                         f"exllamav2 reads only from a 'rope_scaling' entry; add one to config.json.")
-    config = exl.ExLlamaV2Config(str(folder))
-    theta = raw.get("rope_theta", rope.get("rope_theta"))
-    if theta is not None:
-        config.rotary_embedding_base = float(theta)
-    config.max_seq_len = max_seq_len
-    config.max_input_len = max_input_len
-    config.max_attention_size = max_input_len ** 2
-    config.no_graphs = True
-    config.arch_compat_overrides(quiet=True)
-    return config
-
-
-def measure_model(name: str, folder: str | os.PathLike, max_input_len: int = 2048):
-    """(``ModelMemory``, unloaded ``ExLlamaV2``) for ``folder``; reads headers, allocates nothing."""
-    exl, _, _ = _exllamav2()
-    raw = json.loads((Path(folder) / "config.json").read_text())
-    max_positions = int(raw.get("max_position_embeddings", 4096))
-    config = read_config(folder, max_positions, max_input_len)
-    model = exl.ExLlamaV2(config)
-    drop_zero_gptq_biases(model)
-    gpu_modules = model.modules[1:]  # the embedding stays on the CPU
-    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    hidden, inter, c = config.hidden_size, config.intermediate_size, max_input_len
-    memory = ModelMemory(
-        name=name, folder=str(folder),
-        weights=sum(m.weight_footprint() for m in gpu_modules),
-        scratch=max(m.scratch_space_fixed() for m in gpu_modules),
-        cache_per_token=config.num_hidden_layers * 2 * kv_heads * head_dim * 2,
-        sincos_per_token=head_dim * 2 * 2,
-        prefill_fixed=c * 2 * (2 * hidden + (heads + 2 * kv_heads) * head_dim + 2 * heads * head_dim
-                               + 3 * inter),
-        prefill_per_token=2 * heads * head_dim * 2 + c,
-        host_embedding=model.modules[0].weight_footprint(),
-        max_positions=max_positions)
-    return memory, model
-
-
-def drop_zero_gptq_biases(model) -> None:
-    """exllamav2 discards an all-zero GPTQ bias, then fails asserting the layer has one
-    (e.g. Qwen2 q/k/v biases that are zero): mark such layers bias-free before loading."""
-    from exllamav2.linear import ExLlamaV2Linear
-
-    tensors = model.config.tensor_file_map
-    for module in model.modules_dict.values():
-        if (isinstance(module, ExLlamaV2Linear) and module.has_bias
-                and f"{module.key}.qweight" in tensors and f"{module.key}.bias" in tensors):
-            if not module.load_multi(module.key, ["bias"], cpu=True)["bias"].any():
-                module.has_bias = False
-
-
-def plan_memory(models: Sequence[ModelMemory], max_vram_gb: float | None = None,
-                cache_tokens: int | None = None, max_input_len: int = 2048) -> MemoryPlan:
-    """Lay out ``models`` (one or two) in ``max_vram_gb`` (default: the card's memory).
-
-    Every model gets a cache of the same capacity (the small model mirrors the big one's
-    context): ``cache_tokens`` if given, else the most that fits, rounded down to 256 and
-    capped by each model's ``max_position_embeddings``. Raises ``VramBudgetError`` naming
-    every part and its size if the layout does not fit.
-    """
-    budget = int((max_vram_gb or torch.cuda.get_device_properties(0).total_memory / GiB) * GiB)
-    limit = min(m.max_positions for m in models)
-    if cache_tokens is None:
-        fixed = MemoryPlan(tuple(models), 0, max_input_len, budget).total
-        per_token = (sum(m.cache_per_token + m.sincos_per_token for m in models)
-                     + max(m.prefill_per_token for m in models))
-        cache_tokens = min(limit, max(0, budget - fixed) // per_token) // BUCKET * BUCKET
-        if cache_tokens < BUCKET:
-            raise VramBudgetError("no room for a KV cache: "
-                                  + MemoryPlan(tuple(models), BUCKET, max_input_len, budget)
-                                  .describe_overflow())
-    elif cache_tokens > limit:
-        raise ValueError(f"cache_tokens={cache_tokens} exceeds max_position_embeddings={limit}.")
-    plan = MemoryPlan(tuple(models), min(_round_up(cache_tokens, BUCKET), limit), max_input_len,
-                      budget)
-    if plan.total > budget:
-        raise VramBudgetError(plan.describe_overflow())
-    return plan
-
-
-def _round_up(n: int, k: int) -> int:
-    return -(-n // k) * k
 
 
 def load_engines(folders: Sequence[tuple[str, str | os.PathLike]], max_vram_gb: float | None = None,
@@ -292,9 +68,13 @@ def load_engines(folders: Sequence[tuple[str, str | os.PathLike]], max_vram_gb: 
     checked against the memory free now), then caps torch's allocator (process-wide) at
     what it already holds plus the budget, loads each model and allocates its cache. If a
     load fails, every model is unloaded and the cap lifted before the error propagates.
-    Returns the engines and the plan (``plan.table()`` is the memory report).
+    Returns the engines and the plan (``plan.table()`` is the memory report). Arguments
+    and folders are checked first (``BadArgumentError``, ``ModelSourceError``).
     """
-    exl, _, _ = _exllamav2()
+    max_vram_gb, cache_tokens, max_input_len = check_plan_args(max_vram_gb, cache_tokens, max_input_len)
+    for _, folder in folders:
+        read_raw_config(folder)
+    exl, _, _ = import_exllamav2()
     measured = [measure_model(name, folder, max_input_len) for name, folder in folders]
     plan = plan_memory([m for m, _ in measured], max_vram_gb, cache_tokens, max_input_len)
     free, total = torch.cuda.mem_get_info()
@@ -330,10 +110,6 @@ def load_pair(big: str | os.PathLike, small: str | os.PathLike, max_vram_gb: flo
     return b, s, plan
 
 
-# ---------------------------------------------------------------------------------------
-# The engine
-
-
 class ExLlamaV2Engine(Engine):
     """Engine over a loaded ``ExLlamaV2`` model and its fp16 ``ExLlamaV2Cache`` (batch 1, GPU 0).
 
@@ -346,7 +122,7 @@ class ExLlamaV2Engine(Engine):
     supports_verify = True
 
     def __init__(self, model, cache, tokenizer: Tokenizer, use_graphs: bool = True):
-        _, attn_mod, ext = _exllamav2()
+        _, attn_mod, ext = import_exllamav2()
         from exllamav2.mlp import ExLlamaV2MLP
 
         self.model, self.cache, self.tokenizer = model, cache, tokenizer
@@ -409,6 +185,13 @@ class ExLlamaV2Engine(Engine):
 
     def _rewind(self, n: int) -> None:
         self.cache.current_seq_len -= n
+
+    def _unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm and head over ``hidden`` in chunks of ``max_input_len`` rows (the
+        longest input exllamav2's head is sized for), on the caller's stream (which every
+        direct pass's outputs are already ready on)."""
+        chunks = hidden.contiguous().split(self._max_input_len)
+        return torch.cat([self._logits(rows[None], all_rows=True)[0].float() for rows in chunks])
 
     def unload(self) -> None:
         """Free the weights, the cache and the graphs (the engine is unusable afterwards)."""
@@ -521,7 +304,7 @@ class ExLlamaV2Engine(Engine):
             self._stream.wait_stream(caller)
         self._after_modules = False
         n, pos = len(ids), self.seq_len
-        bucket = min(_round_up(pos + n, BUCKET), self.max_seq_len)
+        bucket = min(round_up(pos + n, BUCKET), self.max_seq_len)
         key = (bucket, n, all_rows, frozenset(deltas), capture)
         self._x_sent.synchronize()  # the previous upload has left the staging buffer
         self._x_host[:, :n].copy_(self._embed_cpu(ids))
