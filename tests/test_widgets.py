@@ -138,6 +138,13 @@ def test_mix_changed_in_code_moves_the_slider(kernel):
         == ["True", "3.5"]
 
 
+def test_a_slider_float_step_is_not_recorded_as_noise(kernel):
+    """A slider's value is steps of floats (0.1 + 0.2 = 0.30000000000000004); the mix gets
+    the number meant."""
+    kernel.update_widget(kernel.ids[1], {"value": 0.1 + 0.2})
+    assert kernel.run("print(repr(s.mix.entries['happy'].coef))").strip() == "0.3"
+
+
 def test_layer_choice_and_switch_write_the_mix(kernel):
     _, _, _, layer_id, on_id = kernel.ids
     entry = "e = s.mix.entries.get('happy'); print(e and e.layers)"

@@ -239,16 +239,15 @@ class LiveView(ShownWithFallback, ipywidgets.VBox):
 def mix_per_step(records: list[StepRecord]) -> str:
     """The live mix's coefficients per step as runs of equal steps, e.g. ``live mix per
     step: 0-12 happy +0; 13-59 happy +0.8``."""
-    runs: list[list] = []  # [first step, last step, coefficients]
+    runs: list[list] = []  # [first step, last step, the coefficients as shown]
     for record in records:
-        coefs = dict(record.mix)
-        if runs and runs[-1][2] == coefs:
+        # compared as shown: 0.3 and 0.30000000000000004 are one run
+        shown = ", ".join(f"{k} {v:+g}" for k, v in record.mix.items()) or "empty"
+        if runs and runs[-1][2] == shown:
             runs[-1][1] = record.step
         else:
-            runs.append([record.step, record.step, coefs])
-    parts = [(f"{a}" if a == b else f"{a}-{b}") + " "
-             + (", ".join(f"{k} {v:+g}" for k, v in coefs.items()) or "empty")
-             for a, b, coefs in runs]
+            runs.append([record.step, record.step, shown])
+    parts = [(f"{a}" if a == b else f"{a}-{b}") + f" {shown}" for a, b, shown in runs]
     return "live mix per step: " + ("; ".join(parts) if parts else "no steps")
 
 
