@@ -204,6 +204,17 @@ def test_stop_button_stops_only_its_own_generation(kernel):
     assert "stopped" in " ".join(status) and steps in " ".join(status)
 
 
+def test_a_closed_view_stops_listening(kernel):
+    n, later, steps = map(int, kernel.run(
+        "h3 = s.start('Hi', max_new_tokens=40, ignore_eos=True, on_event=lambda e: time.sleep(0.05))\n"
+        "v3 = TokenView(h3, session=s)\n"
+        "while len(v3.records) < 3: time.sleep(0.02)\n"
+        "v3.close(); n = len(v3.records)\n"
+        "r3 = h3.result(timeout=60); time.sleep(0.3)\n"
+        "print(n, len(v3.records), len(r3.steps))").split())
+    assert later <= n + 1 < steps == 40
+
+
 def test_widgets_of_a_closed_session_say_so_and_disable_themselves(kernel):
     """``%max_load`` again closes ``s``: its Mixers (alone and in a LiveView) disable
     every control and say why, the LiveView's TokenView too; a slider message sent to an

@@ -103,10 +103,16 @@ class TokenView(ShownWithFallback, anywidget.AnyWidget):
 
     def _unfollow(self) -> None:
         """Stop listening to the generation shown until now (if any)."""
-        handle, listener, flusher = self._handle, self._listener, self._flusher
+        listener = getattr(self, "_listener", None)  # absent if __init__ failed (__del__ closes)
         if listener is not None:
+            handle, flusher = self._handle, self._flusher
             handle.unsubscribe(listener)
             flusher.stop()
+
+    def close(self) -> None:
+        """Stop following the generation and close the widget."""
+        self._unfollow()
+        super().close()
 
     def _on_event(self, handle, event: StepEvent, flusher: _Flusher) -> None:
         if self._handle is handle:  # else follow() has moved on to another generation
