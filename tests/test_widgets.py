@@ -5,10 +5,13 @@ the mix changed in code moves the slider; the TokenView's batched deltas rebuild
 step. Run on both ipykernel major versions (the other one is pip-installed for the test)."""
 from __future__ import annotations
 
+import fnmatch
 import html
 import json
 import re
 import time
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -267,3 +270,13 @@ def test_flush_rate_is_bounded():
     assert len(calls) <= 1.0 * 20 + 2
     assert min(gaps) >= 0.045, min(gaps)
     assert len(calls) >= 10, "flushes should keep coming while pokes do"
+
+
+def test_the_front_end_files_ship_as_package_data():
+    """The TokenView reads tokenview.js / .css at run time: the wheel must carry them."""
+    root = Path(__file__).resolve().parents[1]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = data.get("package-data", {}).get("max_jupyter.jupyter", [])
+    for name in ("tokenview.js", "tokenview.css"):
+        assert (root / "max_jupyter" / "jupyter" / name).is_file()
+        assert any(fnmatch.fnmatch(name, p) for p in patterns), f"{name} is not package data"
