@@ -70,7 +70,7 @@ class Session:
     @property
     def handle(self) -> GenerationHandle | None:
         """The generation running now (from the notebook or the server), else the last one
-        started (queued or finished); None before any. What a Stop button should stop."""
+        started (queued or finished); None before any."""
         running = self._worker.running
         return running if isinstance(running, GenerationHandle) else self._started
 

@@ -241,6 +241,11 @@ class ScriptedEngine(Engine):
         logits, hidden = self._pass(ids, deltas, capture)
         return ForwardResult(logits=logits[-1], hidden=hidden, all_logits=logits)
 
+    def _unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``head @ h`` plus the fixed bias: a forward's logits without the context's script
+        (``eos_at``, a drafter's disagreements), which a residual alone does not carry."""
+        return (hidden[:, None, :] * self.head).sum(-1) + self._bias  # as _pass sums, to the bit
+
     def _pass(self, ids: list[int], deltas: dict[int, torch.Tensor], capture: frozenset[int]
               ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Append ``ids`` (fed with ``deltas``); ``[n, vocab]`` logits and the captured rows."""

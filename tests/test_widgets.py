@@ -5,10 +5,13 @@ the mix changed in code moves the slider; the TokenView's batched deltas rebuild
 step. Run on both ipykernel major versions (the other one is pip-installed for the test)."""
 from __future__ import annotations
 
+import fnmatch
 import html
 import json
 import re
 import time
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -140,6 +143,13 @@ def test_mix_changed_in_code_moves_the_slider(kernel):
         == ["True", "3.5"]
 
 
+def test_a_slider_float_step_is_not_recorded_as_noise(kernel):
+    """A slider's value is steps of floats (0.1 + 0.2 = 0.30000000000000004); the mix gets
+    the number meant."""
+    kernel.update_widget(kernel.ids[1], {"value": 0.1 + 0.2})
+    assert kernel.run("print(repr(s.mix.entries['happy'].coef))").strip() == "0.3"
+
+
 def test_layer_choice_and_switch_write_the_mix(kernel):
     _, _, _, layer_id, on_id = kernel.ids
     entry = "e = s.mix.entries.get('happy'); print(e and e.layers)"
@@ -199,6 +209,17 @@ def test_stop_button_stops_only_its_own_generation(kernel):
     assert "stopped" in " ".join(status) and steps in " ".join(status)
 
 
+def test_a_closed_view_stops_listening(kernel):
+    n, later, steps = map(int, kernel.run(
+        "h3 = s.start('Hi', max_new_tokens=40, ignore_eos=True, on_event=lambda e: time.sleep(0.05))\n"
+        "v3 = TokenView(h3, session=s)\n"
+        "while len(v3.records) < 3: time.sleep(0.02)\n"
+        "v3.close(); n = len(v3.records)\n"
+        "r3 = h3.result(timeout=60); time.sleep(0.3)\n"
+        "print(n, len(v3.records), len(r3.steps))").split())
+    assert later <= n + 1 < steps == 40
+
+
 def test_widgets_of_a_closed_session_say_so_and_disable_themselves(kernel):
     """``%max_load`` again closes ``s``: its Mixers (alone and in a LiveView) disable
     every control and say why, the LiveView's TokenView too; a slider message sent to an
@@ -251,3 +272,13 @@ def test_flush_rate_is_bounded():
     assert len(calls) <= 1.0 * 20 + 2
     assert min(gaps) >= 0.045, min(gaps)
     assert len(calls) >= 10, "flushes should keep coming while pokes do"
+
+
+def test_the_front_end_files_ship_as_package_data():
+    """The TokenView reads tokenview.js / .css at run time: the wheel must carry them."""
+    root = Path(__file__).resolve().parents[1]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = data.get("package-data", {}).get("max_jupyter.jupyter", [])
+    for name in ("tokenview.js", "tokenview.css"):
+        assert (root / "max_jupyter" / "jupyter" / name).is_file()
+        assert any(fnmatch.fnmatch(name, p) for p in patterns), f"{name} is not package data"

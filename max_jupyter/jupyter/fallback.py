@@ -7,7 +7,8 @@ shows two outputs: the widget itself, then an HTML output (``StaticFallback``) t
 widget keeps current (for a TokenView: the final text with its token colouring and the live
 mix per step). The saved notebook carries that HTML. While the widget is shown live, a CSS
 rule inside the HTML hides it (the output right after one holding a ``.max-tokenview`` or
-``.max-mixer``); where the widget is missing, or styles are stripped, it shows.
+``.max-mixer``); where the widget is missing, or styles are stripped, it shows, and in
+JupyterLab it stands in for the widget's "model not found" line.
 """
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ import threading
 
 from IPython.display import HTML, display
 
-HIDE_WHILE_LIVE = ("<style>.jp-OutputArea-child:has(.max-tokenview, .max-mixer) + "
-                   ".jp-OutputArea-child .mj-fallback{display:none}</style>")
+FALLBACK_STYLE = ("<style>.jp-OutputArea-child:has(.max-tokenview, .max-mixer) + "
+                  ".jp-OutputArea-child .mj-fallback{display:none}"
+                  ".jp-OutputArea-child:has(+ .jp-OutputArea-child .mj-fallback) > "
+                  ".jp-OutputArea-output.jupyter-widgets:not(:has(*)){display:none}</style>")
+"""Hides the copy under a live widget; where the widget is missing, hides JupyterLab's
+one-line "Error displaying widget" (an output with text only) above the copy instead."""
 
 
 class StaticFallback:
@@ -50,7 +55,7 @@ class StaticFallback:
 
     @staticmethod
     def _wrapped(html: str) -> str:
-        return f'{HIDE_WHILE_LIVE}<div class="mj-fallback">{html}</div>'
+        return f'{FALLBACK_STYLE}<div class="mj-fallback">{html}</div>'
 
 
 class ShownWithFallback:

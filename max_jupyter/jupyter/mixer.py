@@ -71,17 +71,19 @@ class MixerRow(widgets.HBox):
             return
         current = self.mix.entries.get(self.name)
         layers = self.layer.value or None
+        # A slider steps in floats (6 * 0.05 = 0.30000000000000004): keep the number meant.
+        coef = round(self.coef.value, 9)
         try:
             if not self.on.value:
                 if current is not None:
                     self.mix.remove(self.name)
             elif current is None and self.library is not None and self.name in self.library:
                 self._use(self.library[self.name])
-                self.mix.set(self.name, self.vector, self.coef.value, self.layer.value or None)
+                self.mix.set(self.name, self.vector, coef, self.layer.value or None)
             elif current is None or current.layers != layers or current.vector is not self.vector:
-                self.mix.set(self.name, self.vector, self.coef.value, layers)
-            elif current.coef != self.coef.value:
-                self.mix.set_coef(self.name, self.coef.value)
+                self.mix.set(self.name, self.vector, coef, layers)
+            elif current.coef != coef:
+                self.mix.set_coef(self.name, coef)
         except KeyError:  # removed by another thread meanwhile: the listener shows it
             pass
 

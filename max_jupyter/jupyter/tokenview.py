@@ -103,10 +103,16 @@ class TokenView(ShownWithFallback, anywidget.AnyWidget):
 
     def _unfollow(self) -> None:
         """Stop listening to the generation shown until now (if any)."""
-        handle, listener, flusher = self._handle, self._listener, self._flusher
+        listener = getattr(self, "_listener", None)  # absent if __init__ failed (__del__ closes)
         if listener is not None:
+            handle, flusher = self._handle, self._flusher
             handle.unsubscribe(listener)
             flusher.stop()
+
+    def close(self) -> None:
+        """Stop following the generation and close the widget."""
+        self._unfollow()
+        super().close()
 
     def _on_event(self, handle, event: StepEvent, flusher: _Flusher) -> None:
         if self._handle is handle:  # else follow() has moved on to another generation
@@ -239,16 +245,15 @@ class LiveView(ShownWithFallback, ipywidgets.VBox):
 def mix_per_step(records: list[StepRecord]) -> str:
     """The live mix's coefficients per step as runs of equal steps, e.g. ``live mix per
     step: 0-12 happy +0; 13-59 happy +0.8``."""
-    runs: list[list] = []  # [first step, last step, coefficients]
+    runs: list[list] = []  # [first step, last step, the coefficients as shown]
     for record in records:
-        coefs = dict(record.live_coefs)
-        if runs and runs[-1][2] == coefs:
+        # compared as shown: 0.3 and 0.30000000000000004 are one run
+        shown = ", ".join(f"{k} {v:+g}" for k, v in record.live_coefs.items()) or "empty"
+        if runs and runs[-1][2] == shown:
             runs[-1][1] = record.step
         else:
-            runs.append([record.step, record.step, coefs])
-    parts = [(f"{a}" if a == b else f"{a}-{b}") + " "
-             + (", ".join(f"{k} {v:+g}" for k, v in coefs.items()) or "empty")
-             for a, b, coefs in runs]
+            runs.append([record.step, record.step, shown])
+    parts = [(f"{a}" if a == b else f"{a}-{b}") + f" {shown}" for a, b, shown in runs]
     return "live mix per step: " + ("; ".join(parts) if parts else "no steps")
 
 
