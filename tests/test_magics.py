@@ -410,8 +410,11 @@ def test_judges(shell, session, capsys):
     assert none.scores == {}
     run(shell, "%max_judge off unsure")
     assert set(session.judges) == {"probe:happy@12"}
+    assert set(session.mixes) == {"probe:happy"}  # off removes the mix its --steer added
+    capsys.readouterr()
     run(shell, "%max_judge off")
-    assert session.judges == {}
+    assert session.judges == {} and session.mixes == {}
+    assert "removed mix 'probe:happy'" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- %max_sweep

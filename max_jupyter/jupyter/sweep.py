@@ -15,6 +15,7 @@ from max_jupyter.engines.base import Engine
 from max_jupyter.errors import BadArgumentError
 from max_jupyter.evaluation.degeneracy import COLLAPSED, Degeneracy, degeneracy
 from max_jupyter.jupyter.render import token_pieces
+from max_jupyter.orchestrator.options import GenerationOptions
 from max_jupyter.jupyter.steerspec import SteerTerm, spec_mix
 from max_jupyter.orchestrator.trace import GenerationResult
 
@@ -169,13 +170,15 @@ class Sweep:
                    f"{'  ' + r.status if r.status != 'ok' else ''}  {r.text.strip()[:60]!r}")
 
 
-def run_sweep(session, prompt: str, term: SteerTerm, coefs: Sequence[float], *,
-              progress: bool = True, **options) -> Sweep:
+def run_sweep(session, prompt: str, term: SteerTerm, coefs: Sequence[float],
+              options: GenerationOptions | None = None, *, progress: bool = True,
+              **overrides) -> Sweep:
     """Generate ``prompt`` once per coefficient with ``coef * term.name`` at ``term.layers``
     (on top of the live mix), then score each text with the unsteered big model on the
-    Session's worker (perplexity) and by its degeneracy. ``options``: generation options of
-    ``Session.generate``. Ctrl-C ends the sweep with the rows so far (an interrupted row
-    keeps its partial text and is marked interrupted, without a perplexity)."""
+    Session's worker (perplexity) and by its degeneracy. ``options`` and ``overrides``: as
+    ``Session.generate`` takes them (each row adds its own ``steering``). Ctrl-C ends the
+    sweep with the rows so far (an interrupted row keeps its partial text and is marked
+    interrupted, without a perplexity)."""
     from tqdm.auto import tqdm
 
     spec = f"{term.name}@{','.join(map(str, term.layers))}" if term.layers else term.name
@@ -186,7 +189,7 @@ def run_sweep(session, prompt: str, term: SteerTerm, coefs: Sequence[float], *,
     try:
         for coef, steering in tqdm(list(zip(coefs, mixes)), desc=f"sweep {spec}",
                                    disable=not progress, leave=False):
-            result = session.generate(prompt, steering=steering, **options)
+            result = session.generate(prompt, options, steering=steering, **overrides)
             row = SweepRow(coef, result, degeneracy(token_pieces(tokenizer, result.token_ids)))
             sweep.rows.append(row)
             if result.finish_reason == "interrupted":

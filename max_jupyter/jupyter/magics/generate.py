@@ -9,13 +9,14 @@ from IPython.core.magic_arguments import argument, magic_arguments
 
 from max_jupyter.jupyter.magics.arguments import layers_arg, parse, usage_errors
 from max_jupyter.jupyter.steerspec import spec_mix
+from max_jupyter.orchestrator.options import GenerationOptions
 from max_jupyter.orchestrator.speculative import MAX_SPECULATE
 
 
-def generation_options(magics, args, session) -> dict:
-    """Session.generate keywords from parsed options and the %config defaults
+def generation_options(magics, args, session) -> GenerationOptions:
+    """The session's defaults with the parsed options and the %config traits applied
     (``speculate`` only when ``--speculate`` is given or the trait is not 0: otherwise
-    the session's default stands)."""
+    the session's default stands); checked here, once, by ``GenerationOptions``."""
     from max_jupyter.orchestrator.trace import TraceConfig
 
     opts = {"max_new_tokens": args.n if args.n is not None else magics.max_new_tokens,
@@ -41,7 +42,7 @@ def generation_options(magics, args, session) -> dict:
         raise UsageError("--capture-small: there is no small model (%max_load --small ...).")
     if big or small:
         opts["trace"] = TraceConfig(big_layers=big or (), small_layers=small or ())
-    return opts
+    return session.defaults.replace(**opts)
 
 
 def judge_names(names: Sequence[str]) -> list[str]:
@@ -88,9 +89,9 @@ def max_generate(magics, line: str, cell: str):
         if args.live:
             from max_jupyter.jupyter.tokenview import LiveView
 
-            out = LiveView(session, session.start(prompt, **opts))
+            out = LiveView(session, session.start(prompt, opts))
         elif args.background:
-            out = session.start(prompt, **opts)
+            out = session.start(prompt, opts)
         else:
             out = generate_streamed(session, prompt, opts, magics.update_hz,
                                     stream=magics.stream and not args.no_stream)
@@ -99,16 +100,16 @@ def max_generate(magics, line: str, cell: str):
     return out
 
 
-def generate_streamed(session, prompt: str, opts: dict, update_hz: float, stream: bool):
+def generate_streamed(session, prompt: str, opts: GenerationOptions, update_hz: float, stream: bool):
     """Blocking generation, streamed into the cell output (at most ``update_hz`` updates a
     second) unless ``stream`` is False. Ctrl-C stops it within one step and returns the
     partial result (as ``Session.generate`` does), here with the events read on the cell's
     thread."""
     if not stream:
-        return session.generate(prompt, **opts)
+        return session.generate(prompt, opts)
     from max_jupyter.jupyter.stream import StreamDisplay
 
-    handle = session.start(prompt, **opts)
+    handle = session.start(prompt, opts)
     view = StreamDisplay(update_hz)
     try:
         for event in handle.events():

@@ -6,7 +6,7 @@ from __future__ import annotations
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from max_jupyter.errors import MaxJupyterError
+from max_jupyter.errors import MaxJupyterError, did_you_mean
 from max_jupyter.jupyter.magics.arguments import parse, positional, required
 from max_jupyter.jupyter.steerspec import lookup_vector, spec_mix
 
@@ -35,9 +35,9 @@ def probe(magics, args):
     (name,) = positional(args, ["VECTOR"])
     vector = lookup_vector(session.vectors, name)
     threshold = required(args.threshold, "--threshold")
-    mix, new = _judge_mix(args, session, args.name or f"probe:{name}")
-    _add_judge(session, new, lambda: ProbeJudge(vector, args.layer, threshold, args.hysteresis,
-                                                args.cooldown, mix=mix, name=args.name))
+    mix, mixes = _judge_mix(args, session, args.name or f"probe:{name}")
+    _add_judge(session, mixes, lambda: ProbeJudge(vector, args.layer, threshold, args.hysteresis,
+                                                  args.cooldown, mix=mix, name=args.name))
 
 
 def divergence(magics, args):
@@ -46,55 +46,48 @@ def divergence(magics, args):
     session = magics.need_session()
     positional(args, [])
     threshold = required(args.threshold, "--threshold")
-    mix, new = _judge_mix(args, session, args.name or f"{args.measure}>{threshold:g}")
-    _add_judge(session, new, lambda: DivergenceJudge(threshold, args.measure, mix=mix,
-                                                     name=args.name))
+    mix, mixes = _judge_mix(args, session, args.name or f"{args.measure}>{threshold:g}")
+    _add_judge(session, mixes, lambda: DivergenceJudge(threshold, args.measure, mix=mix,
+                                                       name=args.name))
 
 
-def _judge_mix(args, session, default: str) -> tuple[str, str | None]:
-    """The judge-gated mix's name, and that name again if ``--steer`` has just created it
-    (else None); ``--steer`` (re)defines the mix in ``session.mixes``."""
+def _judge_mix(args, session, default: str) -> tuple[str, dict]:
+    """The judge-gated mix's name, and the mixes ``Session.add_judge`` adds with the judge:
+    ``--steer`` (re)defines that mix, otherwise it must already be in ``session.mixes``."""
     name = args.mix or default
     if args.steer is not None:
-        new = None if name in session.mixes else name
-        session.mixes[name] = spec_mix([args.steer], session.vectors, session.big.identity)
-        return name, new
+        return name, {name: spec_mix([args.steer], session.vectors, session.big.identity)}
     if name not in session.mixes:
         raise UsageError(f"the judge would turn on mix {name!r}, which does not exist; give "
                          f"--steer SPEC (e.g. --steer joy:0.8) to define it.")
-    return name, None
+    return name, {}
 
 
-def _add_judge(session, new_mix: str | None, make) -> None:
-    """Build a judge with ``make()``, check it fits the session, add it; input errors
-    from the judge's own checks become ``UsageError``, and a refused judge leaves no
-    ``new_mix`` (the mix its ``--steer`` just made) behind."""
-    from max_jupyter.orchestrator.judges import check_judges
-
-    small = session.small.identity if session.small is not None else None
+def _add_judge(session, mixes: dict, make) -> None:
+    """Build a judge with ``make()`` and add it with ``mixes`` through the Session, which
+    checks it fits first (a refused judge changes nothing); input errors from the judge's
+    own checks become ``UsageError``."""
     try:
         judge = make()
-        check_judges([judge], session.mixes, session.big.identity, small,
-                     small is not None and small.vocab_size == session.big.identity.vocab_size)
-    except BaseException as e:
-        session.mixes.pop(new_mix, None)
-        if isinstance(e, MaxJupyterError) or not isinstance(e, (ValueError, KeyError, IndexError)):
+        session.add_judge(judge.name, judge, mixes)
+    except (ValueError, KeyError, IndexError) as e:
+        if isinstance(e, MaxJupyterError):
             raise
         raise UsageError(str(e).strip("'\"")) from None
-    session.judges[judge.name] = judge
     print(f"judge {judge.name!r} on (turns on mix {judge.turns_on[0]!r}); judges: {sorted(session.judges)}")
 
 
 def off(magics, args):
+    """Remove one judge (or all) and the mixes their ``--steer`` added that no judge uses."""
     session = magics.need_session()
     (name,) = positional(args, ["NAME"], optional=1)
-    if name is None:
-        session.judges.clear()
-    elif name not in session.judges:
-        raise UsageError(f"no judge {name!r}; the session has {sorted(session.judges) or 'none'}.")
-    else:
-        del session.judges[name]
-    print(f"judges: {sorted(session.judges) or 'none'}")
+    if name is not None and name not in session.judges:
+        raise UsageError(f"no judge {name!r}{did_you_mean(name, session.judges)}; the session has "
+                         f"{sorted(session.judges) or 'none'}.")
+    removed = [m for judge in ([name] if name else list(session.judges))
+               for m in session.remove_judge(judge)]
+    print(f"judges: {sorted(session.judges) or 'none'}"
+          + (f"; removed mix {', '.join(map(repr, removed))}" if removed else ""))
 
 
 def list_judges(magics, args):

@@ -40,9 +40,8 @@ def max_sweep(magics, line: str, cell: str | None = None):
         if term.coef != 1.0:
             raise UsageError(f"%max_sweep {args.vector}: give the vector without a coefficient; "
                              f"--coefs sets them.")
-        opts = {k: v for k, v in generation_options(magics, _as_generate(args), session).items()
-                if k != "trace"}
-        sweep = run_sweep(session, prompt, term, parse_coefs(args.coefs), **opts)
+        opts = generation_options(magics, _as_generate(args), session)
+        sweep = run_sweep(session, prompt, term, parse_coefs(args.coefs), opts)
     if args.var:
         magics.shell.user_ns[args.var] = sweep
     return sweep
