@@ -23,7 +23,10 @@ BACKENDS = [
     pytest.param("transformers", id="transformers", marks=pytest.mark.slow),
     pytest.param("exllamav2", id="exllamav2", marks=[pytest.mark.gpu, pytest.mark.slow]),
 ]
-TOLERANCE = {"scripted": 1e-6, "transformers": 1e-4, "exllamav2": 2e-2}  # absolute, logits and states
+TOLERANCE = {"scripted": 1e-6, "transformers": 2.5e-4, "exllamav2": 2e-2}  # absolute, logits and states
+# transformers: fp32 on the CPU, where a pass over n rows blocks its GEMMs otherwise than n
+# one-row steps; the difference depends on the CPU's SIMD path (1.25e-4 seen on one
+# 2-core x86 box, logits of magnitude ~20), so the bound leaves room for another CPU.
 PROMPT = "The quick brown fox jumps over the lazy dog because"
 
 
