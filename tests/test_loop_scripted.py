@@ -237,14 +237,20 @@ def test_a_failing_judge_raises_with_the_partial_result(big):
 
 
 def test_overlap_gives_the_same_tokens_and_counts_its_misses(big, small):
-    """Issuing each big step ahead with the last decision: same tokens and records; each
-    change of the judges' decision is one miss (rewound and run again)."""
+    """Issuing each big step ahead with the last decision (the default on an engine that
+    launches asynchronously, with a small model and pre-step judges): same tokens and
+    records; each change of the judges' decision is one miss (rewound and run again)."""
     target = big.tokenizer.encode(" the")[0]
     on = {3, 4, 7}
     args = dict(judges=FunctionJudge(lambda ctx: ctx.step in on, mix="push", name="steps"),
                 steering={"push": toward(big, target)})
-    plain = CognitiveOrchestrator(big, small, overlap=False, **args).generate(PROMPT, max_new_tokens=10)
-    ahead = CognitiveOrchestrator(big, small, overlap=True, **args).generate(PROMPT, max_new_tokens=10)
+    plain = CognitiveOrchestrator(big, small, **args)
+    assert not plain.overlap  # by default only where the big engine launches asynchronously
+    plain = plain.generate(PROMPT, max_new_tokens=10)
+    fast = ScriptedEngine(seed=0, launches_async=True)
+    overlapping = CognitiveOrchestrator(fast, small, **args)
+    assert overlapping.overlap
+    ahead = overlapping.generate(PROMPT, max_new_tokens=10)
     assert ahead.token_ids == plain.token_ids
     assert [r.steering for r in ahead.steps] == [r.steering for r in plain.steps]
     assert plain.speculation_misses == 0 and ahead.speculation_misses == 4  # steps 3, 5, 7, 8
