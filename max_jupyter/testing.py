@@ -181,18 +181,20 @@ class ScriptedEngine(Engine):
     drafts for one with ``agreement == 1``, agreeing on that fraction of greedy tokens.
     ``before_forward(ids)``, if set, is called before each pass (checked arguments, cache
     untouched): a test can raise there (an interrupt) or sleep (a slow model).
-    ``cached_ids`` is what the cache holds.
+    ``cached_ids`` is what the cache holds. ``launches_async`` claims the asynchronous
+    launch of ``Engine.launches_async`` (each pass still runs at once), so callers take the
+    schedule they take on such engines (the overlap, feeding the drafter during a verify).
     """
 
     supports_verify = True
 
     def __init__(self, *, seed: int = 0, vocab_size: int = 320, num_layers: int = 4,
                  hidden_size: int = 16, max_seq_len: int = 4096, agreement: float = 1.0,
-                 eos_at: int | None = None):
+                 eos_at: int | None = None, launches_async: bool = False):
         self.tokenizer = scripted_tokenizer(vocab_size)
         vocab = self.tokenizer.vocab_size
         self.device, self.dtype, self.max_seq_len = torch.device("cpu"), torch.float32, max_seq_len
-        self.agreement, self.eos_at = agreement, eos_at
+        self.agreement, self.eos_at, self.launches_async = agreement, eos_at, launches_async
         g = torch.Generator().manual_seed(seed)
         self.embed = torch.randn(vocab, hidden_size, generator=g)  # [vocab, hidden]
         self.context_rows = torch.randn(4096, hidden_size, generator=g)  # [4096, hidden]

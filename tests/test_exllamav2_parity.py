@@ -32,7 +32,7 @@ import torch
 
 from max_jupyter.engines.base import ForwardResult
 
-pytestmark = pytest.mark.gpu  # skipped without CUDA or exllamav2 (conftest.py)
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]  # skipped without CUDA or exllamav2 (conftest.py)
 
 REL_TOL, TOP1 = 5e-3, 0.99
 # 4-bit kernels are not bit-deterministic (fp16 dequantisation, split-K atomics): two runs of

@@ -5,10 +5,12 @@ comes from a hand-written greedy loop over the same engine, so a step fed with t
 deltas, a re-run that did not rewind or a mirror that lost a token shows as other tokens."""
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 
-from max_jupyter.orchestrator import CognitiveOrchestrator, FunctionJudge
+from max_jupyter.orchestrator import CognitiveOrchestrator, FunctionJudge, ProbeJudge, TraceConfig
 from max_jupyter.orchestrator.judges import JudgeError
 from max_jupyter.steering import Mix, SteeringVector
 from max_jupyter.testing import ScriptedEngine
@@ -152,6 +154,35 @@ def test_a_post_step_judge_seeing_its_mix_on_does_not_re_run(big):
     assert result.token_ids == [target] * 6
 
 
+def test_a_probe_judge_switches_by_its_score_with_hysteresis_and_cooldown(big, small):
+    """The probe's score is the small model's residual projected on its vector (as traced);
+    it turns the mix on above the threshold, off below threshold - hysteresis, and holds
+    each switch for ``cooldown`` more steps."""
+    unit = torch.nn.functional.normalize(torch.randn(16, generator=torch.Generator().manual_seed(5)), dim=0)
+    probe = SteeringVector({1: unit * 3.0}, small.identity, "probe")
+    push = {"push": toward(big, big.tokenizer.encode(" the")[0], 2.0)}
+    trace = TraceConfig(small_layers=(1,))
+    free = CognitiveOrchestrator(big, small).generate(PROMPT, max_new_tokens=40, trace=trace)
+    threshold, hysteresis, cooldown = float((free.small_hidden[1] @ unit).median()), 0.5, 2
+    judge = ProbeJudge(probe, threshold=threshold, hysteresis=hysteresis, cooldown=cooldown, mix="push")
+    result = CognitiveOrchestrator(big, small, judges=judge, steering=push).generate(
+        PROMPT, max_new_tokens=40, trace=trace)
+    scores = result.scores[judge.name]
+    torch.testing.assert_close(scores, result.small_hidden[1] @ unit)
+    on, hold, expected = False, 0, []
+    for score in scores.tolist():
+        if hold:
+            hold -= 1
+        elif not on and score > threshold:
+            on, hold = True, cooldown
+        elif on and score < threshold - hysteresis:
+            on, hold = False, cooldown
+        expected.append(on)
+    assert [r.steering == ("push",) for r in result.steps] == expected
+    switches = sum(a != b for a, b in pairwise(expected))
+    assert 3 <= sum(expected) <= 37 and switches >= 3  # on and off, more than once
+
+
 def test_the_mirror_holds_the_big_models_context_in_its_cache(big, small):
     seen = []
     orchestrator = CognitiveOrchestrator(big, small)
@@ -237,14 +268,20 @@ def test_a_failing_judge_raises_with_the_partial_result(big):
 
 
 def test_overlap_gives_the_same_tokens_and_counts_its_misses(big, small):
-    """Issuing each big step ahead with the last decision: same tokens and records; each
-    change of the judges' decision is one miss (rewound and run again)."""
+    """Issuing each big step ahead with the last decision (the default on an engine that
+    launches asynchronously, with a small model and pre-step judges): same tokens and
+    records; each change of the judges' decision is one miss (rewound and run again)."""
     target = big.tokenizer.encode(" the")[0]
     on = {3, 4, 7}
     args = dict(judges=FunctionJudge(lambda ctx: ctx.step in on, mix="push", name="steps"),
                 mixes={"push": toward(big, target)})
-    plain = CognitiveOrchestrator(big, small, overlap=False, **args).generate(PROMPT, max_new_tokens=10)
-    ahead = CognitiveOrchestrator(big, small, overlap=True, **args).generate(PROMPT, max_new_tokens=10)
+    plain = CognitiveOrchestrator(big, small, **args)
+    assert not plain.overlap  # by default only where the big engine launches asynchronously
+    plain = plain.generate(PROMPT, max_new_tokens=10)
+    fast = ScriptedEngine(seed=0, launches_async=True)
+    overlapping = CognitiveOrchestrator(fast, small, **args)
+    assert overlapping.overlap
+    ahead = overlapping.generate(PROMPT, max_new_tokens=10)
     assert ahead.token_ids == plain.token_ids
     assert [r.mixes_on for r in ahead.steps] == [r.mixes_on for r in plain.steps]
     assert plain.ahead_misses == 0 and ahead.ahead_misses == 4  # steps 3, 5, 7, 8

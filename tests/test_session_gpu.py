@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu  # skipped without CUDA or exllamav2 (conftest.py)
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]  # skipped without CUDA or exllamav2 (conftest.py)
 MiB = 1024 ** 2
 
 

@@ -14,7 +14,7 @@ import torch
 from test_exllamav2_parity import (QUANT_REL, QUANT_TOP1, Parity, build_model, copy_tokenizer,
                                    load_exl, reference, tokenizer_folder)  # noqa: F401 (a fixture)
 
-pytestmark = pytest.mark.gpu  # skipped without CUDA or exllamav2 (conftest.py)
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]  # skipped without CUDA or exllamav2 (conftest.py)
 HIDDEN, VOCAB = 512, 49152
 LENGTHS = (2, 5, 1, 3, 17, 5, 2)  # verify lengths in turn (1: a plain step), repeated
 

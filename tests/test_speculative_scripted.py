@@ -49,9 +49,13 @@ def check_blocks(result) -> int:
     return blocks
 
 
+@pytest.mark.parametrize("early", [False, True], ids=["feed-if-kept", "feed-during-verify"])
 @pytest.mark.parametrize("agreement", [1.0, 0.7, 0.3, 0.0])
-def test_greedy_speculation_gives_the_plain_tokens(big, agreement):
-    drafter = ScriptedEngine(seed=0, agreement=agreement)
+def test_greedy_speculation_gives_the_plain_tokens(agreement, early):
+    """``early``: engines that launch asynchronously, whose drafter gets its last draft
+    token while the big model verifies (taken back on a rejection)."""
+    big = ScriptedEngine(seed=0, launches_async=early)
+    drafter = ScriptedEngine(seed=0, agreement=agreement, launches_async=early)
     plain = CognitiveOrchestrator(big).generate(PROMPT, max_new_tokens=48)
     spec = orchestrator(big, drafter).generate(PROMPT, max_new_tokens=48, speculate=4)
     assert spec.speculate_off is None
