@@ -50,12 +50,17 @@ class SessionClosedError(MaxJupyterError, RuntimeError):
     """The session was closed; load a new one."""
 
 
+class OldNameWarning(DeprecationWarning):
+    """An old name of this package was used; the message names the new one. The tests
+    turn it into an error, so no old name hides in the package's own code."""
+
+
 def warn_deprecated(old: str, new: str, stacklevel: int = 3) -> None:
-    """Warn (``DeprecationWarning``) that ``old`` is an old name of ``new``; ``stacklevel``
-    3 points at the caller of the function that calls this."""
+    """Warn (``OldNameWarning``, a ``DeprecationWarning``) that ``old`` is an old name of
+    ``new``; ``stacklevel`` 3 points at the caller of the function that calls this."""
     import warnings
 
-    warnings.warn(f"{old} is deprecated; use {new}.", DeprecationWarning, stacklevel=stacklevel)
+    warnings.warn(f"{old} is deprecated; use {new}.", OldNameWarning, stacklevel=stacklevel)
 
 
 def did_you_mean(word: str, known) -> str:

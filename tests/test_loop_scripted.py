@@ -165,7 +165,7 @@ def test_a_probe_judge_switches_by_its_score_with_hysteresis_and_cooldown(big, s
     free = CognitiveOrchestrator(big, small).generate(PROMPT, max_new_tokens=40, trace=trace)
     threshold, hysteresis, cooldown = float((free.small_hidden[1] @ unit).median()), 0.5, 2
     judge = ProbeJudge(probe, threshold=threshold, hysteresis=hysteresis, cooldown=cooldown, mix="push")
-    result = CognitiveOrchestrator(big, small, judges=judge, steering=push).generate(
+    result = CognitiveOrchestrator(big, small, judges=judge, mixes=push).generate(
         PROMPT, max_new_tokens=40, trace=trace)
     scores = result.scores[judge.name]
     torch.testing.assert_close(scores, result.small_hidden[1] @ unit)
@@ -178,7 +178,7 @@ def test_a_probe_judge_switches_by_its_score_with_hysteresis_and_cooldown(big, s
         elif on and score < threshold - hysteresis:
             on, hold = False, cooldown
         expected.append(on)
-    assert [r.steering == ("push",) for r in result.steps] == expected
+    assert [r.mixes_on == ("push",) for r in result.steps] == expected
     switches = sum(a != b for a, b in pairwise(expected))
     assert 3 <= sum(expected) <= 37 and switches >= 3  # on and off, more than once
 
