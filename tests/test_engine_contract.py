@@ -210,14 +210,14 @@ def test_unembed_of_the_last_layer_is_the_forward_logits(eng, ids, tol):
     close(eng.step(5).logits, expected, tol)
 
 
-def test_logit_lens_at_the_last_layer_reads_the_models_distribution(eng, tol):
+def test_logit_lens_at_the_last_layer_reads_the_models_distribution(eng, ids, tol):
     """The logit lens runs through the contract (``unembed``) on every backend: at the last
     layer its top-k probabilities are the generation's own next-token probabilities."""
     from max_jupyter.jupyter.lens import logit_lens
     from max_jupyter.orchestrator import CognitiveOrchestrator, TraceConfig
 
     last = eng.identity.num_layers - 1
-    result = CognitiveOrchestrator(eng).generate(PROMPT, max_new_tokens=6, ignore_eos=True,
+    result = CognitiveOrchestrator(eng).generate(ids, max_new_tokens=6, ignore_eos=True,
                                                  trace=TraceConfig(big_layers=(0, last), full_logits=True))
     lens = logit_lens(eng, result, k=4)
     assert lens.ids.shape == (2, 6, 4) and lens.token_ids == tuple(r.token for r in result.steps)
