@@ -211,3 +211,18 @@ def test_unembed_of_the_last_layer_is_the_forward_logits(eng, ids, tol):
     close(eng.unembed(out.hidden[last][-1:].float().cpu())[0], out.logits, tol)
     assert (eng.forward_calls, eng.seq_len) == (calls, seq_len)
     close(eng.step(5).logits, expected, tol)
+
+
+def test_logit_lens_at_the_last_layer_reads_the_models_distribution(eng, ids, tol):
+    """The logit lens runs through the contract (``unembed``) on every backend: at the last
+    layer its top-k probabilities are the generation's own next-token probabilities."""
+    from max_jupyter.jupyter.lens import logit_lens
+    from max_jupyter.orchestrator import CognitiveOrchestrator, TraceConfig
+
+    last = eng.identity.num_layers - 1
+    result = CognitiveOrchestrator(eng).generate(ids, max_new_tokens=6, ignore_eos=True,
+                                                 trace=TraceConfig(big_layers=(0, last), full_logits=True))
+    lens = logit_lens(eng, result, k=4)
+    assert lens.ids.shape == (2, 6, 4) and lens.token_ids == tuple(r.token for r in result.steps)
+    model = torch.softmax(result.big_logits.float(), -1).gather(1, lens.ids[-1])  # [steps, k]
+    close(lens.probs[-1], model, tol)

@@ -143,3 +143,11 @@ def test_sweep_plot_marks_collapse_and_interruption_with_whole_labels(sweep):
 def test_sweep_plot_axis_is_linear_unless_the_range_is_wide(sweep, values, scale):
     rows = [dataclasses.replace(sweep.rows[1], coef=float(i), perplexity=v) for i, v in enumerate(values)]
     assert plot_sweep(Sweep("happy", PROMPT, rows)).axes[0].get_yscale() == scale
+
+
+def test_a_row_without_tokens_reads_no_tokens_and_ranks_after_scored_rows(engine, prompt_ids, sweep):
+    empty = row(engine, prompt_ids, 6.0, "")
+    assert math.isnan(empty.perplexity) and empty.status == "ok"
+    ranked = Sweep("happy", PROMPT, [empty, *sweep.rows[:2]]).ranked()
+    assert ranked[0] is sweep.rows[1] and ranked[1] is empty  # after the scored row, before collapse
+    assert "perplexity=no tokens" in repr(empty)

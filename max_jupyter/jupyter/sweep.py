@@ -56,10 +56,11 @@ def perplexity(engine: Engine, prompt_ids: Sequence[int], token_ids: Sequence[in
     try:
         nll = _nll(engine.prefill(list(prompt_ids)).logits[None], token_ids[:1])
         fed, targets = token_ids[:-1], token_ids[1:]
-        step = SCORE_CHUNK if engine.supports_verify else 1
+        verify = engine.supports_verify
+        step = SCORE_CHUNK if verify else 1
         for start in range(0, len(fed), step):
             part = fed[start:start + step]
-            logits = engine.verify(part).all_logits if engine.supports_verify else engine.forward(part).logits[None]
+            logits = engine.verify(part).all_logits if verify else engine.forward(part).logits[None]
             nll += _nll(logits, targets[start:start + step])
     finally:
         engine.reset()
@@ -97,15 +98,18 @@ class SweepRow:
         return "interrupted" if self.interrupted else "collapsed" if self.degeneracy.collapsed else "ok"
 
     def rank_key(self) -> tuple:
-        """Sort key, best first: coherent rows by perplexity, then collapsed rows by
-        degeneracy, then interrupted rows."""
+        """Sort key, best first: coherent rows by perplexity (a row without tokens last
+        among them), then collapsed rows by degeneracy, then interrupted rows."""
         order = ("ok", "collapsed", "interrupted").index(self.status)
         if order == 2:
             return (2, 0.0, 0.0)
-        return (order, self.degeneracy.score if order else 0.0, self.perplexity)
+        ppl = math.inf if math.isnan(self.perplexity) else self.perplexity
+        return (order, self.degeneracy.score if order else 0.0, ppl)
 
     def _perplexity_text(self) -> str:
-        return "interrupted" if self.interrupted else f"{self.perplexity:.2f}"
+        if self.interrupted:
+            return "interrupted"
+        return "no tokens" if math.isnan(self.perplexity) else f"{self.perplexity:.2f}"
 
     def __repr__(self) -> str:
         return (f"SweepRow(coef={self.coef:g}, perplexity={self._perplexity_text()}, "
