@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+from max_jupyter import load_ipython_extension, unload_ipython_extension
 from max_jupyter.jupyter.lens import LogitLens, logit_lens
 from max_jupyter.jupyter.plots import (divergence, plot_divergence, plot_judges, plot_logit_lens,
                                        plot_projection, plot_sweep)
@@ -14,20 +15,3 @@ from max_jupyter.jupyter.sweep import Sweep, run_sweep
 __all__ = ["LogitLens", "Sweep", "divergence", "load_ipython_extension", "logit_lens",
            "plot_divergence", "plot_judges", "plot_logit_lens", "plot_projection", "plot_sweep",
            "result_html", "run_sweep", "summary", "unload_ipython_extension"]
-
-
-def load_ipython_extension(shell) -> None:
-    """Register ``MaxMagics`` (also as a ``%config`` configurable) and the HTML / pretty
-    formatters of ``GenerationResult``; re-attach ``max_session`` if the namespace has an
-    open one."""
-    from max_jupyter.jupyter.extension import load
-
-    load(shell)
-
-
-def unload_ipython_extension(shell) -> None:
-    """Undo ``load_ipython_extension``: remove the magics, the configurable and the
-    formatters; stop ``%max_serve``'s server. The session stays open (``max_session``)."""
-    from max_jupyter.jupyter.extension import unload
-
-    unload(shell)

@@ -157,7 +157,7 @@ class TokenView(anywidget.AnyWidget):
                 self._send_rows(0)
 
     def _row(self, record: StepRecord, text: str) -> dict:
-        return {"i": record.step, "t": text, "tok": record.token, "p": _finite(record.prob),
+        return {"i": record.step, "t": text, "tok": record.token, "p": _finite(record.model_prob),
                 "sc": {k: _finite(v) for k, v in record.scores.items()},
                 "st": list(record.mixes_on), "mix": dict(record.live_coefs), "sd": record.steered,
                 "rr": record.rerun,
