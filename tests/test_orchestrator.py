@@ -445,6 +445,10 @@ def test_old_names_warn_and_still_work(big, ctrl):
         assert r.steps[0].mix == {} == r.steps[0].live_coefs
     with pytest.warns(DeprecationWarning, match="ahead_misses"):
         assert r.speculation_misses == 0 == r.ahead_misses
+    with pytest.warns(DeprecationWarning, match="sampler_prob"):
+        assert r.steps[0].prob == 1.0 == r.steps[0].sampler_prob
+    with pytest.warns(DeprecationWarning, match="sampler_probs"):
+        assert torch.equal(r.probs, r.sampler_probs)
 
 
 def test_steering_always_on_beside_gated_mixes(big, vector):
