@@ -245,7 +245,7 @@ def test_speculate_refused_out_of_range(engine, small):
     orch = CognitiveOrchestrator(engine, small)
     for value in (-1, 17, 1.5, True):
         with pytest.raises(BadArgumentError, match="speculate"):
-            orch.prepare(PROMPT, speculate=value)
+            next(orch.stream(PROMPT, speculate=value))  # refused before the prefill
 
 
 def test_speculate_off_where_it_cannot_draft(engine, small, tiny, monkeypatch):
