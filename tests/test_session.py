@@ -294,6 +294,15 @@ def test_add_judge_brings_its_mixes_and_remove_judge_takes_them(engine, small, t
         assert s.judges == {} and s.mixes == {}
 
 
+def test_result_records_the_live_mix_it_started_with(session, vector):
+    """A slider left in an old cell steers the next run: the result says so at once."""
+    session.mix.set("happy", vector, -0.4)
+    moved = lambda event: event.record and event.record.step == 1 and session.mix.set_coef("happy", 0.3)
+    r = session.generate(PROMPT, max_new_tokens=4, on_event=moved)
+    assert r.start_mix == {"happy": -0.4} == r.steps[0].live_coefs
+    assert r.steps[-1].live_coefs == {"happy": 0.3}  # a change mid-run leaves start_mix as it was
+
+
 def test_call_steering_by_name_and_system_prompt(session, engine, vector):
     session.vectors["happy"] = vector
     by_name = session.generate(PROMPT, max_new_tokens=N, steering={"happy": 0.5}).token_ids

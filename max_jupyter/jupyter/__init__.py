@@ -6,6 +6,8 @@ widgets (``Mixer``, ``TokenView``, ``LiveView``: ipywidgets, anywidget; imported
 """
 from __future__ import annotations
 
+from max_jupyter.jupyter.extension import load as load_ipython_extension
+from max_jupyter.jupyter.extension import unload as unload_ipython_extension
 from max_jupyter.jupyter.lens import LogitLens, logit_lens
 from max_jupyter.jupyter.plots import (divergence, plot_divergence, plot_judges, plot_logit_lens,
                                        plot_projection, plot_sweep)
@@ -27,19 +29,3 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(_WIDGETS[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-def load_ipython_extension(shell) -> None:
-    """Register ``MaxMagics`` (also as a ``%config`` configurable) and the HTML / pretty
-    formatters of ``GenerationResult``; re-attach ``max_session`` if the namespace has an
-    open one."""
-    from max_jupyter.jupyter.extension import load
-
-    load(shell)
-
-
-def unload_ipython_extension(shell) -> None:
-    """Undo ``load_ipython_extension``: remove the magics, the configurable and the
-    formatters; stop ``%max_serve``'s server. The session stays open (``max_session``)."""
-    from max_jupyter.jupyter.extension import unload
-
-    unload(shell)

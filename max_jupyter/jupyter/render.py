@@ -90,7 +90,8 @@ def _topk_line(label: str, topk: TopK | None, step: int, tokenizer: Tokenizer | 
 
 def _tooltip(result: GenerationResult, record: StepRecord, piece: str, tokenizer: Tokenizer,
              small_tokenizer: Tokenizer | None) -> str:
-    lines = f"step {record.step} · {piece!r} p={record.prob:.2f}"
+    lines = (f"step {record.step} · {piece!r} p={record.model_prob:.2f} (model; sampler "
+             f"{record.sampler_prob:.2f})")
     if record.scores:
         lines += "\nscores: " + ", ".join(f"{k}={v:.3g}" for k, v in record.scores.items())
     if record.mixes_on:

@@ -208,7 +208,7 @@ class TokenView(ShownWithFallback, anywidget.AnyWidget):
     def _row(self, record: StepRecord, text: str) -> dict:
         """A step as the page gets it (keys: see tokenview.js)."""
         return {"step": record.step, "text": text, "token": record.token,
-                "prob": _finite(record.prob),
+                "model_prob": _finite(record.model_prob), "sampler_prob": _finite(record.sampler_prob),
                 "scores": {k: _finite(v) for k, v in record.scores.items()},
                 "mixes_on": list(record.mixes_on), "live_coefs": dict(record.live_coefs),
                 "steered": record.steered, "rerun": record.rerun, "changed": record.changed,

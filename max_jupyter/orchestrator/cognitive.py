@@ -52,6 +52,8 @@ import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from max_jupyter.engines.base import Engine, ForwardResult, LayerDeltas, check_layers, check_room
 from max_jupyter.errors import BadArgumentError, warn_deprecated
 from max_jupyter.orchestrator.judges import (NO_MIXES, Judge, JudgeContext, JudgeError, JudgeLike,
@@ -206,6 +208,7 @@ class CognitiveOrchestrator:
         """Carry out a prepared generation (see ``stream``); its events, then its result."""
         result, error = run.result, None
         run.start = time.perf_counter()
+        result.start_mix = dict(self.resolver.live_coefs())
         try:
             try:
                 yield from self._steps(run)
@@ -417,9 +420,11 @@ class CognitiveOrchestrator:
         """The step's record; its trace row goes to the recorder."""
         unsteered_token, unsteered_prob = fwd.unsteered or (None, None)
         run.recorder.add(fwd.out, fwd.first, fwd.deltas, *small)
+        logits = fwd.out.logits  # raw, before the sampler's transforms
+        model_prob = float(torch.exp(logits[token].float() - torch.logsumexp(logits.float(), -1)))
         return StepRecord(step, token, prob, judged.scores, tuple(sorted(fwd.mixes_on)),
                           fwd.first is not None, unsteered_token, unsteered_prob, judged.seconds,
-                          fwd.coefs, fwd.deltas is not None, drafted, accepted)
+                          fwd.coefs, fwd.deltas is not None, drafted, accepted, model_prob)
 
     def _forward(self, step: int, run: PreparedRun, mixes_on: frozenset[str], can_steer: bool
                  ) -> _Forward:
