@@ -84,6 +84,18 @@ def test_summary_line(result):
     assert f"<div class=\"mj-summary\">{html.escape(line)}</div>" in result_html(result)
 
 
+def test_summary_says_which_live_mix_the_generation_began_with(engine, vector):
+    """The live mix (``steering=``, first) at step 0, rounded to two decimals in words:
+    ``-0.050000000000000044`` shows as ``-0.05``; none shows as ``empty``."""
+    live = Mix(engine.identity)
+    live.set("happy", vector, -0.050000000000000044)
+    steered = CognitiveOrchestrator(engine, steering=live).generate("Hi", max_new_tokens=2)
+    assert "live mix at start: happy -0.05 ·" in summary(steered)
+    assert "live mix at start: happy -0.05" in result_html(steered)
+    plain = CognitiveOrchestrator(engine).generate("Hi", max_new_tokens=2)
+    assert "live mix at start: empty ·" in summary(plain)
+
+
 def test_text_is_escaped(engine):
     ids = engine.tokenizer.encode("<b>bold</b> & <script>")
     records = [StepRecord(i, t, 0.5, {}, ()) for i, t in enumerate(ids)]

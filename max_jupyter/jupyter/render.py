@@ -47,12 +47,23 @@ def speculation(result: GenerationResult) -> str | None:
             f"({result.acceptance_rate:.0%} acceptance)")
 
 
+def mix_words(coefs: dict[str, float]) -> str:
+    """A live mix's coefficients for people: ``joy +0.40, calm -0.05`` (two decimals, so a
+    slider's float noise such as ``-0.050000000000000044`` never shows), or ``empty``."""
+    return ", ".join(f"{name} {coef:+.2f}" for name, coef in coefs.items()) or "empty"
+
+
+def start_mix(result: GenerationResult) -> dict[str, float]:
+    """The live mix's coefficients the generation began with (its step 0; empty without steps)."""
+    return result.steps[0].live_coefs if result.steps else {}
+
+
 def summary(result: GenerationResult) -> str:
-    """One line: tokens, speed, finish reason, steered / re-run steps, speculation,
-    judges' score ranges."""
+    """One line: tokens, speed, finish reason, the live mix at the start, steered / re-run
+    steps, speculation, judges' score ranges."""
     n = len(result.steps)
     parts = [f"{len(result.token_ids)} tokens", f"{result.tokens_per_s:.1f} tok/s",
-             f"finish: {result.finish_reason}"]
+             f"finish: {result.finish_reason}", f"live mix at start: {mix_words(start_mix(result))}"]
     if n:
         steered = int(result.steered.sum())
         reruns = [r for r in result.steps if r.rerun]
@@ -96,7 +107,7 @@ def _tooltip(result: GenerationResult, record: StepRecord, piece: str, tokenizer
     if record.mixes_on:
         lines += "\njudge-gated mixes: " + ", ".join(record.mixes_on)
     if record.live_coefs:
-        lines += "\nlive mix: " + ", ".join(f"{k} {v:+g}" for k, v in record.live_coefs.items())
+        lines += "\nlive mix: " + mix_words(record.live_coefs)
     if record.drafted:
         lines += (f"\nspeculation: a draft of {len(record.drafted)} token(s) from here, "
                   f"{record.accepted} accepted")

@@ -29,7 +29,7 @@ import traitlets
 
 from max_jupyter.jupyter.fallback import ShownWithFallback, StaticFallback
 from max_jupyter.jupyter.mixer import Mixer
-from max_jupyter.jupyter.render import result_html
+from max_jupyter.jupyter.render import mix_words, result_html
 from max_jupyter.orchestrator.trace import GenerationResult, StepEvent, StepRecord
 
 WAITING = "the generation had not ended when this copy was made; its text appears here when it ends"
@@ -82,6 +82,7 @@ class TokenView(ShownWithFallback, anywidget.AnyWidget):
         self._dirty_from: int | None = None
         self._status = self.status
         self._handle = self._listener = self._flusher = None
+        self._start = ""  # " · live mix at start: ..." once the first step has come
         self._interval = 1.0 / max_hz
         self.on_msg(self._on_page)
         if handle is not None:
@@ -92,7 +93,7 @@ class TokenView(ShownWithFallback, anywidget.AnyWidget):
         self._unfollow()
         flusher = _Flusher(self._flush, self._interval)
         with self._lock:
-            self.records, self._rows, self.result = [], [], None
+            self.records, self._rows, self.result, self._start = [], [], None, ""
             self._dirty_from, self._status = 0, f"{handle.state} · step 0"
             self._handle, self._flusher = handle, flusher
         self.fallback.update(html.escape(WAITING))
@@ -132,10 +133,12 @@ class TokenView(ShownWithFallback, anywidget.AnyWidget):
                 self._rows[-1]["text"] += event.text
                 self._mark(len(self._rows) - 1)
             else:
+                if not self.records:
+                    self._start = f" · live mix at start: {mix_words(event.record.live_coefs)}"
                 self.records.append(event.record)
                 self._rows.append(self._row(event.record, event.text))
                 self._mark(len(self._rows) - 1)
-                self._status = f"running · step {len(self._rows)}"
+                self._status = f"running · step {len(self._rows)}{self._start}"
 
     def _finish(self, result: GenerationResult | None, state: str) -> None:
         """The generation ended in ``state`` with ``result`` (None if there is none):
@@ -145,7 +148,8 @@ class TokenView(ShownWithFallback, anywidget.AnyWidget):
             if result is not None:
                 self._add_alternatives(result)
                 rate = f" · {result.tokens_per_s:.1f} tok/s" if result.elapsed_s else ""
-                self._status = f"{state} · {result.finish_reason} · {len(result.steps)} tokens{rate}"
+                self._status = (f"{state} · {result.finish_reason} · {len(result.steps)} tokens"
+                                f"{rate}{self._start}")
             else:
                 self._status = state
             self._mark(0)
@@ -238,7 +242,7 @@ class LiveView(ShownWithFallback, ipywidgets.VBox):
 
 def mix_per_step(records: list[StepRecord]) -> str:
     """The live mix's coefficients per step as runs of equal steps, e.g. ``live mix per
-    step: 0-12 happy +0; 13-59 happy +0.8``."""
+    step: 0-12 happy +0.00; 13-59 happy +0.80``."""
     runs: list[list] = []  # [first step, last step, coefficients]
     for record in records:
         coefs = dict(record.live_coefs)
@@ -246,9 +250,7 @@ def mix_per_step(records: list[StepRecord]) -> str:
             runs[-1][1] = record.step
         else:
             runs.append([record.step, record.step, coefs])
-    parts = [(f"{a}" if a == b else f"{a}-{b}") + " "
-             + (", ".join(f"{k} {v:+g}" for k, v in coefs.items()) or "empty")
-             for a, b, coefs in runs]
+    parts = [(f"{a}" if a == b else f"{a}-{b}") + " " + mix_words(coefs) for a, b, coefs in runs]
     return "live mix per step: " + ("; ".join(parts) if parts else "no steps")
 
 
