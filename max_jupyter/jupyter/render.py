@@ -94,14 +94,15 @@ def pretty(result: GenerationResult, p, cycle: bool) -> None:
 def _topk_line(label: str, topk: TopK | None, step: int, tokenizer: Tokenizer | None) -> str:
     if topk is None or step >= len(topk.ids) or tokenizer is None:
         return ""
-    alts = ", ".join(f"{tokenizer.decode([int(t)])!r} {float(l):.1f}"
+    alts = ", ".join(f"{tokenizer.token_text(int(t))!r} {float(l):.1f}"
                      for t, l in zip(topk.ids[step][:5], topk.logits[step][:5]))
     return f"\n{label} top-k (logit): {alts}"
 
 
 def _tooltip(result: GenerationResult, record: StepRecord, piece: str, tokenizer: Tokenizer,
              small_tokenizer: Tokenizer | None) -> str:
-    lines = f"step {record.step} · {piece!r} p={record.prob:.2f}"
+    shown = repr(piece) if piece else f"'' (part of a character: {tokenizer.token_text(record.token)})"
+    lines = f"step {record.step} · {shown} p={record.prob:.2f}"
     if record.scores:
         lines += "\nscores: " + ", ".join(f"{k}={v:.3g}" for k, v in record.scores.items())
     if record.mixes_on:
@@ -112,7 +113,8 @@ def _tooltip(result: GenerationResult, record: StepRecord, piece: str, tokenizer
         lines += (f"\nspeculation: a draft of {len(record.drafted)} token(s) from here, "
                   f"{record.accepted} accepted")
     if record.rerun:
-        was = tokenizer.decode([record.unsteered_token]) if record.unsteered_token is not None else "?"
+        was = (tokenizer.token_text(record.unsteered_token) if record.unsteered_token is not None
+               else "?")
         lines += (f"\nre-run: first pass chose {was!r} p={record.unsteered_prob or 0:.2f}"
                   + (" (changed)" if record.changed else " (same token)"))
     lines += _topk_line("big", result.big_topk, record.step, tokenizer)

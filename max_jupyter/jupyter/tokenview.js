@@ -3,7 +3,8 @@
 // Protocol with max_jupyter/jupyter/tokenview.py:
 // - kernel -> page, custom message {type: "tokens", start, n, tokens: [row, ...]}: rows
 //   start.. replace or extend the page's list, which is cut to n rows. A row is
-//   {step, text, token (id), prob, scores: {judge: score}, mixes_on: [judge-gated mixes on],
+//   {step, text, token (id), token_text (the token alone; bytes for part of a character),
+//    prob, scores: {judge: score}, mixes_on: [judge-gated mixes on],
 //    live_coefs: {name: coef}, steered (the step's final forward added a delta), rerun,
 //    changed (the re-run changed the token), first_pass_text (a re-run's first token),
 //    big / small: [[text, logit], ...] or null until the generation ends}.
@@ -20,7 +21,9 @@ const fmt = (x, d = 3) => (x === null || x === undefined) ? "n/a" : Number(x).to
 const q = (s) => JSON.stringify(s);
 
 function tipText(row) {
-  const lines = [`step ${row.step} · token ${q(row.text)} (id ${row.token}) · p ${fmt(row.prob)}`];
+  // A token ending inside a character shows "" (the next token carries the character): say which bytes it holds.
+  const part = (row.text === "" && row.token_text) ? ` (part of a character: ${row.token_text})` : "";
+  const lines = [`step ${row.step} · token ${q(row.text)}${part} (id ${row.token}) · p ${fmt(row.prob)}`];
   const scores = Object.entries(row.scores || {});
   lines.push("score: " + (scores.length ? scores.map(([k, v]) => `${k} ${fmt(v)}`).join(", ") : "none"));
   const coefs = Object.entries(row.live_coefs || {});

@@ -206,6 +206,7 @@ class TokenView(ShownWithFallback, anywidget.AnyWidget):
     def _row(self, record: StepRecord, text: str) -> dict:
         """A step as the page gets it (keys: see tokenview.js)."""
         return {"step": record.step, "text": text, "token": record.token,
+                "token_text": _spell(self._big_tok, record.token),
                 "prob": _finite(record.prob),
                 "scores": {k: _finite(v) for k, v in record.scores.items()},
                 "mixes_on": list(record.mixes_on), "live_coefs": dict(record.live_coefs),
@@ -312,7 +313,7 @@ def _step_tensors(result: GenerationResult, step: int) -> dict[str, Any]:
 def _spell(tokenizer, token: int | None) -> str:
     if token is None:
         return ""
-    return tokenizer.decode([token]) if tokenizer is not None else f"<{token}>"
+    return tokenizer.token_text(token) if tokenizer is not None else f"<{token}>"
 
 
 def _finite(x: float | None) -> float | None:
