@@ -413,6 +413,15 @@ def test_max_load_again_disables_the_old_mixer(chromium, lab, tmp_path):
         assert row.locator("input[type=checkbox]").is_disabled()
         assert row.locator(".noUi-target").get_attribute("disabled") is not None
         assert "session closed" in page.locator(".max-tokenview .tv-head").inner_text()
+        assert page.locator(".max-mixer button", has_text="Stop").is_disabled()
+        # The new load shows one progress bar (ours; transformers' own are off).
+        page.wait_for_function("() => !document.querySelectorAll('.jp-Notebook .jp-Cell')[3]"
+                               ".querySelector('.jp-InputPrompt').textContent.includes('*')",
+                               timeout=300_000)
+        page.screenshot(path=str(shots / "new-session-loaded.png"))
+        cell = page.locator(".jp-Notebook .jp-Cell").nth(3)
+        assert cell.locator(".jp-OutputArea-child", has_text="loading:").count() == 1
+        assert "Loading weights" not in cell.inner_text() and "100%" in cell.inner_text()
     finally:
         page.screenshot(path=str(shots / "last.png"))
         print(f"screenshots in {shots}")
