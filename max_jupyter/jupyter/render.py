@@ -16,7 +16,9 @@ from max_jupyter.tokenizer import Tokenizer
 
 STYLE = """<style>
 .mj-result{font-family:var(--jp-content-font-family,sans-serif);line-height:1.7}
-.mj-text{white-space:pre-wrap;font-family:var(--jp-code-font-family,monospace);font-size:13px}
+.mj-text{white-space:pre-wrap;font-family:var(--jp-code-font-family,monospace);font-size:13px;
+line-height:1.45}
+.mj-tok.mj-nl::before{content:"\21b5";color:#bbb;font-size:10px}
 .mj-tok{border-radius:2px}
 .mj-tok.mj-steered{border-bottom:2px solid #2a9d8f}
 .mj-tok.mj-rerun{outline:1px dashed #d62828}
@@ -145,7 +147,8 @@ def token_spans(result: GenerationResult, tokenizer: Tokenizer,
     spans = []
     for record, piece in zip(result.steps, pieces):
         classes = ["mj-tok"] + (["mj-steered"] if steered[record.step] else []) + \
-                  (["mj-rerun"] if record.rerun else []) + (["mj-changed"] if record.changed else [])
+                  (["mj-rerun"] if record.rerun else []) + (["mj-changed"] if record.changed else []) + \
+                  (["mj-nl"] if "\n" in piece and not piece.strip() else [])  # a faint ↵ to hover
         style = _shade(float(values[record.step]), low, high) if values is not None else ""
         tip = _tooltip(result, record, piece, tokenizer, small_tokenizer)
         spans.append(f'<span class="{" ".join(classes)}" style="{style}" '
