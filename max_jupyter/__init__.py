@@ -4,7 +4,7 @@
 parts are imported on first use, so ``import max_jupyter`` stays light.
 """
 
-_LAZY = {"Session": "max_jupyter.session", "GenerationOptions": "max_jupyter.session",
+_LAZY = {"Session": "max_jupyter.session", "GenerationOptions": "max_jupyter.orchestrator.options",
          "GenerationHandle": "max_jupyter.handle"}
 __all__ = [*_LAZY, "load_ipython_extension", "unload_ipython_extension"]
 
@@ -19,13 +19,13 @@ def __getattr__(name: str):
 
 def load_ipython_extension(shell) -> None:
     """``%load_ext max_jupyter``: the magics and result display (imported only now)."""
-    from max_jupyter.jupyter import load_ipython_extension as load
+    from max_jupyter.jupyter.extension import load
 
     load(shell)
 
 
 def unload_ipython_extension(shell) -> None:
     """``%unload_ext max_jupyter``: undo ``load_ipython_extension``."""
-    from max_jupyter.jupyter import unload_ipython_extension as unload
+    from max_jupyter.jupyter.extension import unload
 
     unload(shell)

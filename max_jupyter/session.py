@@ -6,55 +6,27 @@ See docs/design.md ("The Session", "Threading model").
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import itertools
 from concurrent import futures
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
 
 from max_jupyter.engines.base import Engine
-from max_jupyter.errors import BadArgumentError, SessionClosedError
+from max_jupyter.errors import BadArgumentError, SessionClosedError, UnknownNameError
 from max_jupyter.handle import CallJob, GenerationHandle
 from max_jupyter.loading import Source, check_sources, load_models
-from max_jupyter.orchestrator.cognitive import CognitiveOrchestrator
+from max_jupyter.orchestrator.cognitive import CognitiveOrchestrator, PreparedRun, check_judges_fit
 from max_jupyter.orchestrator.judges import Judge
 from max_jupyter.orchestrator.mirror import ContextMirror
-from max_jupyter.orchestrator.sampling import SamplingConfig
-from max_jupyter.orchestrator.trace import GenerationResult, TraceConfig
-from max_jupyter.orchestrator.types import Prompt, run_to_end
+from max_jupyter.orchestrator.options import CallSteering, GenerationOptions, merge_options
+from max_jupyter.orchestrator.trace import GenerationResult, StepEvent
+from max_jupyter.orchestrator.types import Prompt, as_mix, run_to_end
 from max_jupyter.steering.mix import Mix
 from max_jupyter.steering.vector import SteeringVector
+from max_jupyter.validation import fail
 from max_jupyter.worker import Worker
 
-SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "seed")
 _ids = itertools.count(1)
-
-
-@dataclass
-class GenerationOptions:
-    """Defaults of ``Session.generate`` / ``start`` (change them on ``session.defaults``)."""
-
-    max_new_tokens: int = 128
-    sampling: SamplingConfig = SamplingConfig()
-    stop: tuple[str, ...] = ()
-    trace: TraceConfig = TraceConfig()
-    chat: bool = True
-    steer_prompt: bool = True
-    ignore_eos: bool = False
-    system: str | None = None
-    mirror: bool = True
-    """Mirror the small model (when one is loaded) even if no judge reads it: its logits
-    and states land in the trace."""
-    speculate: int = 0
-    """Speculative decoding: the small model (same vocabulary) drafts up to this many tokens
-    a step for the big one to verify in one pass. Greedy gives the same tokens, sampling the
-    same distribution, with the same judges and steering as without it; 0 is off
-    (docs/speculative.md)."""
-
-
-OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(GenerationOptions)) | {
-    *SAMPLING_FIELDS, "steering", "judges", "on_event", "wait"}
 
 
 class Session:
@@ -63,7 +35,9 @@ class Session:
     Build one with ``Session.load(...)``. ``mix`` (the live mix) applies at every step of
     every generation and may change from any thread at any time; ``mixes`` are named mixes
     that judges turn on; ``vectors`` is the library of named vectors; ``judges`` (name ->
-    Judge) run on every generation unless a call names others.
+    Judge) run on every generation unless a call names others (``add_judge`` adds one with
+    the mixes it turns on, ``remove_judge`` takes both away); ``defaults`` is the
+    ``GenerationOptions`` a generation starts from.
     """
 
     def __init__(self, big: Engine, small: Engine | None = None, *,
@@ -75,12 +49,23 @@ class Session:
         self.mixes: dict[str, Mix] = {}
         self.vectors: MutableMapping[str, SteeringVector] = {} if vectors is None else vectors
         self.judges: dict[str, Judge] = {}
-        self.defaults = GenerationOptions()
+        self._judge_mixes: set[str] = set()  # the mixes add_judge added, while a judge uses them
+        self._defaults = GenerationOptions()
         self.last: GenerationResult | None = None
         self._started: GenerationHandle | None = None  # the last generation started
         self._worker = Worker(f"max_jupyter-session-{next(_ids)}")
         self._closed = False
         self._owns_store = False  # Session.load opened the library: close() closes it
+
+    @property
+    def defaults(self) -> GenerationOptions:
+        """The options a generation starts from (``start`` / ``generate`` keywords change
+        them for one call); set a new one with ``s.defaults = s.defaults.replace(...)``."""
+        return self._defaults
+
+    @defaults.setter
+    def defaults(self, options: GenerationOptions) -> None:
+        self._defaults = merge_options(options, self._defaults, {})  # checks its type
 
     @property
     def handle(self) -> GenerationHandle | None:
@@ -155,28 +140,32 @@ class Session:
 
     # Generation ------------------------------------------------------------------------
 
-    def start(self, prompt: Prompt, **options) -> GenerationHandle:
-        """Queue a generation on the worker and return its handle at once. Options: see
-        docs/design.md (``max_new_tokens``, ``temperature``..., ``stop``, ``steering``,
-        ``judges``, ``trace``, ``system``, ``on_event``, ``wait``; defaults from
-        ``self.defaults``). Everything is checked here, before anything is queued."""
+    def start(self, prompt: Prompt, options: GenerationOptions | None = None, *,
+              on_event: Callable[[StepEvent], None] | None = None, wait: bool = True,
+              **changes) -> GenerationHandle:
+        """Queue a generation on the worker and return its handle at once. ``options``
+        (default ``self.defaults``) with ``changes`` (option names, or ``temperature`` /
+        ``top_k`` / ``top_p`` / ``seed``): see ``GenerationOptions``. ``on_event`` is called
+        on the worker with each ``StepEvent``; ``wait=False`` raises ``BusyError`` at once
+        if another job is running or queued. Everything is checked here, before anything is
+        queued."""
         self._check_open()
-        wait = options.pop("wait", True)
-        on_event = options.pop("on_event", None)
-        orchestrator, prepared = self._prepare(prompt, options)
-        handle = GenerationHandle(lambda h: self._generate_on_worker(h, orchestrator, prepared),
+        orchestrator, prepared = self._prepare(prompt, merge_options(options, self._defaults, changes))
+        handle = GenerationHandle(lambda h: self._generate_on_worker(orchestrator, prepared),
                                   prepared.result.prompt_ids, on_event)
         prepared.on_event, prepared.abort = handle.push, handle.abort
         self._worker.submit(handle, wait=wait)
         self._started = handle
         return handle
 
-    def generate(self, prompt: Prompt, **options) -> GenerationResult:
+    def generate(self, prompt: Prompt, options: GenerationOptions | None = None, *,
+                 on_text: Callable[[str], None] | None = None,
+                 on_event: Callable[[StepEvent], None] | None = None, wait: bool = True,
+                 **changes) -> GenerationResult:
         """``start`` and wait for the result in this thread. Ctrl-C while waiting stops the
         generation within one step and returns the partial result (``finish_reason ==
         "interrupted"``). ``on_text`` (if given) gets each text piece on this thread."""
-        on_text: Callable[[str], None] | None = options.pop("on_text", None)
-        handle = self.start(prompt, **options)
+        handle = self.start(prompt, options, on_event=on_event, wait=wait, **changes)
         try:
             for event in handle.events():
                 if on_text is not None and event.text:
@@ -189,63 +178,111 @@ class Session:
             handle.stop("error")
             raise
 
-    def _generate_on_worker(self, handle: GenerationHandle, orchestrator: CognitiveOrchestrator,
-                            prepared) -> GenerationResult:
+    def _generate_on_worker(self, orchestrator: CognitiveOrchestrator, prepared: PreparedRun
+                            ) -> GenerationResult:
         result = run_to_end(orchestrator.run(prepared))
         self.last = result
         return result
 
-    def _prepare(self, prompt: Prompt, options: dict):
-        """The orchestrator and the checked, prepared run for one call's options."""
-        unknown = sorted(set(options) - OPTION_NAMES)
-        if unknown:
-            raise BadArgumentError(f"unknown generation option(s) {unknown}; the options are "
-                                   f"{sorted(OPTION_NAMES)}.")
-        opts = dataclasses.replace(self.defaults, **{k: v for k, v in options.items()
-                                                     if k in GenerationOptions.__annotations__})
-        sampling = opts.sampling
-        given = {k: options[k] for k in SAMPLING_FIELDS if k in options}
-        if given:
-            sampling = dataclasses.replace(sampling, **given)
-        judges = self._judges(options.get("judges"))
-        small = self._small if (opts.mirror or any(j.needs_small or j.small_model for j in judges)) \
+    def _prepare(self, prompt: Prompt, options: GenerationOptions
+                 ) -> tuple[CognitiveOrchestrator, PreparedRun]:
+        """The orchestrator and the checked, prepared run of one generation."""
+        judges = self._judges(options.judges)
+        small = self._small if (options.mirror or any(j.needs_small or j.small_model for j in judges)) \
             else None
         orchestrator = CognitiveOrchestrator(
             self._big, small, judges, mixes=self.mixes,
-            steering=[self.mix, self._call_steering(options.get("steering"))])
-        prepared = orchestrator.prepare(
-            with_system(prompt, opts.system), max_new_tokens=opts.max_new_tokens,
-            sampling=sampling, stop=opts.stop, steer_prompt=opts.steer_prompt, chat=opts.chat,
-            trace=opts.trace, ignore_eos=opts.ignore_eos, speculate=opts.speculate)
-        return orchestrator, prepared
+            steering=[self.mix, self._call_steering(options.steering)])
+        return orchestrator, orchestrator.prepare(prompt, options)
 
-    def _judges(self, judges: Iterable[str | Judge] | None) -> list[Judge]:
+    def _judges(self, judges: tuple[str | Judge, ...] | None) -> list[Judge]:
         """The judges of one call: the session's (None), or names in it and Judge objects."""
         if judges is None:
             return list(self.judges.values())
-        if isinstance(judges, (str, Judge)):
-            judges = [judges]
         chosen = []
         for judge in judges:
             if isinstance(judge, str):
                 if judge not in self.judges:
                     raise BadArgumentError(f"judges: no judge named {judge!r}; the session has "
-                                           f"{sorted(self.judges) or 'none'} (add one to session.judges).")
+                                           f"{sorted(self.judges) or 'none'} (add one with "
+                                           f"session.add_judge).")
                 judge = self.judges[judge]
             chosen.append(judge)
         return chosen
 
-    def _call_steering(self, steering) -> Mix | SteeringVector | None:
-        """A call's own steering: a vector, a Mix, or {vector name: coefficient}."""
+    def _call_steering(self, steering: CallSteering) -> Mix | SteeringVector | None:
+        """A call's own steering (checked by ``GenerationOptions``) as a mix or vector: a
+        {vector name: coefficient} mapping becomes a mix of the library's vectors."""
         if steering is None or isinstance(steering, (Mix, SteeringVector)):
             return steering
-        if not isinstance(steering, Mapping):
-            raise BadArgumentError(f"steering={steering!r} is not steering; give a SteeringVector, a "
-                                   f"Mix or {{vector name: coefficient}}.")
         mix = Mix(self._big.identity)
         for name, coef in steering.items():
             mix.set(name, self.vector(name), coef)
         return mix
+
+    # Judges and the mixes they turn on --------------------------------------------------
+
+    def add_judge(self, name: str, judge: Judge,
+                  mixes: Mapping[str, Mix | SteeringVector] | None = None) -> None:
+        """Register ``judge`` under ``name`` (replacing a judge of that name) with the named
+        mixes it turns on: ``mixes`` (name -> Mix, or a vector at coefficient 1) go into
+        ``self.mixes`` (replacing mixes of those names); ``remove_judge`` takes them away
+        again. Checked first with the orchestrator's rules (``check_judges_fit``: the small
+        model, its vocabulary, the layers, the mixes it turns on): a refused judge changes
+        nothing."""
+        self._check_open()
+        if not isinstance(name, str) or not name:
+            raise fail("name", name, "is not a non-empty str", "name the judge, e.g. 'calm'")
+        if not isinstance(judge, Judge):
+            raise fail("judge", judge, f"is a {type(judge).__name__}, not a Judge",
+                       "build one, e.g. ProbeJudge(vector, threshold=2.0, mix='calm')")
+        added = self._checked_mixes(mixes)
+        if any(j.name == judge.name for n, j in self.judges.items() if n != name):
+            raise BadArgumentError(f"another judge is already named {judge.name!r}; give this one "
+                                   f"another name= (judge names must be unique).")
+        check_judges_fit(self._big, self._small, [judge], {**self.mixes, **added})
+        self.judges.pop(name, None)
+        self.mixes.update(added)
+        self.judges[name] = judge
+        self._judge_mixes |= set(added)
+        self._drop_unused()  # a replaced judge's mixes that no judge turns on now
+
+    def remove_judge(self, name: str) -> list[str]:
+        """Remove the judge ``name`` and the mixes ``add_judge`` added that no judge turns
+        on any more (kept while another judge does); returns the names of those removed."""
+        if name not in self.judges:
+            raise UnknownNameError(f"no judge named {name!r}; the session has "
+                                   f"{sorted(self.judges) or 'none'}.")
+        del self.judges[name]
+        return self._drop_unused()
+
+    def _checked_mixes(self, mixes: Mapping[str, Mix | SteeringVector] | None) -> dict[str, Mix]:
+        """``mixes`` as named Mixes, each checked to be for the big model."""
+        if mixes is None:
+            return {}
+        if not isinstance(mixes, Mapping):
+            raise fail("mixes", mixes, f"is a {type(mixes).__name__}, not a mapping",
+                       "give {mix name: Mix or SteeringVector}")
+        checked = {}
+        for mix_name, mix in mixes.items():
+            if not isinstance(mix_name, str) or not mix_name:
+                raise fail("mixes", mixes, f"has the key {mix_name!r}", "name each mix by a non-empty str")
+            if not isinstance(mix, (Mix, SteeringVector)):
+                raise fail(f"mixes[{mix_name!r}]", mix, f"is a {type(mix).__name__}",
+                           "give a Mix or a SteeringVector")
+            mix = as_mix(mix)
+            mix.snapshot(self._big)  # raises ModelMismatchError for a mix of another model
+            checked[mix_name] = mix
+        return checked
+
+    def _drop_unused(self) -> list[str]:
+        """Remove the mixes ``add_judge`` added that no judge turns on; their names."""
+        used = {m for judge in self.judges.values() for m in judge.turns_on}
+        dropped = sorted(self._judge_mixes - used)
+        for mix_name in dropped:
+            self.mixes.pop(mix_name, None)
+        self._judge_mixes -= set(dropped)
+        return dropped
 
     def vector(self, name: str) -> SteeringVector:
         """The vector ``name`` from the library (a clear error if it has none)."""
@@ -371,20 +408,6 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def with_system(prompt: Prompt, system: str | None) -> Prompt:
-    """``prompt`` with a system message first (text becomes a user turn); unchanged
-    without ``system``. Token ids cannot take one."""
-    if system is None:
-        return prompt
-    if isinstance(prompt, str):
-        return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
-    prompt = list(prompt)
-    if prompt and all(isinstance(m, dict) for m in prompt):
-        return [{"role": "system", "content": system}, *prompt]
-    raise BadArgumentError("system= needs a text or chat-message prompt; token ids already "
-                           "hold any system turn.")
 
 
 def open_library(store: object) -> MutableMapping[str, SteeringVector]:

@@ -27,6 +27,7 @@ from max_jupyter.errors import (BadArgumentError, ContextOverflowError, CorruptF
 from max_jupyter.orchestrator import SamplingConfig, generate
 from max_jupyter.orchestrator.sampling import check_generation_args
 from max_jupyter.steering import Mix, SteeringVector, train_vector
+from max_jupyter.orchestrator.options import GenerationOptions
 
 PROMPT = "Name three colours."
 CHECK_TOKENS = 3
@@ -248,13 +249,22 @@ CASES = [
     Case("sampling-top-p-0", lambda c: SamplingConfig(top_p=0), BadArgumentError, r"top_p=0.0 is out"),
     Case("sampling-top-p-str", lambda c: SamplingConfig(top_p="0.9"),
          BadArgumentError, r"top_p='0.9' is a str"),
-    # --- generation options, checked by the validator itself ---
-    Case("args-max-new-tokens-2.5", lambda c: check_generation_args(2.5, SamplingConfig(), ()),
+    # --- generation options, checked by GenerationOptions itself ---
+    Case("options-max-new-tokens-2.5", lambda c: GenerationOptions(max_new_tokens=2.5),
          BadArgumentError, r"max_new_tokens=2.5 is a float"),
-    Case("args-sampling-dict", lambda c: check_generation_args(8, {"temperature": 1.0}, ()),
+    Case("options-sampling-dict", lambda c: GenerationOptions(sampling={"temperature": 1.0}),
          BadArgumentError, r"sampling=.* is a dict.*SamplingConfig\(\*\*d\)"),
-    Case("args-stop-str", lambda c: check_generation_args(8, SamplingConfig(), "\n"),
+    Case("options-stop-str", lambda c: GenerationOptions(stop="\n"),
          BadArgumentError, r"stop='\\n' is a str, not a list.*stop=\['\\n'\]"),
+    Case("options-chat-int", lambda c: GenerationOptions(chat=1), BadArgumentError, r"chat=1 is a int"),
+    Case("options-speculate-99", lambda c: GenerationOptions(speculate=99),
+         BadArgumentError, r"speculate=99 is out of range"),
+    Case("options-steering-coef-nan", lambda c: GenerationOptions(steering={"happy": float("nan")}),
+         BadArgumentError, r"steering\['happy'\]=nan is not finite"),
+    Case("options-judges-int", lambda c: GenerationOptions(judges=[3]),
+         BadArgumentError, r"judges\[0\]=3 is a int"),
+    Case("options-unknown-name", lambda c: GenerationOptions().replace(temprature=0.5),
+         BadArgumentError, r"unknown generation option 'temprature'; did you mean 'temperature'\?"),
     # --- generation options, through the public generate ---
     Case("generate-max-new-tokens-2.5", lambda c: generate(E(c), PROMPT, max_new_tokens=2.5),
          BadArgumentError, r"max_new_tokens=2.5 is a float"),

@@ -49,7 +49,7 @@ s.judges["probe"] = ProbeJudge(happy, layer=10, threshold=40.0, mix="cheer")
 s.judges["unsure"] = DivergenceJudge(threshold=3.0, mix="cheer")
 # Test pacing: a judge that only waits, so the slider can move while tokens still come.
 s.judges["pace"] = FunctionJudge(lambda ctx: time.sleep(0.15) or False, mix="cheer", name="pace")
-s.defaults.ignore_eos = True
+s.defaults = s.defaults.replace(ignore_eos=True)
 s.mix.set("happy", happy, %r)
 """ % OLD
 

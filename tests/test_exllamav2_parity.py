@@ -455,7 +455,7 @@ def test_orchestrator_overlap_matches_sequential(tmp_path, tokenizer_folder, mon
             parity.add(row(a), row(b))
         sa, sb = a.scores["probe:probe@2"], b.scores["probe:probe@2"]
         parity.hidden_rel.append(float((sa - sb).norm() / sb.norm()))
-        parity.hidden_rel.append(float((a.probs - b.probs).norm() / b.probs.norm()))
+        parity.hidden_rel.append(float((a.sampler_probs - b.sampler_probs).norm() / b.sampler_probs.norm()))
         return parity
 
     noise = [compare(second, first), compare(third, first), compare(third, second)]

@@ -445,6 +445,10 @@ def test_old_names_warn_and_still_work(big, ctrl):
         assert r.steps[0].mix == {} == r.steps[0].live_coefs
     with pytest.warns(DeprecationWarning, match="ahead_misses"):
         assert r.speculation_misses == 0 == r.ahead_misses
+    with pytest.warns(DeprecationWarning, match="sampler_prob"):
+        assert r.steps[0].prob == 1.0 == r.steps[0].sampler_prob
+    with pytest.warns(DeprecationWarning, match="sampler_probs"):
+        assert torch.equal(r.probs, r.sampler_probs)
 
 
 def test_steering_always_on_beside_gated_mixes(big, vector):
@@ -459,3 +463,14 @@ def test_steering_always_on_beside_gated_mixes(big, vector):
                                   steering=live).generate(PROMPT, max_new_tokens=3)
     assert all(s.steered and s.mixes_on == () for s in r.steps)
     assert r.token_ids == plain.generate(big, PROMPT, max_new_tokens=3, steering=live).token_ids
+
+
+def test_model_prob_is_the_softmax_of_the_raw_logits(big, ctrl):
+    """``model_prob``: the model's probability of the chosen token (softmax of the step's
+    recorded logits at temperature 1); ``sampler_prob``: the sampler's (1.0 under greedy)."""
+    r = CognitiveOrchestrator(big, None, Always(), mixes=ctrl).generate(
+        PROMPT, max_new_tokens=N, trace=TraceConfig(full_logits=True))
+    # in float64: torch's float32 CPU softmax is off by up to ~2e-5 relative
+    want = torch.softmax(r.big_logits.double(), -1)[torch.arange(len(r.steps)), [s.token for s in r.steps]]
+    torch.testing.assert_close(r.model_probs, want.float(), rtol=1e-5, atol=1e-7)
+    assert (r.sampler_probs == 1.0).all() and (r.model_probs < 0.99).any()

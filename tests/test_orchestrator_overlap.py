@@ -32,7 +32,7 @@ def both(big, small, judges, steering, **options):
 def assert_same(a, b) -> None:
     """Equal tokens, text, records (all but timing) and trace tensors, bit for bit."""
     assert a.token_ids == b.token_ids and a.text == b.text and a.finish_reason == b.finish_reason
-    fields = lambda r: [(s.step, s.token, s.prob, s.mixes_on, s.rerun, s.unsteered_token,
+    fields = lambda r: [(s.step, s.token, s.sampler_prob, s.model_prob, s.mixes_on, s.rerun, s.unsteered_token,
                          s.unsteered_prob, sorted(s.scores)) for s in r.steps]
     assert fields(a) == fields(b)
     assert a.small_ids == b.small_ids

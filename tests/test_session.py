@@ -13,8 +13,9 @@ import torch
 
 from max_jupyter import Session
 from max_jupyter.errors import (BackendUnavailableError, BadArgumentError, BusyError,
-                                ModelSourceError, SessionClosedError)
-from max_jupyter.orchestrator import FunctionJudge, SamplingConfig, generate
+                                ModelSourceError, SessionClosedError, UnknownNameError)
+from max_jupyter.orchestrator import (Always, DivergenceJudge, FunctionJudge, GenerationOptions,
+                                      SamplingConfig, generate)
 from max_jupyter.orchestrator.mirror import MirrorError
 from max_jupyter.orchestrator.sampling import Sampler
 from max_jupyter.orchestrator.types import prompt_ids
@@ -244,6 +245,60 @@ def test_options_are_checked_before_queueing(session):
     with pytest.raises(BadArgumentError, match="system="):
         session.start([1, 2, 3], system="Be brief.")
     assert session.handle is None and not session.busy
+
+
+def test_options_are_one_typed_object(session):
+    """Keywords become a GenerationOptions at once: the same tokens as the object itself;
+    session.defaults is one (frozen: a new one replaces it); a misspelt name is refused
+    with the closest one, before anything is queued."""
+    typed = session.generate(PROMPT, GenerationOptions(max_new_tokens=N, ignore_eos=True).replace(
+        temperature=0.9, seed=4))
+    keywords = session.generate(PROMPT, max_new_tokens=N, ignore_eos=True, temperature=0.9, seed=4)
+    assert typed.token_ids == keywords.token_ids and len(typed.token_ids) == N
+    session.defaults = session.defaults.replace(max_new_tokens=3, ignore_eos=True)
+    assert len(session.generate(PROMPT).token_ids) == 3
+    assert session.defaults.sampling == SamplingConfig()  # replace changed only what it named
+    with pytest.raises(BadArgumentError, match="did you mean 'temperature'"):
+        session.start(PROMPT, temprature=0.5)
+    with pytest.raises(BadArgumentError, match="not GenerationOptions"):
+        session.defaults = {"max_new_tokens": 3}
+    with pytest.raises(BadArgumentError, match="not GenerationOptions"):
+        session.start(PROMPT, {"max_new_tokens": 3})
+    assert session.handle is not None and session.defaults.max_new_tokens == 3
+
+
+def test_add_judge_brings_its_mixes_and_remove_judge_takes_them(engine, small, tiny, vector):
+    """The Session owns judges and the mixes they turn on: add_judge checks with the
+    orchestrator's rules before anything changes; remove_judge removes what it added
+    unless another judge still turns it on."""
+    with Session(engine, small) as s:
+        s.add_judge("calm", Always("calm", name="calm"), mixes={"calm": vector})
+        s.add_judge("also", Always("calm", name="also"))
+        assert set(s.judges) == {"calm", "also"} and isinstance(s.mixes["calm"], Mix)
+        r = s.generate(PROMPT, max_new_tokens=3)
+        assert all(step.mixes_on == ("calm",) and step.steered for step in r.steps)
+        assert s.remove_judge("calm") == [] and "calm" in s.mixes  # "also" still turns it on
+        assert s.remove_judge("also") == ["calm"] and s.mixes == {}
+        with pytest.raises(UnknownNameError, match="no judge named 'also'"):
+            s.remove_judge("also")
+        with pytest.raises(UnknownNameError, match="turns on mix"):
+            s.add_judge("x", Always("nope", name="x"), mixes={"other": vector})
+        with pytest.raises(BadArgumentError, match="not a Judge"):
+            s.add_judge("x", "calm")
+        assert s.judges == {} and s.mixes == {}  # a refused judge changes nothing
+    with Session(engine, tiny) as s:  # another tokenizer: the vocabularies are compared
+        with pytest.raises(BadArgumentError, match="different vocabularies"):
+            s.add_judge("kl", DivergenceJudge(1.0, "kl"), mixes={"default": vector})
+        assert s.judges == {} and s.mixes == {}
+
+
+def test_result_records_the_live_mix_it_started_with(session, vector):
+    """A slider left in an old cell steers the next run: the result says so at once."""
+    session.mix.set("happy", vector, -0.4)
+    moved = lambda event: event.record and event.record.step == 1 and session.mix.set_coef("happy", 0.3)
+    r = session.generate(PROMPT, max_new_tokens=4, on_event=moved)
+    assert r.start_mix == {"happy": -0.4} == r.steps[0].live_coefs
+    assert r.steps[-1].live_coefs == {"happy": 0.3}  # a change mid-run leaves start_mix as it was
 
 
 def test_call_steering_by_name_and_system_prompt(session, engine, vector):

@@ -245,7 +245,7 @@ def test_speculate_refused_out_of_range(engine, small):
     orch = CognitiveOrchestrator(engine, small)
     for value in (-1, 17, 1.5, True):
         with pytest.raises(BadArgumentError, match="speculate"):
-            orch.prepare(PROMPT, speculate=value)
+            next(orch.stream(PROMPT, speculate=value))  # refused before the prefill
 
 
 def test_speculate_off_where_it_cannot_draft(engine, small, tiny, monkeypatch):
@@ -496,11 +496,13 @@ def test_speculative_sampling_is_seeded_and_adapts_the_draft_length(tiny_models)
         a, b = (orch.generate(TINY_PROMPT, max_new_tokens=32, ignore_eos=True, speculate=4,
                               sampling=config, trace=TraceConfig(full_logits=True)) for _ in range(2))
         assert b.token_ids == a.token_ids
-        assert [(s.drafted, s.accepted, s.prob) for s in b.steps] == [(s.drafted, s.accepted, s.prob)
+        assert [(s.drafted, s.accepted, s.sampler_prob) for s in b.steps] == [(s.drafted, s.accepted, s.sampler_prob)
                                                                       for s in a.steps]
         p = Sampler(config).probabilities
         for s in a.steps:  # the big model's probability, from the verify row on block steps
-            assert s.prob == pytest.approx(float(p(a.big_logits[s.step])[s.token]), rel=1e-5)
+            assert s.sampler_prob == pytest.approx(float(p(a.big_logits[s.step])[s.token]), rel=1e-5)
+            model = torch.softmax(a.big_logits[s.step].double(), -1)[s.token]  # raw, temperature 1
+            assert s.model_prob == pytest.approx(float(model), rel=1e-5)
         lengths = [len(s.drafted) for s in a.steps if s.drafted]
         assert lengths == replay(a, 4)
         if drafter == "near":

@@ -140,7 +140,7 @@ def test_speculative_sampling_with_a_judge_on_the_gpu(gptq):
           f"{sum(steered)}/{len(steered)} steps steered")
     assert r.speculate_off is None and len(r.token_ids) == 96 and r.accepted_tokens > 0
     assert 0 < sum(steered) < len(steered)
-    assert all(0 < s.prob <= 1 for s in r.steps)
+    assert all(0 < s.sampler_prob <= 1 for s in r.steps)
     assert big.seq_len == len(r.prompt_ids) + 95 and small.seq_len == big.seq_len + 1
     for engine in (big, small):
         engine.unload()

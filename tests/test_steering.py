@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from max_jupyter.errors import BadArgumentError
-from max_jupyter.orchestrator.types import steering_deltas
 from max_jupyter.steering import ModelMismatchError, Mix, SteeringVector, train_vector
 
 PROMPT = "Tell me about your day."
@@ -44,7 +43,7 @@ def test_vector_arithmetic_is_per_layer(ident):
 
 def test_zero_vector_gives_exact_unsteered_logits(engine, ident, ids):
     zero = SteeringVector({l: torch.zeros(ident.hidden_size) for l in (5, 10, 20)}, ident)
-    assert torch.equal(engine.prefill(ids, steering_deltas(engine, zero)).logits,
+    assert torch.equal(engine.prefill(ids, Mix.of(zero).deltas(engine)).logits,
                        engine.prefill(ids).logits)
 
 
@@ -105,7 +104,7 @@ def test_bad_vectors_are_refused(engine, ident):
     with pytest.raises(ModelMismatchError, match="made for"):
         rand_vector(ident, [1]) + rand_vector(other, [1])
     with pytest.raises(ModelMismatchError):
-        steering_deltas(engine, rand_vector(other, [1]))
+        Mix.of(rand_vector(other, [1])).deltas(engine)
     with pytest.raises(ModelMismatchError):
         Mix(ident).set("x", rand_vector(other, [1]))
     with pytest.raises(ValueError, match=r"shape \[100\]"):

@@ -55,17 +55,12 @@ def mix_words(coefs: dict[str, float]) -> str:
     return ", ".join(f"{name} {coef:+.2f}" for name, coef in coefs.items()) or "empty"
 
 
-def start_mix(result: GenerationResult) -> dict[str, float]:
-    """The live mix's coefficients the generation began with (its step 0; empty without steps)."""
-    return result.steps[0].live_coefs if result.steps else {}
-
-
 def summary(result: GenerationResult) -> str:
     """One line: tokens, speed, finish reason, the live mix at the start, steered / re-run
     steps, speculation, judges' score ranges."""
     n = len(result.steps)
     parts = [f"{len(result.token_ids)} tokens", f"{result.tokens_per_s:.1f} tok/s",
-             f"finish: {result.finish_reason}", f"live mix at start: {mix_words(start_mix(result))}"]
+             f"finish: {result.finish_reason}", f"live mix at start: {mix_words(result.start_mix)}"]
     if n:
         steered = int(result.steered.sum())
         reruns = [r for r in result.steps if r.rerun]
@@ -104,7 +99,8 @@ def _topk_line(label: str, topk: TopK | None, step: int, tokenizer: Tokenizer | 
 def _tooltip(result: GenerationResult, record: StepRecord, piece: str, tokenizer: Tokenizer,
              small_tokenizer: Tokenizer | None) -> str:
     shown = repr(piece) if piece else f"'' (part of a character: {tokenizer.token_text(record.token)})"
-    lines = f"step {record.step} · {shown} p={record.prob:.2f}"
+    lines = (f"step {record.step} · {shown} p={record.model_prob:.2f} (model; sampler "
+             f"{record.sampler_prob:.2f})")
     if record.scores:
         lines += "\nscores: " + ", ".join(f"{k}={v:.3g}" for k, v in record.scores.items())
     if record.mixes_on:

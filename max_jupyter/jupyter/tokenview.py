@@ -134,6 +134,7 @@ class TokenView(ShownWithFallback, anywidget.AnyWidget):
                 self._mark(len(self._rows) - 1)
             else:
                 if not self.records:
+                    # step 0's live coefficients: the result's start_mix, known before the end
                     self._start = f" · live mix at start: {mix_words(event.record.live_coefs)}"
                 self.records.append(event.record)
                 self._rows.append(self._row(event.record, event.text))
@@ -207,7 +208,7 @@ class TokenView(ShownWithFallback, anywidget.AnyWidget):
         """A step as the page gets it (keys: see tokenview.js)."""
         return {"step": record.step, "text": text, "token": record.token,
                 "token_text": _spell(self._big_tok, record.token),
-                "prob": _finite(record.prob),
+                "prob": _finite(record.model_prob), "sampler_prob": _finite(record.sampler_prob),
                 "scores": {k: _finite(v) for k, v in record.scores.items()},
                 "mixes_on": list(record.mixes_on), "live_coefs": dict(record.live_coefs),
                 "steered": record.steered, "rerun": record.rerun, "changed": record.changed,

@@ -49,24 +49,26 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+
+import torch
 
 from max_jupyter.engines.base import Engine, ForwardResult, LayerDeltas, check_layers, check_room
 from max_jupyter.errors import BadArgumentError, warn_deprecated
 from max_jupyter.orchestrator.judges import (NO_MIXES, Judge, JudgeContext, JudgeError, JudgeLike,
                                              as_judges, check_judges)
-from max_jupyter.orchestrator.mirror import ContextMirror
+from max_jupyter.orchestrator.mirror import ContextMirror, shares_vocabulary
 from max_jupyter.orchestrator.resolver import SteeringResolver
-from max_jupyter.orchestrator.sampling import Sampler, SamplingConfig, check_generation_args
-from max_jupyter.orchestrator.speculative import (MAX_SPECULATE, Block, DraftLength, SmallState,
-                                                  draft_and_verify)
+from max_jupyter.orchestrator.options import GenerationOptions, merge_options
+from max_jupyter.orchestrator.sampling import Sampler
+from max_jupyter.orchestrator.speculative import Block, DraftLength, SmallState, draft_and_verify
 from max_jupyter.orchestrator.stopping import StopStrings
-from max_jupyter.orchestrator.trace import (GenerationResult, StepEvent, StepRecord, TraceConfig,
-                                            TraceRecorder)
-from max_jupyter.orchestrator.types import Prompt, Steering, prompt_ids, run_to_end
+from max_jupyter.orchestrator.trace import GenerationResult, StepEvent, StepRecord, TraceRecorder
+from max_jupyter.orchestrator.types import Prompt, Steering, prompt_ids, run_to_end, with_system
 from max_jupyter.tokenizer import StreamDecoder
-from max_jupyter.validation import check_int
+
+DEFAULT_OPTIONS = GenerationOptions()
 
 Ahead = tuple[LayerDeltas | None, ForwardResult]
 """A big forward issued ahead of its step: the deltas it ran with and its output."""
@@ -154,8 +156,8 @@ class CognitiveOrchestrator:
         always = steering if isinstance(steering, Sequence) else [steering]
         self.resolver = SteeringResolver(big, mixes, always)
         self.mirror = ContextMirror(big, small, mirror_window) if small is not None else None
-        check_judges(self.judges, self.resolver, big.identity, small.identity if small else None,
-                     self.mirror is not None and self.mirror.shares_vocab)
+        check_judges_fit(big, small, self.judges, self.resolver,
+                         self.mirror is not None and self.mirror.shares_vocab)
         self._pre = [j for j in self.judges if not j.post_step]
         self._post = [j for j in self.judges if j.post_step]
         self.overlap = (big.launches_async and small is not None and bool(self._pre)
@@ -167,26 +169,26 @@ class CognitiveOrchestrator:
         "aborted"``); safe from any thread. Each generation starts un-aborted."""
         self._abort.set()
 
-    def generate(self, prompt: Prompt, **options) -> GenerationResult:
-        """Run ``stream`` to the end and return its result (see ``stream`` for options)."""
-        return run_to_end(self.stream(prompt, **options))
+    def generate(self, prompt: Prompt, options: GenerationOptions | None = None, *,
+                 on_event: Callable[[StepEvent], None] | None = None,
+                 abort: threading.Event | None = None, **changes) -> GenerationResult:
+        """Run ``stream`` to the end and return its result (see ``stream``)."""
+        return run_to_end(self.stream(prompt, options, on_event=on_event, abort=abort, **changes))
 
-    def stream(self, prompt: Prompt, *, max_new_tokens: int = 128,
-               sampling: SamplingConfig = SamplingConfig(), stop: Sequence[str] = (),
-               steer_prompt: bool = True, chat: bool = True, trace: TraceConfig = TraceConfig(),
-               on_event: Callable[[StepEvent], None] | None = None, ignore_eos: bool = False,
-               abort: threading.Event | None = None, speculate: int = 0) -> Iterator[StepEvent]:
+    def stream(self, prompt: Prompt, options: GenerationOptions | None = None, *,
+               on_event: Callable[[StepEvent], None] | None = None,
+               abort: threading.Event | None = None, **changes) -> Iterator[StepEvent]:
         """Yield a ``StepEvent`` per step (also passed to ``on_event`` first); the return
         value (``StopIteration.value``) is the ``GenerationResult``.
 
-        ``steer_prompt``: the prompt's prefill is steered too (by ``steering``, and by mixes
-        the step-0 judges turn on). ``chat``: text goes through the chat template. ``stop``:
-        strings that end the generation (never shown). ``ignore_eos`` keeps going past EOS
-        tokens (for benchmarks of a fixed length). ``abort``: an event that stops the
-        generation before its next step when set (default: the one ``abort()`` sets).
-        ``speculate``: the longest draft of speculative decoding (0 = off; see the module:
-        greedy gives the same tokens, sampling the same distribution of tokens; the caches
-        end the same).
+        ``options`` (default ``GenerationOptions()``) with ``changes`` (option names, or
+        ``temperature`` / ``top_k`` / ``top_p`` / ``seed``): see ``GenerationOptions``.
+        Its ``steering``, ``judges`` and ``mirror`` belong to the Session; here steering and
+        judges are given when the orchestrator is built, so those two are refused.
+        ``abort``: an event that stops the generation before its next step when set
+        (default: the one ``abort()`` sets). ``speculate``: the longest draft of speculative
+        decoding (see the module: greedy gives the same tokens, sampling the same
+        distribution of tokens; the caches end the same).
 
         Ctrl-C (also inside a callback or judge) ends the generation with
         ``finish_reason == "interrupted"`` and the partial result; both caches stay
@@ -195,15 +197,18 @@ class CognitiveOrchestrator:
         the partial result in its ``result``; so is any other error, with ``result`` set
         where the exception allows it.
         """
-        return (yield from self.run(self.prepare(
-            prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
-            steer_prompt=steer_prompt, chat=chat, trace=trace, on_event=on_event,
-            ignore_eos=ignore_eos, abort=abort, speculate=speculate)))
+        options = merge_options(options, DEFAULT_OPTIONS, changes)
+        if options.steering is not None or options.judges is not None:
+            raise BadArgumentError("steering= and judges= of one generation are the Session's; "
+                                   "give the orchestrator steering=, mixes= and judges when "
+                                   "you build it.")
+        return (yield from self.run(self.prepare(prompt, options, on_event=on_event, abort=abort)))
 
     def run(self, run: PreparedRun) -> Iterator[StepEvent]:
         """Carry out a prepared generation (see ``stream``); its events, then its result."""
         result, error = run.result, None
         run.start = time.perf_counter()
+        result.start_mix = dict(self.resolver.live_coefs())
         try:
             try:
                 yield from self._steps(run)
@@ -224,19 +229,19 @@ class CognitiveOrchestrator:
             raise error
         return result
 
-    def prepare(self, prompt: Prompt, *, max_new_tokens: int = 128,
-                sampling: SamplingConfig = SamplingConfig(), stop: Sequence[str] = (),
-                steer_prompt: bool = True, chat: bool = True, trace: TraceConfig = TraceConfig(),
-                on_event: Callable[[StepEvent], None] | None = None, ignore_eos: bool = False,
-                abort: threading.Event | None = None, speculate: int = 0) -> PreparedRun:
-        """Check every option and the prompt and set up one generation (no forward pass:
-        safe on any thread); the options are those of ``stream``."""
-        max_new_tokens, sampling, stop = check_generation_args(max_new_tokens, sampling, stop)
-        speculate = check_int("speculate", speculate, low=0, high=MAX_SPECULATE,
-                              fix=f"use 0 (off) up to {MAX_SPECULATE} draft tokens (typical 4)")
-        big, small, mirror = self.big, self.small, self.mirror
-        ids = prompt_ids(big, prompt, chat)
-        check_room(big, len(ids) + max_new_tokens, from_empty=True)
+    def prepare(self, prompt: Prompt, options: GenerationOptions = DEFAULT_OPTIONS, *,
+                on_event: Callable[[StepEvent], None] | None = None,
+                abort: threading.Event | None = None) -> PreparedRun:
+        """Check the prompt and what of ``options`` needs the models (the context's room,
+        the trace layers) and set up one generation (no forward pass: safe on any thread).
+        ``options.system`` goes before the prompt; ``steering``, ``judges`` and ``mirror``
+        are not read here (the Session builds the orchestrator from them)."""
+        options = merge_options(options, DEFAULT_OPTIONS, {})  # checks its type
+        big, small, mirror, trace = self.big, self.small, self.mirror, options.trace
+        prompt = with_system(prompt, options.system)
+        n = options.max_new_tokens
+        ids = prompt_ids(big, prompt, options.chat)
+        check_room(big, len(ids) + n, from_empty=True)
         check_layers(big.identity, trace.big_layers, "trace big_layers")
         if trace.small_layers and small is None:
             raise BadArgumentError("trace small_layers asks for small-model states, but there is no "
@@ -245,16 +250,17 @@ class CognitiveOrchestrator:
         if small is not None:
             check_layers(small.identity, small_capture, "trace small_layers")
             if mirror.shares_vocab:
-                check_room(small, len(ids) + max_new_tokens, from_empty=True)
+                check_room(small, len(ids) + n, from_empty=True)
         if abort is None:
             abort = self._abort
             abort.clear()
+        speculate = options.speculate
         off = self._speculate_off() if speculate else None
-        return PreparedRun(prompt, chat, GenerationResult(prompt_ids=ids, speculate_off=off),
-                           max_new_tokens, Sampler(sampling), StopStrings(stop),
+        return PreparedRun(prompt, options.chat, GenerationResult(prompt_ids=ids, speculate_off=off),
+                           n, Sampler(options.sampling), StopStrings(options.stop),
                            big.tokenizer.stream_decoder(), TraceRecorder(trace, big, small),
-                           tuple(trace.big_layers), small_capture, steer_prompt, ignore_eos,
-                           abort, on_event,
+                           tuple(trace.big_layers), small_capture, options.steer_prompt,
+                           options.ignore_eos, abort, on_event,
                            draft=DraftLength(speculate, self.pace_speculation)
                            if speculate and off is None else None)
 
@@ -414,9 +420,11 @@ class CognitiveOrchestrator:
         """The step's record; its trace row goes to the recorder."""
         unsteered_token, unsteered_prob = fwd.unsteered or (None, None)
         run.recorder.add(fwd.out, fwd.first, fwd.deltas, *small)
+        logits = fwd.out.logits  # raw, before the sampler's transforms
+        model_prob = float(torch.exp(logits[token].float() - torch.logsumexp(logits.float(), -1)))
         return StepRecord(step, token, prob, judged.scores, tuple(sorted(fwd.mixes_on)),
                           fwd.first is not None, unsteered_token, unsteered_prob, judged.seconds,
-                          fwd.coefs, fwd.deltas is not None, drafted, accepted)
+                          fwd.coefs, fwd.deltas is not None, drafted, accepted, model_prob)
 
     def _forward(self, step: int, run: PreparedRun, mixes_on: frozenset[str], can_steer: bool
                  ) -> _Forward:
@@ -480,6 +488,19 @@ class CognitiveOrchestrator:
         if on_event is not None:
             on_event(event)
         return event
+
+
+def check_judges_fit(big: Engine, small: Engine | None, judges: Sequence[Judge],
+                     mixes: Collection[str], shared_vocab: bool | None = None) -> None:
+    """Raise the orchestrator's error if ``judges`` cannot run with these engines and the
+    named mixes ``mixes`` (the rule ``CognitiveOrchestrator`` applies when built; the
+    Session checks a new judge with it before anything changes). Same vocabulary means
+    equal vocabularies (token -> id), not equal sizes: models of one tokenizer may pad
+    their embeddings differently. ``shared_vocab``: already known (else compared here)."""
+    if shared_vocab is None:
+        shared_vocab = small is not None and shares_vocabulary(big, small)
+    check_judges(judges, mixes, big.identity, small.identity if small is not None else None,
+                 shared_vocab)
 
 
 def _old_keywords(judges: list[Judge], mixes, steering, mix) -> tuple:

@@ -43,6 +43,11 @@ class SteeringResolver:
     def __iter__(self):
         return iter(self.named)
 
+    def live_coefs(self) -> dict[str, float]:
+        """The live mix's coefficients now (the first always-on mix; empty without one;
+        do not mutate)."""
+        return self.always[0].snapshot(self.engine).coefs if self.always else NO_COEFS
+
     def resolve(self, names: frozenset[str]) -> tuple[LayerDeltas | None, dict[str, float]]:
         """Summed deltas of the always-on mixes and the mixes ``names`` (``None`` when
         nothing steers; do not mutate them), and the live mix's coefficients in that sum."""

@@ -143,10 +143,10 @@ class Block:
     """One verified draft, handed out one step at a time.
 
     ``drafted``: the small model's proposal; ``tokens``: its accepted prefix and the token
-    drawn after it (``accepted + 1`` tokens); ``probs``: the big model's probability of each
-    of ``tokens`` under the sampler (1.0 when greedy); ``out``: the verify pass (row ``j`` of
-    ``all_logits`` and of each ``hidden`` belongs to ``tokens[j]``); ``states``: the small
-    model's state before each of ``tokens``; ``deltas``: the steering the verify ran with,
+    drawn after it (``accepted + 1`` tokens); ``sampler_probs``: the big model's probability
+    of each of ``tokens`` under the sampler (1.0 when greedy); ``out``: the verify pass (row
+    ``j`` of ``all_logits`` and of each ``hidden`` belongs to ``tokens[j]``); ``states``: the
+    small model's state before each of ``tokens``; ``deltas``: the steering the verify ran with,
     ``mixes_on`` / ``coefs`` the mixes judges turned on and the live-mix coefficients
     behind it (one snapshot for the whole block); ``next``: how many tokens were handed
     out. Until the last one is, both caches hold the first ``accepted`` tokens of the block.
@@ -154,7 +154,7 @@ class Block:
 
     drafted: tuple[int, ...]
     tokens: list[int]
-    probs: list[float]
+    sampler_probs: list[float]
     out: ForwardResult
     states: list[SmallState]
     deltas: LayerDeltas | None
@@ -172,11 +172,11 @@ class Block:
         return self.states[self.next]
 
     def peek(self) -> tuple[int, float, ForwardResult]:
-        """The next token, its probability and its row of the verify pass (``logits``
+        """The next token, its sampler probability and its row of the verify pass (``logits``
         ``[vocab]``, ``hidden`` rows ``[1, hidden]``); ``advance`` hands it out."""
         j = self.next
         row = ForwardResult(self.out.all_logits[j], {l: h[j:j + 1] for l, h in self.out.hidden.items()})
-        return self.tokens[j], self.probs[j], row
+        return self.tokens[j], self.sampler_probs[j], row
 
     def advance(self) -> bool:
         """Hand out the peeked token; True if it is already in the small cache (a draft)."""

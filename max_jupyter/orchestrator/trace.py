@@ -16,7 +16,6 @@ import torch
 
 from max_jupyter.engines.base import Engine, ForwardResult, LayerDeltas
 from max_jupyter.errors import BadArgumentError, UnknownNameError, warn_deprecated
-from max_jupyter.orchestrator.types import Generation
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,10 @@ class StepRecord:
     ran with; ``scores``: judge
     name -> score; ``rerun``: a post-step judge re-ran the step; ``unsteered_token`` /
     ``unsteered_prob``: what the first pass would have sampled (re-run steps only);
-    ``prob``: probability of ``token`` under the sampler's distribution; ``judge_s``: time
+    ``sampler_prob``: probability of ``token`` under the sampler's distribution (after
+    temperature / top-k / top-p: 1.0 when greedy); ``model_prob``: the model's own
+    probability of ``token`` (softmax of the step's raw logits at temperature 1, before
+    any sampling transform; the logits the trace records); ``judge_s``: time
     spent in judges and mix resolution this step (no model forwards); ``live_coefs``: the
     live mix's coefficients (entry name -> coef) this step ran with (shared between steps with
     the same mix: do not mutate); ``steered``: the final forward ran with any delta (the
@@ -91,7 +93,7 @@ class StepRecord:
 
     step: int
     token: int
-    prob: float
+    sampler_prob: float
     scores: dict[str, float]
     mixes_on: tuple[str, ...]
     rerun: bool = False
@@ -102,6 +104,13 @@ class StepRecord:
     steered: bool = False
     drafted: tuple[int, ...] = ()
     accepted: int = 0
+    model_prob: float = math.nan
+
+    @property
+    def prob(self) -> float:
+        """Deprecated name of ``sampler_prob`` (the model's own is ``model_prob``)."""
+        warn_deprecated("StepRecord.prob", "StepRecord.sampler_prob (or model_prob)")
+        return self.sampler_prob
 
     @property
     def steering(self) -> tuple[str, ...]:
@@ -143,9 +152,11 @@ class TopK(NamedTuple):
 
 
 @dataclass
-class GenerationResult(Generation):
-    """A cognitive generation. ``finish_reason``: eos, stop, length, aborted, interrupted or
-    error. Tensors (detached; CPU unless ``TraceConfig.on_device``):
+class GenerationResult:
+    """One finished generation and its trace. ``finish_reason``: eos, stop, length,
+    aborted, interrupted or error. ``incomplete``: the last tokens ended inside a character,
+    whose bytes were dropped from ``text`` (never shown as U+FFFD). Tensors (detached; CPU
+    unless ``TraceConfig.on_device``):
 
     - ``big_hidden`` / ``small_hidden``: layer -> ``[steps, hidden]`` (requested layers; an
       uncaptured layer raises ``UnknownNameError`` saying how to capture it);
@@ -166,10 +177,18 @@ class GenerationResult(Generation):
     ``ahead_misses``: big forwards issued ahead of their step (``CognitiveOrchestrator(
     overlap=...)``) with deltas the step's judges or a mix then changed, so rewound and run
     again (not re-runs).
+    ``start_mix``: the live mix's coefficients (entry name -> coef) when the generation
+    started, whatever a slider did later.
     ``speculate_off``: why a generation asked to speculate (``speculate > 0``) did not
     (no small model, another vocabulary, no verify on the big engine); None otherwise.
     """
 
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"
+    elapsed_s: float = 0.0
+    incomplete: bool = False
     steps: list[StepRecord] = field(default_factory=list)
     big_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     small_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -183,6 +202,7 @@ class GenerationResult(Generation):
     small_ids: list[int] | None = None
     ahead_misses: int = 0
     speculate_off: str | None = None
+    start_mix: dict[str, float] = field(default_factory=dict)
     str_tokens: list[str] = field(default_factory=list)
     prompt_str_tokens: list[str] = field(default_factory=list)
 
@@ -192,6 +212,10 @@ class GenerationResult(Generation):
         decoding)."""
         warn_deprecated("GenerationResult.speculation_misses", "GenerationResult.ahead_misses")
         return self.ahead_misses
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / self.elapsed_s if self.elapsed_s else 0.0
 
     @property
     def drafted_tokens(self) -> int:
@@ -226,13 +250,22 @@ class GenerationResult(Generation):
         return torch.tensor([r.rerun for r in self.steps], dtype=torch.bool)
 
     @property
-    def probs(self) -> torch.Tensor:
-        """``[steps]`` float32: probability of each sampled token under the sampler."""
-        return torch.tensor([r.prob for r in self.steps])
+    def model_probs(self) -> torch.Tensor:
+        """``[steps]`` float32: the model's probability of each chosen token (softmax of
+        the raw logits at temperature 1)."""
+        return torch.tensor([r.model_prob for r in self.steps])
 
     @property
-    def judge_s_per_step(self) -> float:
-        return sum(r.judge_s for r in self.steps) / len(self.steps) if self.steps else 0.0
+    def sampler_probs(self) -> torch.Tensor:
+        """``[steps]`` float32: probability of each chosen token under the sampler (1.0
+        when greedy)."""
+        return torch.tensor([r.sampler_prob for r in self.steps])
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """Deprecated name of ``sampler_probs`` (the model's own are ``model_probs``)."""
+        warn_deprecated("GenerationResult.probs", "GenerationResult.sampler_probs (or model_probs)")
+        return self.sampler_probs
 
 
 class TraceRecorder:

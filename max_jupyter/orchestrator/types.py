@@ -1,12 +1,12 @@
-"""Types shared by the loop, the mirror, the trace and the Session: prompts, steering,
-the finished generation, and the helpers that turn them into ids and mixes."""
+"""Types shared by the loop, the mirror, the trace and the Session: prompts and steering,
+and the helpers that turn them into ids and mixes."""
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TypeVar
 
-from max_jupyter.engines.base import Engine, LayerDeltas
+from max_jupyter.engines.base import Engine
+from max_jupyter.errors import BadArgumentError
 from max_jupyter.steering.mix import Mix
 from max_jupyter.steering.vector import SteeringVector
 from max_jupyter.tokenizer import Message
@@ -17,24 +17,6 @@ Prompt = str | Sequence[Message] | Sequence[int]
 """A user turn (text), chat messages (``{"role", "content"}`` dicts) or token ids."""
 Steering = Mix | SteeringVector | None
 """A mix (re-read every step) or one vector at coefficient 1."""
-
-
-@dataclass
-class Generation:
-    """One finished generation. ``finish_reason``: eos, stop, length or interrupted.
-    ``incomplete``: the last tokens ended inside a character, whose bytes were dropped from
-    ``text`` (never shown as U+FFFD)."""
-
-    prompt_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str = "length"
-    elapsed_s: float = 0.0
-    incomplete: bool = False
-
-    @property
-    def tokens_per_s(self) -> float:
-        return len(self.token_ids) / self.elapsed_s if self.elapsed_s else 0.0
 
 
 def prompt_ids(engine: Engine, prompt: Prompt, chat: bool = True) -> list[int]:
@@ -59,16 +41,23 @@ def prompt_ids(engine: Engine, prompt: Prompt, chat: bool = True) -> list[int]:
     return ids
 
 
+def with_system(prompt: Prompt, system: str | None) -> Prompt:
+    """``prompt`` with a system message first (text becomes a user turn); unchanged
+    without ``system``. Token ids cannot take one."""
+    if system is None:
+        return prompt
+    if isinstance(prompt, str):
+        return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    prompt = list(prompt)
+    if prompt and all(isinstance(m, dict) for m in prompt):
+        return [{"role": "system", "content": system}, *prompt]
+    raise BadArgumentError("system= needs a text or chat-message prompt; token ids already "
+                           "hold any system turn.")
+
+
 def as_mix(steering: Steering) -> Mix | None:
     """``steering`` as a mix: a vector alone counts at coefficient 1."""
     return Mix.of(steering) if isinstance(steering, SteeringVector) else steering
-
-
-def steering_deltas(engine: Engine, steering: Steering) -> LayerDeltas | None:
-    """Current deltas of ``steering`` for ``engine`` (a vector counts at coefficient 1);
-    raises ``ModelMismatchError`` if it was made for another model."""
-    mix = as_mix(steering)
-    return mix.deltas(engine) if mix is not None else None
 
 
 def run_to_end(items: Generator[T, None, R], on_item: Callable[[T], None] | None = None) -> R:

@@ -121,5 +121,5 @@ async def _generate(session, admission: Admission, reply: Reply,
 
 def _start(session, body: ChatRequest | CompletionRequest, ticket: Ticket) -> None:
     """Validate ``body`` against the session and queue its generation on the worker."""
-    options = generation_options(session, body)
-    ticket.attach(session.start(options.pop("prompt"), **options))
+    prompt, options = generation_options(session, body)
+    ticket.attach(session.start(prompt, options))

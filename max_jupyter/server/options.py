@@ -1,4 +1,5 @@
-"""A request body -> the Session's generation options, checked before anything is sent.
+"""A request body -> the prompt and the Session's ``GenerationOptions``, checked before
+anything is sent.
 
 Everything a client can get wrong is refused here as ``APIError(400)`` — before the 200
 of a stream — so a generation that starts has only the model left to fail. Omitted
@@ -6,18 +7,22 @@ parameters take the notebook's ``session.defaults``; the request's own values wi
 """
 from __future__ import annotations
 
-import dataclasses
+import re
+from collections.abc import Collection
 from typing import Any
 
 from max_jupyter.errors import BadArgumentError
-from max_jupyter.orchestrator.types import prompt_ids
+from max_jupyter.orchestrator.options import OPTION_NAMES, GenerationOptions
+from max_jupyter.orchestrator.types import Prompt, prompt_ids
 from max_jupyter.server.errors import APIError
 from max_jupyter.server.protocol import ChatRequest, CompletionRequest
-from max_jupyter.validation import check_coef, check_token_ids
+from max_jupyter.validation import check_token_ids
 
 
-def generation_options(session, request: ChatRequest | CompletionRequest) -> dict[str, Any]:
-    """Keyword options for ``session.start`` (the prompt under ``prompt``).
+def generation_options(session, request: ChatRequest | CompletionRequest
+                       ) -> tuple[Prompt, GenerationOptions]:
+    """The prompt and the ``GenerationOptions`` for ``session.start``: the notebook's
+    ``session.defaults`` with the request's values.
 
     Tokenises the prompt (chat messages through the model's chat template, with
     ``session.defaults.system`` first when the messages carry no system turn) and checks
@@ -32,18 +37,21 @@ def generation_options(session, request: ChatRequest | CompletionRequest) -> dic
                        f"exceed the model's context of {session.big.max_seq_len} tokens; "
                        f"shorten the prompt or send max_tokens <= {max(room, 0)}.",
                        param="max_tokens" if room > 0 else "messages", code="context_length_exceeded")
-    options: dict[str, Any] = {"prompt": prompt, "max_new_tokens": limit,
-                               "sampling": _sampling(defaults.sampling, request),
-                               "chat": chat, "system": None, "ignore_eos": request.ignore_eos}
-    if request.stop is not None:
-        options["stop"] = request.stop
+    changes: dict[str, Any] = {"max_new_tokens": limit, "chat": chat, "system": None,
+                               "ignore_eos": request.ignore_eos}
+    changes.update({k: v for k in ("temperature", "top_p", "seed", "stop", "speculate")
+                    if (v := getattr(request, k)) is not None})
     if request.steering:
-        options["steering"] = _steering(session, request.steering)
+        changes["steering"] = _known("steering", request.steering, session.vectors,
+                                     "the session's vector library", "unknown_vector")
     if request.judges is not None:
-        options["judges"] = _judges(session, request.judges)
-    if request.speculate is not None:
-        options["speculate"] = request.speculate
-    return options
+        changes["judges"] = list(_known("judges", request.judges, session.judges,
+                                        "the session's judges", "unknown_judge"))
+    try:
+        return prompt, defaults.replace(**changes)
+    except BadArgumentError as e:  # messages start with the option's name: "steering['x']=..."
+        name = re.match(r"[a-z_]*", str(e)).group()
+        raise APIError(400, str(e), param=name if name in OPTION_NAMES else None) from None
 
 
 def _prompt(session, request: ChatRequest | CompletionRequest) -> tuple[Any, bool, list[int]]:
@@ -66,29 +74,11 @@ def _prompt(session, request: ChatRequest | CompletionRequest) -> tuple[Any, boo
     return ids, False, ids
 
 
-def _sampling(base, request: ChatRequest | CompletionRequest):
-    """``base`` (the notebook's SamplingConfig) with the request's temperature/top_p/seed."""
-    given = {k: v for k in ("temperature", "top_p", "seed")
-             if (v := getattr(request, k)) is not None}
-    return dataclasses.replace(base, **given) if given else base
-
-
-def _steering(session, steering: dict[str, float]) -> dict[str, float]:
-    unknown = [name for name in steering if name not in session.vectors]
+def _known(param: str, names: Collection[str], known: Collection[str], where: str,
+           code: str) -> Collection[str]:
+    """``names`` where each is in ``known``, else a 400 naming the unknown ones."""
+    unknown = [name for name in names if name not in known]
     if unknown:
-        raise APIError(400, f"steering names {unknown} are not in the session's vector library; "
-                       f"it has {sorted(session.vectors)} (GET /v1/vectors).",
-                       param="steering", code="unknown_vector")
-    try:
-        return {name: check_coef(f"steering[{name!r}]", coef) for name, coef in steering.items()}
-    except BadArgumentError as e:
-        raise APIError(400, str(e), param="steering") from None
-
-
-def _judges(session, judges: list[str]) -> list[str]:
-    unknown = [name for name in judges if name not in session.judges]
-    if unknown:
-        raise APIError(400, f"judges {unknown} are not in the session's judges; it has "
-                       f"{sorted(session.judges)} (GET /v1/vectors).", param="judges",
-                       code="unknown_judge")
-    return list(judges)
+        raise APIError(400, f"{param} names {unknown} are not in {where}; it has "
+                       f"{sorted(known)} (GET /v1/vectors).", param=param, code=code)
+    return names

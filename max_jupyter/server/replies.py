@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from max_jupyter.orchestrator.types import Generation
+from max_jupyter.orchestrator.trace import GenerationResult
 
 EXTENSION = "max_jupyter"
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -20,11 +20,11 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 stopped from the notebook) are sent as "stop", the engine's reason in the extension."""
 
 
-def finish_reason(result: Generation) -> str:
+def finish_reason(result: GenerationResult) -> str:
     return FINISH_REASONS.get(result.finish_reason, "stop")
 
 
-def usage(result: Generation) -> dict[str, int]:
+def usage(result: GenerationResult) -> dict[str, int]:
     prompt, completion = len(result.prompt_ids), len(result.token_ids)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
@@ -58,7 +58,7 @@ class Reply:
             choice["message"] = {"role": "assistant", "content": text, "refusal": None}
         return choice
 
-    def whole(self, result: Generation, summary: dict[str, Any]) -> dict[str, Any]:
+    def whole(self, result: GenerationResult, summary: dict[str, Any]) -> dict[str, Any]:
         """The non-streamed response for a finished generation."""
         return {**self._envelope(False),
                 "choices": [self._choice(result.text, finish_reason(result), False)],
@@ -68,14 +68,14 @@ class Reply:
         """A stream chunk carrying ``text`` (the first chat chunk also carries the role)."""
         return {**self._envelope(True), "choices": [self._choice(text, None, True, first)]}
 
-    def last_chunk(self, result: Generation, summary: dict[str, Any],
+    def last_chunk(self, result: GenerationResult, summary: dict[str, Any],
                    with_usage: bool) -> dict[str, Any]:
         """The chunk with the finish reason (and the trace summary)."""
         body = {**self._envelope(True), "choices": [self._choice("", finish_reason(result), True)],
                 EXTENSION: summary}
         return body | ({"usage": None} if with_usage else {})
 
-    def usage_chunk(self, result: Generation) -> dict[str, Any]:
+    def usage_chunk(self, result: GenerationResult) -> dict[str, Any]:
         """The final chunk of ``stream_options.include_usage``: no choices, the usage."""
         return {**self._envelope(True), "choices": [], "usage": usage(result)}
 

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from max_jupyter.engines.base import ModelIdentity
-from max_jupyter.errors import (BusyError, CorruptFileError, MaxJupyterError,
-                                ModelMismatchError, SessionClosedError, UnknownNameError)
+from max_jupyter.errors import (BusyError, CorruptFileError, ModelMismatchError, SessionClosedError,
+                                UnknownNameError)
 from max_jupyter.steering.storefile import connect, default_store_path, sqlite_driver
 from max_jupyter.steering.vector import SteeringVector
 from max_jupyter.validation import check_coef, check_int, check_str_list, check_text, fail
