@@ -2,13 +2,16 @@
 big and an optional small model, with progress."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from max_jupyter.errors import BackendUnavailableError, BadArgumentError
+from max_jupyter.validation import check_device, check_dtype, check_max_seq_len
 
 if TYPE_CHECKING:
     from max_jupyter.engines.base import Engine
@@ -86,15 +89,33 @@ def load_models(big: Source, small: Source, *, backend: str = "auto",
 
     from max_jupyter.engines.transformers import TransformersEngine
 
+    # Checked before the bar opens, so a mistake leaves no 0% bar above its error.
+    check_device(device), check_dtype(dtype), check_max_seq_len(cache_tokens)
     sources = [("big", big)] + ([("small", small)] if has_small else [])
     engines = []
-    with tqdm(total=len(sources), desc="loading", unit="model", disable=not progress) as bar:
+    with tqdm(total=len(sources), desc="loading", unit="model", disable=not progress) as bar, \
+            _transformers_bars_off():
         for name, source in sources:
             bar.set_postfix_str(f"{name}: {source or 'embedded SmolLM2-135M-Instruct'}")
             engines.append(TransformersEngine.load(source, device=device, dtype=dtype,
                                                    max_seq_len=cache_tokens))
             bar.update()
     return engines[0], (engines[1] if has_small else None), None
+
+
+@contextlib.contextmanager
+def _transformers_bars_off() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights") off while we load: a load shows
+    one bar, ours. Restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def _load_exllamav2(big: Source, small: Source, max_vram_gb: float | None,

@@ -313,8 +313,16 @@ class Session:
         from max_jupyter.steering.training import train_vector
 
         self._check_open()
-        bar = tqdm(total=2 * len(positive), desc=f"training {name}", unit="text", disable=not progress)
+        bar = None  # opened at the first example read, so bad input leaves no 0% bar behind
         done = [0]
+
+        def show() -> None:
+            nonlocal bar
+            if done[0] and bar is None:
+                bar = tqdm(total=2 * len(positive), desc=f"training {name}", unit="text",
+                           disable=not progress)
+            if bar is not None:
+                bar.update(done[0] - bar.n)
 
         def work(job: CallJob) -> SteeringVector:
             def tick(n: int, _total: int) -> None:
@@ -325,9 +333,10 @@ class Session:
                                 label=name, progress=tick)
 
         try:
-            vector = self._wait(CallJob(work), True, lambda: bar.update(done[0] - bar.n))
+            vector = self._wait(CallJob(work), True, show)
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
         if save:
             self._store(name, vector, method, positive, negative, store_fields)
         return vector

@@ -6,6 +6,7 @@ a ``str`` that encodes as UTF-8 (no lone surrogates); messages need ``role`` and
 ``content`` strings."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +48,20 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token: int) -> str:
+        """One token as text for people: its decoded text; a token holding part of a UTF-8
+        character (which decodes alone to U+FFFD) shows the bytes it holds as ``<0xF0><0x9F>``
+        (after any whole characters it holds)."""
+        text = self.decode([token])
+        if "\ufffd" not in text:
+            return text
+        raw = self.hf.convert_ids_to_tokens(token)
+        data = _byte_level_bytes(raw)
+        if data is None:  # not byte-level BPE: e.g. a byte-fallback token is already "<0xF0>"
+            return raw if raw.startswith("<0x") else text
+        return "".join(f"<0x{ord(c) - 0xDC00:02X}>" if 0xDC80 <= ord(c) <= 0xDCFF else c
+                       for c in data.decode("utf-8", errors="surrogateescape"))
 
     @property
     def has_chat_template(self) -> bool:
@@ -107,3 +122,20 @@ class StreamDecoder:
             return ""
         self._prefix, self._read = self._read, len(self._ids)
         return full[len(done):]
+
+
+@functools.cache
+def _byte_of() -> dict[str, int]:
+    """Character -> byte of GPT-2's byte-level alphabet."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def _byte_level_bytes(raw: str) -> bytes | None:
+    """The bytes of a byte-level BPE token string (GPT-2's byte-to-character map), or None
+    if ``raw`` is not one."""
+    byte_of = _byte_of()
+    if not raw or any(c not in byte_of for c in raw):
+        return None
+    return bytes(byte_of[c] for c in raw)

@@ -147,12 +147,14 @@ def wait_for_server(server: subprocess.Popen, url: str, token: str, log: Path) -
             time.sleep(0.3)
 
 
-def write_notebook(folder: Path, ui: str, major: int) -> str:
-    name = f"live-{ui}-ipykernel{major}.ipynb"
+def write_notebook(folder: Path, ui: str, major: int, cells=(SETUP, MAGICS, LIVE),
+                   name: str | None = None) -> str:
+    """A notebook of code ``cells`` for the kernel of ipykernel ``major`` (its file name)."""
+    name = name or f"live-{ui}-ipykernel{major}.ipynb"
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": {
         "name": f"max-ipykernel{major}", "display_name": f"Python (ipykernel {major})",
         "language": "python"}})
-    nb.cells = [nbformat.v4.new_code_cell(c) for c in (SETUP, MAGICS, LIVE)]
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
     nbformat.write(nb, folder / name)
     return name
 
@@ -276,3 +278,153 @@ def check_click_selects(page, lab, tokens: list[dict], major: int) -> None:
     assert float(coef) == tokens[7]["mix"]["happy"]
     assert "big_topk" in rest and "small_topk" in rest
     assert "tv-selected" in page.locator(".max-tokenview .tv-tok").nth(7).get_attribute("class")
+
+
+# ------------------------------------------- issue 21: what the notebook shows is true
+
+QUICK_SETUP = """\
+from max_jupyter import Session
+s = Session.load(store=None, progress=False)
+happy = s.train("happy", ["I love this, it is wonderful!", "Great joy and happiness."],
+                ["I hate this, it is terrible.", "Awful misery and sadness."], layers=(10, 15),
+                method="mean_diff", progress=False)
+s.mix.set("happy", happy, 0.0)
+"""
+QUICK_LIVE = "%%max_generate --live -n 12 -v live\nTell me a short story about a cat."
+LAB_MAJOR = IPYKERNEL_MAJORS[0]
+
+
+def open_lab(chromium, lab, name: str, tmp_path, folder: str):
+    """A page showing notebook ``name`` in JupyterLab, and the folder for its screenshots."""
+    shots = Path(os.environ.get("MAX_JUPYTER_SCREENSHOTS", tmp_path)) / folder
+    shots.mkdir(parents=True, exist_ok=True)
+    page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{lab['url']}/lab/workspaces/{folder}/tree/{name}?reset&token={lab['token']}")
+    return page, shots
+
+
+def wait_done(page, index: int = 0) -> None:
+    """Until the ``index``-th TokenView says its generation is done."""
+    page.wait_for_function(
+        f"() => (document.querySelectorAll('.max-tokenview .tv-head')[{index}] || {{}})"
+        ".textContent?.startsWith('done')", timeout=300_000)
+
+
+def result_summary(page, index: int, contains: str) -> str:
+    """The summary line of the result in cell ``index`` once it holds ``contains``."""
+    found = page.wait_for_function(
+        f"""() => [...document.querySelectorAll('.jp-Notebook .jp-Cell')[{index}]
+                   .querySelectorAll('.mj-result .mj-summary')]
+                  .map(e => e.textContent).find(t => t.includes({contains!r}))""", timeout=120_000)
+    return found.json_value()
+
+
+def run_cell(page, index: int) -> None:
+    """Select code cell ``index`` (its prompt area) and run it with Shift+Enter."""
+    page.locator(".jp-Notebook .jp-Cell").nth(index).locator(".jp-InputPrompt").click()
+    page.keyboard.press("Shift+Enter")
+
+
+@pytest.mark.slow
+def test_live_output_survives_save_restart_and_reload(chromium, lab, tmp_path):
+    """Run a --live cell, save, restart the kernel, reload the page: the generated text is
+    still shown (the widget's static copy, kept in the saved notebook)."""
+    name = write_notebook(lab["dirs"]["notebooks"], "lab", LAB_MAJOR,
+                          (QUICK_SETUP, MAGICS, QUICK_LIVE), "survives-restart.ipynb")
+    page, shots = open_lab(chromium, lab, name, tmp_path, "survives")
+    try:
+        run_all_cells(page)
+        wait_done(page)
+        text = "".join(t["text"] for t in page_tokens(page))
+        assert text.strip(), "no tokens shown"
+        # The kernel rewrites the copy after the end (hidden while the widget shows).
+        page.wait_for_function("() => document.querySelectorAll('.mj-fallback .mj-tok').length >= 12",
+                               timeout=60_000)
+        page.screenshot(path=str(shots / "1-live.png"))
+        page.locator(".jp-Notebook .jp-Cell").first.locator(".jp-InputPrompt").click()
+        page.keyboard.press("Control+s")
+        saved = lab["dirs"]["notebooks"] / name
+        deadline = time.monotonic() + 60
+        while "mj-fallback" not in saved.read_text() or "mj-tok" not in saved.read_text():
+            assert time.monotonic() < deadline, "the notebook was not saved with the copy"
+            time.sleep(0.5)
+        page.locator(".lm-MenuBar-item", has_text="Kernel").first.click()
+        page.locator('.lm-Menu-item[data-command="kernelmenu:restart"]').click()
+        page.locator(".jp-Dialog .jp-mod-accept").click()
+        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+        page.reload()
+        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+        copy = page.locator(".mj-fallback .mj-text").first
+        copy.wait_for(state="visible", timeout=60_000)
+        page.screenshot(path=str(shots / "2-after-restart-and-reload.png"))
+        assert copy.inner_text().strip() == text.strip()
+        assert "live mix at start: happy +0.00" in page.locator(".mj-fallback").first.inner_text()
+    finally:
+        page.screenshot(path=str(shots / "last.png"))
+        print(f"screenshots in {shots}")
+        page.close()
+
+
+@pytest.mark.slow
+def test_the_next_result_reports_the_mix_a_slider_left(chromium, lab, tmp_path):
+    """A slider moved in one cell's Mixer steers the next cell; that cell's result says
+    which live mix it began with (before the move: +0.00; re-run after it: -0.20)."""
+    nxt = "%%max_generate -n 4\nHi"
+    name = write_notebook(lab["dirs"]["notebooks"], "lab", LAB_MAJOR,
+                          (QUICK_SETUP, MAGICS, QUICK_LIVE, nxt), "start-mix.ipynb")
+    page, shots = open_lab(chromium, lab, name, tmp_path, "start-mix")
+    try:
+        run_all_cells(page)
+        wait_done(page)
+        assert "live mix at start: happy +0.00 ·" in result_summary(page, 3, "finish:")
+        assert "live mix at start: happy +0.00" in page.locator(".max-tokenview .tv-head").inner_text()
+        slider = page.locator(".max-mixer-row-happy .max-mixer-coef")
+        slider.locator(".noUi-handle").click()
+        readout = slider.locator(".widget-readout")
+        for _ in range(8):  # a key step may be lost while the handle takes the focus
+            if readout.inner_text().replace("\u2212", "-") == "-0.20":
+                break
+            page.keyboard.press("ArrowLeft")
+        assert readout.inner_text().replace("\u2212", "-") == "-0.20"  # the readout's minus is U+2212
+        run_cell(page, 3)
+        line = result_summary(page, 3, "happy -0.20")
+        page.screenshot(path=str(shots / "next-cell-reports-the-start-mix.png"))
+        assert "live mix at start: happy -0.20 ·" in line
+    finally:
+        page.screenshot(path=str(shots / "last.png"))
+        print(f"screenshots in {shots}")
+        page.close()
+
+
+@pytest.mark.slow
+def test_max_load_again_disables_the_old_mixer(chromium, lab, tmp_path):
+    """``%max_load`` closes the session: the old Mixer's controls are disabled on the page
+    and it says why."""
+    reload = "live.handle.result(timeout=120)\n%max_load --store :memory:"
+    name = write_notebook(lab["dirs"]["notebooks"], "lab", LAB_MAJOR,
+                          (QUICK_SETUP, MAGICS, QUICK_LIVE, reload), "reload.ipynb")
+    page, shots = open_lab(chromium, lab, name, tmp_path, "reload")
+    try:
+        run_all_cells(page)
+        page.wait_for_function("() => (document.querySelector('.max-mixer') || {})"
+                               ".textContent?.includes('session closed')", timeout=300_000)
+        row = page.locator(".max-mixer-row-happy")
+        page.wait_for_function("() => document.querySelector('.max-mixer-row-happy input[type=checkbox]')"
+                               ".disabled", timeout=30_000)
+        page.screenshot(path=str(shots / "old-mixer-disabled.png"))
+        assert row.locator("input[type=checkbox]").is_disabled()
+        assert row.locator(".noUi-target").get_attribute("disabled") is not None
+        assert "session closed" in page.locator(".max-tokenview .tv-head").inner_text()
+        assert page.locator(".max-mixer button", has_text="Stop").is_disabled()
+        # The new load shows one progress bar (ours; transformers' own are off).
+        page.wait_for_function("() => !document.querySelectorAll('.jp-Notebook .jp-Cell')[3]"
+                               ".querySelector('.jp-InputPrompt').textContent.includes('*')",
+                               timeout=300_000)
+        page.screenshot(path=str(shots / "new-session-loaded.png"))
+        cell = page.locator(".jp-Notebook .jp-Cell").nth(3)
+        assert cell.locator(".jp-OutputArea-child", has_text="loading:").count() == 1
+        assert "Loading weights" not in cell.inner_text() and "100%" in cell.inner_text()
+    finally:
+        page.screenshot(path=str(shots / "last.png"))
+        print(f"screenshots in {shots}")
+        page.close()

@@ -246,6 +246,39 @@ def test_capture_and_steer_options(shell, session):
     assert set(live.deltas) == {11} and live.steps[1].live_coefs == {"happy": 0.5}
 
 
+def test_capture_prompt_logits_topk_and_token_strings(shell, session):
+    r = run(shell, "%%max_generate -n 3 --capture 3,5 --capture-prompt --logits --topk 4\nHi")
+    n_prompt = len(r.prompt_ids)
+    assert set(r.prompt_hidden) == {3, 5} and r.prompt_hidden[5].shape == (n_prompt, 576)
+    assert r.big_hidden[5].shape == (3, 576), "the prompt's states are kept apart from the steps'"
+    torch.testing.assert_close(r.prompt_hidden[5][-1], r.big_hidden[5][0])
+    assert r.big_logits.shape == (3, session.big.identity.vocab_size)
+    assert r.big_topk.ids.shape == (3, 4)
+    assert torch.equal(r.big_topk.ids, torch.topk(r.big_logits, 4).indices)
+    assert len(r.str_tokens) == len(r.token_ids) and "".join(r.str_tokens) == r.text
+    assert len(r.prompt_str_tokens) == n_prompt
+    assert "".join(r.prompt_str_tokens) == session.big.tokenizer.decode(r.prompt_ids)
+    plain = run(shell, "%%max_generate -n 2\nHi")
+    assert plain.prompt_hidden == {} and plain.big_logits is None
+
+
+def test_an_uncaptured_layer_says_what_was_captured_and_how_to_capture_it(shell, session):
+    """In the magic's spelling for a magic's result, in Python's for a Python call's."""
+    r = run(shell, "%%max_generate -n 2 --capture 3,5 --capture-prompt\nHi")
+    with pytest.raises(KeyError) as e:
+        r.big_hidden[14]
+    assert str(e.value) == ("big_hidden[14]: layer 14 was not captured (captured: 3, 5); "
+                            "capture it with --capture 3,5,14.")
+    with pytest.raises(KeyError, match="capture it with --capture 3,5,14 --capture-prompt"):
+        r.prompt_hidden[14]
+    with pytest.raises(KeyError, match=r"\(captured: none\); capture it with --capture-small 1\."):
+        r.small_hidden[1]
+    py = session.generate("Hi", max_new_tokens=2)
+    with pytest.raises(KeyError, match=r"\(captured: none\); capture it with "
+                                       r"TraceConfig\(big_layers=\(14,\)\)\."):
+        py.big_hidden[14]
+
+
 def test_background_returns_a_handle(shell, session):
     handle = run(shell, "%%max_generate -n 5 --background -v h\nHi")
     assert isinstance(handle, GenerationHandle) and shell.user_ns["h"] is handle
@@ -465,6 +498,8 @@ BAD = [
     ("%%max_generate --steer 'happy@3'\nHi", "has no layer(s) [3]"),
     ("%%max_generate --capture 30\nHi", "layer(s) [30] out of range"),
     ("%%max_generate --judge nobody\nHi", "no judge named 'nobody'"),
+    ("%%max_generate --capture-prompt\nHi", "give them too, e.g. --capture 14 --capture-prompt"),
+    ("%%max_generate --topk 0\nHi", "--topk 0: keep at least 1 logit per step"),
     ("%%max_generate -n 0\nHi", "max_new_tokens"),
     ("%%max_generate --speculate -1\nHi", "speculate=-1 is out of range"),
     (f"%%max_generate --speculate {MAX_SPECULATE + 1}\nHi", f"speculate={MAX_SPECULATE + 1} is out of range"),

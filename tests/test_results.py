@@ -64,12 +64,22 @@ def test_tooltips_hold_scores_and_both_models_top_k(result, engine, small):
         assert f"step {record.step} " in title
         for name, score in record.scores.items():
             assert f"{name}={score:.3g}" in title
-        best_big = engine.tokenizer.decode([int(result.big_topk.ids[record.step, 0])])
-        best_small = small.tokenizer.decode([int(result.small_topk.ids[record.step, 0])])
+        best_big = engine.tokenizer.token_text(int(result.big_topk.ids[record.step, 0]))
+        best_small = small.tokenizer.token_text(int(result.small_topk.ids[record.step, 0]))
         assert f"big top-k (logit): {best_big!r}" in title
         assert f"small top-k (logit): {best_small!r}" in title
         if record.rerun:
             assert "re-run: first pass chose" in title
+        assert "\ufffd" not in title, "a partial character shown as U+FFFD"
+
+
+def test_a_token_holding_part_of_a_character_shows_its_bytes(result, engine):
+    """Steered at 2.0 this model starts with an emoji split over tokens: the first token's
+    piece is empty (the next carries the character) and its tooltip shows its bytes."""
+    found = spans(result_html(result, engine.tokenizer))
+    partial = [html.unescape(title) for _, title, text in found if text == ""]
+    assert partial, f"no token ends inside a character in {result.text!r}"
+    assert all(re.search(r"'' \(part of a character: .*<0x[0-9A-F]{2}>\)", t) for t in partial)
 
 
 def test_tokens_shaded_by_the_first_judges_score(result, engine):
@@ -91,6 +101,30 @@ def test_summary_line(result):
     assert result.reruns.any()
     assert f"re-run {int(result.reruns.sum())} " in line
     assert f"<div class=\"mj-summary\">{html.escape(line)}</div>" in result_html(result)
+
+
+def test_summary_says_which_live_mix_the_generation_began_with(engine, vector):
+    """The live mix (``steering=``, first) at step 0, rounded to two decimals in words:
+    ``-0.050000000000000044`` shows as ``-0.05``; none shows as ``empty``."""
+    live = Mix(engine.identity)
+    live.set("happy", vector, -0.050000000000000044)
+    steered = CognitiveOrchestrator(engine, steering=live).generate("Hi", max_new_tokens=2)
+    assert "live mix at start: happy -0.05 ·" in summary(steered)
+    assert "live mix at start: happy -0.05" in result_html(steered)
+    plain = CognitiveOrchestrator(engine).generate("Hi", max_new_tokens=2)
+    assert "live mix at start: empty ·" in summary(plain)
+
+
+def test_a_newline_token_is_marked_not_a_gap(engine):
+    """A token that is only line breaks gets ``mj-nl`` (a faint ↵ to hover); the text's
+    line height is tighter than the summary's (docs/jupyter.md: newlines)."""
+    r = CognitiveOrchestrator(engine).generate("A list of fruits:\n\n1. apple\n2.", chat=False,
+                                               max_new_tokens=8)
+    marked = [(cls, html.unescape(text)) for cls, _, text in spans(result_html(r, engine.tokenizer))]
+    breaks = [text for _, text in marked if "\n" in text and not text.strip()]
+    assert breaks, f"no newline token in {r.text!r}"
+    assert all(("mj-nl" in cls) == (text in breaks) for cls, text in marked)
+    assert ".mj-text{white-space:pre-wrap" in result_html(r) and "line-height:1.45}" in result_html(r)
 
 
 def test_text_is_escaped(engine):

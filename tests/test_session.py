@@ -418,3 +418,20 @@ def test_stopping_a_queued_generation_ends_it_at_once(session):
     running.stop()
     running.result(60)
     assert not session.busy
+
+
+def test_a_load_shows_one_progress_bar_and_refused_input_none(session, capfd):
+    """Ours ("loading"), not transformers' "Loading weights" too (switched back on after);
+    a load or a training refused for bad input opens no bar at all."""
+    from transformers.utils import logging as hf_logging
+
+    Session.load(small="same", store=None).close()
+    err = capfd.readouterr().err
+    assert "loading: 100%" in err and "Loading weights" not in err, err
+    assert hf_logging.is_progress_bar_enabled()
+    with pytest.raises(BadArgumentError, match="cache_tokens|max_seq_len"):
+        Session.load(cache_tokens=0, store=None)
+    with pytest.raises(BadArgumentError, match="method"):
+        session.train("x", ["good"], ["bad"], method="nope")
+    err = capfd.readouterr().err
+    assert "loading" not in err and "training" not in err, err

@@ -42,3 +42,13 @@ def test_flush_drops_a_character_cut_off_and_says_so(engine):
     whole = tok.stream_decoder()
     assert "".join([whole.feed(i) for i in ids] + [whole.flush()]) == "Tea 🍵"
     assert not whole.incomplete
+
+
+def test_token_text_shows_the_bytes_of_part_of_a_character(engine):
+    """'🐱' is three byte-level tokens here (F0 9F, 90, B1): alone each would decode to
+    U+FFFD; token_text shows its bytes, and whole characters as text."""
+    tok = engine.tokenizer
+    ids = tok.encode("I love 🐱 café")
+    texts = [tok.token_text(i) for i in ids]
+    assert "\ufffd" in "".join(tok.decode([i]) for i in ids), "the example has no partial token"
+    assert texts == ["I", " love", " <0xF0><0x9F>", "<0x90>", "<0xB1>", " café"]

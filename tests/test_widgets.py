@@ -113,8 +113,22 @@ def test_the_view_leaves_a_static_copy_of_the_final_text(kernel):
     assert len(re.findall(r'<span class="mj-tok[^"]*" style=', last)) == STEPS
     assert text in html.unescape(re.sub(r"<[^>]+>", "", last))
     switch = coefs.index(NEW)
-    assert (f"live mix per step: 0-{switch - 1} happy +{OLD:g}; {switch}-{STEPS - 1} happy "
-            f"+{NEW:g}") in last
+    assert (f"live mix per step: 0-{switch - 1} happy +{OLD:.2f}; {switch}-{STEPS - 1} happy "
+            f"+{NEW:.2f}") in last
+    assert f"live mix at start: happy +{OLD:.2f}" in last, "the copy hides the mix it began with"
+    status = kernel.run("print(view.status)")
+    assert status.startswith("done") and f"live mix at start: happy +{OLD:.2f}" in status
+
+
+def test_a_slider_value_is_recorded_without_float_noise(kernel):
+    """The browser sends ``min + n * step`` (here -2 + 39 * 0.05); the mix, and so every
+    step's ``live_coefs``, holds -0.05."""
+    kernel.update_widget(kernel.ids[1], {"value": -2 + 39 * 0.05})
+    assert kernel.run("print(repr(s.mix.entries['happy'].coef))").strip() == "-0.05"
+    out = kernel.run("r = s.generate('Hi', max_new_tokens=2)\n"
+                     "from max_jupyter.jupyter import summary\n"
+                     "print(repr(r.steps[0].live_coefs['happy']), summary(r))")
+    assert out.startswith("-0.05 ") and "live mix at start: happy -0.05" in out
 
 
 def test_a_view_rendered_late_gets_every_token(kernel):

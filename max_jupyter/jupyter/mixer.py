@@ -71,21 +71,26 @@ class MixerRow(widgets.HBox):
             return
         current = self.mix.entries.get(self.name)
         layers = self.layer.value or None
-        # A slider steps in floats (6 * 0.05 = 0.30000000000000004): keep the number meant.
-        coef = round(self.coef.value, 9)
         try:
             if not self.on.value:
                 if current is not None:
                     self.mix.remove(self.name)
             elif current is None and self.library is not None and self.name in self.library:
                 self._use(self.library[self.name])
-                self.mix.set(self.name, self.vector, coef, self.layer.value or None)
+                self.mix.set(self.name, self.vector, self.slider_coef, self.layer.value or None)
             elif current is None or current.layers != layers or current.vector is not self.vector:
-                self.mix.set(self.name, self.vector, coef, layers)
-            elif current.coef != coef:
-                self.mix.set_coef(self.name, coef)
+                self.mix.set(self.name, self.vector, self.slider_coef, layers)
+            elif current.coef != self.slider_coef:
+                self.mix.set_coef(self.name, self.slider_coef)
         except KeyError:  # removed by another thread meanwhile: the listener shows it
             pass
+
+    @property
+    def slider_coef(self) -> float:
+        """The slider's value rounded to 6 decimals: the browser computes it as ``min + n *
+        step``, which gives float noise (``-0.050000000000000044``) that would otherwise be
+        recorded in every step's ``live_coefs``."""
+        return round(self.coef.value, 6)
 
     def _use(self, vector: SteeringVector) -> None:
         """Take ``vector`` (a newer version of this row's) and offer its layers."""
@@ -253,7 +258,7 @@ class Mixer(ShownWithFallback, widgets.VBox):
     def static_html(self) -> str:
         """The static copy: the live mix's entries and the generation's state."""
         entries = self.session.mix.entries
-        mix = "; ".join(f"{name} {e.coef:+g}" + (f" @{','.join(map(str, e.layers))}" if e.layers else "")
+        mix = "; ".join(f"{name} {e.coef:+.2f}" + (f" @{','.join(map(str, e.layers))}" if e.layers else "")
                         for name, e in entries.items()) or "empty"
         state = (f"step {self.handle.step} · {self.handle.state}" if self.handle is not None
                  else "no generation")

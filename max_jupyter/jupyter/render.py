@@ -16,7 +16,9 @@ from max_jupyter.tokenizer import Tokenizer
 
 STYLE = """<style>
 .mj-result{font-family:var(--jp-content-font-family,sans-serif);line-height:1.7}
-.mj-text{white-space:pre-wrap;font-family:var(--jp-code-font-family,monospace);font-size:13px}
+.mj-text{white-space:pre-wrap;font-family:var(--jp-code-font-family,monospace);font-size:13px;
+line-height:1.45}
+.mj-tok.mj-nl::before{content:"\21b5";color:#bbb;font-size:10px}
 .mj-tok{border-radius:2px}
 .mj-tok.mj-steered{border-bottom:2px solid #2a9d8f}
 .mj-tok.mj-rerun{outline:1px dashed #d62828}
@@ -47,12 +49,18 @@ def speculation(result: GenerationResult) -> str | None:
             f"({result.acceptance_rate:.0%} acceptance)")
 
 
+def mix_words(coefs: dict[str, float]) -> str:
+    """A live mix's coefficients for people: ``joy +0.40, calm -0.05`` (two decimals, so a
+    slider's float noise such as ``-0.050000000000000044`` never shows), or ``empty``."""
+    return ", ".join(f"{name} {coef:+.2f}" for name, coef in coefs.items()) or "empty"
+
+
 def summary(result: GenerationResult) -> str:
-    """One line: tokens, speed, finish reason, steered / re-run steps, speculation,
-    judges' score ranges."""
+    """One line: tokens, speed, finish reason, the live mix at the start, steered / re-run
+    steps, speculation, judges' score ranges."""
     n = len(result.steps)
     parts = [f"{len(result.token_ids)} tokens", f"{result.tokens_per_s:.1f} tok/s",
-             f"finish: {result.finish_reason}"]
+             f"finish: {result.finish_reason}", f"live mix at start: {mix_words(result.start_mix)}"]
     if n:
         steered = int(result.steered.sum())
         reruns = [r for r in result.steps if r.rerun]
@@ -83,26 +91,28 @@ def pretty(result: GenerationResult, p, cycle: bool) -> None:
 def _topk_line(label: str, topk: TopK | None, step: int, tokenizer: Tokenizer | None) -> str:
     if topk is None or step >= len(topk.ids) or tokenizer is None:
         return ""
-    alts = ", ".join(f"{tokenizer.decode([int(t)])!r} {float(l):.1f}"
+    alts = ", ".join(f"{tokenizer.token_text(int(t))!r} {float(l):.1f}"
                      for t, l in zip(topk.ids[step][:5], topk.logits[step][:5]))
     return f"\n{label} top-k (logit): {alts}"
 
 
 def _tooltip(result: GenerationResult, record: StepRecord, piece: str, tokenizer: Tokenizer,
              small_tokenizer: Tokenizer | None) -> str:
-    lines = (f"step {record.step} · {piece!r} p={record.model_prob:.2f} (model; sampler "
+    shown = repr(piece) if piece else f"'' (part of a character: {tokenizer.token_text(record.token)})"
+    lines = (f"step {record.step} · {shown} p={record.model_prob:.2f} (model; sampler "
              f"{record.sampler_prob:.2f})")
     if record.scores:
         lines += "\nscores: " + ", ".join(f"{k}={v:.3g}" for k, v in record.scores.items())
     if record.mixes_on:
         lines += "\njudge-gated mixes: " + ", ".join(record.mixes_on)
     if record.live_coefs:
-        lines += "\nlive mix: " + ", ".join(f"{k} {v:+g}" for k, v in record.live_coefs.items())
+        lines += "\nlive mix: " + mix_words(record.live_coefs)
     if record.drafted:
         lines += (f"\nspeculation: a draft of {len(record.drafted)} token(s) from here, "
                   f"{record.accepted} accepted")
     if record.rerun:
-        was = tokenizer.decode([record.unsteered_token]) if record.unsteered_token is not None else "?"
+        was = (tokenizer.token_text(record.unsteered_token) if record.unsteered_token is not None
+               else "?")
         lines += (f"\nre-run: first pass chose {was!r} p={record.unsteered_prob or 0:.2f}"
                   + (" (changed)" if record.changed else " (same token)"))
     lines += _topk_line("big", result.big_topk, record.step, tokenizer)
@@ -133,7 +143,8 @@ def token_spans(result: GenerationResult, tokenizer: Tokenizer,
     spans = []
     for record, piece in zip(result.steps, pieces):
         classes = ["mj-tok"] + (["mj-steered"] if steered[record.step] else []) + \
-                  (["mj-rerun"] if record.rerun else []) + (["mj-changed"] if record.changed else [])
+                  (["mj-rerun"] if record.rerun else []) + (["mj-changed"] if record.changed else []) + \
+                  (["mj-nl"] if "\n" in piece and not piece.strip() else [])  # a faint ↵ to hover
         style = _shade(float(values[record.step]), low, high) if values is not None else ""
         tip = _tooltip(result, record, piece, tokenizer, small_tokenizer)
         spans.append(f'<span class="{" ".join(classes)}" style="{style}" '

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from IPython.display import HTML, clear_output, display
 
-from max_jupyter.jupyter.render import STYLE
+from max_jupyter.jupyter.render import STYLE, mix_words
 from max_jupyter.orchestrator.trace import StepEvent
 
 
@@ -51,7 +51,7 @@ class StreamDisplay:
     def _status(self) -> str:
         elapsed = self.clock() - self.start
         rate = self.steps / elapsed if elapsed > 0 else 0.0
-        mix = ", ".join(f"{k} {v:+g}" for k, v in self.mix.items())
+        mix = mix_words(self.mix) if self.mix else ""
         return f"step {self.steps} · {rate:.1f} tok/s" + (f" · mix: {mix}" if mix else "")
 
     def flush(self) -> None:

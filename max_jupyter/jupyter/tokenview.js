@@ -3,8 +3,9 @@
 // Protocol with max_jupyter/jupyter/tokenview.py:
 // - kernel -> page, custom message {type: "tokens", start, n, tokens: [row, ...]}: rows
 //   start.. replace or extend the page's list, which is cut to n rows. A row is
-//   {step, text, token (id), model_prob (the model's probability of the token: softmax of
-//    its raw logits), sampler_prob (the sampler's, 1 under greedy), scores: {judge: score}, mixes_on: [judge-gated mixes on],
+//   {step, text, token (id), token_text (the token alone; bytes for part of a character),
+//    model_prob (the model's probability of the token: softmax of its raw logits), sampler_prob
+//    (the sampler's, 1 under greedy), scores: {judge: score}, mixes_on: [judge-gated mixes on],
 //    live_coefs: {name: coef}, steered (the step's final forward added a delta), rerun,
 //    changed (the re-run changed the token), first_pass_text (a re-run's first token),
 //    big / small: [[text, logit], ...] or null until the generation ends}.
@@ -21,7 +22,9 @@ const fmt = (x, d = 3) => (x === null || x === undefined) ? "n/a" : Number(x).to
 const q = (s) => JSON.stringify(s);
 
 function tipText(row) {
-  const lines = [`step ${row.step} · token ${q(row.text)} (id ${row.token}) · p ${fmt(row.model_prob)} (model; sampler ${fmt(row.sampler_prob)})`];
+  // A token ending inside a character shows "" (the next token carries the character): say which bytes it holds.
+  const part = (row.text === "" && row.token_text) ? ` (part of a character: ${row.token_text})` : "";
+  const lines = [`step ${row.step} · token ${q(row.text)}${part} (id ${row.token}) · p ${fmt(row.model_prob)} (model; sampler ${fmt(row.sampler_prob)})`];
   const scores = Object.entries(row.scores || {});
   lines.push("score: " + (scores.length ? scores.map(([k, v]) => `${k} ${fmt(v)}`).join(", ") : "none"));
   const coefs = Object.entries(row.live_coefs || {});

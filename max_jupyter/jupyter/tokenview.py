@@ -29,7 +29,7 @@ import traitlets
 
 from max_jupyter.jupyter.fallback import ShownWithFallback, StaticFallback
 from max_jupyter.jupyter.mixer import Mixer
-from max_jupyter.jupyter.render import result_html
+from max_jupyter.jupyter.render import mix_words, result_html
 from max_jupyter.orchestrator.trace import GenerationResult, StepEvent, StepRecord
 
 WAITING = "the generation had not ended when this copy was made; its text appears here when it ends"
@@ -82,6 +82,7 @@ class TokenView(ShownWithFallback, anywidget.AnyWidget):
         self._dirty_from: int | None = None
         self._status = self.status
         self._handle = self._listener = self._flusher = None
+        self._start = ""  # " · live mix at start: ..." once the first step has come
         self._interval = 1.0 / max_hz
         self.on_msg(self._on_page)
         if handle is not None:
@@ -92,7 +93,7 @@ class TokenView(ShownWithFallback, anywidget.AnyWidget):
         self._unfollow()
         flusher = _Flusher(self._flush, self._interval)
         with self._lock:
-            self.records, self._rows, self.result = [], [], None
+            self.records, self._rows, self.result, self._start = [], [], None, ""
             self._dirty_from, self._status = 0, f"{handle.state} · step 0"
             self._handle, self._flusher = handle, flusher
         self.fallback.update(html.escape(WAITING))
@@ -138,10 +139,13 @@ class TokenView(ShownWithFallback, anywidget.AnyWidget):
                 self._rows[-1]["text"] += event.text
                 self._mark(len(self._rows) - 1)
             else:
+                if not self.records:
+                    # step 0's live coefficients: the result's start_mix, known before the end
+                    self._start = f" · live mix at start: {mix_words(event.record.live_coefs)}"
                 self.records.append(event.record)
                 self._rows.append(self._row(event.record, event.text))
                 self._mark(len(self._rows) - 1)
-                self._status = f"running · step {len(self._rows)}"
+                self._status = f"running · step {len(self._rows)}{self._start}"
 
     def _finish(self, result: GenerationResult | None, state: str) -> None:
         """The generation ended in ``state`` with ``result`` (None if there is none):
@@ -151,7 +155,8 @@ class TokenView(ShownWithFallback, anywidget.AnyWidget):
             if result is not None:
                 self._add_alternatives(result)
                 rate = f" · {result.tokens_per_s:.1f} tok/s" if result.elapsed_s else ""
-                self._status = f"{state} · {result.finish_reason} · {len(result.steps)} tokens{rate}"
+                self._status = (f"{state} · {result.finish_reason} · {len(result.steps)} tokens"
+                                f"{rate}{self._start}")
             else:
                 self._status = state
             self._mark(0)
@@ -208,6 +213,7 @@ class TokenView(ShownWithFallback, anywidget.AnyWidget):
     def _row(self, record: StepRecord, text: str) -> dict:
         """A step as the page gets it (keys: see tokenview.js)."""
         return {"step": record.step, "text": text, "token": record.token,
+                "token_text": _spell(self._big_tok, record.token),
                 "model_prob": _finite(record.model_prob), "sampler_prob": _finite(record.sampler_prob),
                 "scores": {k: _finite(v) for k, v in record.scores.items()},
                 "mixes_on": list(record.mixes_on), "live_coefs": dict(record.live_coefs),
@@ -244,11 +250,10 @@ class LiveView(ShownWithFallback, ipywidgets.VBox):
 
 def mix_per_step(records: list[StepRecord]) -> str:
     """The live mix's coefficients per step as runs of equal steps, e.g. ``live mix per
-    step: 0-12 happy +0; 13-59 happy +0.8``."""
+    step: 0-12 happy +0.00; 13-59 happy +0.80``."""
     runs: list[list] = []  # [first step, last step, the coefficients as shown]
     for record in records:
-        # compared as shown: 0.3 and 0.30000000000000004 are one run
-        shown = ", ".join(f"{k} {v:+g}" for k, v in record.live_coefs.items()) or "empty"
+        shown = mix_words(record.live_coefs)  # compared as shown: 0.3 and 0.30000000000000004 are one run
         if runs and runs[-1][2] == shown:
             runs[-1][1] = record.step
         else:
@@ -315,7 +320,7 @@ def _step_tensors(result: GenerationResult, step: int) -> dict[str, Any]:
 def _spell(tokenizer, token: int | None) -> str:
     if token is None:
         return ""
-    return tokenizer.decode([token]) if tokenizer is not None else f"<{token}>"
+    return tokenizer.token_text(token) if tokenizer is not None else f"<{token}>"
 
 
 def _finite(x: float | None) -> float | None:

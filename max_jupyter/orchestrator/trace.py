@@ -15,24 +15,60 @@ from typing import NamedTuple
 import torch
 
 from max_jupyter.engines.base import Engine, ForwardResult, LayerDeltas
-from max_jupyter.errors import BadArgumentError, warn_deprecated
+from max_jupyter.errors import BadArgumentError, UnknownNameError, warn_deprecated
 
 
 @dataclass(frozen=True)
 class TraceConfig:
     """What to record. ``big_layers`` / ``small_layers``: residuals to capture per step;
-    ``top_k``: how many top logits of each model to keep; ``full_logits``: also keep
-    ``[steps, vocab]`` logits; ``on_device``: leave tensors on the engines' device."""
+    ``prompt``: also keep the big model's residuals at ``big_layers`` for every prompt
+    position (``GenerationResult.prompt_hidden``); ``top_k``: how many top logits of each
+    model to keep; ``full_logits``: also keep ``[steps, vocab]`` logits; ``on_device``: leave
+    tensors on the engines' device; ``spelling``: how an error about an uncaptured layer
+    says to capture more (``"python"``: ``TraceConfig(...)``; ``"magic"``: ``--capture``)."""
 
     big_layers: tuple[int, ...] = ()
     small_layers: tuple[int, ...] = ()
     top_k: int = 10
     full_logits: bool = False
     on_device: bool = False
+    prompt: bool = False
+    spelling: str = "python"
 
     def __post_init__(self):
         if self.top_k < 1:
             raise BadArgumentError(f"top_k must be >= 1; got {self.top_k}.")
+        if self.prompt and not self.big_layers:
+            raise BadArgumentError("prompt=True keeps the prompt's states at big_layers, which is "
+                                   "empty; give big_layers=(...) too.")
+        if self.spelling not in ("python", "magic"):
+            raise BadArgumentError(f"spelling must be 'python' or 'magic'; got {self.spelling!r}.")
+
+    def how_to_capture(self, field_name: str, layers: list[int]) -> str:
+        """How to ask for ``layers`` in ``field_name`` (``big_hidden`` / ``small_hidden`` /
+        ``prompt_hidden``), in this config's spelling."""
+        prompt = field_name == "prompt_hidden"
+        if self.spelling == "magic":
+            option = "--capture-small" if field_name == "small_hidden" else "--capture"
+            return f"{option} {','.join(map(str, layers))}" + (" --capture-prompt" if prompt else "")
+        keyword = "small_layers" if field_name == "small_hidden" else "big_layers"
+        return f"TraceConfig({keyword}={tuple(layers)!r}" + (", prompt=True)" if prompt else ")")
+
+
+class LayerStates(dict):
+    """Captured states: layer -> tensor. Asking for a layer that was not captured raises
+    ``UnknownNameError`` (a ``KeyError``) naming the captured layers and how to capture it."""
+
+    def __init__(self, states: dict[int, torch.Tensor], field_name: str, config: TraceConfig):
+        super().__init__(states)
+        self.field_name, self.config = field_name, config
+
+    def __missing__(self, layer):
+        captured = sorted(self)
+        wanted = sorted({*captured, layer}) if isinstance(layer, int) else captured
+        raise UnknownNameError(f"{self.field_name}[{layer!r}]: layer {layer!r} was not captured "
+                               f"(captured: {', '.join(map(str, captured)) or 'none'}); capture it "
+                               f"with {self.config.how_to_capture(self.field_name, wanted)}.")
 
 
 @dataclass(slots=True)
@@ -122,7 +158,11 @@ class GenerationResult:
     whose bytes were dropped from ``text`` (never shown as U+FFFD). Tensors (detached; CPU
     unless ``TraceConfig.on_device``):
 
-    - ``big_hidden`` / ``small_hidden``: layer -> ``[steps, hidden]`` (requested layers);
+    - ``big_hidden`` / ``small_hidden``: layer -> ``[steps, hidden]`` (requested layers; an
+      uncaptured layer raises ``UnknownNameError`` saying how to capture it);
+    - ``prompt_hidden``: layer -> ``[prompt_len, hidden]``, the big model's residual at every
+      prompt position (the prefill's final forward: steered like it) when
+      ``TraceConfig.prompt``, else empty; its last row is ``big_hidden``'s row 0;
     - ``deltas``: layer -> ``[steps, hidden]``, the delta injected at that layer by each
       step's final forward (zeros where none), for every layer any step steered;
     - ``big_topk`` / ``small_topk``: ``TopK`` of each step's next-token logits (the final
@@ -131,6 +171,9 @@ class GenerationResult:
     - ``big_logits`` / ``small_logits``: ``[steps, vocab]`` when ``full_logits``, else None.
 
     ``small_ids``: the small model's context after the generation (None without one).
+    ``str_tokens`` / ``prompt_str_tokens``: each generated / prompt token as text, one string
+    per token (like TransformerLens' ``to_str_tokens``; a token holding part of a UTF-8
+    character shows its bytes, ``<0xF0><0x9F>``: ``Tokenizer.token_text``).
     ``ahead_misses``: big forwards issued ahead of their step (``CognitiveOrchestrator(
     overlap=...)``) with deltas the step's judges or a mix then changed, so rewound and run
     again (not re-runs).
@@ -149,6 +192,7 @@ class GenerationResult:
     steps: list[StepRecord] = field(default_factory=list)
     big_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     small_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    prompt_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     deltas: dict[int, torch.Tensor] = field(default_factory=dict)
     big_topk: TopK | None = None
     first_pass_topk: TopK | None = None
@@ -159,6 +203,8 @@ class GenerationResult:
     ahead_misses: int = 0
     speculate_off: str | None = None
     start_mix: dict[str, float] = field(default_factory=dict)
+    str_tokens: list[str] = field(default_factory=list)
+    prompt_str_tokens: list[str] = field(default_factory=list)
 
     @property
     def speculation_misses(self) -> int:
@@ -229,6 +275,7 @@ class TraceRecorder:
         self.config, self.big, self.small = config, big, small
         self.big_hidden: dict[int, list[torch.Tensor]] = {l: [] for l in config.big_layers}
         self.small_hidden: dict[int, list[torch.Tensor]] = {l: [] for l in config.small_layers}
+        self.prompt_hidden: dict[int, torch.Tensor] = {}  # the step-0 prefill's rows, if asked
         self.deltas: list[LayerDeltas | None] = []
         self.big_topk: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.first_topk: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -241,6 +288,8 @@ class TraceRecorder:
         """One step: the big model's final forward ``out`` (and ``first`` pass if re-run),
         the deltas ``out`` ran with, and the small model's state the step was judged from."""
         k = self.config.top_k
+        if self.config.prompt and not self.deltas:  # step 0: ``out`` is the prompt's prefill
+            self.prompt_hidden = {l: out.hidden[l] for l in self.big_hidden}  # [prompt_len, hidden]
         for layer, rows in self.big_hidden.items():
             rows.append(out.hidden[layer][-1])  # [hidden]
         for layer, rows in self.small_hidden.items():
@@ -267,11 +316,19 @@ class TraceRecorder:
         def stack(rows: list[torch.Tensor], width: int, dtype: torch.dtype) -> torch.Tensor:
             return move(torch.stack(rows[:n])) if rows[:n] else torch.empty(0, width, dtype=dtype)
 
-        result.big_hidden = {l: stack(r, big_h, self.big.dtype) for l, r in self.big_hidden.items()}
+        config = self.config
+        result.big_hidden = LayerStates({l: stack(r, big_h, self.big.dtype)
+                                         for l, r in self.big_hidden.items()}, "big_hidden", config)
+        result.prompt_hidden = LayerStates({l: move(t) for l, t in self.prompt_hidden.items()},
+                                           "prompt_hidden", config)
+        small_states = {}
         if self.small is not None:
             small_h = self.small.identity.hidden_size
-            result.small_hidden = {l: stack(r, small_h, self.small.dtype)
-                                   for l, r in self.small_hidden.items()}
+            small_states = {l: stack(r, small_h, self.small.dtype) for l, r in self.small_hidden.items()}
+        result.small_hidden = LayerStates(small_states, "small_hidden", config)
+        tokenizer = self.big.tokenizer
+        result.str_tokens = [tokenizer.token_text(t) for t in result.token_ids]
+        result.prompt_str_tokens = [tokenizer.token_text(t) for t in result.prompt_ids]
         deltas = self.deltas[:n]
         for layer in sorted({l for d in deltas if d for l in d}):
             zero = torch.zeros(big_h, device=self.big.device, dtype=self.big.dtype)

@@ -17,8 +17,6 @@ def generation_options(magics, args, session) -> GenerationOptions:
     """The session's defaults with the parsed options and the %config traits applied
     (``speculate`` only when ``--speculate`` is given or the trait is not 0: otherwise
     the session's default stands); checked here, once, by ``GenerationOptions``."""
-    from max_jupyter.orchestrator.trace import TraceConfig
-
     opts = {"max_new_tokens": args.n if args.n is not None else magics.max_new_tokens,
             "temperature": args.temperature if args.temperature is not None else magics.temperature,
             "top_p": args.top_p if args.top_p is not None else magics.top_p,
@@ -34,15 +32,32 @@ def generation_options(magics, args, session) -> GenerationOptions:
         opts["steering"] = spec_mix(args.steer, session.vectors, session.big.identity)
     if args.judge:
         opts["judges"] = judge_names(args.judge)
+    opts["trace"] = trace_config(magics, args, session)
+    return session.defaults.replace(**opts)
+
+
+def trace_config(magics, args, session):
+    """The session's default ``TraceConfig`` with the cell's ``--capture``,
+    ``--capture-small``, ``--capture-prompt``, ``--logits`` and ``--topk``, spelled for the
+    magics (an uncaptured layer's error then says ``--capture 14``)."""
+    import dataclasses
+
     big = layers_arg(args.capture or magics.capture or None, session.big.identity.num_layers,
                      "--capture")
-    small = (layers_arg(args.capture_small, session.small.identity.num_layers, "--capture-small")
-             if args.capture_small and session.small is not None else None)
     if args.capture_small and session.small is None:
         raise UsageError("--capture-small: there is no small model (%max_load --small ...).")
-    if big or small:
-        opts["trace"] = TraceConfig(big_layers=big or (), small_layers=small or ())
-    return session.defaults.replace(**opts)
+    small = (layers_arg(args.capture_small, session.small.identity.num_layers, "--capture-small")
+             if args.capture_small else None)
+    base = session.defaults.trace
+    if args.capture_prompt and not (big or base.big_layers):
+        raise UsageError("--capture-prompt keeps the prompt's states at the --capture layers; "
+                         "give them too, e.g. --capture 14 --capture-prompt.")
+    if args.topk is not None and args.topk < 1:
+        raise UsageError(f"--topk {args.topk}: keep at least 1 logit per step, e.g. --topk 20.")
+    changes = {"spelling": "magic", "big_layers": big, "small_layers": small,
+               "prompt": args.capture_prompt or None, "full_logits": args.logits or None,
+               "top_k": args.topk}
+    return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
 
 
 def judge_names(names: Sequence[str]) -> list[str]:
@@ -67,6 +82,14 @@ def judge_names(names: Sequence[str]) -> list[str]:
 @argument("--capture", default=None, metavar="LAYERS",
           help="Big-model layers whose states to keep per step, e.g. 12-15 or 10,14.")
 @argument("--capture-small", default=None, metavar="LAYERS", help="Small-model layers to keep.")
+@argument("--capture-prompt", action="store_true",
+          help="Also keep the --capture layers' states at every prompt position "
+               "(r.prompt_hidden[layer]: [prompt_len, hidden]).")
+@argument("--logits", action="store_true",
+          help="Keep every step's full logits (r.big_logits, r.small_logits: [steps, vocab]).")
+@argument("--topk", type=int, default=None, metavar="K",
+          help="Keep each step's K best logits (r.big_topk; default 10). Sampling among the K "
+               "best is --top-k.")
 @argument("--raw", action="store_true", help="The cell is raw text: no chat template.")
 @argument("--system", default=None, metavar="TEXT", help="System message.")
 @argument("-v", dest="var", default=None, metavar="VAR",

@@ -52,5 +52,6 @@ def _as_generate(args):
     options; the ``speculate`` trait still applies)."""
     for name in ("steer", "judge"):
         setattr(args, name, [])
-    args.capture = args.capture_small = args.speculate = None
+    args.capture = args.capture_small = args.speculate = args.topk = None
+    args.capture_prompt = args.logits = False
     return args
