@@ -73,9 +73,14 @@ def test_tooltips_hold_scores_and_both_models_top_k(result, engine, small):
         assert "\ufffd" not in title, "a partial character shown as U+FFFD"
 
 
-def test_a_token_holding_part_of_a_character_shows_its_bytes(result, engine):
-    """Steered at 2.0 this model starts with an emoji split over tokens: the first token's
-    piece is empty (the next carries the character) and its tooltip shows its bytes."""
+def test_a_token_holding_part_of_a_character_shows_its_bytes(engine, vector):
+    """Steered by "happy" at 2.0 this model starts with an emoji split over tokens: the
+    first token's piece is empty (the next carries the character) and its tooltip shows
+    its bytes."""
+    happy = Mix(engine.identity)
+    happy.set("happy", vector, 2.0)
+    result = CognitiveOrchestrator(engine, steering=happy).generate(
+        "Tell me about rain.", max_new_tokens=6, ignore_eos=True)
     found = spans(result_html(result, engine.tokenizer))
     partial = [html.unescape(title) for _, title, text in found if text == ""]
     assert partial, f"no token ends inside a character in {result.text!r}"
