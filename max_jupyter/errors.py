@@ -7,8 +7,25 @@ Each class also derives from the built-in error it refines (``ValueError``,
 from __future__ import annotations
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line: its non-blank lines, stripped, joined by " | "."""
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 class MaxJupyterError(Exception):
-    """Base of every error this package raises for bad input or an unusable state."""
+    """Base of every error this package raises for bad input or an unusable state.
+
+    Its message is one line (a notebook shows it so): each message is written as one line,
+    and a line break that slips in (a library's text quoted in it) is shown as " | ".
+    Longer detail, such as SQLite's own report, goes in ``detail``, not in the message.
+    """
+
+    def __init__(self, *args: object, detail: str | None = None):
+        super().__init__(*args)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return one_line(str(self.args[0]) if len(self.args) == 1 else super().__str__())
 
 
 class BadArgumentError(MaxJupyterError, ValueError, TypeError):
@@ -16,10 +33,10 @@ class BadArgumentError(MaxJupyterError, ValueError, TypeError):
 
 
 class UnknownNameError(MaxJupyterError, KeyError):
-    """No vector, mix entry, mix or judge has this name (a ``KeyError`` for mapping use)."""
+    """No vector, mix entry, mix or judge has this name (a ``KeyError`` for mapping use;
+    its message is the text, not ``KeyError``'s repr of it)."""
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
+    __str__ = MaxJupyterError.__str__
 
 
 class ModelMismatchError(MaxJupyterError, ValueError):

@@ -23,7 +23,7 @@ from max_jupyter.orchestrator.trace import GenerationResult, StepEvent
 from max_jupyter.orchestrator.types import Prompt, as_mix, run_to_end
 from max_jupyter.steering.mix import Mix
 from max_jupyter.steering.vector import SteeringVector
-from max_jupyter.validation import fail
+from max_jupyter.validation import check_layers, check_vector_name, fail
 from max_jupyter.worker import Worker
 
 _ids = itertools.count(1)
@@ -307,12 +307,14 @@ class Session:
         """Train a vector for the big model from pairs (``steering.train_vector``) on the
         worker, with a progress bar; unless ``save`` is False, put it in ``vectors`` under
         ``name`` (a VectorStore also keeps ``method``, the pairs and ``store_fields``).
-        Ctrl-C stops it after the current example."""
+        Every argument is checked before any forward pass. Ctrl-C stops it after the
+        current example."""
         from tqdm.auto import tqdm
 
         from max_jupyter.steering.training import train_vector
 
         self._check_open()
+        method = self._check_training(name, positive, negative, layers, method, save, store_fields)
         bar = None  # opened at the first example read, so bad input leaves no 0% bar behind
         done = [0]
 
@@ -340,6 +342,44 @@ class Session:
         if save:
             self._store(name, vector, method, positive, negative, store_fields)
         return vector
+
+    def _check_training(self, name, positive, negative, layers, method, save, store_fields) -> str:
+        """``Session.train``'s checks, all before compute; returns the method's current name."""
+        import warnings
+
+        from max_jupyter.steering.training import check_pairs, resolve_method
+
+        check_vector_name("name", name)
+        with warnings.catch_warnings():  # train_vector warns about identical pairs itself
+            warnings.simplefilter("ignore")
+            check_pairs(positive, negative)
+        if layers is not None:
+            check_layers(self._big.identity, layers, "layers")
+        method = resolve_method(method)
+        if not isinstance(save, bool):
+            raise BadArgumentError(f"save={save!r} is not a bool; pass True (keep it in "
+                                   f"session.vectors) or False.")
+        if store_fields:
+            if not save or not hasattr(self.vectors, "save"):
+                raise BadArgumentError(f"store fields {sorted(store_fields)} are kept only when "
+                                       f"saving to a VectorStore library; leave them out.")
+            from max_jupyter.steering.store import check_save_fields
+
+            fields = dict(store_fields)
+            taken = sorted({"method", "pairs"} & set(fields))
+            if taken:
+                raise BadArgumentError(f"store fields {taken} are set by train itself (the method "
+                                       f"and the pairs it trained on); leave them out.")
+            if not isinstance(fields.pop("replace", False), bool):
+                raise BadArgumentError(f"replace={store_fields['replace']!r} is not a bool; pass "
+                                       f"True to drop the name's old versions, or False.")
+            check_save_fields(**fields)
+        info = getattr(self.vectors, "info", None)
+        if save and info is not None and not store_fields.get("replace") and name in self.vectors:
+            if info(name).model != self._big.identity:  # the store would refuse it after training
+                raise BadArgumentError(f"name={name!r} holds vectors for {info(name).model.describe()}; "
+                                       f"train under another name, or pass replace=True.")
+        return method
 
     def _store(self, name: str, vector: SteeringVector, method: str, positive: Sequence[str],
                negative: Sequence[str], fields: dict) -> None:

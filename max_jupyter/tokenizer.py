@@ -2,8 +2,12 @@
 template, EOS ids and a streaming decoder that never emits half a UTF-8 character.
 
 Text and chat messages are checked before tokenising (``BadArgumentError``): text must be
-a ``str`` that encodes as UTF-8 (no lone surrogates); messages need ``role`` and
-``content`` strings."""
+a ``str`` that encodes as UTF-8 (no lone surrogates); messages need a chat role and
+``content`` strings.
+
+Text from a user is always encoded as text: a ``<|im_start|>`` typed into a prompt, a chat
+message, a magic cell or an HTTP request becomes the tokens of those characters, never the
+control token. Only the chat template inserts control tokens (``chat``)."""
 from __future__ import annotations
 
 import functools
@@ -11,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from max_jupyter.errors import BadArgumentError, ContextOverflowError
 from max_jupyter.validation import check_messages, check_text
 
 if TYPE_CHECKING:
@@ -43,8 +48,29 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return len(self.hf)
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (the longest token string: a byte-level
+        token holds one character per byte), so text longer than ``n`` times this needs
+        more than ``n`` tokens."""
+        return max(map(len, self.hf.get_vocab()))
+
+    def check_fits(self, texts: Sequence[str], tokens: int) -> None:
+        """``ContextOverflowError`` if ``texts`` together have more characters than ``tokens``
+        tokens can hold: a bound checked before tokenising any of them (a 20 MB prompt is
+        refused at once instead of being tokenised for a minute)."""
+        chars, most = sum(len(t) for t in texts if isinstance(t, str)), tokens * self.max_token_chars
+        if chars > most:
+            raise ContextOverflowError(
+                f"the prompt has {chars} characters, more than the context of {tokens} tokens "
+                f"can hold (at most {most}: {self.max_token_chars} characters per token); "
+                f"shorten the prompt.")
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.hf.encode(check_text("text", text), add_special_tokens=add_special_tokens)
+        """Ids of ``text`` as text: special-token strings in it are split into ordinary
+        tokens (``add_special_tokens`` adds the tokenizer's own BOS/EOS, if it has any)."""
+        return self.hf.encode(check_text("text", text), add_special_tokens=add_special_tokens,
+                              split_special_tokens=True)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -70,6 +96,8 @@ class Tokenizer:
     def chat(self, messages: Sequence[Message] | str, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of ``messages`` through the model's chat template (a str is one user turn).
 
+        The template's own markup is encoded with its control tokens; each message's
+        content is encoded as text (``encode``), so it cannot open or close a turn.
         Without a template, the turns' contents are joined by newlines.
         """
         if isinstance(messages, str):
@@ -77,9 +105,19 @@ class Tokenizer:
         messages = check_messages(messages)
         if not self.has_chat_template:
             return self.encode("\n".join(m["content"] for m in messages), add_special_tokens=True)
-        text = self.hf.apply_chat_template(messages, tokenize=False,
-                                           add_generation_prompt=add_generation_prompt)
-        return self.encode(text)
+        # Render the template around placeholders, then encode the markup between them
+        # with control tokens and each content (in its place) as text.
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        markup = self.hf.apply_chat_template([{**m, "content": mark} for m, mark in zip(messages, marks)],
+                                             tokenize=False, add_generation_prompt=add_generation_prompt)
+        ids: list[int] = []
+        for message, mark in zip(messages, marks):
+            before, found, markup = markup.partition(mark)
+            if not found:  # a template that drops or rewrites a content: never seen so far
+                raise BadArgumentError(f"the chat template of this model rewrites message "
+                                       f"contents ({message['role']} turn); pass token ids instead.")
+            ids += self.hf.encode(before, add_special_tokens=False) + self.encode(message["content"])
+        return ids + self.hf.encode(markup, add_special_tokens=False)
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)

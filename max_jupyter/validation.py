@@ -33,6 +33,10 @@ MAX_COEF = 1e4
 MAX_TEMPERATURE = 100.0
 """Largest temperature accepted: far above it sampling is uniform noise over the vocabulary."""
 MAX_SEED = 2**63 - 1
+CHAT_ROLES = ("system", "user", "assistant")
+"""The chat roles every entry point accepts (Python, magics, the server): one rule, here."""
+ROLE_ALIASES = {"developer": "system"}
+"""Other names of those roles (OpenAI's ``developer`` is a system turn)."""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -112,6 +116,16 @@ def check_text(name: str, value: Any) -> str:
     return value
 
 
+def check_vector_name(name: str, value: Any) -> str:
+    """A vector's name (in a library, a mix, a store): text without leading or trailing
+    spaces, 1..200 characters."""
+    value = check_text(name, value)
+    if not value.strip() or value != value.strip() or len(value) > 200:
+        raise fail(name, value, "is empty, has leading/trailing spaces or is over 200 characters",
+                   "use a short name such as 'happy'")
+    return value
+
+
 def check_str_list(name: str, value: Any, *, allow_empty_list: bool = True) -> tuple[str, ...]:
     """A list or tuple of non-empty ``str`` (a bare ``str`` is refused: it is not a list)."""
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
@@ -130,23 +144,34 @@ def check_str_list(name: str, value: Any, *, allow_empty_list: bool = True) -> t
     return tuple(value)
 
 
+def check_role(name: str, role: Any) -> str:
+    """A chat role: one of ``CHAT_ROLES`` (or an alias in ``ROLE_ALIASES``), as its name there."""
+    if isinstance(role, str) and role in ROLE_ALIASES:
+        return ROLE_ALIASES[role]
+    if not isinstance(role, str) or role not in CHAT_ROLES:
+        raise fail(name, role, "is not a chat role",
+                   f"use one of {'/'.join(CHAT_ROLES)} ({', '.join(f'{a} means {r}' for a, r in ROLE_ALIASES.items())})")
+    return role
+
+
 def check_messages(messages: Any) -> list[dict[str, str]]:
-    """Chat messages: a non-empty list of mappings, each with ``role`` and ``content`` str
-    (text that encodes as UTF-8); extra keys pass through."""
+    """Chat messages: a non-empty list of mappings, each with a ``role`` (``check_role``)
+    and ``content`` str (text that encodes as UTF-8); extra keys pass through."""
     fix = "each message is {'role': 'user' | 'assistant' | 'system', 'content': str}"
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
         raise fail("messages", messages, "is not a non-empty list of chat messages", fix)
+    out = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
             raise fail(f"messages[{i}]", m, f"is a {_type_name(m)}, not a dict", fix)
         for key in ("role", "content"):
             if key not in m:
                 raise fail(f"messages[{i}]", dict(m), f"has no {key!r}", fix)
-            if not isinstance(m[key], str) or (key == "role" and not m[key]):
-                raise fail(f"messages[{i}][{key!r}]", m[key], "is not a (non-empty) str" if key == "role"
-                           else "is not a str", fix)
-            check_text(f"messages[{i}][{key!r}]", m[key])
-    return [dict(m) for m in messages]
+        if not isinstance(m["content"], str):
+            raise fail(f"messages[{i}]['content']", m["content"], "is not a str", fix)
+        check_text(f"messages[{i}]['content']", m["content"])
+        out.append({**m, "role": check_role(f"messages[{i}]['role']", m["role"])})
+    return out
 
 
 def check_stop(value: Any) -> tuple[str, ...]:

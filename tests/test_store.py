@@ -269,7 +269,7 @@ def test_unusable_paths(tmp_path):
     with pytest.raises(BadArgumentError, match="is a folder"):
         VectorStore(tmp_path)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(BadArgumentError, match="cannot be created"):
+    with pytest.raises(BadArgumentError, match="which is a file, not a folder"):
         VectorStore(tmp_path / "file" / "lib.sqlite")
     with pytest.raises(BadArgumentError, match="not a path"):
         VectorStore(42)
@@ -290,11 +290,13 @@ def make_store(path: Path) -> None:
             s.save(f"v{i}", seeded(f"v{i}", layers=range(6)))
 
 
-def refuse_untouched(path: Path, match: str) -> None:
+def refuse_untouched(path: Path, match: str) -> CorruptFileError:
     before = path.read_bytes()
-    with pytest.raises(CorruptFileError, match=match):
+    with pytest.raises(CorruptFileError, match=match) as info:
         VectorStore(path)
     assert path.read_bytes() == before
+    assert "\n" not in str(info.value), "the message is one line"
+    return info.value
 
 
 def test_not_sqlite_is_refused_untouched(tmp_path):
@@ -310,7 +312,8 @@ def test_corrupt_store_is_refused_untouched(tmp_path):
     middle = len(data) // 2
     data[middle: middle + 8192] = bytes(range(256)) * 32
     path.write_bytes(bytes(data))
-    refuse_untouched(path, "not a usable SQLite file")
+    error = refuse_untouched(path, r"is damaged \(SQLite's quick_check failed: see the error's detail\)")
+    assert error.detail and error.detail != "ok"  # SQLite's own report, kept whole
 
 
 def test_newer_schema_is_refused_untouched(tmp_path):
@@ -444,3 +447,69 @@ def test_kill_9_mid_save_leaves_old_or_new_state(tmp_path):
         expected = present
         start = max(begun) + 1
     assert mid_save >= 1, "no kill landed inside a save; the test proved nothing"
+
+
+# -- a checksum per saved version (issue 20, 5) -----------------------------------------------
+
+def test_every_version_carries_its_checksum(store):
+    store.save("happy", seeded("happy"))
+    store.save("happy", seeded("happy", 2))
+    with store._transaction() as c:
+        saved = [r[0] for r in c.execute("SELECT sha256 FROM vectors ORDER BY version")]
+    assert saved == [seeded("happy").checksum(), seeded("happy", 2).checksum()]
+    store.check()
+
+
+def test_an_altered_older_version_is_named_by_load_and_check(store):
+    store.save("happy", seeded("happy"))
+    store.save("happy", seeded("happy", 2))
+    with store._transaction(write=True) as c:  # one float of version 1's layer 3, as a writer would
+        vector_id = c.execute("SELECT id FROM vectors WHERE version = 1").fetchone()[0]
+        data = bytearray(c.execute("SELECT data FROM directions WHERE vector_id = ? AND layer = 3",
+                                   (vector_id,)).fetchone()[0])
+        data[8] ^= 0x80
+        c.execute("UPDATE directions SET data = ? WHERE vector_id = ? AND layer = 3",
+                  (bytes(data), vector_id))
+    assert same(store["happy"], seeded("happy", 2))  # the latest version is intact
+    for call in (lambda: store.load("happy", 1), store.check):
+        with pytest.raises(CorruptFileError, match=r"vector 'happy' version 1 does not match the "
+                                                   r"checksum saved with it") as info:
+            call()
+        assert "\n" not in str(info.value)
+    store.delete("happy", 1)  # the way out the message names
+    store.check()
+
+
+def test_migration_2_fills_in_the_checksums_of_an_older_store(tmp_path):
+    """A file as schema version 1 wrote it (no sha256 column), built by hand, opened now."""
+    path = tmp_path / "old.sqlite"
+    with closing(sqlite3.connect(path)) as raw:
+        for statement in storefile.MIGRATIONS[0]:
+            raw.execute(statement)
+        raw.execute(f"PRAGMA application_id = {storefile.APPLICATION_ID}")
+        raw.execute("PRAGMA user_version = 1")
+        raw.execute("INSERT INTO models VALUES (1, ?, ?, ?, ?, ?)", (MODEL.architecture, MODEL.num_layers,
+                    MODEL.hidden_size, MODEL.vocab_size, MODEL.fingerprint))
+        raw.execute("INSERT INTO vectors VALUES (1, 'happy', 1, 1, NULL, NULL, NULL, 1.0, '', ?)",
+                    ("2026-01-01T00:00:00+00:00",))
+        for layer, d in seeded("happy").directions.items():
+            raw.execute("INSERT INTO directions (vector_id, layer, data) VALUES (1, ?, ?)",
+                        (layer, d.numpy().astype("<f4").tobytes()))
+        raw.commit()
+    with VectorStore(path) as s:
+        assert same(s["happy"], seeded("happy"))
+        with s._transaction() as c:
+            assert c.execute("SELECT sha256 FROM vectors").fetchone()[0] == seeded("happy").checksum()
+            assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        s.rebuild_index()
+        s.check()
+
+
+def test_a_missing_folder_is_refused_naming_it_but_the_default_store_makes_its_own(tmp_path, monkeypatch):
+    with pytest.raises(BadArgumentError, match=r"in the folder '.*/no/such', which does not exist"):
+        VectorStore(tmp_path / "no" / "such" / "lib.sqlite")
+    assert not (tmp_path / "no").exists()
+    monkeypatch.setenv("MAX_JUPYTER_STORE", str(tmp_path / "made" / "here" / "lib.sqlite"))
+    with VectorStore() as s:
+        s.save("a", seeded("a"))
+    assert (tmp_path / "made" / "here" / "lib.sqlite").is_file()

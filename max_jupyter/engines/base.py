@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from max_jupyter.engines import residual
 from max_jupyter.errors import BackendUnavailableError, ContextOverflowError
 from max_jupyter.validation import (check_deltas, check_hidden_rows, check_int, check_layers,
                                    check_token_ids)
@@ -69,7 +70,10 @@ class Engine(ABC):
     ``forward`` (and ``prefill``, ``step``) checks the arguments here, once for every
     backend, and raises ``BadArgumentError`` / ``ContextOverflowError`` before any compute:
     ids a non-empty list of ints in ``0..vocab_size-1``; deltas exactly ``[hidden]`` on
-    known int layers (never broadcast); captures on known layers; room in the context.
+    known int layers (never broadcast), each with a finite norm of at most
+    ``MAX_DELTA_RATIO`` times the layer's typical residual norm (``residual_norms``,
+    measured by one forward the first time the engine feeds an empty cache); captures on
+    known layers; room in the context.
     Every call that feeds tokens appends them to the cache; a call that fails or is
     interrupted leaves the cache as it was before the call (``seq_len`` unchanged, next
     logits unchanged). ``forward_calls`` counts the forward passes that ran.
@@ -81,7 +85,9 @@ class Engine(ABC):
     dtype: torch.dtype
     max_seq_len: int
     forward_calls: int = 0
-    """Forward passes handed to the backend (checked calls only), for tests and stats."""
+    """Forward passes handed to the backend (checked calls and the one that measures
+    ``residual_norms``), for tests and stats."""
+    _bounded: object = None  # the last deltas found within the bound (engines/residual.py)
     launches_async: bool = False
     """One-token ``forward`` (and ``verify``) returns before the device has finished it, and
     its work runs concurrently with another engine's (reading ``logits``, ``all_logits`` or
@@ -90,6 +96,12 @@ class Engine(ABC):
     supports_verify: bool = False
     """``verify`` works: the backend returns the logits of every fed position (for
     speculative decoding; callers check this flag and do not speculate without it)."""
+
+    @property
+    def residual_norms(self) -> dict[int, float] | None:
+        """Typical residual norm per layer of this model (engines/residual.py); None until
+        an engine of this model first fed an empty cache."""
+        return residual.known(self.identity)
 
     @property
     @abstractmethod
@@ -180,6 +192,11 @@ class Engine(ABC):
         checked = check_deltas(self.identity, deltas)
         layers = frozenset(check_layers(self.identity, capture, "capture"))
         check_room(self, len(ids), from_empty)
+        if from_empty or self.seq_len == 0:  # the cache may be emptied: measure once per model
+            residual.measure(self)
+        if checked and not residual.same_deltas(checked, self._bounded):  # once per mix change
+            residual.check_delta_norms(self.identity, checked, "deltas")
+            self._bounded = residual.deltas_key(checked)
         device, dtype = self.device, self.dtype
         return ids, {i: d if d.device == device and d.dtype == dtype else d.to(device, dtype)
                      for i, d in checked.items()}, layers

@@ -24,8 +24,14 @@ def prompt_ids(engine: Engine, prompt: Prompt, chat: bool = True) -> list[int]:
     template when ``chat`` (plain text with special tokens otherwise).
 
     Raises ``BadArgumentError`` before any compute for an empty prompt, ``bytes``, ids
-    outside the vocabulary, malformed chat messages or text with lone surrogates.
+    outside the vocabulary, malformed chat messages or text with lone surrogates, and
+    ``ContextOverflowError`` before tokenising text too long for any context to hold.
     """
+    if isinstance(prompt, str) or (isinstance(prompt, Sequence) and prompt
+                                   and isinstance(prompt[0], Mapping)):  # before tokenising any
+        engine.tokenizer.check_fits([prompt] if isinstance(prompt, str) else
+                                    [m.get("content") for m in prompt if isinstance(m, Mapping)],
+                                    engine.max_seq_len)
     if isinstance(prompt, str):
         ids = (engine.tokenizer.chat(prompt) if chat else engine.tokenizer.encode(prompt, True)
                ) if prompt else []

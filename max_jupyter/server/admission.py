@@ -14,9 +14,16 @@ import time
 from max_jupyter.errors import BadArgumentError
 from max_jupyter.server.errors import APIError
 
+MAX_RETRY_AFTER_S = 60
+
 
 class Admission:
-    """Counts admitted requests; ``admit`` returns a ``Ticket`` or raises ``APIError(429)``."""
+    """Counts admitted requests; ``admit`` returns a ``Ticket`` or raises ``APIError(429)``.
+
+    The 429's ``Retry-After`` is the time until the queue has room for one more: the
+    requests beyond ``max_queue`` times the recent time one request takes to serve
+    (``service_s``), at least 1 s and at most ``MAX_RETRY_AFTER_S``.
+    """
 
     def __init__(self, max_queue: int = 8):
         if not isinstance(max_queue, int) or max_queue < 0:
@@ -24,19 +31,26 @@ class Admission:
         self.max_queue = max_queue
         self._lock = threading.Lock()
         self._tickets: set[Ticket] = set()
-        self._mean_s = 1.0  # moving average of a request's time in the server
+        self.service_s = 1.0
+        """Moving average of one request's service time: the time from its admission, or
+        from the end of the request before it when it had to wait, to its end."""
+        self._last_end = time.monotonic()
 
     @property
     def admitted(self) -> int:
         return len(self._tickets)
 
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free (see the class)."""
+        ahead = len(self._tickets) - self.max_queue
+        return min(max(math.ceil(self.service_s * ahead), 1), MAX_RETRY_AFTER_S)
+
     def admit(self) -> Ticket:
         with self._lock:
             if len(self._tickets) > self.max_queue:
-                wait = math.ceil(self._mean_s * len(self._tickets))
                 raise APIError(429, f"the server is busy: {len(self._tickets)} requests are "
                                f"running or queued (max_queue={self.max_queue}); retry later.",
-                               code="queue_full", headers={"Retry-After": str(min(max(wait, 1), 60))})
+                               code="queue_full", headers={"Retry-After": str(self.retry_after())})
             ticket = Ticket(self)
             self._tickets.add(ticket)
             return ticket
@@ -45,7 +59,10 @@ class Admission:
         with self._lock:
             if ticket in self._tickets:
                 self._tickets.discard(ticket)
-                self._mean_s = 0.8 * self._mean_s + 0.2 * (time.monotonic() - ticket.since)
+                now = time.monotonic()
+                # a request that waited behind another was served from that one's end on
+                self.service_s = 0.8 * self.service_s + 0.2 * (now - max(ticket.since, self._last_end))
+                self._last_end = now
 
     def stop_all(self) -> None:
         """Stop every admitted request's generation (queued ones never start)."""

@@ -1,64 +1,56 @@
 """``create_app(session)``: the OpenAI-compatible FastAPI app over a Session.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streamed as SSE or not),
-``GET /v1/models``, ``GET /v1/vectors`` (what ``steering`` and ``judges`` may name) and
-``GET /health`` (the only route open without the API key). Generations go through
+``GET /v1/models``, ``GET /v1/vectors`` (what ``steering`` and ``judges`` may name),
+``GET /openapi.json`` and ``GET /health`` (the only route open without the API key: the
+``Gate`` checks the key and the body size before any route). Generations go through
 ``session.start``: the Session's worker runs them one at a time, sharing the notebook's
 live mix; this app bounds how many wait (``Admission``) and stops a generation whose
 client went away.
 """
 from __future__ import annotations
 
-import hmac
 import time
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from max_jupyter.errors import BadArgumentError
 from max_jupyter.server.admission import Admission, Ticket
 from max_jupyter.server.errors import APIError, install_handlers
+from max_jupyter.server.gate import DEFAULT_MAX_BODY_BYTES, Gate
 from max_jupyter.server.options import generation_options
 from max_jupyter.server.protocol import ChatRequest, CompletionRequest
 from max_jupyter.server.replies import Reply, model_list
 from max_jupyter.server.streaming import ClientGone, GenerationStream, sse_body, wait_result
 from max_jupyter.server.summary import trace_summary
+from max_jupyter.validation import check_int
 
 DEFAULT_MODEL_NAME = "max-jupyter"
 
 
 def create_app(session, *, api_key: str | None = None, max_queue: int = 8,
-               model_name: str = DEFAULT_MODEL_NAME) -> FastAPI:
+               model_name: str = DEFAULT_MODEL_NAME,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """An app serving ``session`` as the model ``model_name``. ``api_key``: when set, every
     route but ``/health`` needs ``Authorization: Bearer <api_key>``; ``max_queue``: requests
-    that may wait behind the running one before more are refused with 429."""
+    that may wait behind the running one before more are refused with 429;
+    ``max_body_bytes``: larger request bodies are refused with 413 before parsing."""
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise BadArgumentError(f"api_key={api_key!r} must be a non-empty str, or None for no key.")
+    max_body_bytes = check_int("max_body_bytes", max_body_bytes, low=1024,
+                               fix="use at least 1024 bytes (the default is 4 MiB)")
     app = FastAPI(title="MAX Engine", description="OpenAI-compatible API over a max_jupyter Session",
                   docs_url=None, redoc_url=None)
     app.state.session, app.state.admission = session, Admission(max_queue)
     install_handlers(app)
+    app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes)
     app.add_api_route("/health", lambda: _health(app), methods=["GET"])
-    router = APIRouter(prefix="/v1", dependencies=[Depends(_key_check(api_key))])
+    router = APIRouter(prefix="/v1")
     _add_routes(router, app, model_name)
     app.include_router(router)
     return app
-
-
-def _key_check(api_key: str | None):
-    """A dependency refusing requests without ``Bearer <api_key>`` (constant-time compare)."""
-    expected = f"Bearer {api_key}".encode() if api_key else None
-
-    def check(request: Request) -> None:
-        if expected is None:
-            return
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
-            raise APIError(401, "missing or wrong API key: send the header "
-                           "'Authorization: Bearer <key>' with the key the server was started with.",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-    return check
 
 
 def _health(app: FastAPI) -> JSONResponse:

@@ -9,6 +9,7 @@ import uvicorn
 
 from max_jupyter.errors import BadArgumentError, MaxJupyterError
 from max_jupyter.server.app import DEFAULT_MODEL_NAME, create_app
+from max_jupyter.server.gate import DEFAULT_MAX_BODY_BYTES
 from max_jupyter.validation import check_int
 
 START_TIMEOUT_S = 30.0
@@ -18,18 +19,20 @@ STOP_TIMEOUT_S = 10.0
 class BackgroundServer:
     """Serves ``session`` at ``http://host:port`` from a thread (``port=0``: a free port,
     known after ``start``). Binds 127.0.0.1 unless told otherwise; ``api_key`` as in
-    ``create_app``. ``log_level``: uvicorn's loggers' level (warnings only by default, to
+    ``create_app``, as are ``max_queue`` and ``max_body_bytes``. ``log_level``: uvicorn's loggers' level (warnings only by default, to
     keep notebooks quiet; they log through the kernel's own logging set-up)."""
 
     def __init__(self, session, host: str = "127.0.0.1", port: int = 8000,
                  api_key: str | None = None, *, max_queue: int = 8,
-                 model_name: str = DEFAULT_MODEL_NAME, log_level: str = "warning"):
+                 model_name: str = DEFAULT_MODEL_NAME, log_level: str = "warning",
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         if not isinstance(host, str) or not host:
             raise BadArgumentError(f"host={host!r} must be a non-empty str such as '127.0.0.1'.")
         self.session, self.host = session, host
         self.port = check_int("port", port, low=0, high=65535, fix="use 0..65535 (0: any free port)")
         self._requested_port = self.port
-        self.app = create_app(session, api_key=api_key, max_queue=max_queue, model_name=model_name)
+        self.app = create_app(session, api_key=api_key, max_queue=max_queue, model_name=model_name,
+                              max_body_bytes=max_body_bytes)
         self._config = uvicorn.Config(self.app, host=host, port=self.port, log_level=log_level,
                                       log_config=None,  # leave the kernel's logging set-up alone
                                       timeout_graceful_shutdown=2, lifespan="off")

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from max_jupyter.server.app import DEFAULT_MODEL_NAME
+from max_jupyter.server.gate import DEFAULT_MAX_BODY_BYTES
 
 API_KEY_ENV = "MAX_JUPYTER_API_KEY"
 
@@ -32,6 +33,9 @@ def parser() -> argparse.ArgumentParser:
                             f"(default: ${API_KEY_ENV}; none if unset)")
     serve.add_argument("--max-queue", type=int, default=8,
                        help="requests that may wait behind the running one (default 8)")
+    serve.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                       help="larger request bodies are refused with 413 before parsing "
+                            f"(default {DEFAULT_MAX_BODY_BYTES}: 4 MiB)")
     serve.add_argument("--model-name", default=DEFAULT_MODEL_NAME,
                        help=f"the model id clients send (default {DEFAULT_MODEL_NAME!r})")
     serve.add_argument("--backend", default="auto", help="engine backend (default auto)")
@@ -51,7 +55,7 @@ def serve(args: argparse.Namespace) -> None:
     session = Session.load(args.model, args.small, backend=args.backend)
     try:
         app = create_app(session, api_key=args.api_key, max_queue=args.max_queue,
-                         model_name=args.model_name)
+                         model_name=args.model_name, max_body_bytes=args.max_body_bytes)
         uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=2,
                     lifespan="off")
     finally:

@@ -16,18 +16,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from max_jupyter.errors import MaxJupyterError, SessionClosedError
+from max_jupyter.errors import MaxJupyterError, SessionClosedError, one_line
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
                404: "invalid_request_error", 405: "invalid_request_error",
+               413: "invalid_request_error",
                429: "server_overloaded", 503: "server_unavailable"}
 
 
 class APIError(Exception):
-    """An HTTP error with an OpenAI-shaped body; ``headers`` go on the response."""
+    """An HTTP error with an OpenAI-shaped body (its message on one line); ``headers`` go
+    on the response."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
                  code: str | None = None, headers: Mapping[str, str] | None = None):
+        message = one_line(message)  # a quoted exception's text may hold line breaks
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = dict(headers or {})

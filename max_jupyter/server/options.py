@@ -11,7 +11,7 @@ import re
 from collections.abc import Collection
 from typing import Any
 
-from max_jupyter.errors import BadArgumentError
+from max_jupyter.errors import BadArgumentError, ContextOverflowError
 from max_jupyter.orchestrator.options import OPTION_NAMES, GenerationOptions
 from max_jupyter.orchestrator.types import Prompt, prompt_ids
 from max_jupyter.server.errors import APIError
@@ -28,7 +28,11 @@ def generation_options(session, request: ChatRequest | CompletionRequest
     ``session.defaults.system`` first when the messages carry no system turn) and checks
     it and ``max_tokens`` fit the context, the steering names and judges exist.
     """
-    prompt, chat, ids = _prompt(session, request)
+    try:
+        prompt, chat, ids = _prompt(session, request)
+    except ContextOverflowError as e:
+        raise APIError(400, str(e), param="messages" if isinstance(request, ChatRequest) else "prompt",
+                       code="context_length_exceeded") from None
     defaults = session.defaults
     limit = request.limit if request.limit is not None else defaults.max_new_tokens
     room = session.big.max_seq_len - len(ids)

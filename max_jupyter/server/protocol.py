@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from max_jupyter.orchestrator.speculative import MAX_SPECULATE
-from max_jupyter.validation import MAX_SEED
+from max_jupyter.validation import MAX_SEED, check_role
 
 PENALTIES = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},)}
 """Parameters accepted only with these values (or null); anything else is a 400."""
@@ -36,10 +36,16 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    """A chat turn; ``developer`` counts as ``system``; content is text (or text parts)."""
+    """A chat turn; its role is checked by the rule Python uses (``check_role``: ``developer``
+    counts as ``system``); content is text (or text parts)."""
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: str
     content: str | list[TextPart]
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, role: str) -> str:
+        return check_role("role", role)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -53,7 +59,7 @@ class ChatMessage(_Strict):
 
     def as_template_message(self) -> dict[str, str]:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        return {"role": self.role, "content": text}
 
 
 class _GenerationRequest(_Strict):

@@ -73,6 +73,7 @@ class Mix:
             layers: Iterable[int] | None = None) -> None:
         """Add or replace ``name``. Checks the model, the coefficient and the layers first."""
         entry = self._entry(name, vector, coef, layers)
+        _check_total({**self.entries, name: entry})
         with self._lock:
             self._entries[name] = entry
             self._version += 1
@@ -89,11 +90,14 @@ class Mix:
         vector.check_model(self.model)
         coef = check_coef(f"coef for {name!r}", coef)
         layers = vector.select(layers).layers if layers is not None else None  # checked there
-        return MixEntry(vector, coef, layers)
+        entry = MixEntry(vector, coef, layers)
+        entry.effective()  # coef * vector: a non-finite or too large delta is refused here
+        return entry
 
     def set_coef(self, name: str, coef: float) -> None:
         """Change one vector's coefficient (the widget-slider path), atomically."""
         coef = check_coef(f"coef for {name!r}", coef)
+        _check_total({**self.entries, name: replace(self._get(name), coef=coef)})
         with self._lock:
             self._entries[name] = replace(self._get(name), coef=coef)
             self._version += 1
@@ -123,6 +127,9 @@ class Mix:
                 raise fail(f"update[{name!r}]", change, "is not a change of the mix",
                            "give a coefficient, a SteeringVector, (vector, coef) or "
                            "(vector, coef, layers), or None to remove the entry")
+        after = {**current, **{n: e if isinstance(e, MixEntry) else replace(current[n], coef=e)
+                               for n, e in new.items() if e is not None}}
+        _check_total({n: e for n, e in after.items() if new.get(n, e) is not None})
         with self._lock:
             gone = [n for n, e in new.items() if isinstance(e, float) and n not in self._entries]
             if gone:  # removed by another thread since the check: apply nothing
@@ -218,6 +225,12 @@ class Mix:
                  + (f" @ {list(e.layers)}" if e.layers is not None else "")
                  for n, e in self.entries.items()]
         return f"Mix({'; '.join(parts) or 'empty'})"
+
+
+def _check_total(entries: Mapping[str, MixEntry]) -> None:
+    """Refuse a mix whose entries together would add a non-finite or too large delta (the
+    sum is built as a vector, which checks it)."""
+    _sum(e for e in entries.values() if e.coef != 0)
 
 
 def _sum(entries: Iterable[MixEntry]) -> SteeringVector | None:

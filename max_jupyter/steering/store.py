@@ -32,11 +32,13 @@ import numpy as np
 import torch
 
 from max_jupyter.engines.base import ModelIdentity
-from max_jupyter.errors import (BusyError, CorruptFileError, ModelMismatchError, SessionClosedError,
-                                UnknownNameError)
-from max_jupyter.steering.storefile import connect, default_store_path, sqlite_driver
+from max_jupyter.errors import (BusyError, CorruptFileError, MaxJupyterError,
+                                ModelMismatchError, SessionClosedError, UnknownNameError)
+from max_jupyter.steering.storefile import (connect, default_store_path, payload_checksum,
+                                            sqlite_driver)
 from max_jupyter.steering.vector import SteeringVector
-from max_jupyter.validation import check_coef, check_int, check_str_list, check_text, fail
+from max_jupyter.validation import (check_coef, check_int, check_str_list, check_text,
+                                   check_vector_name, fail)
 
 MAX_K = 4096  # sqlite-vec's largest k
 LAYER_SPAN = 1 << 16  # index partition = model_id * LAYER_SPAN + layer
@@ -103,9 +105,9 @@ class VectorStore(MutableMapping):
             raise fail("path", path, f"is a {type(path).__name__}, not a path",
                        "pass a file path, \":memory:\", or None for the default store")
         self._db = sqlite_driver()
-        path = str(default_store_path() if path is None else path)
+        default, path = path is None, str(default_store_path() if path is None else path)
         self.path = path if path == ":memory:" else str(Path(path).expanduser())
-        self._conn = connect(self.path, self._db)
+        self._conn = connect(self.path, self._db, create_folder=default)
         self._lock = threading.RLock()
 
     # -- the mapping ---------------------------------------------------------------------
@@ -149,15 +151,14 @@ class VectorStore(MutableMapping):
         coefficient to apply it with; ``notes``, ``tags``: free text and labels for ``list``.
         One transaction: on any failure nothing is stored.
         """
-        name = _check_name("name", name)
+        name = check_vector_name("name", name)
         if not isinstance(vector, SteeringVector):
             raise fail("vector", vector, f"is a {type(vector).__name__}, not a SteeringVector",
                        "pass a trained or imported SteeringVector")
-        fields = (_optional_text("method", method), _optional_text("source", source),
-                  _pairs_json(pairs), check_coef("coef", coef), check_text("notes", notes),
-                  _now())
-        tags = check_str_list("tags", tags)
+        fields, tags = check_save_fields(method=method, pairs=pairs, source=source, coef=coef,
+                                         notes=notes, tags=tags)
         blobs = [(layer, d.numpy().astype("<f4").tobytes()) for layer, d in vector.directions.items()]
+        checksum = payload_checksum(blobs)
         with self._transaction(write=True) as c:
             model_id = _model_id(c, vector.model, create=True)
             latest = c.execute("SELECT id, version, model_id FROM vectors WHERE name = ? "
@@ -173,8 +174,8 @@ class VectorStore(MutableMapping):
             version = latest[1] + 1 if latest else 1
             vector_id = c.execute(
                 "INSERT INTO vectors (name, version, model_id, method, source, pairs, coef, "
-                "notes, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, version, model_id, *fields)).lastrowid
+                "notes, created, sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, version, model_id, *fields, checksum)).lastrowid
             c.executemany("INSERT INTO tags (vector_id, tag) VALUES (?, ?)",
                           [(vector_id, t) for t in dict.fromkeys(tags)])
             c.executemany("INSERT INTO directions (vector_id, layer, data) VALUES (?, ?, ?)",
@@ -184,12 +185,12 @@ class VectorStore(MutableMapping):
 
     def load(self, name: str, version: int | None = None) -> SteeringVector:
         """The stored vector ``name`` (its latest version, or ``version``), labelled ``name``,
-        bit-for-bit as saved."""
+        bit-for-bit as saved; ``CorruptFileError`` if its directions no longer match the
+        checksum saved with them."""
         with self._transaction() as c:
-            vector_id, model_id = _find(c, name, version)[:2]
-            rows = c.execute("SELECT layer, data FROM directions WHERE vector_id = ? "
-                             "ORDER BY layer", (vector_id,)).fetchall()
-            model = _model(c, model_id)
+            row = _find(c, name, version)
+            rows = self._verified(c, row[0], row[2], row[3])
+            model = _model(c, row[1])
         directions = {layer: torch.from_numpy(np.frombuffer(data, "<f4").astype(np.float32))
                       for layer, data in rows}
         return SteeringVector(directions, model, name)
@@ -232,7 +233,7 @@ class VectorStore(MutableMapping):
 
     def rename(self, old: str, new: str) -> None:
         """Give every version of ``old`` the name ``new`` (which must be free)."""
-        new = _check_name("new", new)
+        new = check_vector_name("new", new)
         with self._transaction(write=True) as c:
             _find(c, old, None)
             if new != old and c.execute("SELECT 1 FROM vectors WHERE name = ?", (new,)).fetchone():
@@ -312,13 +313,18 @@ class VectorStore(MutableMapping):
             return sum(_index(c, vector_id) for (vector_id,) in latest)
 
     def check(self) -> None:
-        """Verify the file (SQLite's ``integrity_check``) and that the index holds exactly
+        """Verify the file (SQLite's ``integrity_check``), every version's directions against
+        its checksum, and that the index holds exactly
         the non-zero directions of every name's latest version; ``CorruptFileError`` if not
         (``rebuild_index`` repairs the index)."""
         with self._transaction() as c:
             problems = c.execute("PRAGMA integrity_check(1)").fetchone()[0]
             if problems != "ok":
-                raise CorruptFileError(f"{self.path} is damaged: {problems}; restore a backup.")
+                raise CorruptFileError(f"{self.path} is damaged (SQLite's integrity_check failed: "
+                                       f"see the error's detail); restore a backup.", detail=problems)
+            for vector_id, name, version in c.execute(
+                    "SELECT id, name, version FROM vectors ORDER BY name, version").fetchall():
+                self._verified(c, vector_id, name, version)
             expected = c.execute(
                 "SELECT d.id, d.data FROM directions d JOIN vectors v ON v.id = d.vector_id "
                 "WHERE v.version = (SELECT max(version) FROM vectors WHERE name = v.name)")
@@ -329,6 +335,18 @@ class VectorStore(MutableMapping):
         if want != have:
             raise CorruptFileError(f"{self.path}: the search index disagrees with the stored "
                                    f"directions ({len(want ^ have)} rows); run rebuild_index().")
+
+    def _verified(self, c, vector_id: int, name: str, version: int) -> list[tuple[int, bytes]]:
+        """The ``(layer, data)`` rows of one version, checked against its saved checksum."""
+        rows = c.execute("SELECT layer, data FROM directions WHERE vector_id = ? ORDER BY layer",
+                         (vector_id,)).fetchall()
+        saved = c.execute("SELECT sha256 FROM vectors WHERE id = ?", (vector_id,)).fetchone()[0]
+        if saved != payload_checksum(rows):
+            raise CorruptFileError(
+                f"{self.path}: vector {name!r} version {version} does not match the checksum "
+                f"saved with it (the file was altered or damaged); delete that version "
+                f"(store.delete({name!r}, {version})) or restore the file from a backup.")
+        return rows
 
     # -- lifetime ------------------------------------------------------------------------
 
@@ -511,6 +529,23 @@ def _active_model(c, model: ModelIdentity | None, layer: int, width: int) -> int
 
 # -- argument checks -------------------------------------------------------------------------
 
+SAVE_FIELDS = ("method", "pairs", "source", "coef", "notes", "tags")
+"""What ``save`` keeps about a version besides its directions."""
+
+
+def check_save_fields(**fields: Any) -> tuple[tuple, tuple[str, ...]]:
+    """Check ``save``'s fields (``SAVE_FIELDS``; others are refused) before anything is
+    computed or written: ``((method, source, pairs JSON, coef, notes, created), tags)``."""
+    unknown = sorted(set(fields) - set(SAVE_FIELDS))
+    if unknown:
+        raise fail("fields", unknown, "are not kept by the vector store",
+                   f"give only {', '.join(SAVE_FIELDS)}")
+    row = (_optional_text("method", fields.get("method")), _optional_text("source", fields.get("source")),
+           _pairs_json(fields.get("pairs")), check_coef("coef", fields.get("coef", 1.0)),
+           check_text("notes", fields.get("notes", "")), _now())
+    return row, check_str_list("tags", fields.get("tags", ()))
+
+
 def _query(query: Any, model: ModelIdentity | None, layer: int | None
            ) -> tuple[torch.Tensor, ModelIdentity, int]:
     """``(direction [hidden] float32, model, layer)`` for a ``nearest`` query."""
@@ -539,14 +574,6 @@ def _query(query: Any, model: ModelIdentity | None, layer: int | None
     if not torch.isfinite(direction).all() or not direction.any():
         raise fail("query", "<tensor>", "is zero or not finite", "give a non-zero finite vector")
     return direction, model, layer
-
-
-def _check_name(arg: str, name: Any) -> str:
-    name = check_text(arg, name)
-    if not name.strip() or name != name.strip() or len(name) > 200:
-        raise fail(arg, name, "is empty, has leading/trailing spaces or is over 200 characters",
-                   "use a short name such as 'happy'")
-    return name
 
 
 def _optional_text(arg: str, value: Any) -> str | None:

@@ -9,7 +9,9 @@ schema -> an error, and the file stays as it was.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import struct
 import time
 import sqlite3 as stdlib_sqlite3
 from pathlib import Path
@@ -49,7 +51,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             UNIQUE (vector_id, layer))""",
         "CREATE INDEX tags_by_tag ON tags(tag)",
     ),
+    (  # 2: a checksum per saved version (``payload_checksum``), filled in for older rows
+        "ALTER TABLE vectors ADD COLUMN sha256 TEXT",
+        lambda conn: _fill_checksums(conn),
+    ),
 )
+"""Each step: SQL statements, or callables of the connection, run in order in one transaction."""
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -105,20 +112,14 @@ def default_store_path() -> Path:
     return Path(user_data_dir("max_jupyter", appauthor=False)) / "vectors.sqlite"
 
 
-def connect(path: str, db: ModuleType):
+def connect(path: str, db: ModuleType, create_folder: bool = False):
     """An open, checked, migrated connection to the store at ``path`` (``":memory:"`` for a
     throwaway one), in autocommit mode (transactions are explicit), usable from any thread
-    (the caller serialises), WAL, foreign keys on, ``busy_timeout`` set, memory-mapped."""
+    (the caller serialises), WAL, foreign keys on, ``busy_timeout`` set, memory-mapped.
+    ``create_folder``: create a missing folder (the default store's own); otherwise a
+    missing folder is refused, naming it, as ``SteeringVector.save`` does."""
     if path != ":memory:":
-        target = Path(path)
-        if target.is_dir():
-            raise BadArgumentError(f"path={path!r} is a folder; give a file such as "
-                                   f"{str(target / 'vectors.sqlite')!r}.")
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise BadArgumentError(f"path={path!r} is in a folder that cannot be created "
-                                   f"({e.strerror or e}); give a path you can write to.") from e
+        _check_folder(Path(path), path, create_folder)
     conn = db.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                       check_same_thread=False)
     try:
@@ -138,6 +139,44 @@ def connect(path: str, db: ModuleType):
         conn.close()
         raise
     return conn
+
+
+def _check_folder(target: Path, path: str, create: bool) -> None:
+    if target.is_dir():
+        raise BadArgumentError(f"path={path!r} is a folder; give a file such as "
+                               f"{str(target / 'vectors.sqlite')!r}.")
+    folder = target.parent
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadArgumentError(f"path={path!r} is in a folder that cannot be created "
+                                   f"({e.strerror or e}); give a path you can write to.") from None
+    elif folder.exists() and not folder.is_dir():
+        raise BadArgumentError(f"path={path!r} is under {str(folder)!r}, which is a file, not a "
+                               f"folder; give a path in a folder.")
+    elif not folder.is_dir():
+        raise BadArgumentError(f"path={path!r} is in the folder {str(folder)!r}, which does not "
+                               f"exist; create it first (Path({str(folder)!r}).mkdir(parents=True)) "
+                               f"or give another path.")
+
+
+def payload_checksum(rows) -> str:
+    """sha256 (hex) of a vector's ``(layer, float32 little-endian bytes)`` rows in layer
+    order: the same as ``SteeringVector.checksum`` of the vector they hold."""
+    h = hashlib.sha256()
+    for layer, data in rows:
+        h.update(struct.pack("<q", layer))
+        h.update(data)
+    return h.hexdigest()
+
+
+def _fill_checksums(conn) -> None:
+    """Migration 2: the checksum of every version saved before checksums were kept."""
+    for (vector_id,) in conn.execute("SELECT id FROM vectors WHERE sha256 IS NULL").fetchall():
+        rows = conn.execute("SELECT layer, data FROM directions WHERE vector_id = ? ORDER BY layer",
+                            (vector_id,)).fetchall()
+        conn.execute("UPDATE vectors SET sha256 = ? WHERE id = ?", (payload_checksum(rows), vector_id))
 
 
 def _prepare_file(conn, path: str, db: ModuleType, attempts: int = 100) -> None:
@@ -180,7 +219,9 @@ def _check_file(conn, path: str, db: ModuleType) -> None:
     if tables:
         problems = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
         if problems != "ok":
-            raise db.DatabaseError(f"damaged: {problems}")
+            raise CorruptFileError(f"{path} is damaged (SQLite's quick_check failed: see the "
+                                   f"error's detail); it was left as it was. Restore it from a "
+                                   f"backup or give another path.", detail=problems)
 
 
 def _migrate(conn) -> None:
@@ -193,7 +234,7 @@ def _migrate(conn) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         for step in MIGRATIONS[version:]:
             for statement in step:
-                conn.execute(statement)
+                statement(conn) if callable(statement) else conn.execute(statement)
         conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")

@@ -7,7 +7,6 @@ shapes or coefficients raise ``BadArgumentError``; a damaged file ``CorruptFileE
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import numbers
 import os
@@ -21,7 +20,9 @@ import torch
 from safetensors.torch import load as load_bytes, save as save_bytes
 
 from max_jupyter.engines.base import ModelIdentity
+from max_jupyter.engines.residual import check_delta_norms
 from max_jupyter.errors import CorruptFileError, ModelMismatchError
+from max_jupyter.steering.storefile import payload_checksum
 from max_jupyter.validation import check_coef, check_layers, check_real, fail, show
 
 FORMAT = "max_jupyter.steering_vector/1"
@@ -32,7 +33,11 @@ class SteeringVector:
 
     ``layer`` i is the residual stream at the output of decoder block i. Construction
     checks the layers (ints in range), each direction's shape (exactly ``[hidden]``: a
-    ``[2, 288]`` tensor is refused, not flattened) and finiteness, and copies the tensors.
+    ``[2, 288]`` tensor is refused, not flattened), finiteness, and copies the tensors. A
+    vector is what coefficient 1 adds, so each direction's norm must be finite and, where
+    the model's typical residual norms are known (``engines.residual``: after an engine of
+    it ran), within ``MAX_DELTA_RATIO`` times them; every sum, product and selection is
+    built here, so ``(v * 1e4) * 1e4`` is refused as it is made.
     """
 
     __slots__ = ("directions", "model", "label")
@@ -50,6 +55,7 @@ class SteeringVector:
         layers = check_layers(model, list(directions), "directions")
         self.directions = {layer: _direction(d, layer, model, label)
                            for layer, d in sorted(zip(layers, directions.values()), key=lambda p: p[0])}
+        check_delta_norms(model, self.directions, f"vector {label!r} (at coefficient 1)")
         self.model = model
         self.label = label
 
@@ -123,12 +129,10 @@ class SteeringVector:
         return {l: (coef * d).to(device, dtype) for l, d in self.directions.items()}
 
     def checksum(self) -> str:
-        """sha256 (hex) of the payload: each layer's index and float32 little-endian bytes."""
-        h = hashlib.sha256()
-        for layer, d in self.directions.items():
-            h.update(struct.pack("<q", layer))
-            h.update(d.contiguous().numpy().astype("<f4").tobytes())
-        return h.hexdigest()
+        """sha256 (hex) of the payload: each layer's index and float32 little-endian bytes
+        (the checksum the store keeps per version, too)."""
+        return payload_checksum((layer, d.contiguous().numpy().astype("<f4").tobytes())
+                                for layer, d in self.directions.items())
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a ``.safetensors`` file: tensors ``direction.<layer>``; metadata: the model
