@@ -7,17 +7,16 @@ Deltas are added there, in the same forward pass that captures hidden states the
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 import torch
 
-from max_jupyter.engines import residual
+import max_jupyter.engines.residual as residual
 from max_jupyter.errors import BackendUnavailableError, ContextOverflowError
-from max_jupyter.validation import (check_deltas, check_hidden_rows, check_int, check_layers,
-                                   check_token_ids)
+from max_jupyter.validation import check_deltas, check_hidden_rows, check_int, check_layers, check_token_ids
 
 if TYPE_CHECKING:
     from max_jupyter.tokenizer import Tokenizer
