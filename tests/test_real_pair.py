@@ -3,7 +3,7 @@ with -0.5B-Instruct (small, same tokenizer), fetched by ``make real-pair``.
 
 Skipped (saying so) unless the pair is fetched, ``MAX_JUPYTER_REAL=1`` or ``CI=true``; in
 the last two cases the fixture fetches what is missing (``pair.fetch``) and never skips.
-Generations stay short (12-24 tokens): the tier runs in minutes on a 2-core CPU.
+Generations stay short (1-24 tokens): the tier runs in minutes on a 2-core CPU.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from conftest import assert_mirrors
 from max_jupyter import pair
 from max_jupyter.session import Session
 from max_jupyter.orchestrator import CognitiveOrchestrator, ProbeJudge, TraceConfig
-from max_jupyter.steering.training import train_vector
+from max_jupyter.steering.controller import SteeringController
+from max_jupyter.steering.training import read_last_token_states, train_vector
 
 pytestmark = pytest.mark.real
 
@@ -123,16 +124,14 @@ def test_a_small_models_probe_judges_the_big_models_text(session):
     1.5B writes for held-out prompts. Floor 0.8: with 6 + 6 generations, labels shuffled at
     random reach it with probability 0.047 (exact, over the 924 splits, printed)."""
     probe = train_vector(session.small, HAPPY, SAD, layers=[PROBE_LAYER], method="mean_diff")
-    states = torch.stack([session.small.prefill(session.small.tokenizer.encode(t, True),
-                                                capture=[PROBE_LAYER]).hidden[PROBE_LAYER][-1]
-                          for t in HAPPY + SAD])
-    unit = probe.directions[PROBE_LAYER] / probe.directions[PROBE_LAYER].norm()
-    projections = states.float() @ unit.float()
+    unit = probe.directions[PROBE_LAYER].float() / probe.directions[PROBE_LAYER].float().norm()
+    projections = read_last_token_states(session.small, HAPPY + SAD, [PROBE_LAYER])[:, 0] @ unit
     threshold = float(projections[:len(HAPPY)].mean() + projections[len(HAPPY):].mean()) / 2
-    judge = ProbeJudge(probe, threshold=threshold, name="happy-probe")
+    judge = ProbeJudge(probe, threshold=threshold, name="happy-probe", mix="watch")
+    session.mixes["watch"] = SteeringController(session.big.identity)  # empty: firing changes no token
     means, fired, labels = [], [], []
     for prompt, label in JUDGED:
-        r = session.generate(prompt, max_new_tokens=16, judges=[judge])
+        r = session.generate(prompt, max_new_tokens=12, judges=[judge])
         scores = r.scores["happy-probe"][1:]  # step 0 reads the prompt's end, not the reply
         means.append(float(scores.mean()))
         fired.append(float((scores > threshold).float().mean()))
