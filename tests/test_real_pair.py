@@ -18,7 +18,7 @@ from max_jupyter import pair
 from max_jupyter.session import Session
 from max_jupyter.orchestrator import CognitiveOrchestrator, ProbeJudge, TraceConfig
 from max_jupyter.steering.controller import SteeringController
-from max_jupyter.steering.training import read_last_token_states, train_vector
+from max_jupyter.steering.training import train_vector
 
 pytestmark = pytest.mark.real
 
@@ -119,14 +119,25 @@ def auroc(scores: list[float], labels: list[int]) -> float:
     return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
 
 
+def reply_scores(small, texts: list[str], unit: torch.Tensor) -> torch.Tensor:
+    """Per text, with it as the reply to a chat prompt: the mean over its tokens of the
+    small model's residual at ``PROBE_LAYER`` projected on ``unit`` (what the judge scores
+    at each step)."""
+    head = small.tokenizer.chat("Write one sentence.")
+    return torch.stack([small.prefill(head + small.tokenizer.encode(t), capture=[PROBE_LAYER])
+                        .hidden[PROBE_LAYER][len(head):].float().mean(0) @ unit for t in texts])
+
+
 def test_a_small_models_probe_judges_the_big_models_text(session):
     """The probe is trained on the 0.5B alone, then reads the 0.5B's mirror of what the
     1.5B writes for held-out prompts. Floor 0.8: with 6 + 6 generations, labels shuffled at
     random reach it with probability 0.047 (exact, over the 924 splits, printed)."""
     probe = train_vector(session.small, HAPPY, SAD, layers=[PROBE_LAYER], method="mean_diff")
     unit = probe.directions[PROBE_LAYER].float() / probe.directions[PROBE_LAYER].float().norm()
-    projections = read_last_token_states(session.small, HAPPY + SAD, [PROBE_LAYER])[:, 0] @ unit
-    threshold = float(projections[:len(HAPPY)].mean() + projections[len(HAPPY):].mean()) / 2
+    # The threshold: midway between the training sentences' scores read as replies (bare
+    # sentences read at their last token sit far from where the judge reads generated text).
+    threshold = float(reply_scores(session.small, HAPPY, unit).mean()
+                      + reply_scores(session.small, SAD, unit).mean()) / 2
     judge = ProbeJudge(probe, threshold=threshold, name="happy-probe", mix="watch")
     session.mixes["watch"] = SteeringController(session.big.identity)  # empty: firing changes no token
     means, fired, labels = [], [], []
@@ -141,7 +152,8 @@ def test_a_small_models_probe_judges_the_big_models_text(session):
                  for pos in itertools.combinations(range(len(labels)), sum(labels))) / 924
     fired_on = [sum(f for f, y in zip(fired, labels) if y == c) / labels.count(c) for c in (1, 0)]
     print(f"\nprobe@{PROBE_LAYER} on the 1.5B's text: held-out AUROC {area:.3f} (chance p={chance:.3f}); "
-          f"fires on {fired_on[0]:.2f} of happy steps, {fired_on[1]:.2f} of sad steps")
+          f"fires on {fired_on[0]:.2f} of happy steps, {fired_on[1]:.2f} of sad steps; "
+          f"threshold {threshold:.2f}, mean scores {[round(m, 2) for m in means]}")
     assert area >= 0.8
     assert fired_on[0] > fired_on[1]
 
