@@ -131,7 +131,8 @@ def reply_scores(small, texts: list[str], unit: torch.Tensor) -> torch.Tensor:
 def test_a_small_models_probe_judges_the_big_models_text(session):
     """The probe is trained on the 0.5B alone, then reads the 0.5B's mirror of what the
     1.5B writes for held-out prompts. Floor 0.8: with 6 + 6 generations, labels shuffled at
-    random reach it with probability 0.047 (exact, over the 924 splits, printed)."""
+    random reach it with probability 0.047 (exact, over the 924 splits, printed). Measured:
+    AUROC 1.0 (p = 0.001); the judge fired on 0.81 of happy steps and 0.32 of sad steps."""
     probe = train_vector(session.small, HAPPY, SAD, layers=[PROBE_LAYER], method="mean_diff")
     unit = probe.directions[PROBE_LAYER].float() / probe.directions[PROBE_LAYER].float().norm()
     # The threshold: midway between the training sentences' scores read as replies (bare
@@ -155,7 +156,7 @@ def test_a_small_models_probe_judges_the_big_models_text(session):
           f"fires on {fired_on[0]:.2f} of happy steps, {fired_on[1]:.2f} of sad steps; "
           f"threshold {threshold:.2f}, mean scores {[round(m, 2) for m in means]}")
     assert area >= 0.8
-    assert fired_on[0] > fired_on[1]
+    assert fired_on[0] > 0.5 > fired_on[1]  # on for most happy steps, off for most sad ones
 
 
 def mood(session, opening: str, steering) -> float:
