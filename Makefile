@@ -1,6 +1,7 @@
 # Two commands for a fresh machine; each sets up what it needs in .venv first.
 #   make quickstart   load the embedded model, generate plain and steered, print both
 #   make test         run the test suite (make test-fast: only the tests not marked slow)
+#   make real-pair    fetch, check and convert the real Qwen2.5-Coder 1.5B/0.5B pair (1.6 GB; docs/real_pair.md)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 # or a CUDA build for a GPU box.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: quickstart test test-fast bench clean-cache
+.PHONY: quickstart test test-fast bench clean-cache real-pair
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,9 @@ bench: $(VENV)/.installed
 	$(PY) bench/cpu_orchestrator.py
 	$(PY) bench/vector_store.py
 	$(PY) bench/server_overhead.py
+
+real-pair: $(VENV)/.installed
+	$(PY) -m max_jupyter.pair
 
 clean-cache: $(VENV)/.installed
 	$(PY) -c "from max_jupyter.models import clear_cache; clear_cache()"

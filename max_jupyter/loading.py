@@ -58,11 +58,20 @@ def choose_backend(backend: str, big: Source) -> str:
     return backend
 
 
+def resolve_name(source: Source) -> Source:
+    """A model name of ``pair.PINNED`` (``"qwen2.5-coder-1.5b"``...) as its fetched GGUF
+    (``ModelSourceError`` naming ``make real-pair`` where not fetched); other sources as they are."""
+    from max_jupyter.pair import PINNED, named_gguf
+
+    return named_gguf(source) if isinstance(source, str) and source in PINNED else source
+
+
 def check_sources(big: Source, small: Source, backend: str = "auto") -> None:
     """Check the backend and that every source holds a model, before anything is loaded,
     converted or freed (``small`` may be None or ``"same"``)."""
     from max_jupyter.models import check_source
 
+    big, small = resolve_name(big), resolve_name(small)
     choose_backend(backend, big)
     check_source(big)
     if small is not None and small != "same":
@@ -76,6 +85,7 @@ def load_models(big: Source, small: Source, *, backend: str = "auto",
     """Load the big engine and, unless ``small`` is None, the small one (``"same"``: the big
     source again, as a separate engine). Returns ``(big, small, memory plan or None)``."""
     check_sources(big, small, backend)
+    big, small = resolve_name(big), resolve_name(small)
     has_small = small is not None
     if small == "same":
         small = big

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("orchestrator",),
     ("steering",),
     ("engines",),
-    ("models", "tokenizer"),
+    ("models", "pair", "tokenizer"),
     ("validation",),
     ("errors",),
 ]

@@ -1,0 +1,74 @@
+"""CPU: the real pair (make real-pair) in fp32 against bf16 — resident memory with both
+models loaded and used, decode tokens/s of the big model alone and with the mirrored small one, and
+whether greedy tokens change (per prompt: the first position where bf16 differs from fp32).
+The dtypes alternate round by round; the table shows medians.
+
+    PYTHONPATH=. python bench/cpu_pair_dtype.py [--tokens 32] [--rounds 2]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import torch
+
+from max_jupyter import Session
+
+PROMPTS = ["Write a Python function that returns the n-th Fibonacci number.",
+           "Explain in two sentences why the sky is blue.",
+           "Write a SQL query that counts orders per customer.",
+           "What is a hash table? Answer briefly."]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+    return kb / 2**20
+
+
+def decode_rate(session: Session, prompt: str, tokens: int, mirror: bool) -> tuple[float, list[int]]:
+    """Decode tokens/s after the first token (the prefill) and the greedy tokens."""
+    stamps: list[float] = []
+    result = session.generate(prompt, max_new_tokens=tokens, ignore_eos=True, mirror=mirror,
+                              on_event=lambda ev: ev.record and stamps.append(time.perf_counter()))
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), result.token_ids
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    rates = {(d, m): [] for d in DTYPES for m in (False, True)}
+    ids, memory = {}, {}
+    for _ in range(args.rounds):
+        for name, dtype in DTYPES.items():
+            gc.collect()
+            before = rss_gb()
+            s = Session.load("qwen2.5-coder-1.5b", small="qwen2.5-coder-0.5b", dtype=dtype,
+                             store=None, progress=False)
+            for prompt in PROMPTS:
+                for mirror in (False, True):
+                    rate, tokens = decode_rate(s, prompt, args.tokens, mirror)
+                    rates[name, mirror].append(rate)
+                    ids[name, prompt] = tokens
+            memory[name] = rss_gb() - before  # after use: fp32 weights are mapped, read on first use
+            s.close()
+            del s
+    print(f"| dtype | RSS of both models, GB | big alone tok/s | big + mirrored small tok/s |")
+    print("|---|---|---|---|")
+    for name in DTYPES:
+        print(f"| {name} | {memory[name]:.1f} | {statistics.median(rates[name, False]):.2f} | "
+              f"{statistics.median(rates[name, True]):.2f} |")
+    print(f"\ngreedy tokens, bf16 against fp32 ({args.tokens} tokens per prompt):")
+    for prompt in PROMPTS:
+        a, b = ids["fp32", prompt], ids["bf16", prompt]
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        print(f"- {prompt!r}: " + ("identical" if first is None else f"first differs at token {first}"))
+
+
+if __name__ == "__main__":
+    main()

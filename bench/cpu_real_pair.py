@@ -1,0 +1,139 @@
+"""CPU benchmark of the real pair (make real-pair): Qwen2.5-Coder-1.5B-Instruct writing,
+Qwen2.5-Coder-0.5B-Instruct mirroring, judging and drafting.
+
+One table. Every row generates over the same four prompts — code and prose, each greedy and
+sampled (temperature 0.7, top-p 0.95, a fixed seed) — the same number of tokens (EOS
+ignored). The rows run interleaved prompt by prompt, so drift of the shared machine hits
+them alike; ratios are against "big alone" (unsteered) and "mirrored loop" (big + mirrored
+small + probe judge, no speculation) of the same steering. Rows with k = 2..6 draft by acceptance
+alone (``pace_speculation`` off: speed against acceptance); "adaptive default" is what a
+user gets with ``speculate=4``: the adaptive draft length with wall-clock pacing. Tokens/s
+count decode only (from the first token to the last). "min x mirrored": the worst prompt's
+ratio to the mirrored loop on that prompt. Steered rows add the big model's "happy" vector
+(coefficient 1 at layers 10-17) at every step. Run time: rows x 4 prompts x ``--tokens``
+tokens; ``--tokens`` and ``--ks`` shorten it.
+
+    PYTHONPATH=. nice -n 10 python bench/cpu_real_pair.py [--tokens 32] [--ks 2,3,4,5,6]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from max_jupyter.orchestrator import CognitiveOrchestrator, ProbeJudge
+from max_jupyter.session import Session
+from max_jupyter.steering.controller import SteeringController
+from max_jupyter.steering.training import read_last_token_states, train_vector
+
+PROMPTS = [("code", "Write a Python function that merges two sorted lists into one sorted list."),
+           ("prose", "Explain to a child why leaves change colour in autumn."),
+           ("code", "Write a JavaScript function that debounces another function."),
+           ("prose", "Describe a quiet morning in a small fishing village.")]
+SAMPLED = {"temperature": 0.7, "top_p": 0.95, "seed": 7}
+MODES = [{}, SAMPLED, SAMPLED, {}]  # code greedy, prose sampled, code sampled, prose greedy
+HAPPY = ["I am so happy today, everything is wonderful.", "What a delightful, joyful surprise!",
+         "This is the best day of my life.", "I love this beautiful sunny morning."]
+SAD = ["I am so sad today, everything is awful.", "What a miserable, painful shock.",
+       "This is the worst day of my life.", "I hate this gloomy, cold morning."]
+PROBE_LAYER, VECTOR_LAYERS = 14, tuple(range(10, 18))
+
+
+def rows(ks: list[int]) -> dict[str, dict]:
+    """Row name -> generation options (``paced``: wall-clock pacing of speculation)."""
+    loop = {"judges": ["sad-probe"]}
+    steered = {**loop, "steering": {"happy": 1.0}}
+    return {"big alone": {"mirror": False},
+            "big + mirrored small": {},
+            "mirrored loop": loop,
+            **{f"mirrored loop + speculate={k}": {**loop, "speculate": k, "paced": False} for k in ks},
+            "mirrored loop + adaptive default (4, paced)": {**loop, "speculate": 4, "paced": True},
+            "mirrored loop steered": steered,
+            "mirrored loop steered + speculate=4": {**steered, "speculate": 4, "paced": False},
+            "mirrored loop steered + adaptive default (4, paced)": {**steered, "speculate": 4, "paced": True}}
+
+
+def decode(session: Session, prompt: str, mode: dict, tokens: int, options: dict) -> tuple[float, int, int, int]:
+    """(decode seconds, decoded tokens, drafted, accepted) of one generation."""
+    options = dict(options)
+    CognitiveOrchestrator.pace_speculation = options.pop("paced", True)
+    stamps: list[float] = []
+    r = session.generate(prompt, max_new_tokens=tokens, ignore_eos=True, **mode, **options,
+                         on_event=lambda ev: ev.record and stamps.append(time.perf_counter()))
+    assert len(r.token_ids) == tokens, (len(r.token_ids), r.finish_reason)
+    return stamps[-1] - stamps[0], len(stamps) - 1, r.drafted_tokens, r.accepted_tokens
+
+
+def setup(session: Session) -> None:
+    """The happy vector (big model, a steered row's steering and the judge's mix) and a probe
+    on the small model that turns it on where the text reads sad (threshold: the midpoint
+    of its projections of the training sentences)."""
+    vector = session.train("happy", HAPPY, SAD, layers=VECTOR_LAYERS, progress=False)
+    cheer = SteeringController(session.big.identity)
+    cheer.set("happy", vector, 1.0)
+    session.mixes["cheer"] = cheer
+    probe = train_vector(session.small, HAPPY, SAD, layers=[PROBE_LAYER], method="mean_diff")
+    unit = probe.directions[PROBE_LAYER].float() / probe.directions[PROBE_LAYER].float().norm()
+    states = read_last_token_states(session.small, HAPPY + SAD, [PROBE_LAYER])[:, 0] @ unit
+    threshold = float(states[:len(HAPPY)].mean() + states[len(HAPPY):].mean()) / 2
+    session.judges["sad-probe"] = ProbeJudge(-probe, threshold=-threshold, mix="cheer", name="sad-probe")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--ks", default="2,3,4,5,6", help="unpaced draft lengths, one row each")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    session = Session.load("qwen2.5-coder-1.5b", small="qwen2.5-coder-0.5b", store=None, progress=False)
+    setup(session)
+    table = rows([int(k) for k in args.ks.split(",")])
+    runs = {name: [] for name in table}  # per prompt: (seconds, tokens, drafted, accepted)
+    session.generate(PROMPTS[0][1], max_new_tokens=4, judges=[])  # warm-up
+    for (kind, prompt), mode in zip(PROMPTS, MODES):
+        for name, options in table.items():
+            options = {"judges": [], **options}
+            runs[name].append(decode(session, prompt, mode, args.tokens, options))
+    dtype, memory = session.big.model.dtype, resident_gb()
+    session.close()
+    report(runs, args.tokens, dtype, memory, time.perf_counter() - start)
+
+
+def resident_gb() -> str:
+    """This process's resident memory now and at its peak (both models and their caches)."""
+    with open("/proc/self/status") as f:
+        kb = {line.split(":")[0]: int(line.split()[1]) for line in f if line.startswith(("VmRSS", "VmHWM"))}
+    return f"resident {kb['VmRSS'] / 2**20:.1f} GB, peak {kb['VmHWM'] / 2**20:.1f} GB"
+
+
+def acceptance(rs: list[tuple], kinds: tuple[str, ...] = ("code", "prose")) -> float | None:
+    """Accepted / drafted tokens over the prompts of ``kinds`` (None: nothing drafted)."""
+    picked = [r for r, (kind, _) in zip(rs, PROMPTS) if kind in kinds]
+    drafted = sum(r[2] for r in picked)
+    return sum(r[3] for r in picked) / drafted if drafted else None
+
+
+def report(runs: dict[str, list[tuple]], tokens: int, dtype: torch.dtype, memory: str,
+           total_s: float) -> None:
+    rate = lambda rs: sum(r[1] for r in rs) / sum(r[0] for r in rs)
+    print(f"\nCPU ({torch.get_num_threads()} threads), Qwen2.5-Coder-1.5B + 0.5B ({dtype}), "
+          f"{tokens} tokens x 4 prompts (code greedy, prose sampled, code sampled, prose "
+          f"greedy); {memory}; total {total_s:.0f} s\n")
+    print("| row | tok/s | x big alone | x mirrored loop | min x mirrored (prompt) | acceptance "
+          "(code / prose) |")
+    print("|---|---|---|---|---|---|")
+    for name, rs in runs.items():
+        alone = runs["big alone"]
+        loop = runs["mirrored loop steered" if "steered" in name else "mirrored loop"]
+        per_prompt = [(r[1] / r[0]) / (m[1] / m[0]) for r, m in zip(rs, loop)]
+        worst = min(range(len(per_prompt)), key=per_prompt.__getitem__)
+        acc = acceptance(rs)
+        acc = "-" if acc is None else f"{acc:.2f} ({acceptance(rs, ('code',)):.2f} / {acceptance(rs, ('prose',)):.2f})"
+        print(f"| {name} | {rate(rs):.2f} | {rate(rs) / rate(alone):.2f} | {rate(rs) / rate(loop):.2f} "
+              f"| {per_prompt[worst]:.2f} ({PROMPTS[worst][0]} {'sampled' if MODES[worst] else 'greedy'}) "
+              f"| {acc} |")
+
+
+if __name__ == "__main__":
+    main()
