@@ -20,10 +20,9 @@ import time
 import torch
 
 from max_jupyter.engines import Engine, TransformersEngine
-from max_jupyter.testing import build_tiny_model
-from max_jupyter.orchestrator import (CognitiveOrchestrator, DivergenceJudge, Never, ProbeJudge,
-                                      TraceConfig, plain)
+from max_jupyter.orchestrator import CognitiveOrchestrator, DivergenceJudge, Never, ProbeJudge, TraceConfig, plain
 from max_jupyter.steering import Mix, train_vector
+from max_jupyter.testing import build_tiny_model
 
 PROMPT = "Write a short paragraph about the sea."
 POSITIVE = ["I love this, it is wonderful!", "Great joy and happiness.", "What a lovely day."]

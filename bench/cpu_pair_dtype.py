@@ -58,7 +58,7 @@ def main() -> None:
             memory[name] = rss_gb() - before  # after use: fp32 weights are mapped, read on first use
             s.close()
             del s
-    print(f"| dtype | RSS of both models, GB | big alone tok/s | big + mirrored small tok/s |")
+    print("| dtype | RSS of both models, GB | big alone tok/s | big + mirrored small tok/s |")
     print("|---|---|---|---|")
     for name in DTYPES:
         print(f"| {name} | {memory[name]:.1f} | {statistics.median(rates[name, False]):.2f} | "

@@ -91,7 +91,7 @@ def main() -> None:
     table = rows([int(k) for k in args.ks.split(",")])
     runs = {name: [] for name in table}  # per prompt: (seconds, tokens, drafted, accepted)
     session.generate(PROMPTS[0][1], max_new_tokens=4, judges=[])  # warm-up
-    for (kind, prompt), mode in zip(PROMPTS, MODES):
+    for (_kind, prompt), mode in zip(PROMPTS, MODES):
         for name, options in table.items():
             options = {"judges": [], **options}
             runs[name].append(decode(session, prompt, mode, args.tokens, options))

@@ -8,7 +8,8 @@ call (prefill of a ~30-token prompt included) for every row alike.
 Our loop is the one generation loop (the orchestrator without a small model or judges,
 recording its trace); the bare loop is the engine alone, the plain loop as it was before it
 became the orchestrator. Targets: steering costs <= 5% against our unsteered loop; our
-unsteered loop is within 10% of HF ``generate`` and within 3% of the bare loop. Usage: ``python bench/cpu_steering.py [--tokens 64] [--rounds 5]``.
+unsteered loop is within 10% of HF ``generate`` and within 3% of the bare loop.
+Usage: ``python bench/cpu_steering.py [--tokens 64] [--rounds 5]``.
 """
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ def main() -> None:
         print(f"{name:30} {med[name]:8.2f} {med[name] / hf:7.3f} {med[name] / base:8.3f} {spread:7.1%}")
     print(f"targets: ours/HF >= 0.90 -> {base / hf:.3f}; "
           f"ours/bare >= 0.97 -> {base / med['bare engine loop']:.3f}; "
-          f"steered/ours >= 0.95 -> {min(med['ours, 1 vector @ 1 layer'], med['ours, 3 vectors @ 3 layers']) / base:.3f}")
+          f"steered/ours >= 0.95 -> "
+          f"{min(med['ours, 1 vector @ 1 layer'], med['ours, 3 vectors @ 3 layers']) / base:.3f}")
 
 
 if __name__ == "__main__":

@@ -41,10 +41,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
 from gpu_tables import render_memory, render_speed
-from max_jupyter.engines.exllamav2 import (ExLlamaV2Engine, drop_zero_gptq_biases, load_pair,
-                                           measure_model, measured_peak)
+
+from max_jupyter.engines.exllamav2 import (
+    ExLlamaV2Engine,
+    drop_zero_gptq_biases,
+    load_pair,
+    measure_model,
+    measured_peak,
+)
 from max_jupyter.orchestrator import CognitiveOrchestrator, ProbeJudge, generate
 from max_jupyter.steering import SteeringVector
 from max_jupyter.testing import write_gptq_rtn

@@ -39,10 +39,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-from gpu_decode import (build_hf, exllamav2_generator, free_gpu, plain_run, repeat, save_gptq,
-                        stamp)
+from gpu_decode import build_hf, exllamav2_generator, free_gpu, plain_run, repeat, save_gptq, stamp
 from gpu_tables import render_speculative
+
 from max_jupyter.engines.exllamav2 import ExLlamaV2Engine
 from max_jupyter.orchestrator import CognitiveOrchestrator
 

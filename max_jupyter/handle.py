@@ -118,7 +118,8 @@ class GenerationHandle:
         seen = 0
         while True:
             with self._cond:
-                if not self._cond.wait_for(lambda: len(self._events) > seen or self.done, timeout):
+                if not self._cond.wait_for(lambda seen=seen: len(self._events) > seen or self.done,
+                                           timeout):
                     raise TimeoutError(f"no event within {timeout} s.")
                 batch, finished = self._events[seen:], self.done
             yield from batch

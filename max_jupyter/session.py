@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import gc
 import itertools
-from concurrent import futures
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from concurrent import futures
 
 from max_jupyter.engines.base import Engine
 from max_jupyter.errors import BadArgumentError, SessionClosedError, UnknownNameError

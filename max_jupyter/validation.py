@@ -150,7 +150,8 @@ def check_role(name: str, role: Any) -> str:
         return ROLE_ALIASES[role]
     if not isinstance(role, str) or role not in CHAT_ROLES:
         raise fail(name, role, "is not a chat role",
-                   f"use one of {'/'.join(CHAT_ROLES)} ({', '.join(f'{a} means {r}' for a, r in ROLE_ALIASES.items())})")
+                   f"use one of {'/'.join(CHAT_ROLES)} "
+                   f"({', '.join(f'{a} means {r}' for a, r in ROLE_ALIASES.items())})")
     return role
 
 
@@ -241,7 +242,7 @@ def check_deltas(identity: ModelShape, deltas: Any) -> dict[int, torch.Tensor]:
     return dict(zip(layers, deltas.values()))
 
 
-def check_hidden_rows(identity: ModelIdentity, hidden: Any) -> torch.Tensor:
+def check_hidden_rows(identity: ModelShape, hidden: Any) -> torch.Tensor:
     """Residual rows for ``Engine.unembed``: a floating-point tensor of shape exactly
     ``[n, hidden]`` with ``n >= 1`` and every value finite."""
     width = identity.hidden_size

@@ -9,9 +9,9 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
@@ -84,7 +84,8 @@ def notebook_imports() -> set[str]:
 
 def test_the_jupyter_extra_covers_what_the_notebooks_and_magics_import():
     installed = {canonicalize_name(Requirement(r).name)
-                 for r in PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"]["jupyter"]}
+                 for r in (PYPROJECT["project"]["dependencies"]
+                           + PYPROJECT["project"]["optional-dependencies"]["jupyter"])}
     dists = importlib.metadata.packages_distributions()
     needed = {m for m in notebook_imports() | {"IPython", "matplotlib", "tqdm", "ipykernel"}
               if m not in sys.stdlib_module_names and m != "max_jupyter"}

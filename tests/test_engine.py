@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
+from conftest import hf_forward
 from max_jupyter.engines import ContextOverflowError
 from max_jupyter.errors import BadArgumentError, ModelSourceError
-from conftest import hf_forward
 
 pytestmark = pytest.mark.slow  # the embedded model
 

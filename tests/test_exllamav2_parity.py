@@ -326,8 +326,15 @@ def test_memory_plan_and_oom(tmp_path, tokenizer_folder):
     reserved plus what mem_get_info shows outside torch: CUDA context, kernels, cuBLAS) stays
     within the plan, part by part, and the plan within the budget; an OOM mid-generation
     leaves the engine usable."""
-    from max_jupyter.engines.exllamav2 import (CONTEXT_OVERHEAD, GiB, VramBudgetError, load_pair,
-                                               measure_model, measured_peak, plan_memory)
+    from max_jupyter.engines.exllamav2 import (
+        CONTEXT_OVERHEAD,
+        GiB,
+        VramBudgetError,
+        load_pair,
+        measure_model,
+        measured_peak,
+        plan_memory,
+    )
     from max_jupyter.testing import write_gptq_rtn
 
     big = build_model("LlamaForCausalLM", tmp_path / "big16", tokenizer_folder)
@@ -401,8 +408,7 @@ def test_orchestrator_overlap_matches_sequential(tmp_path, tokenizer_folder, mon
     runs, with ahead misses taken. A missing stream synchronisation (wait_stream,
     record_stream) reads results before the GPU wrote them and fails this."""
     from max_jupyter.engines.exllamav2 import load_pair
-    from max_jupyter.orchestrator import CognitiveOrchestrator, ProbeJudge, TraceConfig, generate
-    from max_jupyter.orchestrator import cognitive
+    from max_jupyter.orchestrator import CognitiveOrchestrator, ProbeJudge, TraceConfig, cognitive, generate
     from max_jupyter.steering import SteeringVector
     from max_jupyter.testing import write_gptq_rtn
 
@@ -444,7 +450,7 @@ def test_orchestrator_overlap_matches_sequential(tmp_path, tokenizer_folder, mon
                 and all(torch.equal(a.deltas[i], b.deltas[i]) for i in a.deltas))
         parity = Parity()
         for n in range(len(a.steps)):
-            row = lambda r: ForwardResult(r.big_logits[n], {
+            row = lambda r, n=n: ForwardResult(r.big_logits[n], {
                 **{i: h[n:n + 1] for i, h in r.big_hidden.items()},
                 **{10 + i: h[n:n + 1] for i, h in r.small_hidden.items()}})
             parity.add(row(a), row(b))

@@ -15,7 +15,6 @@ from max_jupyter.errors import BadArgumentError, CorruptFileError, ModelMismatch
 from max_jupyter.models import embedded_gguf_path
 from max_jupyter.steering import SteeringVector, export_vector, import_vector
 from max_jupyter.steering.interchange import hint_for
-
 from repeng_support import hf_copy, repeng  # noqa: F401  (fixtures)
 
 MODEL = ModelIdentity("Qwen2ForCausalLM", 8, 48, 1000, "a" * 64)

@@ -9,12 +9,25 @@ import threading
 import pytest
 import torch
 
-from max_jupyter.orchestrator import (Always, CognitiveOrchestrator, ContextMirror, DivergenceJudge,
-                                      FunctionJudge, JudgeContext, JudgeError, MirrorError, Never,
-                                      ProbeJudge, SamplingConfig, TraceConfig, Verdict, plain)
-from max_jupyter.orchestrator.mirror import window_safe
-from max_jupyter.steering import ModelMismatchError, Mix, SteeringVector
 from conftest import assert_mirrors
+from max_jupyter.orchestrator import (
+    Always,
+    CognitiveOrchestrator,
+    ContextMirror,
+    DivergenceJudge,
+    FunctionJudge,
+    JudgeContext,
+    JudgeError,
+    MirrorError,
+    Never,
+    ProbeJudge,
+    SamplingConfig,
+    TraceConfig,
+    Verdict,
+    plain,
+)
+from max_jupyter.orchestrator.mirror import window_safe
+from max_jupyter.steering import Mix, ModelMismatchError, SteeringVector
 
 pytestmark = pytest.mark.slow  # the embedded model and small models
 

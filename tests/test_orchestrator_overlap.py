@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from max_jupyter.orchestrator import (Always, CognitiveOrchestrator, Never, ProbeJudge,
-                                      TraceConfig)
-from max_jupyter.steering import Mix, SteeringVector
 from conftest import assert_mirrors
+from max_jupyter.orchestrator import Always, CognitiveOrchestrator, Never, ProbeJudge, TraceConfig
+from max_jupyter.steering import Mix, SteeringVector
 
 pytestmark = pytest.mark.slow  # the embedded model
 

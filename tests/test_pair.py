@@ -32,7 +32,7 @@ def build_wheel(folder: Path, i: int, chunk: bytes | None, version: str = FAKE.v
     if chunk is not None:
         files[FAKE.chunk(i)] = chunk
     buf = io.StringIO()
-    for name, data in files.items():
+    for name in files:
         buf.write(f"{name},,\n")
     files[f"{info}/RECORD"] = buf.getvalue().encode() + f"{info}/RECORD,,\n".encode()
     path = folder / FAKE.wheel(i)

@@ -11,9 +11,15 @@ from matplotlib.patches import Polygon, Rectangle
 
 from max_jupyter.errors import BadArgumentError
 from max_jupyter.jupyter.lens import logit_lens
+from max_jupyter.jupyter.plots import (
+    divergence,
+    plot_divergence,
+    plot_judges,
+    plot_logit_lens,
+    plot_projection,
+    plot_text,
+)
 from max_jupyter.jupyter.render import token_pieces
-from max_jupyter.jupyter.plots import (divergence, plot_divergence, plot_judges, plot_logit_lens,
-                                       plot_projection, plot_text)
 from max_jupyter.orchestrator import Always, CognitiveOrchestrator, FunctionJudge, TraceConfig
 from max_jupyter.steering import Mix
 
@@ -39,7 +45,8 @@ def shaded_spans(fig: Figure) -> list[tuple[float, float]]:
     out = []
     for patch in ax.patches:
         if isinstance(patch, (Rectangle, Polygon)):
-            xs = patch.get_xy()[:, 0] if isinstance(patch, Polygon) else [patch.get_x(), patch.get_x() + patch.get_width()]
+            xs = (patch.get_xy()[:, 0] if isinstance(patch, Polygon)
+                  else [patch.get_x(), patch.get_x() + patch.get_width()])
             out.append((min(xs), max(xs)))
     return sorted(out)
 

@@ -15,8 +15,8 @@ import torch
 
 from conftest import assert_mirrors
 from max_jupyter import pair
-from max_jupyter.session import Session
 from max_jupyter.orchestrator import CognitiveOrchestrator, ProbeJudge, TraceConfig
+from max_jupyter.session import Session
 from max_jupyter.steering.controller import SteeringController
 from max_jupyter.steering.training import train_vector
 

@@ -144,8 +144,9 @@ def test_text_is_escaped(engine):
 
 
 def test_pretty_is_the_summary_then_the_text(result):
-    from IPython.lib.pretty import PrettyPrinter
     import io
+
+    from IPython.lib.pretty import PrettyPrinter
 
     out = io.StringIO()
     printer = PrettyPrinter(out)
@@ -157,6 +158,6 @@ def test_pretty_is_the_summary_then_the_text(result):
 
 
 def test_trace_tensors_are_detached_cpu(result):
-    for layer, h in result.big_hidden.items():
+    for _layer, h in result.big_hidden.items():
         assert h.shape == (len(result.steps), 576) and h.device.type == "cpu" and not h.requires_grad
     assert result.steered.dtype == torch.bool

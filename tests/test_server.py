@@ -420,7 +420,8 @@ def test_live_mix_change_mid_stream_applies_from_the_next_token(session, client)
     switch = changes[1]["step"]
     assert lo <= switch <= hi + 1 and switch < 40
     steps = session.last.steps
-    assert all(s.live_coefs == {} for s in steps[:switch]) and all(s.live_coefs == {"happy": 6.0} for s in steps[switch:])
+    assert all(s.live_coefs == {} for s in steps[:switch])
+    assert all(s.live_coefs == {"happy": 6.0} for s in steps[switch:])
     assert session.last.token_ids[:switch] == plain.token_ids[:switch]
     assert session.last.token_ids != plain.token_ids
 

@@ -12,10 +12,15 @@ import pytest
 import torch
 
 from max_jupyter import Session
-from max_jupyter.errors import (BackendUnavailableError, BadArgumentError, BusyError,
-                                ModelSourceError, SessionClosedError, UnknownNameError)
-from max_jupyter.orchestrator import (Always, DivergenceJudge, FunctionJudge, GenerationOptions,
-                                      SamplingConfig, generate)
+from max_jupyter.errors import (
+    BackendUnavailableError,
+    BadArgumentError,
+    BusyError,
+    ModelSourceError,
+    SessionClosedError,
+    UnknownNameError,
+)
+from max_jupyter.orchestrator import Always, DivergenceJudge, FunctionJudge, GenerationOptions, SamplingConfig, generate
 from max_jupyter.orchestrator.mirror import MirrorError
 from max_jupyter.orchestrator.sampling import Sampler
 from max_jupyter.orchestrator.types import prompt_ids
@@ -129,7 +134,7 @@ def test_mix_update_lands_whole_at_a_step_boundary(engine, vector):
 
 def test_stop_ends_within_one_step(session):
     h = session.start(PROMPT, max_new_tokens=300, ignore_eos=True)
-    for event in h.events(timeout=60):
+    for _event in h.events(timeout=60):
         if h.step >= 3:
             break
     seen = h.step
@@ -212,7 +217,7 @@ def test_ctrl_c_while_waiting_returns_the_partial_result(session):
     assert session.generate(PROMPT, max_new_tokens=3).token_ids  # usable afterwards
 
 
-def reference_loop(engine, ids, n, deltas=None, sampling=SamplingConfig()) -> list[int]:
+def reference_loop(engine, ids, n, deltas=None, sampling=SamplingConfig()) -> list[int]:  # noqa: B008 (frozen)
     """The plain loop as it was before it became the orchestrator: prefill, sample, step."""
     sampler, out = Sampler(sampling), []
     logits = engine.prefill(ids, deltas).logits

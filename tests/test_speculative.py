@@ -17,16 +17,25 @@ from collections.abc import Callable, Sequence
 import pytest
 import torch
 
+from conftest import assert_mirrors
 from max_jupyter.engines import TransformersEngine
 from max_jupyter.errors import BackendUnavailableError, BadArgumentError
-from max_jupyter.orchestrator import (CognitiveOrchestrator, FunctionJudge, JudgeContext, Never,
-                                      ProbeJudge, Sampler, SamplingConfig, TraceConfig, Verdict)
+from max_jupyter.orchestrator import (
+    CognitiveOrchestrator,
+    FunctionJudge,
+    JudgeContext,
+    Never,
+    ProbeJudge,
+    Sampler,
+    SamplingConfig,
+    TraceConfig,
+    Verdict,
+    speculative,
+)
 from max_jupyter.orchestrator.judges import NO_MIXES
-from max_jupyter.orchestrator import speculative
 from max_jupyter.orchestrator.speculative import DraftLength
 from max_jupyter.steering import Mix, SteeringVector
 from max_jupyter.testing import build_tiny_model
-from conftest import assert_mirrors
 
 pytestmark = pytest.mark.slow  # the embedded model drafting for itself
 

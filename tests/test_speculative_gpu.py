@@ -7,12 +7,18 @@ Random 4-layer GPTQ models from the parity tests' builder. Run with the GPU suit
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from test_exllamav2_parity import (QUANT_REL, QUANT_TOP1, Parity, build_model, copy_tokenizer,
-                                   load_exl, reference, tokenizer_folder)  # noqa: F401 (a fixture)
+from test_exllamav2_parity import (
+    QUANT_REL,
+    QUANT_TOP1,
+    Parity,
+    build_model,
+    copy_tokenizer,
+    load_exl,  # noqa: F401 (a fixture)
+    reference,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]  # skipped without CUDA or exllamav2 (conftest.py)
 HIDDEN, VOCAB = 512, 49152

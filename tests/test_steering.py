@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from max_jupyter.errors import BadArgumentError
-from max_jupyter.steering import ModelMismatchError, Mix, SteeringVector, train_vector
+from max_jupyter.steering import Mix, ModelMismatchError, SteeringVector, train_vector
 
 pytestmark = pytest.mark.slow  # the embedded model
 

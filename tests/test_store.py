@@ -20,12 +20,16 @@ import pytest
 import torch
 
 from max_jupyter.engines.base import ModelIdentity
-from max_jupyter.errors import (BackendUnavailableError, BadArgumentError, CorruptFileError,
-                                ModelMismatchError, SessionClosedError)
+from max_jupyter.errors import (
+    BackendUnavailableError,
+    BadArgumentError,
+    CorruptFileError,
+    ModelMismatchError,
+    SessionClosedError,
+)
 from max_jupyter.orchestrator import CognitiveOrchestrator, TraceConfig
-from max_jupyter.steering import SteeringVector
+from max_jupyter.steering import SteeringVector, storefile
 from max_jupyter.steering.store import UnknownVectorError, VectorStore
-from max_jupyter.steering import storefile
 from max_jupyter.steering.storefile import SCHEMA_VERSION, default_store_path, load_sqlite_vec
 
 MODEL = ModelIdentity("LlamaForCausalLM", 6, 64, 1000, "a" * 64)

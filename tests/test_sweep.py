@@ -5,7 +5,6 @@ glyphs."""
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import warnings
 

@@ -10,7 +10,6 @@ import torch
 from max_jupyter.errors import BadArgumentError
 from max_jupyter.steering import train_vector
 from max_jupyter.steering.training import METHODS, pca_diff_unit, svd_diff
-
 from repeng_support import hf_copy, repeng  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow  # the embedded model (against repeng)

@@ -10,10 +10,10 @@ import html
 import json
 import re
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from jupyter_kernels import IPYKERNEL_MAJORS, Kernel, ipykernel_env
 

@@ -13,8 +13,7 @@ from collections.abc import Collection
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from max_jupyter.engines.base import (Engine, ForwardResult, LayerDeltas, ModelIdentity,
-                                      embedding_fingerprint)
+from max_jupyter.engines.base import Engine, ForwardResult, LayerDeltas, ModelIdentity, embedding_fingerprint
 from max_jupyter.models import resolve_hf_folder
 from max_jupyter.tokenizer import Tokenizer
 from max_jupyter.validation import check_device, check_dtype, check_max_seq_len

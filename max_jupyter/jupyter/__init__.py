@@ -9,8 +9,14 @@ from __future__ import annotations
 from max_jupyter.jupyter.extension import load as load_ipython_extension
 from max_jupyter.jupyter.extension import unload as unload_ipython_extension
 from max_jupyter.jupyter.lens import LogitLens, logit_lens
-from max_jupyter.jupyter.plots import (divergence, plot_divergence, plot_judges, plot_logit_lens,
-                                       plot_projection, plot_sweep)
+from max_jupyter.jupyter.plots import (
+    divergence,
+    plot_divergence,
+    plot_judges,
+    plot_logit_lens,
+    plot_projection,
+    plot_sweep,
+)
 from max_jupyter.jupyter.render import result_html, summary
 from max_jupyter.jupyter.sweep import Sweep, run_sweep
 

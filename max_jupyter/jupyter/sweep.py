@@ -15,8 +15,8 @@ from max_jupyter.engines.base import Engine
 from max_jupyter.errors import BadArgumentError
 from max_jupyter.evaluation.degeneracy import COLLAPSED, Degeneracy, degeneracy
 from max_jupyter.jupyter.render import token_pieces
-from max_jupyter.orchestrator.options import GenerationOptions
 from max_jupyter.jupyter.steerspec import SteerTerm, spec_mix
+from max_jupyter.orchestrator.options import GenerationOptions
 from max_jupyter.orchestrator.trace import GenerationResult
 
 MAX_ROWS = 101
@@ -198,8 +198,8 @@ def run_sweep(session, prompt: str, term: SteerTerm, coefs: Sequence[float],
             sweep.rows.append(row)
             if result.finish_reason == "interrupted":
                 break
-            row.perplexity = session.run(lambda s: perplexity(s.big, result.prompt_ids,
-                                                              result.token_ids))
+            ids = (result.prompt_ids, result.token_ids)
+            row.perplexity = session.run(lambda s, ids=ids: perplexity(s.big, *ids))
     except KeyboardInterrupt:
         pass  # the rows so far are the result
     return sweep

@@ -56,11 +56,18 @@ import torch
 
 from max_jupyter.engines.base import Engine, ForwardResult, LayerDeltas, check_layers, check_room
 from max_jupyter.errors import BadArgumentError, warn_deprecated
-from max_jupyter.orchestrator.judges import (NO_MIXES, Judge, JudgeContext, JudgeError, JudgeLike,
-                                             as_judges, check_judges)
+from max_jupyter.orchestrator.judges import (
+    NO_MIXES,
+    Judge,
+    JudgeContext,
+    JudgeError,
+    JudgeLike,
+    as_judges,
+    check_judges,
+)
 from max_jupyter.orchestrator.mirror import ContextMirror, shares_vocabulary
-from max_jupyter.orchestrator.resolver import SteeringResolver
 from max_jupyter.orchestrator.options import GenerationOptions, merge_options
+from max_jupyter.orchestrator.resolver import SteeringResolver
 from max_jupyter.orchestrator.sampling import Sampler
 from max_jupyter.orchestrator.speculative import Block, DraftLength, SmallState, draft_and_verify
 from max_jupyter.orchestrator.stopping import StopStrings

@@ -27,8 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from max_jupyter.engines.base import ModelIdentity, check_layers
-from max_jupyter.errors import (BadArgumentError, MaxJupyterError, UnknownNameError,
-                                 warn_deprecated)
+from max_jupyter.errors import BadArgumentError, MaxJupyterError, UnknownNameError, warn_deprecated
 from max_jupyter.steering.vector import ModelMismatchError, SteeringVector
 
 DEFAULT_MIX = "default"

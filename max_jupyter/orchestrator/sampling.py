@@ -1,14 +1,11 @@
 """Choosing the next token from logits: greedy, or temperature / top-k / top-p with a seed."""
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from max_jupyter.validation import (MAX_SEED, MAX_TEMPERATURE, check_int, check_real, check_stop,
-                                    check_type)
+from max_jupyter.validation import MAX_SEED, MAX_TEMPERATURE, check_int, check_real
 
 
 @dataclass(frozen=True)

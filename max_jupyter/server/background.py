@@ -19,8 +19,9 @@ STOP_TIMEOUT_S = 10.0
 class BackgroundServer:
     """Serves ``session`` at ``http://host:port`` from a thread (``port=0``: a free port,
     known after ``start``). Binds 127.0.0.1 unless told otherwise; ``api_key`` as in
-    ``create_app``, as are ``max_queue`` and ``max_body_bytes``. ``log_level``: uvicorn's loggers' level (warnings only by default, to
-    keep notebooks quiet; they log through the kernel's own logging set-up)."""
+    ``create_app``, as are ``max_queue`` and ``max_body_bytes``. ``log_level``: uvicorn's
+    loggers' level (warnings only by default, to keep notebooks quiet; they log through the
+    kernel's own logging set-up)."""
 
     def __init__(self, session, host: str = "127.0.0.1", port: int = 8000,
                  api_key: str | None = None, *, max_queue: int = 8,

@@ -32,13 +32,16 @@ import numpy as np
 import torch
 
 from max_jupyter.engines.base import ModelIdentity
-from max_jupyter.errors import (BusyError, CorruptFileError, MaxJupyterError,
-                                ModelMismatchError, SessionClosedError, UnknownNameError)
-from max_jupyter.steering.storefile import (connect, default_store_path, payload_checksum,
-                                            sqlite_driver)
+from max_jupyter.errors import (
+    BusyError,
+    CorruptFileError,
+    ModelMismatchError,
+    SessionClosedError,
+    UnknownNameError,
+)
+from max_jupyter.steering.storefile import connect, default_store_path, payload_checksum, sqlite_driver
 from max_jupyter.steering.vector import SteeringVector
-from max_jupyter.validation import (check_coef, check_int, check_str_list, check_text,
-                                   check_vector_name, fail)
+from max_jupyter.validation import check_coef, check_int, check_str_list, check_text, check_vector_name, fail
 
 MAX_K = 4096  # sqlite-vec's largest k
 LAYER_SPAN = 1 << 16  # index partition = model_id * LAYER_SPAN + layer

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3 as stdlib_sqlite3
 import struct
 import time
-import sqlite3 as stdlib_sqlite3
 from pathlib import Path
 from types import ModuleType
 

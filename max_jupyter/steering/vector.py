@@ -17,7 +17,8 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_bytes, save as save_bytes
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 from max_jupyter.engines.base import ModelIdentity
 from max_jupyter.engines.residual import check_delta_norms

@@ -46,12 +46,19 @@ from collections.abc import Collection, Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from max_jupyter.engines.base import (Engine, ForwardResult, ModelIdentity,
-                                      embedding_fingerprint)
+from max_jupyter.engines.base import Engine, ForwardResult, ModelIdentity, embedding_fingerprint
 from max_jupyter.engines.exllamav2.folder import import_exllamav2, read_raw_config
-from max_jupyter.engines.exllamav2.plan import (BUCKET, CONTEXT_OVERHEAD, GiB, MemoryPlan,
-                                                VramBudgetError, check_plan_args, measure_model,
-                                                plan_memory, round_up)
+from max_jupyter.engines.exllamav2.plan import (
+    BUCKET,
+    CONTEXT_OVERHEAD,
+    GiB,
+    MemoryPlan,
+    VramBudgetError,
+    check_plan_args,
+    measure_model,
+    plan_memory,
+    round_up,
+)
 from max_jupyter.tokenizer import Tokenizer
 
 MAX_GRAPHS = 32  # direct-pass graphs kept per engine (oldest dropped first)
@@ -86,7 +93,7 @@ def load_engines(folders: Sequence[tuple[str, str | os.PathLike]], max_vram_gb: 
     torch.cuda.set_per_process_memory_fraction(min(1.0, (held + plan.budget - CONTEXT_OVERHEAD) / total))
     engines = []
     try:
-        for (name, folder), (_, model) in zip(folders, measured):
+        for (_name, folder), (_, model) in zip(folders, measured):
             model.config.max_seq_len = plan.cache_tokens
             model.load()
             cache = exl.ExLlamaV2Cache(model, batch_size=1, max_seq_len=plan.cache_tokens)

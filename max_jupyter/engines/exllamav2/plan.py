@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from max_jupyter.engines.exllamav2.folder import (drop_zero_gptq_biases, import_exllamav2,
-                                                  read_config, read_raw_config)
+from max_jupyter.engines.exllamav2.folder import drop_zero_gptq_biases, import_exllamav2, read_config, read_raw_config
 from max_jupyter.errors import BadArgumentError, MaxJupyterError
 from max_jupyter.validation import check_int, check_real
 

@@ -15,8 +15,7 @@ magic is one function of its module (``load``, ``generate``, ``steer``, ``judge`
 from __future__ import annotations
 
 from IPython.core.error import UsageError
-from IPython.core.magic import (Magics, cell_magic, line_cell_magic, line_magic, magics_class,
-                                no_var_expand)
+from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class, no_var_expand
 from IPython.utils.text import DollarFormatter
 from traitlets import Bool, Float, Integer, TraitError, Unicode, validate
 from traitlets.config import Configurable

@@ -8,8 +8,15 @@ from pathlib import Path
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from max_jupyter.jupyter.magics.arguments import (layers_arg, mix_line, number, parse_tokens,
-                                                  positional, span, split_line)
+from max_jupyter.jupyter.magics.arguments import (
+    layers_arg,
+    mix_line,
+    number,
+    parse_tokens,
+    positional,
+    span,
+    split_line,
+)
 from max_jupyter.jupyter.steerspec import SteerTerm, lookup_vector, spec_mix
 
 
