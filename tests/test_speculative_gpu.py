@@ -16,8 +16,9 @@ from test_exllamav2_parity import (
     Parity,
     build_model,
     copy_tokenizer,
-    load_exl,  # noqa: F401 (a fixture)
+    load_exl,
     reference,
+    tokenizer_folder,  # noqa: F401 (a fixture)
 )
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]  # skipped without CUDA or exllamav2 (conftest.py)

@@ -6,8 +6,6 @@ widgets (``Mixer``, ``TokenView``, ``LiveView``: ipywidgets, anywidget; imported
 """
 from __future__ import annotations
 
-from max_jupyter.jupyter.extension import load as load_ipython_extension
-from max_jupyter.jupyter.extension import unload as unload_ipython_extension
 from max_jupyter.jupyter.lens import LogitLens, logit_lens
 from max_jupyter.jupyter.plots import (
     divergence,
@@ -35,3 +33,17 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(_WIDGETS[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
+def load_ipython_extension(shell) -> None:
+    """``%load_ext max_jupyter.jupyter``: as ``%load_ext max_jupyter`` (IPython is imported
+    only now, so the lens and plots work where it is absent)."""
+    from max_jupyter.jupyter.extension import load
+
+    load(shell)
+
+
+def unload_ipython_extension(shell) -> None:
+    """Undo ``load_ipython_extension``."""
+    from max_jupyter.jupyter.extension import unload
+
+    unload(shell)
