@@ -24,7 +24,7 @@ import torch
 
 from max_jupyter.orchestrator import CognitiveOrchestrator, ProbeJudge
 from max_jupyter.session import Session
-from max_jupyter.steering.controller import SteeringController
+from max_jupyter.steering.mix import Mix
 from max_jupyter.steering.training import read_last_token_states, train_vector
 
 PROMPTS = [("code", "Write a Python function that merges two sorted lists into one sorted list."),
@@ -70,14 +70,14 @@ def setup(session: Session) -> None:
     on the small model that turns it on where the text reads sad (threshold: the midpoint
     of its projections of the training sentences)."""
     vector = session.train("happy", HAPPY, SAD, layers=VECTOR_LAYERS, progress=False)
-    cheer = SteeringController(session.big.identity)
+    cheer = Mix(session.big.identity)
     cheer.set("happy", vector, 1.0)
-    session.mixes["cheer"] = cheer
     probe = train_vector(session.small, HAPPY, SAD, layers=[PROBE_LAYER], method="mean_diff")
     unit = probe.directions[PROBE_LAYER].float() / probe.directions[PROBE_LAYER].float().norm()
     states = read_last_token_states(session.small, HAPPY + SAD, [PROBE_LAYER])[:, 0] @ unit
     threshold = float(states[:len(HAPPY)].mean() + states[len(HAPPY):].mean()) / 2
-    session.judges["sad-probe"] = ProbeJudge(-probe, threshold=-threshold, mix="cheer", name="sad-probe")
+    session.add_judge("sad-probe", ProbeJudge(-probe, threshold=-threshold, mix="cheer", name="sad-probe"),
+                      mixes={"cheer": cheer})
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from conftest import assert_mirrors
 from max_jupyter import pair
 from max_jupyter.orchestrator import CognitiveOrchestrator, ProbeJudge, TraceConfig
 from max_jupyter.session import Session
-from max_jupyter.steering.controller import SteeringController
+from max_jupyter.steering.mix import Mix
 from max_jupyter.steering.training import train_vector
 
 pytestmark = pytest.mark.real
@@ -140,7 +140,7 @@ def test_a_small_models_probe_judges_the_big_models_text(session):
     threshold = float(reply_scores(session.small, HAPPY, unit).mean()
                       + reply_scores(session.small, SAD, unit).mean()) / 2
     judge = ProbeJudge(probe, threshold=threshold, name="happy-probe", mix="watch")
-    session.mixes["watch"] = SteeringController(session.big.identity)  # empty: firing changes no token
+    session.mixes["watch"] = Mix(session.big.identity)  # empty: firing changes no token
     means, fired, labels = [], [], []
     for prompt, label in JUDGED:
         r = session.generate(prompt, max_new_tokens=12, judges=[judge])
