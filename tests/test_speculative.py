@@ -83,7 +83,7 @@ def assert_same(plain, spec) -> None:
     assert b.token_ids == a.token_ids and b.text == a.text
     assert b.finish_reason == a.finish_reason
     assert b.small_ids == a.small_ids and (big_b, small_b) == (big_a, small_a)
-    for field in ("token", "sampler_prob", "model_prob", "steered", "live_coefs", "mixes_on", "rerun",
+    for field in ("token", "sampler_prob", "steered", "live_coefs", "mixes_on", "rerun",
                   "unsteered_token"):
         assert [getattr(r, field) for r in b.steps] == [getattr(r, field) for r in a.steps], field
     assert [list(r.scores) for r in b.steps] == [list(r.scores) for r in a.steps]
