@@ -94,7 +94,8 @@ def assert_same(plain, spec) -> None:
     assert b.token_ids == a.token_ids and b.text == a.text
     assert b.finish_reason == a.finish_reason
     assert b.small_ids == a.small_ids and (big_b, small_b) == (big_a, small_a)
-    for field in ("token", "prob", "steered", "mix", "steering", "rerun", "unsteered_token"):
+    for field in ("token", "sampler_prob", "steered", "live_coefs", "mixes_on", "rerun",
+                  "unsteered_token"):
         assert [getattr(r, field) for r in b.steps] == [getattr(r, field) for r in a.steps], field
     assert [list(r.scores) for r in b.steps] == [list(r.scores) for r in a.steps]
     for name, scores in a.scores.items():
