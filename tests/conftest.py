@@ -56,6 +56,17 @@ def scripted_session(drafter: bool = False, seconds_per_pass: float = 0.001):
     return Session(big, small, vectors={})
 
 
+@pytest.fixture()
+def session(engine):
+    """A Session over the shared embedded engine (no small model, vectors in memory),
+    closed after the test; modules that need another session define their own."""
+    from max_jupyter.session import Session
+
+    s = Session(engine)
+    yield s
+    s.close()
+
+
 @pytest.fixture(scope="session")
 def hf_model(engine):
     """The engine's underlying HF model, for reference forwards outside the engine."""

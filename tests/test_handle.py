@@ -7,18 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
-
-from max_jupyter.session import Session
-
 STEPS = 12
-
-
-@pytest.fixture()
-def session(engine):
-    s = Session(engine)
-    yield s
-    s.close()
 
 
 class Recorder:

@@ -2,7 +2,6 @@
 stop generations, the live mix changes whole at step boundaries, failures stay contained."""
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import threading
@@ -30,14 +29,6 @@ pytestmark = pytest.mark.slow  # Sessions of the embedded model
 
 PROMPT = "Name three colours."
 N = 10
-
-
-@pytest.fixture()
-def session(engine):
-    """A session over the shared embedded engine (no small model, vectors in memory)."""
-    s = Session(engine)
-    yield s
-    s.close()
 
 
 def alone(engine, prompt=PROMPT, **options) -> list[int]:
@@ -144,28 +135,6 @@ def test_stop_ends_within_one_step(session):
     assert seen <= len(r.steps) <= seen + 1
     h.stop()  # a no-op once finished
     assert h.state == "stopped"
-
-
-def test_await_handle_leaves_the_event_loop_free(session, engine):
-    want = alone(engine, max_new_tokens=N)
-
-    async def main():
-        h = session.start(PROMPT, max_new_tokens=N)
-        ticks = 0
-
-        async def ticker():
-            nonlocal ticks
-            while not h.done:
-                ticks += 1
-                await asyncio.sleep(0.005)
-
-        task = asyncio.create_task(ticker())
-        result = await h
-        await task
-        return result, ticks
-
-    result, ticks = asyncio.run(main())
-    assert result.token_ids == want and ticks >= 3
 
 
 def test_events_arrive_in_order_and_replay(session):
