@@ -20,7 +20,7 @@ from max_jupyter.session import Session
 from max_jupyter.steering.mix import Mix
 from max_jupyter.steering.training import train_vector
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.slow]  # the real pair: minutes of CPU (make test-fast leaves it out)
 
 REQUIRED = os.environ.get("MAX_JUPYTER_REAL") == "1" or os.environ.get("CI", "").lower() == "true"
 CODE = "Write a Python function is_prime(n) that tests whether n is prime."
