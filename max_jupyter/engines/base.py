@@ -291,10 +291,11 @@ class BatchEngine(Engine):
 
     def prefill_batch(self, prompts: Sequence[Sequence[int]],
                       deltas: Sequence[LayerDeltas | None] | None = None,
-                      capture: Collection[int] = (), reserve: int = 0) -> dict[int, ForwardResult]:
+                      capture: Collection[int] = (), reserve: int | Sequence[int] = 0
+                      ) -> dict[int, ForwardResult]:
         """Empty the batch cache and feed ``prompts[i]`` as row ``i``, adding ``deltas[i]``
         (None: no deltas for any row) and capturing ``capture`` in every row; ``reserve``:
-        the tokens each row will still be fed (checked against the context and memory
+        the tokens each row will still be fed (one int for all, or one per row) (checked against the context and memory
         now). Returns row -> its ``ForwardResult`` (``hidden`` rows ``[len(prompts[i]),
         hidden]``). Checked first: a refused call keeps the batch cache."""
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
@@ -303,8 +304,13 @@ class BatchEngine(Engine):
         if deltas is not None and (not isinstance(deltas, Sequence) or len(deltas) != len(ids)):
             raise fail("deltas", deltas, f"is not a list of {len(ids)} (one per row)",
                        "pass one LayerDeltas or None per row, or None for no deltas")
-        reserve = check_int("reserve", reserve, low=0, fix="pass the tokens still to come, >= 0")
-        self.check_batch([len(p) + reserve for p in ids])
+        if isinstance(reserve, Sequence) and len(reserve) == len(ids):
+            reserve = [check_int(f"reserve[{r}]", n, low=0, fix="pass the tokens still to come, >= 0")
+                       for r, n in enumerate(reserve)]
+        else:
+            reserve = [check_int("reserve", reserve, low=0, fix="pass the tokens still to come "
+                                 "(>= 0), one int or one per row")] * len(ids)
+        self.check_batch([len(p) + n for p, n in zip(ids, reserve)])
         layers = frozenset(check_layers(self.identity, capture, "capture"))
         if residual.known(self.identity) is None and self.seq_len == 0:
             residual.measure(self)  # the bound needs the norms; the single cache is empty anyway
