@@ -17,11 +17,14 @@ from max_jupyter.handle import CallJob, GenerationHandle
 from max_jupyter.loading import Source, check_sources, load_models
 from max_jupyter.orchestrator.cognitive import CognitiveOrchestrator, PreparedRun, check_judges_fit
 from max_jupyter.orchestrator.judges import Judge
-from max_jupyter.orchestrator.mirror import ContextMirror
+from max_jupyter.orchestrator.mirror import ContextMirror, shares_vocabulary
 from max_jupyter.orchestrator.options import CallSteering, GenerationOptions, merge_options
 from max_jupyter.orchestrator.trace import GenerationResult, StepEvent
 from max_jupyter.orchestrator.types import Prompt, as_mix, run_to_end
+from max_jupyter.steering.concepts import concept, concept_layers, is_concept
+from max_jupyter.steering.concepts import library as concept_library
 from max_jupyter.steering.mix import Mix
+from max_jupyter.steering.probe import ConceptProbe, fit_probe
 from max_jupyter.steering.vector import SteeringVector
 from max_jupyter.validation import check_layers, check_vector_name, fail
 from max_jupyter.worker import Worker
@@ -56,6 +59,7 @@ class Session:
         self._worker = Worker(f"max_jupyter-session-{next(_ids)}")
         self._closed = False
         self._owns_store = False  # Session.load opened the library: close() closes it
+        self._probes: dict[tuple, ConceptProbe] = {}  # (concept, reader identity) -> probe
 
     @property
     def defaults(self) -> GenerationOptions:
@@ -359,11 +363,51 @@ class Session:
         return dropped
 
     def vector(self, name: str) -> SteeringVector:
-        """The vector ``name`` from the library (a clear error if it has none)."""
-        if not isinstance(name, str) or name not in self.vectors:
-            raise BadArgumentError(f"no vector named {name!r} in the library; it has "
-                                   f"{sorted(self.vectors) or 'none'} (train, load or import one).")
-        return self.vectors[name]
+        """The vector ``name`` from the library; the name of a library concept
+        (``steering.concepts``) that the library has no vector of for the big model is
+        trained on first use (on the worker, from the concept's pairs at its layers) and
+        kept in the library (a VectorStore tags it ``concept``; where the name holds another
+        model's vector it goes under ``name.<fingerprint>``). A clear error for any other name."""
+        self._check_open()
+        if isinstance(name, str) and name in self.vectors and not is_concept(name):
+            return self.vectors[name]
+        if is_concept(name):
+            return self._concept_vector(name)
+        raise BadArgumentError(f"no vector named {name!r} in the library; it has "
+                               f"{sorted(self.vectors) or 'none'} and the concepts "
+                               f"{', '.join(concept_library())} (train, load or import one).")
+
+    def _concept_vector(self, name: str) -> SteeringVector:
+        identity = self._big.identity
+        for key in (name, f"{name}.{identity.fingerprint[:8]}"):
+            if key not in self.vectors:
+                break
+            vector = self.vectors[key]
+            if vector.model == identity:
+                return vector
+        found = concept(name)
+        fields = {"tags": ("concept",), "notes": found.description} if hasattr(self.vectors, "save") else {}
+        return self.train(key, found.positive, found.negative,
+                          layers=concept_layers(identity.num_layers), **fields)
+
+    @property
+    def reader(self) -> Engine:
+        """The engine that reads texts for probes and scores: the small model where one is
+        loaded and shares the big one's vocabulary (so the model that wrote a text is not
+        the one that judges it), else the big model, unsteered."""
+        small = self.small
+        return small if small is not None and shares_vocabulary(self._big, small) else self._big
+
+    def probe(self, name: str) -> ConceptProbe:
+        """The probe of concept ``name`` on ``reader``, fitted on the worker from the
+        concept's scoring texts on first use and kept for this session."""
+        found = concept(name)
+        reader = self.reader
+        key = (name, reader.identity)
+        if key not in self._probes:
+            self._probes[key] = self.run(lambda s: fit_probe(
+                reader, name, found.scoring_positive, found.scoring_negative))
+        return self._probes[key]
 
     # Other work on the worker ----------------------------------------------------------
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from max_jupyter.engines.base import Engine, ModelIdentity
+from max_jupyter.steering.reading import read_rows
 from max_jupyter.validation import check_str_list, fail
 
 PROBE_DEPTH = 0.5
@@ -44,10 +45,12 @@ class ConceptProbe:
         return torch.sigmoid(((features.float() - self.mean) / self.scale) @ self.weight + self.bias)
 
     def read(self, engine: Engine, ids: Sequence[int]) -> torch.Tensor:
-        """``[len(ids) - 1]`` P(concept) of the text so far after each token of ``ids`` (the
-        first id is the BOS the text was read with; a running mean of the states)."""
+        """``[len(ids)]`` P(concept) of the text so far after each token of ``ids`` (a text's
+        tokens without special ones; read after the tokenizer's own prefix, a running mean
+        of the states: the last reading is ``score_texts`` of the whole text)."""
         self._check(engine)
-        states = token_states(engine, ids, self.layer)[1:]
+        prefix = text_prefix(engine)
+        states = read_rows(engine, [prefix + list(ids)], [self.layer])[0][self.layer][len(prefix):]
         running = states.cumsum(0) / torch.arange(1, len(states) + 1).unsqueeze(1)
         return self.probability(running)
 
@@ -70,24 +73,18 @@ def probe_layer(num_layers: int) -> int:
     return min(num_layers - 1, round(PROBE_DEPTH * num_layers))
 
 
-def token_states(engine: Engine, ids: Sequence[int], layer: int) -> torch.Tensor:
-    """``[len(ids), hidden]`` float32 CPU: the residual at ``layer`` at every position of
-    ``ids``, unsteered. Side effect: resets the engine's cache."""
-    try:
-        return engine.prefill(list(ids), capture=[layer]).hidden[layer].float().cpu()
-    finally:
-        engine.reset()
+def text_prefix(engine: Engine) -> list[int]:
+    """The ids the tokenizer puts before a text (its BOS, or none)."""
+    return engine.tokenizer.encode("", add_special_tokens=True)
 
 
 def text_features(engine: Engine, texts: Sequence[str], layer: int) -> torch.Tensor:
-    """``[len(texts), hidden]``: each text's residual at ``layer`` averaged over its tokens
-    (read with special tokens, the BOS left out of the mean)."""
-    rows = []
-    for text in texts:
-        ids = engine.tokenizer.encode(text, add_special_tokens=True)
-        states = token_states(engine, ids, layer)
-        rows.append(states[1:].mean(0) if len(states) > 1 else states[0])
-    return torch.stack(rows)
+    """``[len(texts), hidden]``: each text's residual at ``layer`` averaged over its own
+    tokens (read after ``text_prefix``, which is left out of the mean). Side effect:
+    empties the engine's caches."""
+    prefix = text_prefix(engine)
+    rows = [prefix + engine.tokenizer.encode(text) for text in texts]
+    return torch.stack([states[layer][len(prefix):].mean(0) for states in read_rows(engine, rows, [layer])])
 
 
 def fit_probe(engine: Engine, concept: str, positive: Sequence[str], negative: Sequence[str],
@@ -128,7 +125,7 @@ def _logistic(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
     with torch.enable_grad():
         opt.step(loss)
-    return mean, scale, w.detach().float(), float(b)
+    return mean, scale, w.detach().float(), float(b.detach())
 
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
