@@ -13,6 +13,8 @@ from concurrent import futures
 
 from max_jupyter.engines.base import Engine
 from max_jupyter.errors import BadArgumentError, ContextOverflowError, SessionClosedError, UnknownNameError
+from max_jupyter.evaluation.evaluate import DEFAULT_TOKENS, evaluate
+from max_jupyter.evaluation.result import Evaluation
 from max_jupyter.handle import CallJob, GenerationHandle
 from max_jupyter.loading import Source, check_sources, load_models
 from max_jupyter.orchestrator.cognitive import CognitiveOrchestrator, PreparedRun, check_judges_fit
@@ -377,18 +379,26 @@ class Session:
                                f"{sorted(self.vectors) or 'none'} and the concepts "
                                f"{', '.join(concept_library())} (train, load or import one).")
 
-    def _concept_vector(self, name: str) -> SteeringVector:
+    def concept_vector_name(self, name: str) -> tuple[str, bool]:
+        """The library name that holds (or will hold) concept ``name``'s vector for the big
+        model — ``name``, or ``name.<fingerprint>`` where ``name`` holds another model's —
+        and whether the library has it now."""
         identity = self._big.identity
         for key in (name, f"{name}.{identity.fingerprint[:8]}"):
             if key not in self.vectors:
-                break
-            vector = self.vectors[key]
-            if vector.model == identity:
-                return vector
+                return key, False
+            if self.vectors[key].model == identity:
+                return key, True
+        return key, False
+
+    def _concept_vector(self, name: str) -> SteeringVector:
+        key, trained = self.concept_vector_name(name)
+        if trained:
+            return self.vectors[key]
         found = concept(name)
         fields = {"tags": ("concept",), "notes": found.description} if hasattr(self.vectors, "save") else {}
         return self.train(key, found.positive, found.negative,
-                          layers=concept_layers(identity.num_layers), **fields)
+                          layers=concept_layers(self._big.identity.num_layers), **fields)
 
     @property
     def reader(self) -> Engine:
@@ -408,6 +418,19 @@ class Session:
             self._probes[key] = self.run(lambda s: fit_probe(
                 reader, name, found.scoring_positive, found.scoring_negative))
         return self._probes[key]
+
+    def evaluate(self, vector: SteeringVector | str, *, concept: str | None = None,
+                 prompts: Sequence[str] | None = None, coefs: Sequence[float] | None = None,
+                 max_new_tokens: int = DEFAULT_TOKENS, options: GenerationOptions | None = None,
+                 seed: int = 0, progress: bool = True) -> Evaluation:
+        """Evaluate ``vector`` (a vector, a library concept's or vector's name) for a concept
+        (default: its own name) over held-out prompts at each coefficient, with the
+        baselines (no steering, prompting, a random vector of its norms, it negated), as
+        batches, scored by ``reader``: an ``Evaluation`` (``evaluation.evaluate``; docs/evaluation.md).
+        Ctrl-C returns what is finished."""
+        self._check_open()
+        return evaluate(self, vector, concept_name=concept, prompts=prompts, coefs=coefs,
+                        max_new_tokens=max_new_tokens, options=options, seed=seed, progress=progress)
 
     # Other work on the worker ----------------------------------------------------------
 

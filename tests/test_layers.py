@@ -15,8 +15,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("max_jupyter", "quickstart", "testing"),  # the package's front door and tools
     ("jupyter",),                 # magics, widgets, display; may start a server
     ("server",),                  # the HTTP API
-    ("evaluation",),              # measures of generated text (above the Session it will score)
     ("session",),
+    ("evaluation",),              # measures of generated text; Session.evaluate (it takes the Session as an argument)
     ("handle", "worker", "loading"),
     ("orchestrator",),
     ("steering",),

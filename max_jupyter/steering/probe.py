@@ -1,7 +1,8 @@
 """``ConceptProbe``: a linear probe that reads how much of a concept a text holds, from a
 model's residual stream, as a calibrated probability.
 
-Features: the residual at ``layer`` averaged over a text's tokens (the BOS token left out),
+Features: the residual at ``layer`` averaged over a text's tokens, read as the answer to a
+neutral chat prompt (``CONTEXT``: the condition a generated answer is read in),
 standardised. The probe is an L2-regularised logistic regression fitted on the concept's
 labelled scoring texts (``steering.concepts``); its held-out AUROC comes from
 ``FOLDS``-fold cross-validation over those texts before the final fit on all of them. A
@@ -22,6 +23,8 @@ from max_jupyter.validation import check_str_list, fail
 PROBE_DEPTH = 0.5
 """The layer a probe reads, as a fraction of the model's depth (the middle: concepts of
 tone, register and language are linearly readable there)."""
+CONTEXT = "Say something."
+"""The user turn a scoring text is read after, as an answer (through the chat template)."""
 FOLDS = 4
 L2 = 1e-2  # ridge on the standardised weights: 576 features from ~28 texts need it
 
@@ -44,18 +47,20 @@ class ConceptProbe:
         """``[n]`` P(concept) for mean-pooled residuals ``features`` ``[n, hidden]``."""
         return torch.sigmoid(((features.float() - self.mean) / self.scale) @ self.weight + self.bias)
 
-    def read(self, engine: Engine, ids: Sequence[int]) -> torch.Tensor:
-        """``[len(ids)]`` P(concept) of the text so far after each token of ``ids`` (a text's
-        tokens without special ones; read after the tokenizer's own prefix, a running mean
-        of the states: the last reading is ``score_texts`` of the whole text)."""
-        self._check(engine)
-        prefix = text_prefix(engine)
-        states = read_rows(engine, [prefix + list(ids)], [self.layer])[0][self.layer][len(prefix):]
-        running = states.cumsum(0) / torch.arange(1, len(states) + 1).unsqueeze(1)
+    def running(self, states: torch.Tensor) -> torch.Tensor:
+        """``[n]`` P(concept) of an answer so far after each of its tokens, from its states
+        at ``layer`` ``[n, hidden]`` (a running mean: the last is the whole answer's)."""
+        running = states.float().cumsum(0) / torch.arange(1, len(states) + 1).unsqueeze(1)
         return self.probability(running)
 
+    def read(self, engine: Engine, prompt_ids: Sequence[int], ids: Sequence[int]) -> torch.Tensor:
+        """``[len(ids)]``: ``running`` of the answer ``ids`` read after ``prompt_ids``."""
+        self._check(engine)
+        states = read_rows(engine, [[*prompt_ids, *ids]], [self.layer])[0][self.layer]
+        return self.running(states[len(prompt_ids):])
+
     def score_texts(self, engine: Engine, texts: Sequence[str]) -> torch.Tensor:
-        """``[n]`` P(concept) of each whole text."""
+        """``[n]`` P(concept) of each whole text, read as the answer to ``CONTEXT``."""
         self._check(engine)
         return self.probability(text_features(engine, texts, self.layer))
 
@@ -73,18 +78,12 @@ def probe_layer(num_layers: int) -> int:
     return min(num_layers - 1, round(PROBE_DEPTH * num_layers))
 
 
-def text_prefix(engine: Engine) -> list[int]:
-    """The ids the tokenizer puts before a text (its BOS, or none)."""
-    return engine.tokenizer.encode("", add_special_tokens=True)
-
-
 def text_features(engine: Engine, texts: Sequence[str], layer: int) -> torch.Tensor:
-    """``[len(texts), hidden]``: each text's residual at ``layer`` averaged over its own
-    tokens (read after ``text_prefix``, which is left out of the mean). Side effect:
-    empties the engine's caches."""
-    prefix = text_prefix(engine)
-    rows = [prefix + engine.tokenizer.encode(text) for text in texts]
-    return torch.stack([states[layer][len(prefix):].mean(0) for states in read_rows(engine, rows, [layer])])
+    """``[len(texts), hidden]``: each text's residual at ``layer`` averaged over its tokens,
+    read as the answer to ``CONTEXT``. Side effect: empties the engine's caches."""
+    context = engine.tokenizer.chat(CONTEXT)
+    rows = [context + engine.tokenizer.encode(text) for text in texts]
+    return torch.stack([states[layer][len(context):].mean(0) for states in read_rows(engine, rows, [layer])])
 
 
 def fit_probe(engine: Engine, concept: str, positive: Sequence[str], negative: Sequence[str],

@@ -27,7 +27,7 @@ from max_jupyter.jupyter.steerspec import parse_layers
 from max_jupyter.orchestrator.speculative import MAX_SPECULATE
 
 SUBCOMMANDS = {
-    "steer": {"list": steer.list_vectors, "show": steer.show, "train": steer.train,
+    "steer": {"list": steer.list_vectors, "concepts": steer.concepts, "show": steer.show, "train": steer.train,
               "on": steer.on, "off": steer.off, "mix": steer.mix, "mixer": steer.mixer,
               "save": steer.save, "load": steer.load, "rm": steer.rm,
               "import": steer.import_, "export": steer.export, "search": steer.search},
