@@ -156,8 +156,10 @@ class Session:
         if another job is running or queued. Everything is checked here, before anything is
         queued."""
         self._check_open()
-        orchestrator, prepared = self._prepare(prompt, merge_options(options, self._defaults, changes))
-        handle = GenerationHandle(lambda h: self._generate_on_worker(orchestrator, prepared),
+        options = merge_options(options, self._defaults, changes)
+        orchestrator, prepared = self._prepare(prompt, options)
+        probes = [self.probe(name) for name in options.probes]  # fitted (on the worker) now
+        handle = GenerationHandle(lambda h: self._generate_on_worker(orchestrator, prepared, probes),
                                   prepared.result.prompt_ids, on_event)
         prepared.on_event, prepared.abort = handle.push, handle.abort
         self._worker.submit(handle, wait=wait)
@@ -258,9 +260,13 @@ class Session:
             self._big.check_batch([len(run.result.prompt_ids) + run.max_new_tokens for _, run in rows])
         return rows
 
-    def _generate_on_worker(self, orchestrator: CognitiveOrchestrator, prepared: PreparedRun
-                            ) -> GenerationResult:
+    def _generate_on_worker(self, orchestrator: CognitiveOrchestrator, prepared: PreparedRun,
+                            probes: Sequence[ConceptProbe] = ()) -> GenerationResult:
         result = run_to_end(orchestrator.run(prepared))
+        if probes and result.token_ids:
+            reader = self.reader
+            result.probe_scores = {p.concept: p.read(reader, result.prompt_ids, result.token_ids)
+                                   for p in probes}
         self.last = result
         return result
 
