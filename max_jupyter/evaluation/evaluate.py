@@ -44,7 +44,7 @@ def evaluate(session, vector: SteeringVector | str, *, concept_name: str | None 
     vector's name) for ``concept_name`` (default: the vector's name or label when it is a
     concept) on ``prompts`` (default: the concept's first ``DEFAULT_PROMPTS``) at ``coefs``
     (default ``DEFAULT_COEFS``); see the module. Everything is checked before any forward."""
-    target, name = _target(session, vector, concept_name)
+    name = _concept_name(session, vector, concept_name)
     found = concept(name)
     prompts = list(check_str_list("prompts", found.prompts[:DEFAULT_PROMPTS] if prompts is None else prompts,
                                   allow_empty_list=False))
@@ -55,6 +55,7 @@ def evaluate(session, vector: SteeringVector | str, *, concept_name: str | None 
     options = merge_options(options, session.defaults, {"max_new_tokens": check_int(
         "max_new_tokens", max_new_tokens, low=1, fix="use a whole number >= 1 such as 48")})
     seed = check_int("seed", seed, low=0, fix="use a whole number >= 0")
+    target = session.vector(vector) if isinstance(vector, str) else vector  # may train a concept
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
@@ -111,14 +112,15 @@ def random_control(vector: SteeringVector, seed: int = 0) -> SteeringVector:
     return SteeringVector(directions, vector.model, f"random({vector.label})")
 
 
-def _target(session, vector: SteeringVector | str, concept_name: str | None) -> tuple[SteeringVector, str]:
-    """The vector to evaluate and its concept's name, checked."""
+def _concept_name(session, vector: SteeringVector | str, concept_name: str | None) -> str:
+    """The concept ``vector`` is evaluated for, checked (nothing is trained or read)."""
     if isinstance(vector, str):
-        target = session.vector(vector)
+        if not is_concept(vector) and vector not in session.vectors:
+            session.vector(vector)  # raises: the library has no such vector
         label = vector
     elif isinstance(vector, SteeringVector):
         vector.check_model(session.big.identity)
-        target, label = vector, vector.label
+        label = vector.label
     else:
         raise fail("vector", vector, f"is a {type(vector).__name__}", "give a SteeringVector, a "
                    "library concept's name (e.g. 'joy') or a library vector's name")
@@ -127,7 +129,7 @@ def _target(session, vector: SteeringVector | str, concept_name: str | None) -> 
         raise BadArgumentError(f"concept={concept_name!r}: the vector {label!r} is not a library "
                                f"concept; name the concept it should carry, e.g. concept='joy' "
                                f"(%max_steer concepts lists them).")
-    return target, name
+    return name
 
 
 def _coefs(coefs: Sequence[float] | None) -> list[float]:
