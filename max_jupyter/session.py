@@ -251,6 +251,9 @@ class Session:
                 raise BadArgumentError(f"options of prompts[{i}]: a batch runs no small model and no "
                                        f"judges; leave out judges=, speculate= and small_layers (or "
                                        f"use generate() for this prompt).")
+            if o.probes:
+                raise BadArgumentError(f"options of prompts[{i}]: probes= reads a generation of "
+                                       f"generate() or start(); leave it out of a batch.")
             orchestrator = CognitiveOrchestrator(self._big, steering=[self.mix, self._call_steering(o.steering)])
             try:
                 rows.append((orchestrator, orchestrator.prepare(prompt, o)))
