@@ -30,9 +30,9 @@ from max_jupyter.steering.probe import auroc
 from max_jupyter.steering.store import VectorStore
 from max_jupyter.tokenizer import token_pieces
 
-COHERENT = ("A train station at rush hour is loud and crowded. People hurry to their platforms "
-            "while announcements echo under the high glass roof.")
-COLLAPSED = "station station station station station station station station station station"
+COHERENT = ("What a joyful place a train station is at rush hour! Friends wave and laugh, and the "
+            "sunlight makes the whole hall glow.")
+COLLAPSED = "happy happy happy happy happy happy joy joy joy joy happy happy happy happy happy happy"
 
 
 # ---------------------------------------------------------------- the library (fast)
@@ -113,8 +113,10 @@ def test_scores_rank_a_planted_collapse_below_coherent_text(session):
                       [chats[(i + d) % 3] for d in range(1, DISTRACTORS + 1)])
 
     coherent, collapsed = score_answers(reader, probe, scale, [answer(COHERENT), answer(COLLAPSED)])
+    assert collapsed.concept > 1.0  # the probe likes the loop; fluency does not
     assert collapsed.fluency == 0.0 and collapsed.harmonic == 0.0
-    assert coherent.fluency > 1.0 and coherent.relevance > 1.0 and coherent.harmonic > 0.5
+    assert coherent.concept > 1.0 and coherent.fluency > 1.0 and coherent.relevance > 1.0
+    assert coherent.harmonic > 1.0
     # relevance tells the answer's own prompt: the same answer read as one to the tea prompt
     (misplaced,) = score_answers(reader, probe, scale, [answer(COHERENT, 1)])
     assert misplaced.relevance < 0.5 < coherent.relevance

@@ -56,6 +56,8 @@ def evaluate(session, vector: SteeringVector | str, *, concept_name: str | None 
         "max_new_tokens", max_new_tokens, low=1, fix="use a whole number >= 1 such as 48")})
     seed = check_int("seed", seed, low=0, fix="use a whole number >= 0")
     target = session.vector(vector) if isinstance(vector, str) else vector  # may train a concept
+    for coef in coefs:  # a coefficient past the mix's bound is refused before any generation
+        _mix(session, target, coef)
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
@@ -69,10 +71,7 @@ def evaluate(session, vector: SteeringVector | str, *, concept_name: str | None 
     bar = tqdm(total=total, desc=f"evaluating {target.label}", unit="answer", disable=not progress)
 
     def run(condition: str, coef: float, steering: SteeringVector | None, rows: Sequence[int]) -> None:
-        mix = None
-        if steering is not None:
-            mix = Mix(session.big.identity)
-            mix.set(steering.label or condition, steering, coef)
+        mix = None if steering is None else _mix(session, steering, coef)
         opts = options.replace(system=found.system) if condition == "prompting" else options
         results = session.generate_batch([prompts[i] for i in rows], steering=mix, options=opts, progress=False)
         if any(r.finish_reason == "interrupted" for r in results):
@@ -99,6 +98,13 @@ def evaluate(session, vector: SteeringVector | str, *, concept_name: str | None 
         bar.close()
         ev.elapsed_s = time.perf_counter() - start
     return ev
+
+
+def _mix(session, vector: SteeringVector, coef: float) -> Mix:
+    """``vector`` at ``coef`` as a mix for the big model (checked as every mix is)."""
+    mix = Mix(session.big.identity)
+    mix.set(vector.label or "vector", vector, coef)
+    return mix
 
 
 def random_control(vector: SteeringVector, seed: int = 0) -> SteeringVector:
