@@ -84,6 +84,7 @@ def main() -> None:
         ev = session.evaluate("joy", progress=False)
         timing = (f"Timing: one vector (joy), {len(ev.coefs)} coefficients, {len(ev.prompts)} prompts, "
                   f"{DEFAULT_TOKENS} tokens: {time.perf_counter() - t:.0f} s for {len(ev.rows)} answers "
+                  f"({ev.generation_s:.0f} s generating, {ev.scoring_s:.0f} s scoring) "
                   f"(load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on "
                   f"{os.cpu_count()} cores shared with other work).")
         print(timing, flush=True)

@@ -73,13 +73,17 @@ def evaluate(session, vector: SteeringVector | str, *, concept_name: str | None 
     def run(condition: str, coef: float, steering: SteeringVector | None, rows: Sequence[int]) -> None:
         mix = None if steering is None else _mix(session, steering, coef)
         opts = options.replace(system=found.system) if condition == "prompting" else options
+        clock = time.perf_counter()
         results = session.generate_batch([prompts[i] for i in rows], steering=mix, options=opts, progress=False)
+        ev.generation_s += time.perf_counter() - clock
         if any(r.finish_reason == "interrupted" for r in results):
             raise KeyboardInterrupt  # generate_batch returns on Ctrl-C: this condition is unfinished
         answers = [Answer(chats[i], list(r.token_ids), token_pieces(session.big.tokenizer, r.token_ids),
                           [chats[(i + d) % len(prompts)] for d in range(1, DISTRACTORS + 1)])
                    for i, r in zip(rows, results)]
+        clock = time.perf_counter()
         scores = session.run(lambda s: score_answers(reader, probe, scale, answers))
+        ev.scoring_s += time.perf_counter() - clock
         ev.rows += [EvalRow(condition, coef, prompts[i], "eval" if i % 2 == 0 else "test", r.text,
                             len(r.token_ids), sc) for i, r, sc in zip(rows, results, scores)]
         bar.update(len(rows))

@@ -40,7 +40,9 @@ class EvalRow:
 class Evaluation:
     """What ``Session.evaluate`` measured. ``rows``: every scored answer; ``probe_auroc``:
     the concept probe's held-out AUROC; ``fluency_scale``: the reader's reference
-    perplexities; ``interrupted``: Ctrl-C ended it early (the rows are those finished)."""
+    perplexities; ``interrupted``: Ctrl-C ended it early (the rows are those finished);
+    ``elapsed_s`` the whole run, of which ``generation_s`` generating and ``scoring_s``
+    scoring the answers (the rest: fitting the probe, the references, a concept's vector)."""
 
     concept: str
     vector: str
@@ -52,6 +54,8 @@ class Evaluation:
     rows: list[EvalRow] = field(default_factory=list)
     interrupted: bool = False
     elapsed_s: float = 0.0
+    generation_s: float = 0.0
+    scoring_s: float = 0.0
 
     def select(self, condition: str, coef: float | None = None, split: str | None = None) -> list[EvalRow]:
         return [r for r in self.rows if r.condition == condition and (coef is None or r.coef == coef)
