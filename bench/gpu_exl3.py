@@ -16,7 +16,8 @@ of ``RUNS`` runs after a warm-up, over ``NEW`` tokens (forward and a greedy pick
       the same token after the big one (mirroring), with the measured peak memory
 "bw frac": bytes read per token (GPU weights + K/V at the mean context) over the measured
 device-to-device copy bandwidth, divided by the measured time.
-Writes ``$OUT/gpu_exl3.json``; ``python bench/gpu_exl3.py --table FILE`` prints its tables.
+Writes ``$OUT/gpu_exl3.json``; ``python bench/gpu_exl3.py --table FILE`` prints its tables;
+``--write DIR`` only writes the model folders (``EXL3_BENCH_DIR=DIR`` then reuses them).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-PROMPT, NEW, RUNS, CAP_GB, VOCAB = 1024, 256, 3, 16.0, 49152
+PROMPT, NEW, RUNS, CAP_GB, VOCAB = 1024, 128, 3, 16.0, 49152
 SHAPES = {  # Qwen2.5 layer shapes (hidden, layers, heads, kv heads, intermediate, tied)
     "7B": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
                num_key_value_heads=4, intermediate_size=18944, tie_word_embeddings=False),
@@ -146,11 +147,12 @@ def bench_single(folder: Path, shape: dict, bw: float) -> list[dict]:
     engine = ExLlamaV3Engine.load(folder, cache_tokens=4096)
     prompt = gen_ids[0].tolist()
     n = shape["num_hidden_layers"]
-    norms = engine.residual_norms or {}
+    engine.prefill(prompt[:8])  # measures the typical residual norms (engines/residual.py)
+    norms = engine.residual_norms
 
     def vec(i):
         d = torch.randn(shape["hidden_size"], device="cuda")
-        return d * (norms.get(i, 1.0) / d.norm())
+        return d * (norms[i] / d.norm())  # a vector as large as the residual there
     rows.append(row("(b) ours, unsteered", decode_ms(ours(engine, prompt)), nbytes, bw, base))
     one = {n // 2: vec(n // 2)}
     rows.append(row(f"(c) ours, 1 vector @ layer {n // 2}", decode_ms(ours(engine, prompt, one)),
@@ -214,45 +216,54 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    import exllamav3
-
+def write_folders(root: Path) -> dict[str, Path]:
+    """The benchmark's random EXL3 folders under ``root`` (written once: kept if present)."""
     from max_jupyter.testing import write_random_exl3
 
+    folders = {}
+    for seed, (name, shape) in enumerate(SHAPES.items()):
+        folders[name] = root / name
+        if not (folders[name] / "config.json").is_file():
+            t = time.time()
+            write_random_exl3(folders[name], shape, os.environ["MAX_JUPYTER_TOKENIZER"], VOCAB, seed)
+            print(f"wrote {name} in {time.time() - t:.1f}s", flush=True)
+    return folders
+
+
+def main() -> None:
+    """Rows (a)-(c) on the 7B shape, then (d), then (a)-(c) on the 1.5B shape while the
+    ``BENCH_SECONDS`` budget lasts; the JSON is rewritten after each part."""
+    import exllamav3
+
     out = Path(os.environ.get("OUT", "/tmp"))
-    tokenizer = Path(os.environ["MAX_JUPYTER_TOKENIZER"])
-    root = Path(tempfile.mkdtemp(prefix="exl3-bench-"))
+    folders = write_folders(Path(os.environ.get("EXL3_BENCH_DIR") or tempfile.mkdtemp(prefix="exl3-")))
     budget = float(os.environ.get("BENCH_SECONDS", "240"))
     start = time.time()
     bw = copy_bandwidth()
     result = dict(when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   commit=os.environ.get("MAX_JUPYTER_COMMIT", "unknown"),
                   card=torch.cuda.get_device_name(), torch=torch.__version__,
-                  exllamav3=exllamav3.__version__ if hasattr(exllamav3, "__version__") else "1.6.5",
-                  bandwidth_gbs=bw / 1e9, rows={})
-    folders = {}
-    for name, shape in SHAPES.items():
-        t = time.time()
-        folders[name] = write_random_exl3(root / name, shape, tokenizer, VOCAB, seed=len(folders))
-        print(f"wrote {name} in {time.time() - t:.1f}s", flush=True)
-    for name in ("7B", "1.5B"):
-        if time.time() - start > budget:
-            print(f"skipped {name}: over the time budget", flush=True)
-            continue
-        result["rows"][name] = bench_single(folders[name], SHAPES[name], bw)
-        print(json.dumps(result["rows"][name], indent=1), flush=True)
+                  exllamav3=getattr(exllamav3, "__version__", "1.6.5"), bandwidth_gbs=bw / 1e9, rows={})
+
+    def save():
         (out / "gpu_exl3.json").write_text(json.dumps(result, indent=1))
-    if time.time() - start < budget and "7B" in result["rows"]:
-        r, table = bench_pair(folders["7B"], folders["1.5B"], (SHAPES["7B"], SHAPES["1.5B"]), bw,
-                              result["rows"]["7B"][0]["ms"])
-        result["rows"]["7B"].append(r)
-        result["pair_plan"] = table
-    (out / "gpu_exl3.json").write_text(json.dumps(result, indent=1))
-    print(render(result))
+        print(render(result), flush=True)
+    result["rows"]["7B"] = bench_single(folders["7B"], SHAPES["7B"], bw)
+    save()
+    r, table = bench_pair(folders["7B"], folders["1.5B"], (SHAPES["7B"], SHAPES["1.5B"]), bw,
+                          result["rows"]["7B"][0]["ms"])
+    result["rows"]["7B"].append(r)
+    result["pair_plan"] = table
+    save()
+    if time.time() - start < budget:
+        result["rows"]["1.5B"] = bench_single(folders["1.5B"], SHAPES["1.5B"], bw)
+        save()
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--table":
         print(render(json.loads(Path(sys.argv[2]).read_text())))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--write":
+        write_folders(Path(sys.argv[2]))
     else:
         main()

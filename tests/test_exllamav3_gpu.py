@@ -138,7 +138,7 @@ def test_captures_are_exllamav3s_exported_states(eng):
 def hand_run(eng, ids: list[int], delta_layer: int, delta: torch.Tensor) -> torch.Tensor:
     """exllamav3's modules run by hand, uncached and with no deferred residual add, with
     ``delta`` added at the output of block ``delta_layer``: the last row's logits."""
-    params = {"attn_mode": "flash_attn_nc"}
+    params = {"attn_mode": "flash_attn_nc", "layer_instance": 0}
     x = eng.model.prepare_inputs(torch.tensor([ids]), params)
     for i, (module, _, _) in enumerate(eng.model.fwd_modules):
         x = module.forward(module.prepare_for_device(x, params), params)

@@ -71,7 +71,8 @@ def load_engines(folders: Sequence[tuple[str, str | os.PathLike]], max_vram_gb: 
                      dict(layer_type=exl3.CacheLayer_quant, k_bits=cache_bits, v_bits=cache_bits))
             pages = plan.cache_tokens // PAGE * PAGE  # exllamav3's cache is whole pages
             cache = exl3.Cache(model, max_num_tokens=pages, **layer)
-            model.load(progressbar=False)
+            # one device: exllamav3's autosplit would run measuring forwards and reset the cap
+            model.load(device="cuda:0", progressbar=False)
             engines.append(ExLlamaV3Engine(model, cache, Tokenizer.from_folder(folder), max_input_len))
     except BaseException:  # leave no half-loaded model and no allocator cap behind
         engines.clear()
