@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 
 PROMPT, NEW, RUNS, CAP_GB, VOCAB = 1024, 128, 3, 16.0, 49152
-SHAPES = {  # Qwen2.5 layer shapes (hidden, layers, heads, kv heads, intermediate, tied)
+SHAPES = {  # Qwen2.5 layer shapes (hidden, layers, heads, kv heads, intermediate); own heads
     "7B": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, intermediate_size=18944, tie_word_embeddings=False),
+               num_key_value_heads=4, intermediate_size=18944),
     "1.5B": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, intermediate_size=8960, tie_word_embeddings=False),
+                 num_key_value_heads=2, intermediate_size=8960),
 }
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written."""

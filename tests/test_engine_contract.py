@@ -26,7 +26,9 @@ BACKENDS = [
     pytest.param("exllamav3", id="exllamav3", marks=[pytest.mark.exl3, pytest.mark.slow]),
 ]
 TOLERANCE = {"scripted": 1e-6, "transformers": 2.5e-4, "exllamav2": 2e-2,  # absolute, logits and states
-             "exllamav3": 5e-2}  # its 4-bit GEMM for one row (a step) is not the one for n rows
+             "exllamav3": 0.25}
+# exllamav3: its decode path (graphed attention block, fused MLP, one-row GEMM) and its n-row
+# path differ by up to 0.12 in these logits (|logits| ~3; H100, test_exllamav3_gpu.py).
 # transformers: fp32 on the CPU, where a pass over n rows blocks its GEMMs otherwise than n
 # one-row steps; the difference depends on the CPU's SIMD path (1.25e-4 seen on one
 # 2-core x86 box, logits of magnitude ~20), so the bound leaves room for another CPU.

@@ -3,11 +3,16 @@ failed instead under ``MAX_JUPYTER_REQUIRE_GPU=1``).
 
 One random Qwen2 model (4 layers, hidden 512, GQA 8/2, biases) is built with transformers
 and converted to EXL3 (4 bits, head 6) by exllamav3's own converter, once per process.
-The reference is exllamav3's own ``Model.forward`` on the same weights: cached and
-uncached, its ``export_state_layers`` residuals (the same layer convention as ours, HF
-``hidden_states[i + 1]``) and its modules run by hand with a delta added. Tolerances:
-the same kernels (a cached forward against ours) agree to 2e-3 relative; the uncached
-reference (other attention kernels, no deferred residual add) to 2e-2.
+The reference is exllamav3's own ``Model.forward`` on the same weights: cached (whole
+prompts and one token at a time) and uncached, its ``export_state_layers`` residuals (the
+same layer convention as ours, HF ``hidden_states[i + 1]``) and its modules run by hand
+with a delta added. Tolerances (relative L2 error of logits or residual rows): the same
+kernels over the same rows agree to 2e-3 (exllamav3's kernels are deterministic: its
+forward and its modules run by hand agreed exactly on an H100). EXL3's arithmetic differs
+between paths: a head over 1 row and over 40 differed by 6.7e-3, a decode step against
+the uncached forward by 2.3e-2 (H100); so where ours and the reference take different
+paths, ours is held to 1.5 times what exllamav3's own forward shows between those paths,
+measured in the test (at least 2e-2).
 """
 from __future__ import annotations
 
@@ -99,27 +104,44 @@ def ids_of(eng, n: int, seed: int = 0) -> list[int]:
 
 def test_prefill_and_verify_match_exllamav3_forward(eng):
     ids = ids_of(eng, 40)
-    ref, _ = reference(eng, ids, cached=True)
+    last, _ = reference(eng, ids, cached=True, last_tokens_only=1)  # its head over 1 row, as ours
+    ref, _ = reference(eng, ids, cached=True)  # every row
     eng.reset()
-    assert rel(eng.prefill(ids).logits, ref[-1]) < SAME_KERNELS
+    assert rel(eng.prefill(ids).logits, last[-1]) < SAME_KERNELS
     eng.reset()
     got = eng.verify(ids).all_logits
     assert got.shape == ref.shape and rel(got, ref) < SAME_KERNELS
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
 
 
-def test_steps_rewind_and_verify_follow_the_uncached_reference(eng):
+def own_steps(eng, ids: list[int], start: int) -> torch.Tensor:
+    """exllamav3's own cached forward: ``ids[:start]`` at once, then one token at a time;
+    ``[len(ids) - start, vocab]`` logits of the steps (the caller resets the engine)."""
+    reference(eng, ids[:start], cached=True, last_tokens_only=1)
+    rows = []
+    for j in range(start, len(ids)):
+        params = eng._params(j)
+        rows.append(eng.model.forward(torch.tensor([ids[j:j + 1]]), params)[0, -1, :eng.identity.vocab_size])
+    return torch.stack(rows).float()
+
+
+def test_steps_rewind_and_verify_follow_exllamav3(eng):
     ids = ids_of(eng, 48, seed=1)
-    ref, _ = reference(eng, ids, cached=False)
+    uncached, _ = reference(eng, ids, cached=False)
+    steps = own_steps(eng, ids[:38], 30)
+    # EXL3's own arithmetic between its decode path and its uncached forward
+    bound = max(OTHER_KERNELS, 1.5 * max(rel(steps[k], uncached[30 + k]) for k in range(8)))
+    eng.reset()
     eng.prefill(ids[:30])
-    for j in range(30, 38):  # teacher-forced steps
-        assert rel(eng.step(ids[j]).logits, ref[j]) < OTHER_KERNELS
+    for j in range(30, 38):  # teacher-forced steps: exllamav3's decode path, ours
+        got = eng.step(ids[j]).logits
+        assert rel(got, steps[j - 30]) < SAME_KERNELS
+        assert rel(got, uncached[j]) < bound
     eng.rewind(3)  # drop ids[35:38]
     assert eng.seq_len == 35
     out = eng.verify(ids[35:43])
-    assert rel(out.all_logits, ref[35:43]) < OTHER_KERNELS
+    assert rel(out.all_logits, uncached[35:43]) < bound
     eng.rewind(5)
-    assert rel(eng.step(ids[38]).logits, ref[38]) < OTHER_KERNELS
+    assert rel(eng.step(ids[38]).logits, uncached[38]) < bound
 
 
 def test_captures_are_exllamav3s_exported_states(eng):
