@@ -113,6 +113,10 @@ class ExLlamaV3Engine(Engine):
             raise BackendUnavailableError(
                 f"{type(model).__name__}'s modules are not embedding, transformer blocks, norm and "
                 f"head; the ExLlamaV3 backend cannot drive this architecture.")
+        if not hasattr(mods[0].embedding, "weight"):
+            raise BackendUnavailableError(
+                "this EXL3 folder's token embeddings are quantised (convert_model -eb); the "
+                "ExLlamaV3 backend needs the fp16 table (for the model's identity): convert without -eb.")
         self._embedding, self._blocks = mods[0], blocks
         self._norm, self._head = mods[-2], mods[-1]
         cfg = model.config
