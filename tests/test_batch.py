@@ -284,3 +284,19 @@ def test_scripted_engine_rows_run_one_after_another():
         assert not session.big.supports_batch
     finally:
         session.close()
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_as_one_batch_with_the_rows_of_generate(session):
+    from max_jupyter.jupyter.steerspec import SteerTerm
+    from max_jupyter.jupyter.sweep import run_sweep
+
+    session.vectors["v12"] = vectors(session.big.identity)[1]
+    calls = session.big.forward_calls
+    sweep = run_sweep(session, "Describe the sea.", SteerTerm("v12", 1.0, None), [-2.0, 0.0, 3.0],
+                      progress=False, max_new_tokens=8)
+    forwards = session.big.forward_calls - calls
+    assert forwards <= 1 + 8 + 3 * 2  # (the norms measured once), a batch of 8 passes, 2 per row to score
+    for coef, row in zip(sweep.coefs, sweep.rows):
+        alone = session.generate("Describe the sea.", steering={"v12": coef}, max_new_tokens=8)
+        assert row.result.token_ids == alone.token_ids and row.perplexity > 1.0
