@@ -201,8 +201,9 @@ class ExLlamaV3Engine(Engine):
             torch.cuda.empty_cache()  # leave the kernel usable: the cache length is unchanged
             raise
         self._len = past + len(ids)
-        hidden = {i: torch.cat(rows) for i, rows in captured.items()}
-        every = torch.cat(logits, 1)[0].float()  # [rows, vocab]
+        # one chunk (every step): no concatenation, one kernel launch fewer each
+        hidden = {i: rows[0] if len(rows) == 1 else torch.cat(rows) for i, rows in captured.items()}
+        every = (logits[0] if len(logits) == 1 else torch.cat(logits, 1))[0].float()  # [rows, vocab]
         return ForwardResult(logits=every[-1], hidden=hidden, all_logits=every if all_rows else None)
 
     def _blocks_pass(self, part: list[int], past: int, deltas: dict[int, torch.Tensor],
