@@ -47,13 +47,13 @@ def row(ev) -> list[str]:
             "yes" if s["steered_harmonic"] > s["random_harmonic"] else "no"]
 
 
-def write(rows: list[list[str]], settings: str, timing: str) -> None:
+def write(rows: list[list[str]], settings: str, timing: str, at: str) -> None:
     table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     table += ["| " + " | ".join(r) + " |" for r in rows]
     wins = sum(r[-2] == "yes" for r in rows)
     beats = sum(r[-1] == "yes" for r in rows)
     body = "\n".join([
-        f"Measured at commit `{commit()}` on {machine()} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).",
+        f"Measured at commit `{at}` on {machine()} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).",
         f"Settings: {settings}.", "",
         *table, "",
         f"The vector reaches prompting's harmonic mean on {wins} of {len(rows)} concepts and beats the "
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--timing", action="store_true")
     args = parser.parse_args()
     coefs = [float(c) for c in args.coefs.split(",")]
+    at = commit()  # the code this run imported
     session = Session.load(store=None, progress=False)
     settings = (f"{args.prompts} prompts (half eval, half test), coefficients {args.coefs}, "
                 f"{args.tokens} tokens, greedy, embedded {session.big.identity.describe()}, read by "
@@ -94,7 +95,7 @@ def main() -> None:
         ev = session.evaluate(name, prompts=concept(name).prompts[:args.prompts], coefs=coefs,
                               max_new_tokens=args.tokens, progress=False)
         rows.append(row(ev))
-        write(rows, settings, timing)
+        write(rows, settings, timing, at)
         print(f"{name}: {time.perf_counter() - t:.0f} s", " | ".join(rows[-1]), flush=True)
     session.close()
 
