@@ -35,3 +35,19 @@ def test_max_eval(shell, session, capsys):
     assert ev.reader == session.small.identity.describe()
     assert "--coefs" in fails(shell, capsys, "%max_eval joy --coefs 0:1:0")
     assert "concept=None" in fails(shell, capsys, "%max_eval happy")
+
+
+def test_token_view_colours_by_a_probe(shell, session):
+    import time
+
+    from max_jupyter.jupyter.tokenview import TokenView
+
+    handle = session.start("Describe the sea.", max_new_tokens=6, probes=["formal"], judges=[])
+    view = TokenView(handle, session=session, judge="probe:formal")
+    result = handle.result(timeout=300)
+    deadline = time.monotonic() + 30
+    while view.result is None and time.monotonic() < deadline:  # the pump thread ends the view
+        time.sleep(0.05)
+    shown = [row["scores"]["probe:formal"] for row in view._rows]
+    assert shown == pytest.approx(result.probe_scores["formal"].tolist())
+    view.close()
