@@ -130,16 +130,16 @@ def test_divergence_judges(big, small, ctrl):
 
 
 def test_judges_compose_over_named_mixes(big, ctrl, vector):
-    calm = -0.5 * vector.select([15])  # a fixed vector is a mix too
+    calm = Mix.of(vector.select([15]), -0.5)  # a fixed vector is a mix too
     even = FunctionJudge(lambda ctx: ctx.step % 2 == 0, mix="calm", name="even")
     r = CognitiveOrchestrator(big, None, [Always("happy"), even],
                               mixes={"happy": ctrl, "calm": calm}).generate(PROMPT, max_new_tokens=6)
     assert [s.mixes_on for s in r.steps] == [("calm", "happy") if t % 2 == 0 else ("happy",)
                                              for t in range(len(r.steps))]
+    happy, calm15 = ctrl.deltas(big), calm.deltas(big)[15]
     for t in range(len(r.steps)):
-        want15 = (1.5 - 0.5 * (t % 2 == 0)) * vector.directions[15]
-        torch.testing.assert_close(r.deltas[15][t], want15)
-        torch.testing.assert_close(r.deltas[10][t], 1.5 * vector.directions[10])
+        torch.testing.assert_close(r.deltas[15][t], happy[15] + calm15 * (t % 2 == 0))
+        torch.testing.assert_close(r.deltas[10][t], happy[10])
 
 
 # ---------------------------------------------------------------- ProbeJudge

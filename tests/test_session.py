@@ -38,7 +38,7 @@ def alone(engine, prompt=PROMPT, **options) -> list[int]:
 
 
 def test_two_threads_each_get_their_own_generation(engine, vector):
-    steered = {"steering": 0.5 * vector}
+    steered = {"steering": Mix.of(vector, 0.5)}
     want_plain, want_steered = alone(engine, max_new_tokens=N), alone(engine, max_new_tokens=N, **steered)
     assert want_plain != want_steered  # the steering matters, so a leak would show
     s = Session(engine)
@@ -205,8 +205,8 @@ def reference_loop(engine, ids, n, deltas=None, sampling=SamplingConfig()) -> li
                          ids=["greedy", "seeded"])
 @pytest.mark.parametrize("steered", [False, True])
 def test_unified_loop_gives_the_plain_loops_tokens(engine, vector, sampling, steered):
-    steering = 0.4 * vector if steered else None
-    deltas = steering.deltas(1.0, engine.device, engine.dtype) if steered else None
+    steering = Mix.of(vector, 0.4) if steered else None
+    deltas = steering.deltas(engine) if steered else None
     want = reference_loop(engine, prompt_ids(engine, PROMPT), 16, deltas, sampling)
     got = generate(engine, PROMPT, max_new_tokens=16, sampling=sampling, steering=steering)
     assert got.token_ids == want
