@@ -77,15 +77,17 @@ class Session:
     @classmethod
     def load(cls, big: Source = None, small: Source = None, *, backend: str = "auto",
              max_vram_gb: float | None = None, cache_tokens: int | None = None,
-             device: str | None = None, dtype=None, store: object = "default",
-             progress: bool = True) -> Session:
+             device: str | None = None, devices: tuple | None = None, dtype=None,
+             store: object = "default", progress: bool = True) -> Session:
         """Load ``big`` (None: the embedded SmolLM2-135M-Instruct) and ``small`` (None: no
         small model; ``"same"``: the big source again; or another source).
 
         ``backend``: auto (ExLlamaV2 for EXL2/GPTQ folders where CUDA and exllamav2 are
         present, else transformers), transformers or exllamav2. ``max_vram_gb`` and
         ``cache_tokens`` feed the ExLlamaV2 memory plan (``session.plan``); ``cache_tokens``
-        caps the context on transformers too. ``store``: the vector library — "default"
+        caps the context on transformers too. ``device``: where both models go (None: CUDA
+        where present, else the CPU); ``devices``: ``(big's, small's)`` instead, e.g.
+        ``("cuda:0", "cuda:1")`` (transformers backend). ``store``: the vector library — "default"
         (the VectorStore at its default path, so vectors survive the kernel), None (a dict
         in memory), a path, or a ``VectorStore``.
         """
@@ -95,7 +97,7 @@ class Session:
         try:
             *engines, plan = load_models(
                 big, small, backend=backend, max_vram_gb=max_vram_gb, cache_tokens=cache_tokens,
-                device=device, dtype=dtype, progress=progress)
+                device=device, devices=devices, dtype=dtype, progress=progress)
             session = cls(*engines, vectors=vectors, plan=plan)
         except BaseException:  # nothing loaded here may outlive the failure (VRAM, the file)
             for engine in engines:

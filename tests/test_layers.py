@@ -15,6 +15,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("max_jupyter", "quickstart", "testing"),  # the package's front door and tools
     ("jupyter",),                 # magics, widgets, display; may start a server
     ("server",),                  # the HTTP API
+    ("pool",),                    # Sessions on Ray actors (above the Session it pools)
     ("evaluation",),              # measures of generated text (above the Session it will score)
     ("session",),
     ("handle", "worker", "loading"),

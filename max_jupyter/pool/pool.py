@@ -1,0 +1,240 @@
+"""``SessionPool``: Sessions on Ray actors, each loaded with the same models, for work that
+outgrows one GPU or machine. A job's rows are split into one contiguous share per actor
+and come back in input order; the vector library stays in the notebook and vectors travel
+as values. See docs/cluster.md."""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+from max_jupyter.errors import BadArgumentError, PoolWorkerError, SessionClosedError, did_you_mean
+from max_jupyter.orchestrator.options import GenerationOptions, merge_options
+from max_jupyter.orchestrator.trace import GenerationResult
+from max_jupyter.pool.job import POLL_S, PoolJob, Share, run_job
+from max_jupyter.pool.runtime import Actors, connect, import_ray, placement
+from max_jupyter.pool.values import steering_value
+from max_jupyter.session import Session, open_library
+from max_jupyter.validation import check_int, fail
+
+LOAD_OPTIONS = tuple(name for name in inspect.signature(Session.load).parameters
+                     if name not in ("big", "small", "store", "progress"))
+"""The ``Session.load`` keywords a pool passes on to every actor."""
+
+_open_pools: set[SessionPool] = set()  # the Ray runtime a pool started ends with the last of them
+
+
+class PoolResults(list):
+    """A pooled ``generate_batch``: one ``GenerationResult`` per prompt, in input order,
+    and ``job``, how the job went (``PoolJob``: retries, interrupted)."""
+
+    def __init__(self, results: list[GenerationResult], job: PoolJob):
+        super().__init__(results)
+        self.job = job
+
+
+class SessionPool:
+    """Actors each holding one Session with the same models; ``start`` makes one.
+
+    ``vectors``: the vector library (in this process); ``identity`` / ``small_identity``:
+    the models every actor runs; ``actors``: where each runs (``ActorInfo``); ``last_job``:
+    the ``PoolJob`` of the last job. Close it (or use ``with``) to end the actors."""
+
+    def __init__(self, actors: Actors, vectors, *, owns_store: bool, owns_runtime: bool):
+        self._actors, self.vectors = actors, vectors
+        self._owns_store, self._owns_runtime = owns_store, owns_runtime
+        info = actors.slots[0].info
+        self.identity, self.small_identity = info.big, info.small
+        self.last_job: PoolJob | None = None
+        self._closed = False
+        _open_pools.add(self)
+
+    @classmethod
+    def start(cls, workers: int | None = None, big=None, small=None, address: str | None = None, *,
+              store: object = "default", progress: bool = True, **load_options) -> SessionPool:
+        """Start ``workers`` actors (None: one per GPU of the Ray runtime, else one per CPU
+        core; each CPU actor gets an equal share of the cores), each loading ``big`` and
+        ``small`` as ``Session.load(big, small, **load_options)`` does (``backend``,
+        ``max_vram_gb``, ``cache_tokens``, ``device``, ``devices``, ``dtype``). ``address``:
+        None starts a local Ray runtime (or uses the one this process has joined), "auto" or
+        "ray://host:port" joins a cluster (docs/cluster.md). ``store``: the vector library,
+        as ``Session.load`` takes it. Returns once every actor has loaded; an actor that
+        cannot load ends them all (``PoolWorkerError``, one line)."""
+        if workers is not None:
+            check_int("workers", workers, low=1, fix="pass None (one actor per GPU, else per core) or an int >= 1")
+        for name in load_options:
+            if name not in LOAD_OPTIONS:
+                raise BadArgumentError(f"SessionPool.start got the unknown keyword {name!r}"
+                                       f"{did_you_mean(name, LOAD_OPTIONS)}; it takes "
+                                       f"{', '.join(LOAD_OPTIONS)} (as Session.load does).")
+        vectors = open_library(store)
+        owns_runtime, actors = False, None
+        try:
+            owns_runtime = connect(address)
+            actors = Actors(placement(workers, _wants_gpus(load_options)), big, small, load_options)
+            actors.start()
+            _wait_loaded(actors, progress)
+            pool = cls(actors, vectors, owns_store=vectors is not store, owns_runtime=owns_runtime)
+        except BaseException:  # nothing started here may outlive the failure
+            if actors is not None:
+                actors.end()
+            if owns_runtime and not _open_pools:
+                import_ray().shutdown()
+            if vectors is not store:
+                getattr(vectors, "close", lambda: None)()
+            raise
+        return pool
+
+    # State -----------------------------------------------------------------------------
+
+    @property
+    def workers(self) -> int:
+        return len(self._actors.slots)
+
+    @property
+    def actors(self) -> list:
+        """``ActorInfo`` of each actor (None for a replacement still loading)."""
+        return [slot.info for slot in self._actors.slots]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return "SessionPool(closed)"
+        hosts = sorted({info.host for info in self.actors if info is not None})
+        small = self.small_identity.describe() if self.small_identity is not None else "none"
+        return (f"SessionPool({self.workers} actors on {', '.join(hosts)}, big="
+                f"{self.identity.describe()}, small={small})")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SessionClosedError("this pool is closed; start a new one with SessionPool.start().")
+
+    # Jobs ------------------------------------------------------------------------------
+
+    def generate_batch(self, prompts: Sequence, steering=None, options: GenerationOptions | None = None, *,
+                       progress: bool = True, **overrides) -> PoolResults:
+        """One generation per prompt, as ``Session.generate_batch`` makes them: ``steering``
+        one for every row (a vector, a ``Mix``, {vector name in ``vectors``: coef}) or a
+        list of one per row; ``options`` / ``overrides`` as ``Session.generate`` takes them.
+        The rows are split across the actors; the results come back in input order, with
+        ``job`` (``PoolJob``). Everything is checked before any work is sent. Ctrl-C stops
+        every actor and returns what finished (the rest ``finish_reason == "interrupted"``)."""
+        self._check_open()
+        prompts = _rows("prompts", prompts)
+        options = merge_options(options, GenerationOptions(), overrides)
+        if isinstance(steering, (list, tuple)):
+            if len(steering) != len(prompts):
+                raise fail("steering", f"a list of {len(steering)}", f"does not match the "
+                           f"{len(prompts)} prompts", "give one steering per prompt, or one for all")
+            values = [steering_value(s, self.vectors, self.identity, f"steering[{i}]")
+                      for i, s in enumerate(steering)]
+        else:
+            one = steering if steering is not None else options.steering
+            values = [steering_value(one, self.vectors, self.identity)] * len(prompts)
+        options = self._portable(options.replace(steering=None))
+        shares = [Share(rows, "generate_batch", (list(prompts[rows.start:rows.stop]),
+                                                 values[rows.start:rows.stop], options))
+                  for rows in split(len(prompts), self.workers)]
+        results, job = self._run(shares, f"generate_batch on {self.workers} actors", progress)
+        merged = []
+        for share, value in zip(shares, results):
+            merged += value if value is not None else [
+                GenerationResult([], finish_reason="interrupted") for _ in share.rows]
+        return PoolResults(merged, job)
+
+    def _portable(self, options: GenerationOptions) -> GenerationOptions:
+        """``options`` as the actors can take them: their Sessions have no judges of their
+        own, so judges are ``Judge`` objects (which travel), never names."""
+        names = [j for j in options.judges or () if isinstance(j, str)]
+        if names:
+            raise fail("judges", list(options.judges), "names judges, and the pool's Sessions have none",
+                       "pass Judge objects (they travel to the actors) or [] for none")
+        return options
+
+    def _run(self, shares: list[Share], desc: str, progress: bool) -> tuple[list, PoolJob]:
+        _check_travels(shares)
+        values, job = run_job(self._actors, shares, desc, progress)
+        self.last_job = job
+        return values, job
+
+    # Closing ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """End every actor (their Sessions and memory go with them), leave the Ray runtime
+        if this pool started it and no other pool uses it, close the vector library if
+        ``start`` opened it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        _open_pools.discard(self)
+        try:
+            self._actors.end()
+            if self._owns_runtime and not _open_pools:
+                import_ray().shutdown()
+        finally:
+            if self._owns_store:
+                getattr(self.vectors, "close", lambda: None)()
+
+    def __enter__(self) -> SessionPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def split(rows: int, parts: int) -> list[range]:
+    """``rows`` positions in at most ``parts`` contiguous ranges whose sizes differ by at most
+    one, the larger first."""
+    parts = min(parts, rows)
+    base, extra = divmod(rows, parts)
+    bounds = [0]
+    for i in range(parts):
+        bounds.append(bounds[-1] + base + (i < extra))
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _rows(name: str, rows: object) -> list:
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence) or not rows:
+        raise fail(name, rows, "is not a non-empty list", f"give a list of {name}, e.g. ['Hi', 'Hello']")
+    return list(rows)
+
+
+def _wants_gpus(load_options: dict) -> bool:
+    """Whether the models may go on GPUs (no ``device`` / ``devices`` pins them to the CPU)."""
+    pinned = [load_options.get("device"), *(load_options.get("devices") or ())]
+    return not any(str(d).startswith("cpu") for d in pinned if d is not None)
+
+
+def _wait_loaded(actors: Actors, progress: bool) -> None:
+    """Wait for every actor's load, with a bar; the first that fails raises (one line)."""
+    from tqdm.auto import tqdm
+
+    ray = import_ray()
+    waiting = {slot.loaded: slot for slot in actors.slots}
+    with tqdm(total=len(waiting), desc="starting pool", unit="actor", disable=not progress) as bar:
+        while waiting:
+            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=POLL_S)
+            for ref in ready:
+                actors.loaded(waiting.pop(ref))
+                bar.update()
+    first = actors.slots[0].info
+    for slot in actors.slots[1:]:
+        if (slot.info.big, slot.info.small) != (first.big, first.small):
+            raise PoolWorkerError(f"actor {slot.index} on {slot.info.host} loaded "
+                                  f"{slot.info.big.describe()}, actor 0 on {first.host} "
+                                  f"{first.big.describe()}; give every machine the same model files.")
+
+
+def _check_travels(shares: list[Share]) -> None:
+    """Every share's arguments can be sent (pickled) — checked before the first is sent."""
+    from ray import cloudpickle
+
+    for share in shares:
+        try:
+            cloudpickle.dumps(share.args)
+        except Exception as e:
+            raise BadArgumentError(f"the arguments of rows {share.rows.start}..{share.rows.stop - 1} "
+                                   f"cannot be sent to the actors ({type(e).__name__}: {e}); pass "
+                                   f"values (vectors, GenerationOptions, str prompts).") from None
