@@ -57,28 +57,27 @@ class PoolJob:
         return bool(self.retries)
 
 
-def run_job(actors: Actors, shares: list[Share], desc: str, progress: bool) -> tuple[list, PoolJob]:
-    """Run ``shares`` (at most one per actor); returns each share's value in share order
-    (None for a share that Ctrl-C stopped before it answered) and the ``PoolJob``."""
+def run_job(actors: Actors, shares: list[Share], job: PoolJob, desc: str, progress: bool) -> list:
+    """Run ``shares`` (at most one per actor), recording in ``job``; returns each share's
+    value in share order (None for a share that Ctrl-C stopped before it answered)."""
     from tqdm.auto import tqdm
 
-    run = _Run(actors, shares)
+    run = _Run(actors, shares, job)
     with tqdm(total=run.job.rows, desc=desc, unit="row", disable=not progress) as bar:
         try:
             run.loop(bar if progress else None)
         except KeyboardInterrupt:
             run.interrupt()
-    run.job.elapsed_s = time.perf_counter() - run.started
-    return run.values, run.job
+    job.elapsed_s = time.perf_counter() - run.started
+    return run.values
 
 
 class _Run:
     """The state of one job: the Ray calls in flight and what each share returned."""
 
-    def __init__(self, actors: Actors, shares: list[Share]):
+    def __init__(self, actors: Actors, shares: list[Share], job: PoolJob):
         self.ray = import_ray()
-        self.actors, self.shares = actors, shares
-        self.job = PoolJob(len(actors.slots), sum(len(s.rows) for s in shares))
+        self.actors, self.shares, self.job = actors, shares, job
         self.values: list = [None] * len(shares)
         self.done = [0] * len(shares)  # rows finished per share (as last polled)
         self.attempts = [0] * len(shares)

@@ -37,7 +37,8 @@ class SessionPool:
 
     ``vectors``: the vector library (in this process); ``identity`` / ``small_identity``:
     the models every actor runs; ``actors``: where each runs (``ActorInfo``); ``last_job``:
-    the ``PoolJob`` of the last job. Close it (or use ``with``) to end the actors."""
+    the ``PoolJob`` of the last job sent to the actors (also one that failed). Close it (or
+    use ``with``) to end the actors."""
 
     def __init__(self, actors: Actors, vectors, *, owns_store: bool, owns_runtime: bool):
         self._actors, self.vectors = actors, vectors
@@ -155,9 +156,8 @@ class SessionPool:
 
     def _run(self, shares: list[Share], desc: str, progress: bool) -> tuple[list, PoolJob]:
         _check_travels(shares)
-        values, job = run_job(self._actors, shares, desc, progress)
-        self.last_job = job
-        return values, job
+        job = self.last_job = PoolJob(self.workers, sum(len(share.rows) for share in shares))
+        return run_job(self._actors, shares, job, desc, progress), job
 
     # Closing ---------------------------------------------------------------------------
 

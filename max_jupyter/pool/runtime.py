@@ -50,21 +50,23 @@ class Placement:
 
 
 def placement(workers: int | None, gpus_wanted: bool) -> Placement:
-    """One actor per GPU of the runtime (``num_gpus=1``) where it has GPUs and the models
-    may use them, else one per CPU share: ``workers`` (None: one per core) actors with an
-    equal share of the cores each. More actors than the runtime can hold are refused."""
-    resources = import_ray().cluster_resources()
-    cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+    """One actor per free GPU of the runtime (``num_gpus=1``) where it has GPUs and the
+    models may use them, else one per share of the free CPU cores: ``workers`` (None: one
+    per core) actors with an equal share each. More actors than the runtime has room for
+    now (other actors hold the rest) are refused, rather than left waiting."""
+    free = import_ray().available_resources()
+    cpus, gpus = int(free.get("CPU", 0)), int(free.get("GPU", 0))
     if gpus and gpus_wanted:
         workers = gpus if workers is None else workers
         if workers > gpus:
-            raise fail("workers", workers, f"is more than the runtime's {gpus} GPU(s) (one actor each)",
-                       f"pass workers <= {gpus}, or add machines with `ray start`")
+            raise fail("workers", workers, f"is more than the runtime's {gpus} free GPU(s) (one actor "
+                       f"each)", f"pass workers <= {gpus}, close other pools, or add machines with `ray start`")
         return Placement(workers, 1, 1)
     workers = cpus if workers is None else workers
     if not 1 <= workers <= cpus:
-        raise fail("workers", workers, f"is more than the runtime's {cpus} CPU core(s) (one or more "
-                   f"per actor)", f"pass workers <= {cpus}, or add machines with `ray start`")
+        raise fail("workers", workers, f"is more than the runtime's {cpus} free CPU core(s) (one or "
+                   f"more per actor)", f"pass workers <= {cpus}, close other pools, or add machines "
+                   f"with `ray start`")
     return Placement(workers, cpus // workers, 0)
 
 
