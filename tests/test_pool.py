@@ -6,7 +6,6 @@ before any work is sent."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import signal
 import threading
@@ -25,6 +24,7 @@ from max_jupyter.errors import (
     UnknownNameError,
 )
 from max_jupyter.orchestrator.trace import TraceConfig
+from max_jupyter.pool.runtime import init_ray
 from max_jupyter.steering import SteeringVector
 from max_jupyter.steering.mix import Mix
 
@@ -39,14 +39,7 @@ PROMPTS = ["Hi!", "Name a colour.", "What is 2+2?", "Write a haiku about rain.",
 
 @pytest.fixture(scope="module")
 def runtime():
-    for attempt in range(3):  # Ray gives its node 30 s to start: a crowded machine can miss that
-        try:
-            ray.init(num_cpus=CPUS, include_dashboard=False, logging_level=logging.WARNING)
-            break
-        except Exception as e:
-            if "timed out during startup" not in str(e) or attempt == 2:
-                raise
-            ray.shutdown()
+    init_ray(num_cpus=CPUS)
     yield
     ray.shutdown()
 

@@ -27,12 +27,30 @@ def connect(address: str | None) -> bool:
     """Join the Ray runtime at ``address`` ("auto", "ray://host:port", a head's host:port),
     or start a local one (None); a runtime this process already joined is used as it is.
     Returns whether this call started or joined it (so the pool should leave it at close)."""
-    ray = import_ray()
-    if ray.is_initialized():
+    if import_ray().is_initialized():
         return False
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-             configure_logging=False)
+    init_ray(address=address)
     return True
+
+
+STARTS = 3
+"""Tries to start a local Ray node: Ray gives its node 30 s to come up, which a machine
+crowded with other processes can miss."""
+
+
+def init_ray(**options) -> None:
+    """``ray.init(**options)`` quietly (no dashboard, warnings only), tried up to ``STARTS``
+    times while the node times out during startup."""
+    ray = import_ray()
+    for attempt in range(STARTS):
+        try:
+            ray.init(include_dashboard=False, logging_level=logging.WARNING, configure_logging=False,
+                     **options)
+            return
+        except Exception as e:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == STARTS - 1:
+                raise
+            ray.shutdown()
 
 
 @dataclass(frozen=True)
