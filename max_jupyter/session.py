@@ -377,6 +377,17 @@ class Session:
         job = CallJob(lambda _job: fn(self))
         return self._wait(job, wait)
 
+    def interrupt(self) -> None:
+        """End the job running on the worker now as Ctrl-C in the cell waiting for it would,
+        from any thread: a generation within one step (``"interrupted"``), a batch before its
+        next step (finished rows kept), a training after its current example. Queued jobs
+        are not touched; a no-op when nothing runs."""
+        running = self._worker.running
+        if isinstance(running, GenerationHandle):
+            running.stop("interrupted")
+        elif running is not None:
+            running.stop()
+
     def train(self, name: str, positive: Sequence[str], negative: Sequence[str], *,
               layers: Iterable[int] | None = None, method: str = "svd_diff", save: bool = True,
               progress: bool = True, **store_fields) -> SteeringVector:

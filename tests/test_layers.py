@@ -13,9 +13,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "max_jupyter"
 
 LAYERS: list[tuple[str, ...]] = [
     ("max_jupyter", "quickstart", "testing"),  # the package's front door and tools
+    ("pool",),                    # Sessions on Ray actors: pools the Session's jobs, the sweep's too
     ("jupyter",),                 # magics, widgets, display; may start a server
     ("server",),                  # the HTTP API
-    ("pool",),                    # Sessions on Ray actors (above the Session it pools)
     ("evaluation",),              # measures of generated text (above the Session it will score)
     ("session",),
     ("handle", "worker", "loading"),

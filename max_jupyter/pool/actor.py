@@ -10,11 +10,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from max_jupyter.engines.base import ModelIdentity
+from max_jupyter.jupyter.steerspec import SteerTerm
+from max_jupyter.jupyter.sweep import Sweep, run_sweep
 from max_jupyter.orchestrator.options import GenerationOptions
 from max_jupyter.orchestrator.trace import GenerationResult
 from max_jupyter.orchestrator.types import Prompt
 from max_jupyter.pool.values import SteeringValue, local_steering
 from max_jupyter.session import Session
+from max_jupyter.steering.vector import SteeringVector
 
 
 @dataclass(frozen=True)
@@ -55,37 +58,44 @@ class SessionActor:
                          socket.gethostname(), os.getpid(), str(engine.device))
 
     def generate_batch(self, job: object, prompts: Sequence[Prompt], steering: Sequence[SteeringValue],
-                       options: GenerationOptions) -> list[GenerationResult]:
-        """``prompts[i]`` with ``steering[i]``, in order; after ``stop(job)`` the running row
-        ends as ``"interrupted"`` and the rows not started come back empty, marked so."""
+                       options: Sequence[GenerationOptions], batch_rows: int) -> list[GenerationResult]:
+        """``Session.generate_batch`` of ``prompts[i]`` with ``steering[i]`` and ``options[i]``, ``batch_rows``
+        rows at a time, in order. After ``stop(job)`` the running batch ends before its next
+        step (its rows ``"interrupted"``, with their partial text) and the rows not started
+        come back empty, marked so."""
         self._begin(job)
-        results = []
-        for prompt, value in zip(prompts, steering):
+        steering = [local_steering(value) for value in steering]
+        results: list[GenerationResult] = []
+        for start in range(0, len(prompts), batch_rows):
+            rows = slice(start, start + batch_rows)
             if self._stop.is_set():
-                results.append(GenerationResult([], finish_reason="interrupted"))
+                results += [GenerationResult([], finish_reason="interrupted") for _ in prompts[rows]]
                 continue
-            handle = self._session.start(prompt, options, steering=local_steering(value))
-            if self._stop.is_set():  # stop() came between the check and the start
-                handle.stop("interrupted")
-            results.append(handle.result())
-            self._done += 1
+            results += self._session.generate_batch(prompts[rows], steering[rows], options[rows], progress=False)
+            self._done = len(results)
         return results
+
+    def sweep(self, job: object, prompt: str, term: SteerTerm, vector: SteeringVector,
+              coefs: Sequence[float], options: GenerationOptions) -> Sweep:
+        """``run_sweep`` of ``term`` (its vector sent as ``vector``) over ``coefs``; after
+        ``stop(job)`` its batch ends before the next step and only finished rows are scored."""
+        self._begin(job)
+        self._session.vectors[term.name] = vector
+        return run_sweep(self._session, prompt, term, coefs, options, progress=False)
 
     def progress(self, job: object) -> int:
         """Rows of share ``job`` finished so far (0 if another share runs)."""
         return self._done if job == self._job else 0
 
     def stop(self, job: object) -> None:
-        """Stop share ``job`` (no other): its running generation within one step, its rows
-        not started at all."""
+        """Stop share ``job`` (no other) as Ctrl-C would stop it in a notebook: its running
+        batch before the next step, its rows not started not at all."""
         with self._lock:
             if job != self._job:
                 self._stopped.add(job)
                 return
             self._stop.set()
-        handle = self._session.handle
-        if handle is not None:
-            handle.stop("interrupted")
+        self._session.interrupt()
 
     def _begin(self, job: object) -> None:
         with self._lock:

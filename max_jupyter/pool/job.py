@@ -4,6 +4,7 @@ progress bar over every row; an actor that dies has its share re-run on a replac
 keeps what finished. See docs/cluster.md."""
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -141,8 +142,8 @@ class _Run:
         """A share raised (not a death): stop the others and raise its error, one line."""
         self._stop_all()
         cause = getattr(error, "cause", None)
-        if isinstance(cause, MaxJupyterError):
-            raise cause from None
+        if isinstance(cause, MaxJupyterError):  # the Session's own refusal, as it is
+            raise rebased(cause, self.shares[i].rows.start) from None
         what = "load the models" if stage == "load" else "run its share"
         rows = self.shares[i].rows
         raise PoolWorkerError(f"actor {slot.index} failed to {what} (rows {rows.start}.."
@@ -186,3 +187,11 @@ class _Run:
                 self.values[i] = self.ray.get(ref)
             except self.ray.exceptions.RayError:  # died while stopping: its rows are lost
                 pass
+
+
+def rebased(error: MaxJupyterError, offset: int) -> MaxJupyterError:
+    """``error`` from a share whose first row is the job's row ``offset``, with the rows it
+    names (``prompts[1]``) numbered as the job's (``prompts[4]``)."""
+    if offset and len(error.args) == 1 and isinstance(error.args[0], str):
+        error.args = (re.sub(r"\bprompts\[(\d+)\]", lambda m: f"prompts[{int(m[1]) + offset}]", error.args[0]),)
+    return error

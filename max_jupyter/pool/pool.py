@@ -8,6 +8,9 @@ import inspect
 from collections.abc import Sequence
 
 from max_jupyter.errors import BadArgumentError, PoolWorkerError, SessionClosedError, did_you_mean
+from max_jupyter.evaluation.degeneracy import degeneracy
+from max_jupyter.jupyter.steerspec import SteerTerm, spec_mix
+from max_jupyter.jupyter.sweep import Sweep, SweepRow
 from max_jupyter.orchestrator.options import GenerationOptions, merge_options
 from max_jupyter.orchestrator.trace import GenerationResult
 from max_jupyter.pool.job import POLL_S, PoolJob, Share, run_job
@@ -114,30 +117,38 @@ class SessionPool:
 
     # Jobs ------------------------------------------------------------------------------
 
-    def generate_batch(self, prompts: Sequence, steering=None, options: GenerationOptions | None = None, *,
-                       progress: bool = True, **overrides) -> PoolResults:
-        """One generation per prompt, as ``Session.generate_batch`` makes them: ``steering``
-        one for every row (a vector, a ``Mix``, {vector name in ``vectors``: coef}) or a
-        list of one per row; ``options`` / ``overrides`` as ``Session.generate`` takes them.
-        The rows are split across the actors; the results come back in input order, with
-        ``job`` (``PoolJob``). Everything is checked before any work is sent. Ctrl-C stops
-        every actor and returns what finished (the rest ``finish_reason == "interrupted"``)."""
+    def generate_batch(self, prompts: Sequence, steering=None, options=None, *, progress: bool = True,
+                       batch_rows: int | None = None, **changes) -> PoolResults:
+        """``Session.generate_batch`` across the actors: one ``GenerationResult`` per prompt,
+        in input order, as a ``PoolResults`` with ``job`` (``PoolJob``). ``steering``: one for
+        every row or a list of one per row (a vector, a ``Mix``, {vector name in ``vectors``:
+        coef}, or None: the row's options' own); ``options``: one ``GenerationOptions`` or one
+        per row, with ``changes`` applied to each. The rows are split into one contiguous
+        share per actor; an actor generates its share as one batch, or ``batch_rows`` rows at
+        a time (finer progress, less memory). Everything here is checked before any work is
+        sent. Ctrl-C stops every actor and returns what finished; the rest ``finish_reason
+        == "interrupted"`` (partial text, or none for rows not started)."""
         self._check_open()
         prompts = _rows("prompts", prompts)
-        options = merge_options(options, GenerationOptions(), overrides)
-        if isinstance(steering, (list, tuple)):
-            if len(steering) != len(prompts):
-                raise fail("steering", f"a list of {len(steering)}", f"does not match the "
-                           f"{len(prompts)} prompts", "give one steering per prompt, or one for all")
-            values = [steering_value(s, self.vectors, self.identity, f"steering[{i}]")
-                      for i, s in enumerate(steering)]
-        else:
-            one = steering if steering is not None else options.steering
-            values = [steering_value(one, self.vectors, self.identity)] * len(prompts)
-        options = self._portable(options.replace(steering=None))
-        shares = [Share(rows, "generate_batch", (list(prompts[rows.start:rows.stop]),
-                                                 values[rows.start:rows.stop], options))
-                  for rows in split(len(prompts), self.workers)]
+        n = len(prompts)
+        if batch_rows is not None:
+            check_int("batch_rows", batch_rows, low=1, fix="pass None (a share is one batch) or an int >= 1")
+        per_row = options if isinstance(options, (list, tuple)) else [options] * n
+        if len(per_row) != n:
+            raise fail("options", f"a list of {len(per_row)}", f"does not match the {n} prompts",
+                       "give one GenerationOptions for all rows, or one per prompt")
+        per_row = [merge_options(o, GenerationOptions(), changes) for o in per_row]
+        given = steering if isinstance(steering, (list, tuple)) else [steering] * n
+        if len(given) != n:
+            raise fail("steering", f"a list of {len(given)}", f"does not match the {n} prompts",
+                       "give one steering per prompt, or one for all")
+        values = [steering_value(s if s is not None else o.steering, self.vectors, self.identity,
+                                 f"steering[{i}]" if isinstance(steering, (list, tuple)) else "steering")
+                  for i, (s, o) in enumerate(zip(given, per_row))]
+        per_row = [o.replace(steering=None) for o in per_row]  # each row's steering travels in values
+        shares = [Share(rows, "generate_batch", (prompts[rows.start:rows.stop], values[rows.start:rows.stop],
+                                                 per_row[rows.start:rows.stop], batch_rows or len(rows)))
+                  for rows in split(n, self.workers)]
         results, job = self._run(shares, f"generate_batch on {self.workers} actors", progress)
         merged = []
         for share, value in zip(shares, results):
@@ -145,14 +156,34 @@ class SessionPool:
                 GenerationResult([], finish_reason="interrupted") for _ in share.rows]
         return PoolResults(merged, job)
 
-    def _portable(self, options: GenerationOptions) -> GenerationOptions:
-        """``options`` as the actors can take them: their Sessions have no judges of their
-        own, so judges are ``Judge`` objects (which travel), never names."""
-        names = [j for j in options.judges or () if isinstance(j, str)]
-        if names:
-            raise fail("judges", list(options.judges), "names judges, and the pool's Sessions have none",
-                       "pass Judge objects (they travel to the actors) or [] for none")
-        return options
+    def sweep(self, prompt: str, term: SteerTerm | str, coefs: Sequence[float], options=None, *,
+              progress: bool = True, **changes) -> Sweep:
+        """``run_sweep`` across the actors: ``prompt`` once per coefficient with ``coef *
+        term`` (a ``SteerTerm`` or a vector name of ``vectors``; its vector travels as a
+        value), each row scored by its actor's unsteered model (perplexity) and by its
+        degeneracy. The coefficients are split into one share per actor; the ``Sweep``'s rows
+        come back in coefficient order, with ``sweep.job`` (``PoolJob``). Checked here first:
+        the vector, its model and layers, every coefficient. Ctrl-C stops every actor: rows
+        it stopped are marked interrupted (a share that sent nothing back: empty rows)."""
+        self._check_open()
+        term = SteerTerm(term, 1.0) if isinstance(term, str) else term
+        if not isinstance(term, SteerTerm):
+            raise fail("term", term, f"is a {type(term).__name__}", "give a vector name or a SteerTerm")
+        coefs = _rows("coefs", coefs)
+        for coef in coefs:  # the vector (name, model, layers) and every coefficient
+            spec_mix([SteerTerm(term.name, coef, term.layers)], self.vectors, self.identity)
+        vector = self.vectors[term.name]
+        options = merge_options(options, GenerationOptions(), changes)
+        shares = [Share(rows, "sweep", (prompt, term, vector, coefs[rows.start:rows.stop], options))
+                  for rows in split(len(coefs), self.workers)]
+        parts, job = self._run(shares, f"sweep on {self.workers} actors", progress)
+        sweep = Sweep(next((part.spec for part in parts if part is not None), term.name), prompt)
+        for share, part in zip(shares, parts):
+            sweep.rows += part.rows if part is not None else [
+                SweepRow(coefs[i], GenerationResult([], finish_reason="interrupted"), degeneracy([]))
+                for i in share.rows]
+        sweep.job = job
+        return sweep
 
     def _run(self, shares: list[Share], desc: str, progress: bool) -> tuple[list, PoolJob]:
         _check_travels(shares)
