@@ -82,14 +82,15 @@ class Session:
         """Load ``big`` (None: the embedded SmolLM2-135M-Instruct) and ``small`` (None: no
         small model; ``"same"``: the big source again; or another source).
 
-        ``backend``: auto (ExLlamaV2 for EXL2/GPTQ folders where CUDA and exllamav2 are
-        present, else transformers), transformers or exllamav2. ``max_vram_gb`` and
-        ``cache_tokens`` feed the ExLlamaV2 memory plan (``session.plan``); ``cache_tokens``
-        caps the context on transformers too. ``device``: where both models go (None: CUDA
-        where present, else the CPU); ``devices``: ``(big's, small's)`` instead, e.g.
-        ``("cuda:0", "cuda:1")`` (transformers backend). ``store``: the vector library — "default"
-        (the VectorStore at its default path, so vectors survive the kernel), None (a dict
-        in memory), a path, or a ``VectorStore``.
+        ``backend``: auto (ExLlamaV3 for EXL3 folders, ExLlamaV2 for EXL2/GPTQ folders, where
+        CUDA and that library are present, else transformers), transformers, exllamav2 or
+        exllamav3. ``max_vram_gb`` and ``cache_tokens`` feed the GPU backends' memory plan
+        (``session.plan``); ``cache_tokens`` caps the context on transformers too.
+        ``device``: where both models go (None: CUDA where present, else the CPU);
+        ``devices``: ``(big's, small's)`` instead, e.g. ``("cuda:0", "cuda:1")``
+        (transformers backend). ``store``: the vector library — "default" (the VectorStore
+        at its default path, so vectors survive the kernel), None (a dict in memory), a
+        path, or a ``VectorStore``.
         """
         check_sources(big, small, backend)
         vectors = open_library(store)

@@ -27,9 +27,10 @@ class ModelShape(Protocol):
     def describe(self) -> str: ...
 
 
-MAX_COEF = 1e4
-"""Largest steering coefficient accepted: beyond it the delta swamps the residual stream
-(a coefficient of 1e30 makes every logit 0 or NaN), which is never what was meant."""
+MAX_COEF = 16.0
+"""Largest steering coefficient accepted. A coefficient counts typical residual norms
+(``SteeringVector.deltas``; 0.1 mild, 0.5 clear, 1 strong: docs/vectors.md), so this is
+``engines.residual.MAX_DELTA_RATIO``, the bound on what steering adds at a layer."""
 MAX_TEMPERATURE = 100.0
 """Largest temperature accepted: far above it sampling is uniform noise over the vocabulary."""
 MAX_SEED = 2**63 - 1
@@ -98,8 +99,8 @@ def check_real(name: str, value: Any, *, low: float | None = None, high: float |
 def check_coef(name: str, value: Any) -> float:
     """A steering coefficient: a finite real number with ``|value| <= MAX_COEF``."""
     return check_real(name, value, low=-MAX_COEF, high=MAX_COEF,
-                      fix=f"use a finite number within ±{MAX_COEF:g} (typical: -20..20); a larger "
-                          f"one swamps the residual stream and every logit becomes 0 or NaN")
+                      fix=f"use a finite number within ±{MAX_COEF:g} (it counts typical residual "
+                          f"norms: 0.1 is mild, 0.5 clear, 1 strong)")
 
 
 def check_text(name: str, value: Any) -> str:

@@ -202,7 +202,7 @@ def test_a_live_mix_update_lands_whole_at_a_step_boundary(session):
     b = SteeringVector({2: big.direction(9, 3.0)}, big.identity, "b")
     h = running(session.start(PROMPT, max_new_tokens=60, ignore_eos=True), steps=2)
     for i in range(20):
-        session.mix.update({"a": (a, 1.0 + i), "b": (b, 1.0 + i)})
+        session.mix.update({"a": (a, 0.1 * (1 + i)), "b": (b, 0.1 * (1 + i))})
         time.sleep(0.001)
     r = h.result(30)
     mixes = [record.live_coefs for record in r.steps]

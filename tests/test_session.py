@@ -115,7 +115,8 @@ def test_mix_update_lands_whole_at_a_step_boundary(engine, vector):
         flipper.join()
         del engine._forward
         s.close()
-    unit_a, unit_b = a.directions[10], b.directions[12]
+    unit_a = a.deltas(1.0, engine.residual_norms)[10]  # what coefficient 1 adds
+    unit_b = b.deltas(1.0, engine.residual_norms)[12]
     coefs = {(round(float(d[10] @ unit_a / (unit_a @ unit_a)), 3),
               round(float(d[12] @ unit_b / (unit_b @ unit_b)), 3)) for d in seen}
     assert coefs <= set(pairs) and len(coefs) == 2  # both pairs seen, never a mix of them

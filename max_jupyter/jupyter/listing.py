@@ -82,7 +82,7 @@ def search(session, args) -> None:
     if len(args.args) != 1:
         raise BadArgumentError("%max_steer search takes one vector spec (e.g. joy or 'joy - formal') "
                                "or --active.")
-    query = spec_mix(args.args, session.vectors, session.big.identity).combined()
+    query = spec_mix(args.args, session.vectors, session.big.identity).combined(session.big)
     layer = args.layer if args.layer is not None else query.layers[len(query.layers) // 2]
     for hit in store.nearest(query, model=session.big.identity, layer=layer, k=args.k):
         print(f"{hit.name:<24} v{hit.version:<3} layer {hit.layer}  cosine {hit.similarity:+.3f}")

@@ -138,11 +138,13 @@ def mix(magics, args):
 def save(magics, args):
     session = magics.need_session()
     (name,) = positional(args, ["NAME"])
-    vector = session.mix.combined()
+    vector = session.mix.combined(session.big)
     if vector is None:
         raise UsageError("the live mix is empty; turn vectors on with %max_steer on NAME COEF first.")
     session.vectors[name] = vector
-    print(f"saved the live mix ({mix_line(session.mix)}) as {name!r}")
+    push = vector.push(session.big.residual_norms)
+    print(f"saved the live mix ({mix_line(session.mix)}) as {name!r}; "
+          f"%max_steer on {name} {push:.2f} adds the same")
 
 
 def load(magics, args):
