@@ -16,8 +16,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("pool",),                    # Sessions on Ray actors: pools the Session's jobs, the sweep's too
     ("jupyter",),                 # magics, widgets, display; may start a server
     ("server",),                  # the HTTP API
-    ("evaluation",),              # measures of generated text (above the Session it will score)
     ("session",),
+    ("evaluation",),              # measures of generated text; Session.evaluate (it takes the Session as an argument)
     ("handle", "worker", "loading"),
     ("orchestrator",),
     ("steering",),
