@@ -219,3 +219,21 @@ def free_again(cpus: int, within_s: float = 30.0) -> None:
     while ray.available_resources().get("CPU", 0) < cpus:
         assert time.monotonic() < deadline, f"the runtime still holds {ray.available_resources()}"
         time.sleep(0.2)
+
+
+def test_a_pooled_evaluation_equals_a_single_sessions(pool, engine, vector):
+    """Coefficients split over the two actors; every row, score and the chosen coefficient
+    as one Session's evaluation has them (the controls from the actor that held it)."""
+    prompts = ["Describe your morning.", "Tell me about your street.", "What did you eat today?",
+               "Describe the weather.", "Tell me about a friend.", "What is on your desk?"]
+    args = dict(concept="joy", prompts=prompts, coefs=[0.2, 0.5, 1.0], max_new_tokens=6)
+    pooled = pool.evaluate(vector, **args)
+    with Session(engine, vectors={}) as session:
+        single = session.evaluate(vector, progress=False, **args)
+    assert pooled.coefs == single.coefs and pooled.chosen_coef == single.chosen_coef
+    assert [(r.condition, r.coef, r.prompt, r.split, r.text) for r in pooled.rows] == \
+        [(r.condition, r.coef, r.prompt, r.split, r.text) for r in single.rows]
+    for p, s in zip(pooled.rows, single.rows):
+        assert p.values() == pytest.approx(s.values(), rel=1e-3, abs=1e-3)
+    assert pooled.probe_auroc == pytest.approx(single.probe_auroc)
+    assert not pooled.interrupted and pooled.job.rows == 3 and not pooled.job.retried

@@ -7,8 +7,10 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 
-from max_jupyter.errors import BadArgumentError, PoolWorkerError, SessionClosedError, did_you_mean
+from max_jupyter.errors import BadArgumentError, PoolWorkerError, SessionClosedError, UnknownNameError, did_you_mean
 from max_jupyter.evaluation.degeneracy import degeneracy
+from max_jupyter.evaluation.evaluate import DEFAULT_COEFS, DEFAULT_TOKENS
+from max_jupyter.evaluation.result import Evaluation
 from max_jupyter.jupyter.steerspec import SteerTerm, spec_mix
 from max_jupyter.jupyter.sweep import Sweep, SweepRow
 from max_jupyter.orchestrator.options import GenerationOptions, merge_options
@@ -17,7 +19,9 @@ from max_jupyter.pool.job import POLL_S, PoolJob, Share, run_job
 from max_jupyter.pool.runtime import Actors, connect, import_ray, placement
 from max_jupyter.pool.values import steering_value
 from max_jupyter.session import Session, open_library
-from max_jupyter.validation import check_int, fail
+from max_jupyter.steering.concepts import is_concept
+from max_jupyter.steering.vector import SteeringVector
+from max_jupyter.validation import check_coef, check_int, fail
 
 LOAD_OPTIONS = tuple(name for name in inspect.signature(Session.load).parameters
                      if name not in ("big", "small", "store", "progress"))
@@ -185,6 +189,37 @@ class SessionPool:
         sweep.job = job
         return sweep
 
+    def evaluate(self, vector: SteeringVector | str, *, concept: str | None = None,
+                 prompts: Sequence[str] | None = None, coefs: Sequence[float] | None = None,
+                 max_new_tokens: int = DEFAULT_TOKENS, options: GenerationOptions | None = None,
+                 seed: int = 0, progress: bool = True) -> Evaluation:
+        """``Session.evaluate`` across the actors, with the same arguments and the same
+        ``Evaluation``: the coefficients are split into one share per actor, each actor
+        evaluates its share (with the baselines, which every actor runs: a pool's speed-up
+        is in the coefficients), and the rows are put together as one evaluation would have
+        them — every coefficient's rows, one actor's baselines, and the controls of the
+        actor whose share held the coefficient chosen over all of them (which is that
+        share's own choice). ``vector``: a vector (sent as a value), a name of ``vectors``
+        (its vector sent under that name) or a library concept (each actor trains it on
+        first use, as a Session does). ``evaluation.job``: the ``PoolJob``; ``generation_s``
+        and ``scoring_s`` add up the actors' times."""
+        self._check_open()
+        if isinstance(vector, str) and vector not in self.vectors and not is_concept(vector):
+            raise UnknownNameError(f"vector={vector!r} is neither in the pool's library nor a library "
+                                   f"concept; the library has {sorted(self.vectors) or 'none'} (pool.vectors).")
+        value = steering_value(self.vectors.get(vector) if isinstance(vector, str) else vector,
+                               self.vectors, self.identity, "vector")
+        if value is not None and not isinstance(value, SteeringVector):
+            raise fail("vector", vector, f"is a {type(vector).__name__}", "give a SteeringVector, a name "
+                       "of pool.vectors or a library concept's name")
+        coefs = [check_coef(f"coefs[{i}]", c) for i, c in enumerate(_rows("coefs", DEFAULT_COEFS if coefs is None else coefs))]
+        name = vector if isinstance(vector, str) else None
+        args = dict(concept=concept, prompts=prompts, max_new_tokens=max_new_tokens, options=options, seed=seed)
+        shares = [Share(rows, "evaluate", (name, value, coefs[rows.start:rows.stop], args))
+                  for rows in split(len(coefs), self.workers)]
+        parts, job = self._run(shares, f"evaluate on {self.workers} actors", progress)
+        return merge_evaluations(parts, coefs, job)
+
     def _run(self, shares: list[Share], desc: str, progress: bool) -> tuple[list, PoolJob]:
         _check_travels(shares)
         job = self.last_job = PoolJob(self.workers, sum(len(share.rows) for share in shares))
@@ -269,3 +304,28 @@ def _check_travels(shares: list[Share]) -> None:
             raise BadArgumentError(f"the arguments of rows {share.rows.start}..{share.rows.stop - 1} "
                                    f"cannot be sent to the actors ({type(e).__name__}: {e}); pass "
                                    f"values (vectors, GenerationOptions, str prompts).") from None
+
+
+def merge_evaluations(parts: list, coefs: list[float], job: PoolJob) -> Evaluation:
+    """One ``Evaluation`` of ``coefs`` from the shares' (None: a share Ctrl-C stopped before
+    it answered), with the rows one evaluation of all of them would hold, in its order."""
+    done = [part for part in parts if part is not None]
+    if not done:
+        raise PoolWorkerError("the evaluation was stopped before any actor finished a condition; "
+                              "run it again.")
+    first = done[0]
+    merged = Evaluation(first.concept, first.vector, first.prompts, coefs, first.probe_auroc,
+                        first.fluency_scale, first.reader)
+    merged.rows = [row for part in done for row in part.select("steered")]
+    merged.rows += first.select("none") + first.select("prompting")
+    chosen = merged.chosen_coef
+    for part in done:
+        if chosen is not None and part.chosen_coef == chosen:  # the share that held it chose it too
+            merged.rows += part.select("random", chosen) + part.select("flipped", -chosen)
+            break
+    merged.interrupted = job.interrupted or len(done) < len(parts) or any(p.interrupted for p in done)
+    merged.generation_s = sum(p.generation_s for p in done)
+    merged.scoring_s = sum(p.scoring_s for p in done)
+    merged.elapsed_s = job.elapsed_s
+    merged.job = job
+    return merged
