@@ -83,8 +83,8 @@ class Session:
     @classmethod
     def load(cls, big: Source = None, small: Source = None, *, backend: str = "auto",
              max_vram_gb: float | None = None, cache_tokens: int | None = None,
-             device: str | None = None, dtype=None, store: object = "default",
-             progress: bool = True) -> Session:
+             device: str | None = None, devices: tuple | None = None, dtype=None,
+             store: object = "default", progress: bool = True) -> Session:
         """Load ``big`` (None: the embedded SmolLM2-135M-Instruct) and ``small`` (None: no
         small model; ``"same"``: the big source again; or another source).
 
@@ -92,8 +92,11 @@ class Session:
         CUDA and that library are present, else transformers), transformers, exllamav2 or
         exllamav3. ``max_vram_gb`` and ``cache_tokens`` feed the GPU backends' memory plan
         (``session.plan``); ``cache_tokens`` caps the context on transformers too.
-        ``store``: the vector library — "default" (the VectorStore at its default path, so
-        vectors survive the kernel), None (a dict in memory), a path, or a ``VectorStore``.
+        ``device``: where both models go (None: CUDA where present, else the CPU);
+        ``devices``: ``(big's, small's)`` instead, e.g. ``("cuda:0", "cuda:1")``
+        (transformers backend). ``store``: the vector library — "default" (the VectorStore
+        at its default path, so vectors survive the kernel), None (a dict in memory), a
+        path, or a ``VectorStore``.
         """
         check_sources(big, small, backend)
         vectors = open_library(store)
@@ -101,7 +104,7 @@ class Session:
         try:
             *engines, plan = load_models(
                 big, small, backend=backend, max_vram_gb=max_vram_gb, cache_tokens=cache_tokens,
-                device=device, dtype=dtype, progress=progress)
+                device=device, devices=devices, dtype=dtype, progress=progress)
             session = cls(*engines, vectors=vectors, plan=plan)
         except BaseException:  # nothing loaded here may outlive the failure (VRAM, the file)
             for engine in engines:
@@ -450,6 +453,17 @@ class Session:
         self._check_open()
         job = CallJob(lambda _job: fn(self))
         return self._wait(job, wait)
+
+    def interrupt(self) -> None:
+        """End the job running on the worker now as Ctrl-C in the cell waiting for it would,
+        from any thread: a generation within one step (``"interrupted"``), a batch before its
+        next step (finished rows kept), a training after its current example. Queued jobs
+        are not touched; a no-op when nothing runs."""
+        running = self._worker.running
+        if isinstance(running, GenerationHandle):
+            running.stop("interrupted")
+        elif running is not None:
+            running.stop()
 
     def train(self, name: str, positive: Sequence[str], negative: Sequence[str], *,
               layers: Iterable[int] | None = None, method: str = "svd_diff", save: bool = True,

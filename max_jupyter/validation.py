@@ -272,23 +272,24 @@ def check_max_seq_len(value: Any, limit: int | None = None) -> int | None:
     return value if limit is None else min(value, limit)
 
 
-def check_device(device: Any) -> torch.device | None:
-    """``None`` or a device torch knows and this machine has (``"cpu"``, ``"cuda"``, ``"cuda:1"``)."""
+def check_device(device: Any, name: str = "device") -> torch.device | None:
+    """``None`` or a device torch knows and this machine has (``"cpu"``, ``"cuda"``, ``"cuda:1"``);
+    ``name``: the argument, as the error names it."""
     if device is None:
         return None
     if not isinstance(device, (str, torch.device)):
-        raise fail("device", device, f"is a {_type_name(device)}", 'pass "cpu", "cuda" or "cuda:N"')
+        raise fail(name, device, f"is a {_type_name(device)}", 'pass "cpu", "cuda" or "cuda:N"')
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise fail("device", device, "is not a device torch knows", 'use "cpu", "cuda" or "cuda:N"') from None
+        raise fail(name, device, "is not a device torch knows", 'use "cpu", "cuda" or "cuda:N"') from None
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (dev.index or 0) >= count:
-            raise fail("device", device, f"is not present (this machine has {count} CUDA device(s))",
+            raise fail(name, device, f"is not present (this machine has {count} CUDA device(s))",
                        'use "cpu" or an existing "cuda:N"')
     elif dev.type not in ("cpu", "mps"):
-        raise fail("device", device, "is not supported", 'use "cpu" or "cuda"')
+        raise fail(name, device, "is not supported", 'use "cpu" or "cuda"')
     return dev
 
 

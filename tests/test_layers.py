@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "max_jupyter"
 
 LAYERS: list[tuple[str, ...]] = [
     ("max_jupyter", "quickstart", "testing"),  # the package's front door and tools
+    ("pool",),                    # Sessions on Ray actors: pools the Session's jobs, the sweep's too
     ("jupyter",),                 # magics, widgets, display; may start a server
     ("server",),                  # the HTTP API
     ("session",),

@@ -410,3 +410,14 @@ def test_a_load_shows_one_progress_bar_and_refused_input_none(session, capfd):
         session.train("x", ["good"], ["bad"], method="nope")
     err = capfd.readouterr().err
     assert "loading" not in err and "training" not in err, err
+
+
+def test_devices_place_big_and_small_each_on_its_own(engine, small):
+    """``Session.load(devices=(big's, small's))``: each model on its device (both "cpu" on
+    this machine; "cuda:0" and "cuda:1" on two GPUs), and the pair generates as with
+    ``device=``."""
+    with Session.load(small="same", devices=("cpu", "cpu"), store=None, progress=False) as placed:
+        assert (placed.big.device.type, placed.small.device.type) == ("cpu", "cpu")
+        result = placed.generate("Hi", max_new_tokens=4)
+    with Session(engine, small) as reference:
+        assert result.token_ids == reference.generate("Hi", max_new_tokens=4).token_ids
