@@ -21,7 +21,8 @@ from max_jupyter.evaluation.evaluate import DEFAULT_COEFS, DEFAULT_PROMPTS, DEFA
 from max_jupyter.steering.concepts import concept, library
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "evaluation.md"
-BEGIN, END = "<!-- REPORT BEGIN -->", "<!-- REPORT END -->"
+SECTIONS = {"table": ("<!-- REPORT BEGIN -->", "<!-- REPORT END -->"),
+            "timing": ("<!-- TIMING BEGIN -->", "<!-- TIMING END -->")}
 COLUMNS = ("concept", "probe AUROC", "chosen coef", "vector", "prompting", "no steering", "random",
            "flipped", "vector concept", "random concept", "none concept", "vector ≥ prompting",
            "vector > random")
@@ -47,7 +48,15 @@ def row(ev) -> list[str]:
             "yes" if s["steered_harmonic"] > s["random_harmonic"] else "no"]
 
 
-def write(rows: list[list[str]], settings: str, timing: str, at: str) -> None:
+def write_section(section: str, body: str) -> None:
+    """Replace the text between ``section``'s markers in docs/evaluation.md with ``body``."""
+    begin, end = SECTIONS[section]
+    text = DOC.read_text(encoding="utf-8")
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    DOC.write_text(text[:start] + "\n" + body + "\n" + text[stop:], encoding="utf-8")
+
+
+def write(rows: list[list[str]], settings: str, at: str) -> None:
     table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     table += ["| " + " | ".join(r) + " |" for r in rows]
     wins = sum(r[-2] == "yes" for r in rows)
@@ -57,16 +66,13 @@ def write(rows: list[list[str]], settings: str, timing: str, at: str) -> None:
         f"Settings: {settings}.", "",
         *table, "",
         f"The vector reaches prompting's harmonic mean on {wins} of {len(rows)} concepts and beats the "
-        f"random control on {beats} of {len(rows)}.",
-        *([timing] if timing else [])])
-    text = DOC.read_text(encoding="utf-8")
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    DOC.write_text(text[:start] + "\n" + body + "\n" + text[end:], encoding="utf-8")
+        f"random control on {beats} of {len(rows)}."])
+    write_section("table", body)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concepts", default=",".join(library()))
+    parser.add_argument("--concepts", default=",".join(library()), help="comma-separated; empty: none")
     parser.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS)
     parser.add_argument("--coefs", default=",".join(f"{c:g}" for c in DEFAULT_COEFS))
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS)
@@ -78,24 +84,25 @@ def main() -> None:
     settings = (f"{args.prompts} prompts (half eval, half test), coefficients {args.coefs}, "
                 f"{args.tokens} tokens, greedy, embedded {session.big.identity.describe()}, read by "
                 f"{session.reader.identity.describe()}")
-    timing = ""
     if args.timing:
         t = time.perf_counter()
         load = os.getloadavg()[0]
         ev = session.evaluate("joy", progress=False)
-        timing = (f"Timing: one vector (joy), {len(ev.coefs)} coefficients, {len(ev.prompts)} prompts, "
+        timing = (f"Measured at commit `{at}` on {machine()}: one vector (joy), {len(ev.coefs)} "
+                  f"coefficients, {len(ev.prompts)} prompts, "
                   f"{DEFAULT_TOKENS} tokens: {time.perf_counter() - t:.0f} s for {len(ev.rows)} answers "
                   f"({ev.generation_s:.0f} s generating, {ev.scoring_s:.0f} s scoring) "
                   f"(load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on "
                   f"{os.cpu_count()} cores shared with other work).")
+        write_section("timing", timing)
         print(timing, flush=True)
     rows = []
-    for name in args.concepts.split(","):
+    for name in [n for n in args.concepts.split(",") if n]:
         t = time.perf_counter()
         ev = session.evaluate(name, prompts=concept(name).prompts[:args.prompts], coefs=coefs,
                               max_new_tokens=args.tokens, progress=False)
         rows.append(row(ev))
-        write(rows, settings, timing, at)
+        write(rows, settings, at)
         print(f"{name}: {time.perf_counter() - t:.0f} s", " | ".join(rows[-1]), flush=True)
     session.close()
 

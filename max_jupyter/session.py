@@ -391,6 +391,13 @@ class Session:
                                f"{sorted(self.vectors) or 'none'} and the concepts "
                                f"{', '.join(concept_library())} (train, load or import one).")
 
+    @property
+    def vectors_and_concepts(self) -> Mapping[str, SteeringVector]:
+        """The library with the concepts added: a read-only mapping whose lookup is
+        ``vector(name)`` (a concept's vector trained on first use), for whatever resolves
+        steering names (``--steer``, expressions)."""
+        return _VectorsAndConcepts(self)
+
     def concept_vector_name(self, name: str) -> tuple[str, bool]:
         """The library name that holds (or will hold) concept ``name``'s vector for the big
         model — ``name``, or ``name.<fingerprint>`` where ``name`` holds another model's —
@@ -615,6 +622,28 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _VectorsAndConcepts(Mapping):
+    """``Session.vectors_and_concepts``: the library's names and the concepts' names; a
+    lookup trains a concept on first use (``Session.vector``)."""
+
+    def __init__(self, session: Session):
+        self._session = session
+
+    def __getitem__(self, name: str) -> SteeringVector:
+        if name not in self:
+            raise KeyError(name)
+        return self._session.vector(name)
+
+    def __contains__(self, name: object) -> bool:
+        return is_concept(name) or (isinstance(name, str) and name in self._session.vectors)
+
+    def __iter__(self):
+        return iter(sorted({*self._session.vectors, *concept_library()}))
+
+    def __len__(self) -> int:
+        return len({*self._session.vectors, *concept_library()})
 
 
 def open_library(store: object) -> MutableMapping[str, SteeringVector]:

@@ -215,8 +215,8 @@ def test_unified_loop_gives_the_plain_loops_tokens(engine, vector, sampling, ste
 def test_options_are_checked_before_queueing(session):
     with pytest.raises(BadArgumentError, match="unknown generation option"):
         session.start(PROMPT, max_tokens=5)
-    with pytest.raises(BadArgumentError, match="no vector named 'joy'"):
-        session.start(PROMPT, steering={"joy": 1.0})
+    with pytest.raises(BadArgumentError, match="no vector named 'glee'"):  # 'joy' is a concept
+        session.start(PROMPT, steering={"glee": 1.0})
     with pytest.raises(BadArgumentError, match="no judge named"):
         session.start(PROMPT, judges=["strict"])
     with pytest.raises(BadArgumentError, match="system="):

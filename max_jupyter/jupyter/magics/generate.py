@@ -2,18 +2,15 @@
 that generates shares (``generation_options``)."""
 from __future__ import annotations
 
-from collections import ChainMap
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from max_jupyter.jupyter.magics.arguments import layers_arg, parse, usage_errors
-from max_jupyter.jupyter.steerspec import parse_spec, spec_mix
+from max_jupyter.jupyter.steerspec import spec_mix
 from max_jupyter.orchestrator.options import GenerationOptions
 from max_jupyter.orchestrator.speculative import MAX_SPECULATE
-from max_jupyter.steering.concepts import is_concept
-from max_jupyter.steering.vector import SteeringVector
 
 
 def generation_options(magics, args, session) -> GenerationOptions:
@@ -32,20 +29,13 @@ def generation_options(magics, args, session) -> GenerationOptions:
     if args.raw:
         opts["chat"] = False
     if args.steer:
-        opts["steering"] = spec_mix(args.steer, steer_vectors(session, args.steer), session.big.identity)
+        opts["steering"] = spec_mix(args.steer, session.vectors_and_concepts, session.big.identity)
     if args.judge:
         opts["judges"] = judge_names(args.judge)
     if getattr(args, "probe", None):
         opts["probes"] = args.probe
     opts["trace"] = trace_config(magics, args, session)
     return session.defaults.replace(**opts)
-
-
-def steer_vectors(session, specs: Sequence[str]) -> Mapping[str, SteeringVector]:
-    """The vectors ``specs`` may name: the library, with the concepts they name resolved
-    through ``Session.vector`` (trained on first use for the big model)."""
-    names = {term.name for spec in specs for term in parse_spec(spec)}
-    return ChainMap({n: session.vector(n) for n in names if is_concept(n)}, session.vectors)
 
 
 def trace_config(magics, args, session):
