@@ -212,7 +212,8 @@ class SessionPool:
         if value is not None and not isinstance(value, SteeringVector):
             raise fail("vector", vector, f"is a {type(vector).__name__}", "give a SteeringVector, a name "
                        "of pool.vectors or a library concept's name")
-        coefs = [check_coef(f"coefs[{i}]", c) for i, c in enumerate(_rows("coefs", DEFAULT_COEFS if coefs is None else coefs))]
+        coefs = _rows("coefs", DEFAULT_COEFS if coefs is None else coefs)
+        coefs = [check_coef(f"coefs[{i}]", c) for i, c in enumerate(coefs)]
         name = vector if isinstance(vector, str) else None
         args = dict(concept=concept, prompts=prompts, max_new_tokens=max_new_tokens, options=options, seed=seed)
         shares = [Share(rows, "evaluate", (name, value, coefs[rows.start:rows.stop], args))
