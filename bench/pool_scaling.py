@@ -7,6 +7,7 @@ the CPU; each CPU actor runs torch on its share of the cores. Every configuratio
 same job (``--rows`` chat prompts, ``--tokens`` tokens each, EOS ignored, greedy, every
 other row steered) through ``pool.generate_batch``; the first job after the start warms
 the actors and is not timed, then ``--rounds`` timed jobs; the table shows the median.
+Each actor generates its share as one batch (``Session.generate_batch``).
 Tokens/s counts generated tokens over the job's wall time (splitting, sending, merging
 included; starting the pool not). Expect close to 2x for two one-core actors against one
 on 2 cores, less where other processes share the cores.
@@ -69,14 +70,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    rows = [(label, actors, *run(cores, actors, args)) for label, cores, actors in CONFIGS]
-    base = rows[0][2]
     print(f"{args.rows} rows x {args.tokens} tokens, median of {args.rounds}; {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f} at the end")
+          f"load average {os.getloadavg()[0]:.1f} at the start")
     print("| configuration | actors | torch threads each | tokens/job | tokens/s | vs 1 actor, 1 core |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for label, actors, rate, tokens, threads in rows:
-        print(f"| {label} | {actors} | {threads} | {tokens} | {rate:.1f} | {rate / base:.2f}x |")
+    print("| --- | --- | --- | --- | --- | --- |", flush=True)
+    base = None
+    for label, cores, actors in CONFIGS:  # each row as soon as it is measured
+        rate, tokens, threads = run(cores, actors, args)
+        base = base or rate
+        print(f"| {label} | {actors} | {threads} | {tokens} | {rate:.1f} | {rate / base:.2f}x |", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":

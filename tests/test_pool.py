@@ -142,6 +142,20 @@ def test_ctrl_c_stops_the_remote_work_and_keeps_what_finished(pool, batch_rows):
     assert not after.job.interrupted
 
 
+def test_ctrl_c_stops_a_pooled_sweep_and_keeps_its_rows_marked(pool, vector):
+    pool.vectors["noise"] = vector
+    coefs = [-1.0, -0.5, 0.5, 1.0]
+    interrupt = threading.Timer(2.5, os.kill, [os.getpid(), signal.SIGINT])
+    interrupt.start()
+    try:
+        sweep = pool.sweep("Write about the sea.", "noise", coefs, max_new_tokens=80, ignore_eos=True)
+    finally:
+        interrupt.cancel()
+    assert sweep.job.interrupted and sweep.coefs == coefs  # every coefficient, in order
+    for row in sweep.rows:  # each stopped mid-generation on its actor, not scored
+        assert row.status == "interrupted" and row.perplexity is None and len(row.result.token_ids) < 80
+
+
 def test_bad_input_is_refused_in_one_line_before_any_work(pool, vector):
     before = pool.last_job
     other = SteeringVector(vector.directions, dataclasses.replace(vector.model, fingerprint="0" * 64), "other")

@@ -126,12 +126,13 @@ class SessionPool:
         """``Session.generate_batch`` across the actors: one ``GenerationResult`` per prompt,
         in input order, as a ``PoolResults`` with ``job`` (``PoolJob``). ``steering``: one for
         every row or a list of one per row (a vector, a ``Mix``, {vector name in ``vectors``:
-        coef}, or None: the row's options' own); ``options``: one ``GenerationOptions`` or one
-        per row, with ``changes`` applied to each. The rows are split into one contiguous
-        share per actor; an actor generates its share as one batch, or ``batch_rows`` rows at
-        a time (finer progress, less memory). Everything here is checked before any work is
-        sent. Ctrl-C stops every actor and returns what finished; the rest ``finish_reason
-        == "interrupted"`` (partial text, or none for rows not started)."""
+        coef}; None in a list: that row unsteered), None: each row's options' own;
+        ``options``: one ``GenerationOptions`` or one per row, with ``changes`` applied to
+        each. The rows are split into one contiguous share per actor; an actor generates its
+        share as one batch, or ``batch_rows`` rows at a time (finer progress, less memory).
+        Everything here is checked before any work is sent. Ctrl-C stops every actor and
+        returns what finished; the rest ``finish_reason == "interrupted"`` (partial text, or
+        none for rows not started)."""
         self._check_open()
         prompts = _rows("prompts", prompts)
         n = len(prompts)
@@ -146,8 +147,9 @@ class SessionPool:
         if len(given) != n:
             raise fail("steering", f"a list of {len(given)}", f"does not match the {n} prompts",
                        "give one steering per prompt, or one for all")
-        values = [steering_value(s if s is not None else o.steering, self.vectors, self.identity,
-                                 f"steering[{i}]" if isinstance(steering, (list, tuple)) else "steering")
+        listed = isinstance(steering, (list, tuple))  # a None in a list is an unsteered row, as in Session
+        values = [steering_value(o.steering if steering is None else s, self.vectors, self.identity,
+                                 f"steering[{i}]" if listed else "steering")
                   for i, (s, o) in enumerate(zip(given, per_row))]
         per_row = [o.replace(steering=None) for o in per_row]  # each row's steering travels in values
         shares = [Share(rows, "generate_batch", (prompts[rows.start:rows.stop], values[rows.start:rows.stop],
@@ -212,7 +214,8 @@ class SessionPool:
         if value is not None and not isinstance(value, SteeringVector):
             raise fail("vector", vector, f"is a {type(vector).__name__}", "give a SteeringVector, a name "
                        "of pool.vectors or a library concept's name")
-        coefs = [check_coef(f"coefs[{i}]", c) for i, c in enumerate(_rows("coefs", DEFAULT_COEFS if coefs is None else coefs))]
+        coefs = _rows("coefs", DEFAULT_COEFS if coefs is None else coefs)
+        coefs = [check_coef(f"coefs[{i}]", c) for i, c in enumerate(coefs)]
         name = vector if isinstance(vector, str) else None
         args = dict(concept=concept, prompts=prompts, max_new_tokens=max_new_tokens, options=options, seed=seed)
         shares = [Share(rows, "evaluate", (name, value, coefs[rows.start:rows.stop], args))

@@ -33,7 +33,7 @@ def connect(address: str | None) -> bool:
     return True
 
 
-STARTS = 3
+STARTS = 5
 """Tries to start a local Ray node: Ray gives its node 30 s to come up, which a machine
 crowded with other processes can miss."""
 
