@@ -11,7 +11,7 @@ direct path). Steering: a random vector per row at layer ``4 + r % 20``, 0.5x th
 typical residual norm (shared: row 0's for every row). Peak memory (torch's peak reserved
 plus what the device holds outside torch) against the plan plus the batch cache's rows.
 Targets: batch 16 >= 8x batch 1; per-row distinct steering <= 10% against one shared.
-Run: see docs/batching.md. Writes ``$OUT/gpu_batch.json``.
+Run: ``bash bench/gpu_session.sh batch`` (see docs/gpu.md). Writes ``$OUT/gpu_batch.json``.
 """
 from __future__ import annotations
 
