@@ -85,13 +85,15 @@ def main() -> None:
                 f"{args.tokens} tokens, greedy, embedded {session.big.identity.describe()}, read by "
                 f"{session.reader.identity.describe()}")
     if args.timing:
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         load = os.getloadavg()[0]
         ev = session.evaluate("joy", progress=False)
+        cpu = time.process_time() - cpu  # this process's CPU seconds, all its threads
         timing = (f"Measured at commit `{at}` on {machine()}: one vector (joy), {len(ev.coefs)} "
                   f"coefficients, {len(ev.prompts)} prompts, "
                   f"{DEFAULT_TOKENS} tokens: {time.perf_counter() - t:.0f} s for {len(ev.rows)} answers "
-                  f"({ev.generation_s:.0f} s generating, {ev.scoring_s:.0f} s scoring) "
+                  f"({ev.generation_s:.0f} s generating, {ev.scoring_s:.0f} s scoring; {cpu:.0f} CPU "
+                  f"seconds, so about {cpu / os.cpu_count():.0f} s on {os.cpu_count()} idle cores) "
                   f"(load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on "
                   f"{os.cpu_count()} cores shared with other work).")
         write_section("timing", timing)
