@@ -4,34 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from max_jupyter.errors import BackendUnavailableError, BadArgumentError
-from max_jupyter.validation import check_device, check_dtype, check_max_seq_len
+from max_jupyter.models import quant_method
+from max_jupyter.validation import check_device, check_dtype, check_max_seq_len, fail
 
 if TYPE_CHECKING:
     from max_jupyter.engines.base import Engine
 
-Backend = Literal["auto", "transformers", "exllamav2"]
-BACKENDS = ("auto", "transformers", "exllamav2")
+Backend = Literal["auto", "transformers", "exllamav2", "exllamav3"]
+BACKENDS = ("auto", "transformers", "exllamav2", "exllamav3")
 GPU_INSTALL = "pip install 'max-jupyter[gpu]' (exllamav2==0.3.2) on a machine with a CUDA GPU"
+EXL3_INSTALL = "pip install 'max-jupyter[exl3]' (exllamav3==1.6.5) on a machine with a CUDA GPU"
 Source = str | os.PathLike | None
 
 
 def is_quantized_folder(source: Source) -> bool:
     """Whether ``source`` is a folder of EXL2 or GPTQ weights (its config.json says so)."""
-    if source is None:
-        return False
-    config = Path(source).expanduser() / "config.json"
-    try:
-        quant = json.loads(config.read_text()).get("quantization_config") or {}
-    except (OSError, ValueError):
-        return False
-    return str(quant.get("quant_method", "")).lower() in ("exl2", "gptq")
+    return source is not None and quant_method(source) in ("exl2", "gptq")
 
 
 def exllamav2_available() -> bool:
@@ -41,12 +34,27 @@ def exllamav2_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("exllamav2") is not None
 
 
+def exllamav3_available() -> bool:
+    """CUDA is present and exllamav3 is installed (not imported: that builds its extension)."""
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("exllamav3") is not None
+
+
 def choose_backend(backend: str, big: Source) -> str:
-    """The backend for ``big``: ``auto`` takes ExLlamaV2 for an EXL2/GPTQ folder (refused with
-    the install command where CUDA or exllamav2 is missing), else transformers. An explicit
-    choice is checked."""
+    """The backend for ``big``: ``auto`` takes ExLlamaV3 for an EXL3 folder, ExLlamaV2 for an
+    EXL2/GPTQ folder (refused with the install command where CUDA or the library is
+    missing), else transformers. An explicit choice is checked."""
     if backend not in BACKENDS:
         raise BadArgumentError(f"backend={backend!r} is not a backend; use one of {list(BACKENDS)}.")
+    if backend == "auto" and big is not None and quant_method(big) == "exl3":
+        backend = "exllamav3"
+    if backend == "exllamav3":
+        if not exllamav3_available():
+            raise BackendUnavailableError(
+                f"the exllamav3 backend (for EXL3 folders) needs CUDA and exllamav3; install with "
+                f"{EXL3_INSTALL}.")
+        return backend
     if backend == "auto" and not is_quantized_folder(big):
         return "transformers"
     if backend == "auto":
@@ -78,20 +86,44 @@ def check_sources(big: Source, small: Source, backend: str = "auto") -> None:
         check_source(small)
 
 
+def check_devices(device: object, devices: object, has_small: bool) -> tuple:
+    """The big and the small model's devices: ``devices`` (a pair, big's first), else
+    ``device`` for both (None: the backend's default). Both at once, a pair without a small
+    model, or a device this machine lacks are refused."""
+    if devices is None:
+        return check_device(device), check_device(device)
+    if device is not None:
+        raise fail("devices", devices, f"and device={device!r} are both given",
+                   "pass device= (both models) or devices=(big, small), not both")
+    if isinstance(devices, (str, bytes)) or not isinstance(devices, (tuple, list)) or len(devices) != 2:
+        raise fail("devices", devices, "is not a pair", 'pass (big device, small device), e.g. ("cuda:0", "cuda:1")')
+    if not has_small:
+        raise fail("devices", devices, "places a small model, but none is loaded",
+                   "pass device= for the big model alone, or small=... too")
+    return check_device(devices[0], "devices[0]"), check_device(devices[1], "devices[1]")
+
+
 def load_models(big: Source, small: Source, *, backend: str = "auto",
                 max_vram_gb: float | None = None, cache_tokens: int | None = None,
-                device: str | None = None, dtype=None, progress: bool = True,
-                ) -> tuple[Engine, Engine | None, object | None]:
+                device: str | None = None, devices: tuple | None = None, dtype=None,
+                progress: bool = True) -> tuple[Engine, Engine | None, object | None]:
     """Load the big engine and, unless ``small`` is None, the small one (``"same"``: the big
-    source again, as a separate engine). Returns ``(big, small, memory plan or None)``."""
+    source again, as a separate engine), on ``device`` or ``devices`` (``check_devices``).
+    Returns ``(big, small, memory plan or None)``."""
     check_sources(big, small, backend)
     big, small = resolve_name(big), resolve_name(small)
     has_small = small is not None
     if small == "same":
         small = big
     backend = choose_backend(backend, big)
+    placed = check_devices(device, devices, has_small)
+    if backend in ("exllamav2", "exllamav3") and devices is not None:
+        raise fail("devices", devices, "places models on the transformers backend only",
+                   f"leave it out: the {backend} backend loads both models on the current CUDA device")
     if backend == "exllamav2":
         return _load_exllamav2(big, small, max_vram_gb, cache_tokens)
+    if backend == "exllamav3":
+        return _load_exllamav3(big, small, max_vram_gb, cache_tokens)
     if max_vram_gb is not None:
         raise BadArgumentError(f"max_vram_gb={max_vram_gb!r} applies to the exllamav2 backend only; "
                                f"the transformers backend has no memory plan (leave it out).")
@@ -100,14 +132,14 @@ def load_models(big: Source, small: Source, *, backend: str = "auto",
     from max_jupyter.engines.transformers import TransformersEngine
 
     # Checked before the bar opens, so a mistake leaves no 0% bar above its error.
-    check_device(device), check_dtype(dtype), check_max_seq_len(cache_tokens)
-    sources = [("big", big)] + ([("small", small)] if has_small else [])
+    check_dtype(dtype), check_max_seq_len(cache_tokens)
+    sources = [("big", big, placed[0])] + ([("small", small, placed[1])] if has_small else [])
     engines = []
     with tqdm(total=len(sources), desc="loading", unit="model", disable=not progress) as bar, \
             _transformers_bars_off():
-        for name, source in sources:
+        for name, source, on in sources:
             bar.set_postfix_str(f"{name}: {source or 'embedded SmolLM2-135M-Instruct'}")
-            engines.append(TransformersEngine.load(source, device=device, dtype=dtype,
+            engines.append(TransformersEngine.load(source, device=on, dtype=dtype,
                                                    max_seq_len=cache_tokens))
             bar.update()
     return engines[0], (engines[1] if has_small else None), None
@@ -135,6 +167,18 @@ def _load_exllamav2(big: Source, small: Source, max_vram_gb: float | None,
     if big is None:
         raise BadArgumentError("backend='exllamav2' needs a model folder (EXL2, GPTQ or fp16); "
                                "the embedded model runs on backend='transformers'.")
+    folders = [("big", big)] + ([("small", small)] if small is not None else [])
+    engines, plan = load_engines(folders, max_vram_gb, cache_tokens)
+    return engines[0], (engines[1] if small is not None else None), plan
+
+
+def _load_exllamav3(big: Source, small: Source, max_vram_gb: float | None,
+                    cache_tokens: int | None) -> tuple[Engine, Engine | None, object]:
+    from max_jupyter.engines.exllamav3 import load_engines
+
+    if big is None:
+        raise BadArgumentError("backend='exllamav3' needs an EXL3 model folder; the embedded model "
+                               "runs on backend='transformers'.")
     folders = [("big", big)] + ([("small", small)] if small is not None else [])
     engines, plan = load_engines(folders, max_vram_gb, cache_tokens)
     return engines[0], (engines[1] if small is not None else None), plan

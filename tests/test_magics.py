@@ -387,8 +387,10 @@ def test_steer_on_off_mix_save_load_rm(shell, session, capsys):
     assert capsys.readouterr().out.strip() == "live mix: happy +0.8 @12,13; joy -0.5"
     run(shell, "%max_steer save combo")
     combo = session.vectors["combo"]
-    torch.testing.assert_close(combo.directions[12], 0.8 * session.vectors["happy"].directions[12]
-                               - 0.5 * session.vectors["joy"].directions[12])
+    happy, joy = session.vectors["happy"].select([12, 13]), session.vectors["joy"]
+    norms = session.big.residual_norms
+    torch.testing.assert_close(combo.directions[12],  # what the mix added
+                               happy.deltas(0.8, norms)[12] + joy.deltas(-0.5, norms)[12])
     run(shell, "%max_steer off joy")
     assert list(session.mix.entries) == ["happy"]
     run(shell, "%max_steer off")
@@ -453,9 +455,9 @@ def test_judges(shell, session, capsys):
 # ---------------------------------------------------------------- %max_sweep
 
 def test_sweep_line_and_cell(shell, session):
-    sweep = run(shell, '%max_sweep happy@12-15 --coefs 0:8:8 -n 6 -v sw --prompt "Describe the sea."')
+    sweep = run(shell, '%max_sweep happy@12-15 --coefs 0:4:4 -n 6 -v sw --prompt "Describe the sea."')
     assert isinstance(sweep, Sweep) and shell.user_ns["sw"] is sweep
-    assert sweep.coefs == [0.0, 8.0] and sweep.spec == "happy@12,13,14,15"
+    assert sweep.coefs == [0.0, 4.0] and sweep.spec == "happy@12,13,14,15"
     plain = run(shell, "%%max_generate -n 6 --judge none\nDescribe the sea.")
     assert sweep.rows[0].result.token_ids == plain.token_ids
     ppl = sweep.perplexities
@@ -465,7 +467,7 @@ def test_sweep_line_and_cell(shell, session):
     assert html.count("<tr>") == 3 and f"{float(ppl[0]):.2f}" in html
     fig = sweep.plot()
     xs, ys = fig.axes[0].get_lines()[0].get_data()
-    assert list(xs) == [0.0, 8.0] and list(ys) == pytest.approx(ppl.tolist())
+    assert list(xs) == [0.0, 4.0] and list(ys) == pytest.approx(ppl.tolist())
     cell = run(shell, "%%max_sweep happy --coefs -1,1 -n 2\nDescribe the sea.")
     assert cell.coefs == [-1.0, 1.0] and cell.prompt == "Describe the sea."
 

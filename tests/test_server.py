@@ -412,16 +412,16 @@ def test_live_mix_change_mid_stream_applies_from_the_next_token(session, client)
     chunks = [next(stream) for _ in range(4)]
     handle = session.handle
     lo = handle.step
-    session.mix.set("happy", happy, 6.0)  # the notebook moves a slider
+    session.mix.set("happy", happy, 1.0)  # the notebook moves a slider
     hi = handle.step
     chunks += list(stream)
     changes = chunks[-1].model_extra["max_jupyter"]["mix_changes"]
-    assert [c["mix"] for c in changes] == [{}, {"happy": 6.0}]
+    assert [c["mix"] for c in changes] == [{}, {"happy": 1.0}]
     switch = changes[1]["step"]
     assert lo <= switch <= hi + 1 and switch < 40
     steps = session.last.steps
     assert all(s.live_coefs == {} for s in steps[:switch])
-    assert all(s.live_coefs == {"happy": 6.0} for s in steps[switch:])
+    assert all(s.live_coefs == {"happy": 1.0} for s in steps[switch:])
     assert session.last.token_ids[:switch] == plain.token_ids[:switch]
     assert session.last.token_ids != plain.token_ids
 

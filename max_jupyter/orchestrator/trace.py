@@ -181,6 +181,8 @@ class GenerationResult:
     started, whatever a slider did later.
     ``speculate_off``: why a generation asked to speculate (``speculate > 0``) did not
     (no small model, another vocabulary, no verify on the big engine); None otherwise.
+    ``probe_scores``: concept -> ``[steps]`` P(concept) of the text so far after each token,
+    read by the session's reader when the generation ends (``GenerationOptions.probes``).
     """
 
     prompt_ids: list[int]
@@ -205,6 +207,7 @@ class GenerationResult:
     start_mix: dict[str, float] = field(default_factory=dict)
     str_tokens: list[str] = field(default_factory=list)
     prompt_str_tokens: list[str] = field(default_factory=list)
+    probe_scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def speculation_misses(self) -> int:

@@ -6,6 +6,10 @@ change — also one of several entries at once (``update``) — lands whole at t
 The combined per-layer delta is cached per mix version and device, so an unchanged mix
 costs one lock and one dict lookup per step. Listeners hear of every change (a widget
 moves its slider when code changes the mix).
+
+Coefficients are on the readable scale (``SteeringVector.deltas``, docs/vectors.md): an
+entry at coefficient c pushes c typical residual norms of the engine's model, shared by
+its layers; entries add up.
 """
 from __future__ import annotations
 
@@ -17,22 +21,25 @@ from typing import NamedTuple
 
 import torch
 
+from max_jupyter.engines import residual
 from max_jupyter.engines.base import Engine, LayerDeltas, ModelIdentity
-from max_jupyter.errors import UnknownNameError
+from max_jupyter.errors import BadArgumentError, UnknownNameError
 from max_jupyter.steering.vector import ModelMismatchError, SteeringVector
 from max_jupyter.validation import check_coef, fail
 
 
 @dataclass(frozen=True)
 class MixEntry:
-    """One vector in the mix: ``coef * vector`` at ``layers`` (None: all of its layers)."""
+    """One vector in the mix: ``vector`` at coefficient ``coef`` at ``layers`` (None: all
+    of its layers)."""
 
     vector: SteeringVector
     coef: float
     layers: tuple[int, ...] | None
 
-    def effective(self) -> SteeringVector:
-        return self.coef * (self.vector.select(self.layers) if self.layers is not None else self.vector)
+    def steered(self) -> SteeringVector:
+        """The vector at the entry's layers."""
+        return self.vector.select(self.layers) if self.layers is not None else self.vector
 
 
 class MixState(NamedTuple):
@@ -90,9 +97,7 @@ class Mix:
         vector.check_model(self.model)
         coef = check_coef(f"coef for {name!r}", coef)
         layers = vector.select(layers).layers if layers is not None else None  # checked there
-        entry = MixEntry(vector, coef, layers)
-        entry.effective()  # coef * vector: a non-finite or too large delta is refused here
-        return entry
+        return MixEntry(vector, coef, layers)
 
     def set_coef(self, name: str, coef: float) -> None:
         """Change one vector's coefficient (the widget-slider path), atomically."""
@@ -192,9 +197,11 @@ class Mix:
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
-    def combined(self) -> SteeringVector | None:
-        """The whole mix as one vector (``None`` when empty)."""
-        return _sum(self.entries.values())
+    def combined(self, engine: Engine) -> SteeringVector | None:
+        """What the whole mix adds to ``engine`` as one vector (``None`` when empty); at
+        the coefficient ``combined.push(engine.residual_norms)`` it adds exactly that."""
+        deltas = self.snapshot(engine).deltas
+        return SteeringVector(deltas, self.model, "mix") if deltas is not None else None
 
     def deltas(self, engine: Engine) -> LayerDeltas | None:
         """Per-layer deltas for ``engine`` (checked to be this mix's model), or ``None`` if empty."""
@@ -213,8 +220,10 @@ class Mix:
                 return cached[2]
             version = self._version
             entries = dict(self._entries)
-        total = _sum(e for e in entries.values() if e.coef != 0)  # a zero adds nothing
-        deltas = total.deltas(1.0, engine.device, engine.dtype) if total is not None else None
+        norms = engine.residual_norms or residual.measure(engine)  # unknown only before
+        # this model's first forward, so on an empty cache, which measuring may empty again
+        deltas = _sum_layers(e.steered().deltas(e.coef, norms, engine.device, engine.dtype)
+                             for e in entries.values() if e.coef != 0)  # a zero adds nothing
         state = MixState(version, {n: e.coef for n, e in entries.items()}, deltas)
         with self._lock:
             self._cached = (engine.device, engine.dtype, state)
@@ -228,13 +237,30 @@ class Mix:
 
 
 def _check_total(entries: Mapping[str, MixEntry]) -> None:
-    """Refuse a mix whose entries together would add a non-finite or too large delta (the
-    sum is built as a vector, which checks it)."""
-    _sum(e for e in entries.values() if e.coef != 0)
+    """Refuse a mix whose entries together would add more than ``MAX_DELTA_RATIO`` typical
+    residual norms at a layer, where the model's norms are known (else the engine refuses
+    it before its forward). One entry cannot: it adds at most its coefficient at a layer,
+    and ``MAX_COEF`` is that bound."""
+    norms = residual.known(next(iter(entries.values())).vector.model) if entries else None
+    if norms is None:
+        return
+    total = _sum_layers(e.steered().deltas(e.coef, norms) for e in entries.values() if e.coef != 0)
+    for layer, delta in (total or {}).items():
+        size = float(delta.norm()) / norms[layer]
+        if size > residual.MAX_DELTA_RATIO:
+            names = ", ".join(f"{n} {e.coef:+g}" for n, e in entries.items())
+            raise BadArgumentError(
+                f"the mix ({names}) adds {size:.3g} typical residual norms at layer {layer} "
+                f"(the bound is {residual.MAX_DELTA_RATIO:g}); lower the coefficients.")
 
 
-def _sum(entries: Iterable[MixEntry]) -> SteeringVector | None:
+def _sum_layers(parts: Iterable[dict[int, torch.Tensor]]) -> dict[int, torch.Tensor] | None:
+    """Per-layer sums of ``parts`` (``None`` when there are none)."""
     total = None
-    for e in entries:
-        total = e.effective() if total is None else total + e.effective()
+    for part in parts:
+        if total is None:
+            total = dict(part)
+        else:
+            for layer, d in part.items():
+                total[layer] = total[layer] + d if layer in total else d
     return total

@@ -29,9 +29,11 @@ def generation_options(magics, args, session) -> GenerationOptions:
     if args.raw:
         opts["chat"] = False
     if args.steer:
-        opts["steering"] = spec_mix(args.steer, session.vectors, session.big.identity)
+        opts["steering"] = spec_mix(args.steer, session.vectors_and_concepts, session.big.identity)
     if args.judge:
         opts["judges"] = judge_names(args.judge)
+    if getattr(args, "probe", None):
+        opts["probes"] = args.probe
     opts["trace"] = trace_config(magics, args, session)
     return session.defaults.replace(**opts)
 
@@ -79,6 +81,9 @@ def judge_names(names: Sequence[str]) -> list[str]:
                "(repeatable; quote an expression that has spaces).")
 @argument("--judge", action="append", default=[], metavar="NAME",
           help="Use only these judges (repeatable; 'none': no judges; default: all of the session's).")
+@argument("--probe", action="append", default=[], metavar="CONCEPT",
+          help="Read the text with this library concept's probe after every token "
+               "(r.probe_scores; repeatable).")
 @argument("--capture", default=None, metavar="LAYERS",
           help="Big-model layers whose states to keep per step, e.g. 12-15 or 10,14.")
 @argument("--capture-small", default=None, metavar="LAYERS", help="Small-model layers to keep.")

@@ -21,7 +21,8 @@ from max_jupyter.jupyter.steerspec import SteerTerm, lookup_vector, spec_mix
 
 
 @magic_arguments()
-@argument("command", help="list | show | train | on | off | mix | mixer | save | load | rm | import | export | search")
+@argument("command", help="list | concepts | show | train | on | off | mix | mixer | save | load | rm | "
+                          "import | export | search")
 @argument("args", nargs="*", help="The subcommand's arguments (NAME, COEF, FILE, ...).")
 @argument("--pos", default=None, help="train: positive examples, $variable (a list) or a file.")
 @argument("--neg", default=None, help="train: negative examples, $variable (a list) or a file.")
@@ -34,7 +35,7 @@ from max_jupyter.jupyter.steerspec import SteerTerm, lookup_vector, spec_mix
 @argument("--active", action="store_true",
           help="search: the stored vectors nearest to each step of the last result.")
 def max_steer(magics, line: str = ""):
-    """Vectors and the live mix: list, show, train, on, off, mix, save, load, rm,
+    """Vectors and the live mix: list, concepts, show, train, on, off, mix, save, load, rm,
     import, export, search (``%max_steer COMMAND ...``)."""
     tokens = [t if t.startswith(("--pos=", "--neg=")) else magics.expand(t) for t in
               _glue_examples(split_line(line))]
@@ -73,6 +74,14 @@ def list_vectors(magics, args):
     from max_jupyter.jupyter.listing import vector_table
 
     return vector_table(session)
+
+
+def concepts(magics, args):
+    positional(args, [])
+    from max_jupyter.jupyter.listing import concept_table
+
+    return concept_table(magics.session if magics.session is not None and not magics.session.closed
+                         else None)
 
 
 def show(magics, args):
@@ -138,11 +147,13 @@ def mix(magics, args):
 def save(magics, args):
     session = magics.need_session()
     (name,) = positional(args, ["NAME"])
-    vector = session.mix.combined()
+    vector = session.mix.combined(session.big)
     if vector is None:
         raise UsageError("the live mix is empty; turn vectors on with %max_steer on NAME COEF first.")
     session.vectors[name] = vector
-    print(f"saved the live mix ({mix_line(session.mix)}) as {name!r}")
+    push = vector.push(session.big.residual_norms)
+    print(f"saved the live mix ({mix_line(session.mix)}) as {name!r}; "
+          f"%max_steer on {name} {push:.2f} adds the same")
 
 
 def load(magics, args):
