@@ -24,7 +24,7 @@ import torch
 
 from max_jupyter.engines import TransformersEngine
 from max_jupyter.session import Session
-from max_jupyter.steering import SteeringVector
+from max_jupyter.steering import Mix, SteeringVector
 
 PROMPTS = ["Hi!", "Write a long story about a lighthouse keeper and a storm.", "What is 17 times 23?",
            "List five rivers in Europe and one fact about each of them.", "Translate 'good morning' into French.",
@@ -32,14 +32,14 @@ PROMPTS = ["Hi!", "Write a long story about a lighthouse keeper and a storm.", "
            "Name a color.", "Why is the sky blue? Answer in two sentences."]
 
 
-def row_steering(engine: TransformersEngine) -> list[SteeringVector]:
-    """Row r: a random vector at layer 2 + 3r, coefficient 0.5 + r / 4 (norm ~12 before it)."""
+def row_steering(engine: TransformersEngine) -> list[Mix]:
+    """Row r: a random vector at layer 2 + 3r at coefficient 0.5 + r / 4."""
     out = []
     for r in range(len(PROMPTS)):
         g = torch.Generator().manual_seed(r)
-        v = SteeringVector({2 + 3 * r: 0.5 * torch.randn(engine.identity.hidden_size, generator=g)},
+        v = SteeringVector({2 + 3 * r: torch.randn(engine.identity.hidden_size, generator=g)},
                            engine.identity, f"random@{2 + 3 * r}")
-        out.append(v * (0.5 + r / 4))
+        out.append(Mix.of(v, 0.5 + r / 4))
     return out
 
 

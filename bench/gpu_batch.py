@@ -7,8 +7,8 @@ recorded as always). Each row's prompt is ``PROMPT`` random tokens; rows decode 
 EOS ignored. Decode tokens/s: ``B * NEW`` over the time of a batch to ``NEW + 1`` tokens less
 the time of the same batch to 1 token (prefill and setup cancel), median of ``RUNS`` after a
 warm-up (which captures the graphs). "batch 1, plain" is ``Session.generate`` (the batch-1
-direct path). Steering: a random vector per row at layer ``4 + r % 20``, 0.5x that layer's
-typical residual norm (shared: row 0's for every row). Peak memory (torch's peak reserved
+direct path). Steering: a random vector per row at layer ``4 + r % 20`` at coefficient 0.5
+(half that layer's typical residual norm; shared: row 0's for every row). Peak memory (torch's peak reserved
 plus what the device holds outside torch) against the plan plus the batch cache's rows.
 Targets: batch 16 >= 8x batch 1; per-row distinct steering <= 10% against one shared.
 Run: ``bash bench/gpu_session.sh batch`` (see docs/gpu.md). Writes ``$OUT/gpu_batch.json``.
@@ -27,7 +27,7 @@ from gpu_decode import build_hf, free_gpu, save_gptq
 
 from max_jupyter.engines.exllamav2 import GiB, load_engines, measured_peak
 from max_jupyter.session import Session
-from max_jupyter.steering import SteeringVector
+from max_jupyter.steering import Mix, SteeringVector
 
 PROMPT, NEW, RUNS, BATCHES = 200, 64, 3, (1, 4, 16, 64)
 
@@ -42,13 +42,8 @@ def main() -> None:
     session = Session(engine, vectors={}, plan=plan)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 49152, (PROMPT,), generator=g).tolist() for _ in range(max(BATCHES))]
-    session.generate(prompts[0], max_new_tokens=2)  # measures the residual norms
-    norms = engine.residual_norms
-    vectors = []
-    for r in range(max(BATCHES)):
-        layer = 4 + r % 20
-        d = torch.randn(engine.identity.hidden_size, generator=g)
-        vectors.append(SteeringVector({layer: d / d.norm() * 0.5 * norms[layer]}, engine.identity, f"r{r}"))
+    vectors = [Mix.of(SteeringVector({4 + r % 20: torch.randn(engine.identity.hidden_size, generator=g)},
+                                     engine.identity, f"r{r}"), 0.5) for r in range(max(BATCHES))]
 
     def timed(call, new: int) -> float:
         torch.cuda.synchronize()
