@@ -580,9 +580,10 @@ def test_spec_parser(spec, terms):
 
 
 @pytest.mark.parametrize("spec,error", [
-    ("", "empty spec at column 1"), ("joy:", "expected a coefficient after ':'"),
-    ("joy joy", "expected '+' or '-' between terms"), ("joy@16-12", "runs backwards"),
-    ("0.5*joy:2", "given twice"), ("joy@1.5", "not a whole number"), ("j!oy", "unexpected '!' at column 2"),
+    ("", "empty expression at column 1"), ("joy:", "expected a coefficient after ':'"),
+    ("joy joy", "after a term, found 'joy' at column 5"), ("joy@16-12", "runs backwards"),
+    ("0.5*joy:2", "given twice"), ("joy@1.5", "not a whole number"), ("j!oy", "found '!' at column 2"),
+    ("j#oy", "unexpected '#' at column 2"),
 ])
 def test_spec_parser_errors_are_one_line(spec, error):
     from max_jupyter.errors import BadArgumentError
