@@ -239,14 +239,18 @@ class Session:
         small = self._small.identity if self._small is not None else None
         return compile_steering(expression, self.vectors, self._big.identity, small, self.means, what)
 
-    def steer(self, expression: str | Expression, what: str = "steering") -> CompiledSteering:
+    def steer(self, expression: str | Expression | None, what: str = "steering") -> CompiledSteering | None:
         """Make ``expression`` the live mix (all of it at once) and its gates the session's
         judges (replacing the gates of the expression steered before); checked first, so a
-        refused expression changes nothing."""
-        compiled = self.compile(expression, what)
+        refused expression changes nothing. None or blank text: an empty live mix, no gates."""
+        blank = expression is None or isinstance(expression, str) and not expression.strip()
+        compiled = None if blank else self.compile(expression, what)
         for name in self._gates:
             self.remove_judge(name)
         self._gates = []
+        if compiled is None:
+            self.mix.clear()
+            return None
         for judge in compiled.judges:
             mix_name = judge.turns_on[0]
             self.add_judge(judge.name, judge, {mix_name: compiled.mixes[mix_name]})

@@ -130,6 +130,7 @@ def test_names_resolve_to_entries(library):
     ("joy|sad", "unknown vector 'sad'", 5),
     ("joy + elsewhere", "vector 'elsewhere' was made for", 7),
     ("calm@2", "vector 'calm' has no layer(s) [2]", 1),
+    ("calm@8", "layer(s) [8] out of range; the model has layers 0..7", 1),
     ("!zero", "vector 'zero' is zero at layer(s) [3]", 2),
     ("joy; !joy=mean", "'=mean' needs stored means", 7),
 ])

@@ -85,7 +85,11 @@ class Intervention:
         return self.add.dtype if self.add is not None else torch.float32
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> Intervention:
-        """On ``device``; ``add`` in ``dtype``, directions and values in float32."""
+        """On ``device``; ``add`` in ``dtype``, directions and values in float32 (``self``
+        where it is so already)."""
+        if self.device == torch.device(device) and (self.add is None or self.add.dtype == dtype):
+            return self
+
         def move(t, d):
             return None if t is None else t.to(device, d)
         return Intervention(move(self.add, dtype), move(self.ablate, torch.float32),
@@ -161,6 +165,27 @@ def additions(ops: Mapping[int, LayerOp]) -> dict[int, torch.Tensor]:
         if add is not None:
             out[layer] = add
     return out
+
+
+def shape_of(op: LayerOp) -> tuple:
+    """What a captured graph depends on: ``("add",)`` for a tensor, else which parts an
+    Intervention has and how many directions (values may change between replays)."""
+    if isinstance(op, torch.Tensor):
+        return ("add",)
+    return (op.add is not None, 0 if op.ablate is None else len(op.ablate),
+            0 if op.clamp is None else len(op.clamp))
+
+
+def copy_into(static: LayerOp, op: LayerOp) -> None:
+    """Write ``op``'s values into ``static`` (of the same ``shape_of``) in place: the
+    buffers a captured CUDA graph reads."""
+    if isinstance(static, torch.Tensor):
+        static.copy_(op)
+        return
+    for name in ("add", "ablate", "targets", "clamp", "low", "high"):
+        target = getattr(static, name)
+        if target is not None:
+            target.copy_(getattr(op, name))
 
 
 def labels(ops: Mapping[int, LayerOp] | None) -> dict[int, str]:

@@ -5,8 +5,8 @@ writes the mix (``set`` / ``set_coef`` / ``remove``: thread-safe, applied from t
 step of a running generation) and does nothing else; a change of the mix made anywhere
 else (code, ``%max_steer``) reaches the rows through the mix's listener and moves them.
 A text field beside the rows takes a steering expression (docs/steering.md): pressing Enter
-makes it the live mix (``Session.steer``: ablations, phases and gates included), and the
-rows move to it; a bad expression changes nothing and its error (with the column) shows
+makes it the live mix (``Session.steer``: ablations, phases and gates included; blank: an
+empty mix), and the rows move to it; a bad expression changes nothing and its error (with the column) shows
 beside the field. A header holds a Stop button and the step of the Mixer's own generation (``handle``, or
 ``follow(handle)``; none for a Mixer made alone), read from the handle's event pump. A small
 watcher thread adds rows for vectors new to the library and, once the session is closed
@@ -225,11 +225,8 @@ class Mixer(ShownWithFallback, widgets.VBox):
 
     def _steer(self, change: dict) -> None:
         """The text field's expression -> the live mix (its error shown, nothing changed)."""
-        text = change["new"].strip()
-        if not text:
-            return
         try:
-            self.session.steer(text, "the Mixer's expression")
+            self.session.steer(change["new"], "the Mixer's expression")  # blank: an empty mix
         except MaxJupyterError as e:
             self.expression_error.value = f'<span style="color:#b00">{html.escape(str(e))}</span>'
             return

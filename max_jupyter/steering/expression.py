@@ -101,6 +101,8 @@ class Expression:
 
     text: str
     clauses: tuple[Clause, ...]
+    what: str = field(default="steering", compare=False)
+    """Where it was written (``"--steer"``, ...): errors about its names start with it."""
 
     def __str__(self) -> str:
         return "; ".join(map(str, self.clauses))
@@ -170,7 +172,7 @@ class _Parser:
         clauses = [self.clause()]
         while self.skip(";"):
             clauses.append(self.clause())
-        return Expression(self.text, tuple(clauses))
+        return Expression(self.text, tuple(clauses), self.what)
 
     def clause(self) -> Clause:
         terms = [self.term(self.sign())]
@@ -357,6 +359,10 @@ def _entry(expression: Expression, term: Term, vectors: Mapping[str, SteeringVec
     for other, column in zip(term.removed, term.columns[1:]):
         vector = _remove(vector, lookup(expression, other, column, vectors, model), term.operand)
     if term.layers is not None:
+        beyond = [l for l in term.layers if l >= model.num_layers]
+        if beyond:
+            fail_at(expression, f"layer(s) {beyond} out of range; the model has layers "
+                                f"0..{model.num_layers - 1}", term.column)
         missing = [l for l in term.layers if l not in vector.directions]
         if missing:
             fail_at(expression, f"vector {term.operand!r} has no layer(s) {missing}; it has "
@@ -401,5 +407,5 @@ def render(mix_entries: Mapping[str, MixEntry]) -> str:
 
 def fail_at(expression: Expression, problem: str, column: int):
     """``BadArgumentError`` about ``expression``: ``problem`` at ``column`` (0-based)."""
-    raise BadArgumentError(f"steering {expression.text!r}: {problem} at column {column + 1}; "
+    raise BadArgumentError(f"{expression.what} {expression.text!r}: {problem} at column {column + 1}; "
                            f"write e.g. {EXAMPLE} (docs/steering.md).")

@@ -1,5 +1,9 @@
 """``Mix``: a live, thread-safe set of named steering vectors with coefficients, for one model.
 
+An entry adds ``coef * vector`` (the plain case) or ablates or clamps the residual's
+projection on the vector (``MixEntry.op``), at every step or on a ``Schedule``; a steering
+expression (docs/steering.md) compiles to entries (``assign`` puts them in at once).
+
 The mix (name -> vector, coefficient, layers) may be changed from any thread (a widget
 slider) at any time; ``snapshot`` / ``deltas`` take a consistent view under a lock, so a
 change — also one of several entries at once (``update``) — lands whole at the next step.

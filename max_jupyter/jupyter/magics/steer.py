@@ -112,7 +112,7 @@ def off(magics, args):
     session = magics.need_session()
     (name,) = positional(args, ["NAME"], optional=1)
     if name is None:
-        session.mix.clear()
+        session.steer(None)  # the live mix and the gates of an expression
     elif name not in session.mix:
         raise UsageError(f"{name!r} is not in the live mix; it has {sorted(session.mix.entries) or 'nothing'}.")
     else:
