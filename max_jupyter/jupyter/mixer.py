@@ -123,6 +123,9 @@ class MixerRow(widgets.HBox):
                     self.layer.options = [*self.layer.options, (",".join(map(str, layers)), layers)]
                 self.layer.value = layers
             self.on.value = entry is not None
+            # an ablation or clamp (from an expression) has no coefficient or layer to slide
+            fixed = entry is not None and entry.op != "add"
+            self.coef.disabled = self.layer.disabled = fixed or self.on.disabled
         finally:
             self._showing = False
 
