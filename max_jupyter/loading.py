@@ -4,34 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from max_jupyter.errors import BackendUnavailableError, BadArgumentError
+from max_jupyter.models import quant_method
 from max_jupyter.validation import check_device, check_dtype, check_max_seq_len
 
 if TYPE_CHECKING:
     from max_jupyter.engines.base import Engine
 
-Backend = Literal["auto", "transformers", "exllamav2"]
-BACKENDS = ("auto", "transformers", "exllamav2")
+Backend = Literal["auto", "transformers", "exllamav2", "exllamav3"]
+BACKENDS = ("auto", "transformers", "exllamav2", "exllamav3")
 GPU_INSTALL = "pip install 'max-jupyter[gpu]' (exllamav2==0.3.2) on a machine with a CUDA GPU"
+EXL3_INSTALL = "pip install 'max-jupyter[exl3]' (exllamav3==1.6.5) on a machine with a CUDA GPU"
 Source = str | os.PathLike | None
 
 
 def is_quantized_folder(source: Source) -> bool:
     """Whether ``source`` is a folder of EXL2 or GPTQ weights (its config.json says so)."""
-    if source is None:
-        return False
-    config = Path(source).expanduser() / "config.json"
-    try:
-        quant = json.loads(config.read_text()).get("quantization_config") or {}
-    except (OSError, ValueError):
-        return False
-    return str(quant.get("quant_method", "")).lower() in ("exl2", "gptq")
+    return source is not None and quant_method(source) in ("exl2", "gptq")
 
 
 def exllamav2_available() -> bool:
@@ -41,12 +34,27 @@ def exllamav2_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("exllamav2") is not None
 
 
+def exllamav3_available() -> bool:
+    """CUDA is present and exllamav3 is installed (not imported: that builds its extension)."""
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("exllamav3") is not None
+
+
 def choose_backend(backend: str, big: Source) -> str:
-    """The backend for ``big``: ``auto`` takes ExLlamaV2 for an EXL2/GPTQ folder (refused with
-    the install command where CUDA or exllamav2 is missing), else transformers. An explicit
-    choice is checked."""
+    """The backend for ``big``: ``auto`` takes ExLlamaV3 for an EXL3 folder, ExLlamaV2 for an
+    EXL2/GPTQ folder (refused with the install command where CUDA or the library is
+    missing), else transformers. An explicit choice is checked."""
     if backend not in BACKENDS:
         raise BadArgumentError(f"backend={backend!r} is not a backend; use one of {list(BACKENDS)}.")
+    if backend == "auto" and big is not None and quant_method(big) == "exl3":
+        backend = "exllamav3"
+    if backend == "exllamav3":
+        if not exllamav3_available():
+            raise BackendUnavailableError(
+                f"the exllamav3 backend (for EXL3 folders) needs CUDA and exllamav3; install with "
+                f"{EXL3_INSTALL}.")
+        return backend
     if backend == "auto" and not is_quantized_folder(big):
         return "transformers"
     if backend == "auto":
@@ -92,6 +100,8 @@ def load_models(big: Source, small: Source, *, backend: str = "auto",
     backend = choose_backend(backend, big)
     if backend == "exllamav2":
         return _load_exllamav2(big, small, max_vram_gb, cache_tokens)
+    if backend == "exllamav3":
+        return _load_exllamav3(big, small, max_vram_gb, cache_tokens)
     if max_vram_gb is not None:
         raise BadArgumentError(f"max_vram_gb={max_vram_gb!r} applies to the exllamav2 backend only; "
                                f"the transformers backend has no memory plan (leave it out).")
@@ -135,6 +145,18 @@ def _load_exllamav2(big: Source, small: Source, max_vram_gb: float | None,
     if big is None:
         raise BadArgumentError("backend='exllamav2' needs a model folder (EXL2, GPTQ or fp16); "
                                "the embedded model runs on backend='transformers'.")
+    folders = [("big", big)] + ([("small", small)] if small is not None else [])
+    engines, plan = load_engines(folders, max_vram_gb, cache_tokens)
+    return engines[0], (engines[1] if small is not None else None), plan
+
+
+def _load_exllamav3(big: Source, small: Source, max_vram_gb: float | None,
+                    cache_tokens: int | None) -> tuple[Engine, Engine | None, object]:
+    from max_jupyter.engines.exllamav3 import load_engines
+
+    if big is None:
+        raise BadArgumentError("backend='exllamav3' needs an EXL3 model folder; the embedded model "
+                               "runs on backend='transformers'.")
     folders = [("big", big)] + ([("small", small)] if small is not None else [])
     engines, plan = load_engines(folders, max_vram_gb, cache_tokens)
     return engines[0], (engines[1] if small is not None else None), plan

@@ -75,6 +75,18 @@ def check_source(source: str | os.PathLike | None) -> None:
         check_hf_folder(path)
 
 
+def quant_method(folder: str | os.PathLike) -> str:
+    """``folder``'s ``config.json`` ``quantization_config.quant_method``, lower case ('' where
+    there is no readable config or the weights are not quantised): exl2, gptq, exl3..."""
+    import json
+
+    try:
+        raw = json.loads((Path(folder).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return str((raw.get("quantization_config") or {}).get("quant_method", "")).lower()
+
+
 def check_hf_folder(path: Path) -> None:
     """Raise ``ModelSourceError`` unless ``path`` is a folder with config.json and weights."""
     if not path.exists():

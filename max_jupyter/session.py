@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequenc
 from concurrent import futures
 
 from max_jupyter.engines.base import Engine
-from max_jupyter.errors import BadArgumentError, SessionClosedError, UnknownNameError
+from max_jupyter.errors import BadArgumentError, ContextOverflowError, SessionClosedError, UnknownNameError
 from max_jupyter.handle import CallJob, GenerationHandle
 from max_jupyter.loading import Source, check_sources, load_models
 from max_jupyter.orchestrator.cognitive import CognitiveOrchestrator, PreparedRun, check_judges_fit
@@ -85,12 +85,12 @@ class Session:
         """Load ``big`` (None: the embedded SmolLM2-135M-Instruct) and ``small`` (None: no
         small model; ``"same"``: the big source again; or another source).
 
-        ``backend``: auto (ExLlamaV2 for EXL2/GPTQ folders where CUDA and exllamav2 are
-        present, else transformers), transformers or exllamav2. ``max_vram_gb`` and
-        ``cache_tokens`` feed the ExLlamaV2 memory plan (``session.plan``); ``cache_tokens``
-        caps the context on transformers too. ``store``: the vector library — "default"
-        (the VectorStore at its default path, so vectors survive the kernel), None (a dict
-        in memory), a path, or a ``VectorStore``.
+        ``backend``: auto (ExLlamaV3 for EXL3 folders, ExLlamaV2 for EXL2/GPTQ folders, where
+        CUDA and that library are present, else transformers), transformers, exllamav2 or
+        exllamav3. ``max_vram_gb`` and ``cache_tokens`` feed the GPU backends' memory plan
+        (``session.plan``); ``cache_tokens`` caps the context on transformers too.
+        ``store``: the vector library — "default" (the VectorStore at its default path, so
+        vectors survive the kernel), None (a dict in memory), a path, or a ``VectorStore``.
         """
         check_sources(big, small, backend)
         vectors = open_library(store)
@@ -181,6 +181,80 @@ class Session:
             handle.stop("error")
             raise
 
+    def generate_batch(self, prompts: Sequence[Prompt],
+                       steering: CallSteering | Sequence[CallSteering] = None,
+                       options: GenerationOptions | Sequence[GenerationOptions] | None = None, *,
+                       progress: bool = True, **changes) -> list[GenerationResult]:
+        """Generate every prompt of ``prompts`` together as one batch on the worker; one
+        ``GenerationResult`` (with its trace) per prompt, in order.
+
+        ``steering``: one call steering for every row, or a list with one per row (each a
+        mix, a vector or {vector name: coefficient}, or None), on top of the live mix;
+        None: the options' own. ``options`` (default ``self.defaults``): one
+        ``GenerationOptions`` for all rows or a list with one per row (its own seed,
+        temperature, length, stop strings...), with ``changes`` applied to each. A row
+        gives the tokens of the same ``generate`` call alone (greedy: token for token;
+        sampled: with its seed), within the backend's arithmetic. No small model and no
+        judges run in a batch: ``judges=`` naming any, ``speculate`` and ``small_layers``
+        are refused, the session's judges are not run and ``mirror`` is ignored.
+        Everything is checked before any forward pass: the prompts (not empty), the list
+        lengths, each row's room in the context and the batch's memory. ``progress``: a
+        tqdm bar of the tokens. Ctrl-C ends the batch before its next step and returns
+        the results: finished rows whole, the others with ``finish_reason ==
+        "interrupted"`` and their partial text."""
+        from tqdm.auto import tqdm
+
+        from max_jupyter.orchestrator.batched import generate_batch
+
+        self._check_open()
+        rows = self._batch_rows(prompts, steering, options, changes)
+        done = [0]
+        bar = tqdm(total=sum(run.max_new_tokens for _, run in rows), desc=f"batch of {len(rows)}",
+                   unit="tok", disable=not progress, leave=False)
+
+        def count(n: int) -> None:
+            done[0] += n
+
+        job = CallJob(lambda job: generate_batch(self._big, rows, job.cancelled, count))
+        try:
+            return self._wait(job, True, lambda: bar.update(done[0] - bar.n), keep_on_interrupt=True)
+        finally:
+            bar.close()
+
+    def _batch_rows(self, prompts, steering, options, changes) -> list[tuple[CognitiveOrchestrator, PreparedRun]]:
+        """``generate_batch``'s rows, each checked and prepared (no forward pass)."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise fail("prompts", prompts, f"is a {type(prompts).__name__}, not a list of prompts",
+                       "pass a list of prompts (one str is generate()'s)")
+        if not prompts:
+            raise fail("prompts", prompts, "is empty", "give at least one prompt")
+        n = len(prompts)
+        per_row = [options] * n if options is None or isinstance(options, GenerationOptions) else options
+        if not isinstance(per_row, Sequence) or len(per_row) != n:
+            raise fail("options", options, f"is not one GenerationOptions or a list of {n}",
+                       f"give one GenerationOptions, or one per prompt ({n})")
+        row_steering = steering if isinstance(steering, (list, tuple)) else [steering] * n
+        if len(row_steering) != n:
+            raise fail("steering", steering, f"holds {len(row_steering)} entries for {n} prompts",
+                       f"give one steering for all rows, or a list of {n} (None for an unsteered row)")
+        rows = []
+        for i, (prompt, row_options, row_steer) in enumerate(zip(prompts, per_row, row_steering)):
+            o = merge_options(row_options, self._defaults, changes)
+            if steering is not None:
+                o = o.replace(steering=row_steer)
+            if o.judges or o.speculate or o.trace.small_layers:
+                raise BadArgumentError(f"options of prompts[{i}]: a batch runs no small model and no "
+                                       f"judges; leave out judges=, speculate= and small_layers (or "
+                                       f"use generate() for this prompt).")
+            orchestrator = CognitiveOrchestrator(self._big, steering=[self.mix, self._row_steering(o.steering, i)])
+            try:
+                rows.append((orchestrator, orchestrator.prepare(prompt, o)))
+            except (BadArgumentError, ContextOverflowError) as e:
+                raise type(e)(f"prompts[{i}]: {e}") from None
+        if self._big.supports_batch:
+            self._big.check_batch([len(run.result.prompt_ids) + run.max_new_tokens for _, run in rows])
+        return rows
+
     def _generate_on_worker(self, orchestrator: CognitiveOrchestrator, prepared: PreparedRun
                             ) -> GenerationResult:
         result = run_to_end(orchestrator.run(prepared))
@@ -216,6 +290,21 @@ class Session:
                 judge = self.judges[judge]
             chosen.append(judge)
         return chosen
+
+    def _row_steering(self, steering: CallSteering, i: int) -> Mix | SteeringVector | None:
+        """A batch row's own steering: additions only (a batch adds per row; ablations,
+        clamps and gates need ``generate``), refused before anything runs."""
+        steering = self._call_steering(steering)
+        if isinstance(steering, CompiledSteering):
+            if steering.judges:
+                raise BadArgumentError(f"steering of prompts[{i}]: a batch runs no judges, so no "
+                                       f"gate (@when); use generate() for this prompt.")
+            steering = steering.mix
+        for mix in (self.mix, steering):
+            if isinstance(mix, Mix) and any(e.op != "add" for e in mix.entries.values()):
+                raise BadArgumentError(f"steering of prompts[{i}]: a batch only adds; an ablation or "
+                                       f"clamp (!name, name[lo,hi]) needs generate().")
+        return steering
 
     def _call_steering(self, steering: CallSteering) -> Mix | SteeringVector | CompiledSteering | None:
         """A call's own steering (checked by ``GenerationOptions``) as a mix or vector: a
@@ -456,9 +545,11 @@ class Session:
         else:
             self.vectors[name] = vector
 
-    def _wait(self, job: CallJob, wait: bool, tick: Callable[[], None] | None = None) -> object:
+    def _wait(self, job: CallJob, wait: bool, tick: Callable[[], None] | None = None,
+              keep_on_interrupt: bool = False) -> object:
         """Submit ``job`` and wait for its value on this thread, calling ``tick`` about ten
-        times a second; Ctrl-C marks it cancelled, waits for it to end, then re-raises."""
+        times a second; Ctrl-C marks it cancelled, waits for it to end, then re-raises
+        (``keep_on_interrupt``: returns the value it ended with instead)."""
         self._worker.submit(job, wait=wait)
         try:
             while not futures.wait([job.future], timeout=0.1).done:
@@ -467,7 +558,8 @@ class Session:
         except KeyboardInterrupt:
             job.cancelled.set()
             futures.wait([job.future])  # the worker finishes (or skips) the job before we go on
-            raise
+            if not keep_on_interrupt:
+                raise
         if tick is not None:
             tick()
         return job.future.result()

@@ -1,7 +1,8 @@
 """Models built here, for tests and benchmarks without a model hub.
 
 ``write_gptq_rtn`` turns a model into a 4-bit GPTQ checkpoint (its dequantised weights
-written back, so the model is the exact reference); ``build_tiny_model`` makes a tiny random
+written back, so the model is the exact reference); ``write_random_exl3`` writes an EXL3
+folder of random trellis codes for any Qwen2 shape (no conversion); ``build_tiny_model`` makes a tiny random
 Llama with a tokenizer of its own; ``ScriptedEngine`` is the whole engine contract without a
 neural network (logits and hidden states are cheap functions of the context), for fast tests
 of the loop, speculative decoding, the Session and the server.
@@ -69,6 +70,75 @@ def write_gptq_rtn(model, folder: str | os.PathLike, group_size: int = 128) -> P
                                   "desc_act": False, "sym": True, "checkpoint_format": "gptq"}
     cfg_path.write_text(json.dumps(cfg, indent=2))
     return folder
+
+
+EXL3_MUL1 = 0x83DCD12D - 2 ** 32
+"""exllamav3's mul1 codebook marker (its multiplier, as the int32 its converter stores)."""
+
+
+def write_random_exl3(folder: str | os.PathLike, shape: dict, tokenizer: str | os.PathLike | None = None,
+                      vocab_size: int = 49152, seed: int = 0) -> Path:
+    """An EXL3 folder of a Qwen2 model of ``shape`` (``hidden_size``, ``num_hidden_layers``,
+    ``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``) with random
+    weights: every linear is random trellis codes (any code is a valid EXL3 encoding: the
+    kernels do a converted model's work; 4 bits, head 6) with random-sign scales, q/k/v
+    biases, fp16 embeddings, unit norms; one shard per layer. ``tokenizer``: a folder whose
+    tokenizer files are copied. For speed and memory measurements: no calibration, no
+    converter (a 7B converts in far longer than it takes to write this)."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # random codes drawn on the GPU where there is one (a 7B's 3.5 GB take minutes on a CPU)
+    gen = torch.Generator("cuda" if torch.cuda.is_available() else "cpu").manual_seed(seed)
+    h, inter = shape["hidden_size"], shape["intermediate_size"]
+    kv = shape["num_key_value_heads"] * (h // shape["num_attention_heads"])
+    embedding = (torch.randn(vocab_size, h, generator=gen, device=gen.device) * 0.02).half().cpu()
+    head = _random_exl3_linear(gen, "lm_head", h, vocab_size, 6, False)
+    save_file({"model.embed_tokens.weight": embedding, "model.norm.weight": torch.ones(h, dtype=torch.float16),
+               **head}, str(folder / "model-head.safetensors"))
+    for i in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        t = {f"{p}.{norm}.weight": torch.ones(h, dtype=torch.float16)
+             for norm in ("input_layernorm", "post_attention_layernorm")}
+        for name, n_in, n_out in (("self_attn.q_proj", h, h), ("self_attn.k_proj", h, kv),
+                                  ("self_attn.v_proj", h, kv), ("self_attn.o_proj", h, h),
+                                  ("mlp.gate_proj", h, inter), ("mlp.up_proj", h, inter),
+                                  ("mlp.down_proj", inter, h)):
+            t |= _random_exl3_linear(gen, f"{p}.{name}", n_in, n_out, 4, name[-6:] in ("q_proj", "k_proj", "v_proj"))
+        save_file(t, str(folder / f"model-{i:03d}.safetensors"))
+    config = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=vocab_size,
+                  max_position_embeddings=32768, rms_norm_eps=1e-6, hidden_act="silu",
+                  rope_theta=1e6, torch_dtype="float16", tie_word_embeddings=False, **shape,
+                  quantization_config=dict(quant_method="exl3", version="1.6.5", bits=4.0,
+                                           head_bits=6, codebook="mul1"))
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if tokenizer is not None and (Path(tokenizer) / name).is_file():
+            shutil.copy(Path(tokenizer) / name, folder / name)
+    return folder
+
+
+def _random_exl3_linear(gen: torch.Generator, key: str, n_in: int, n_out: int, bits: int,
+                        bias: bool) -> dict[str, torch.Tensor]:
+    """One EXL3 linear's tensors: trellis ``[in/16, out/16, 16 * bits]`` int16 of random codes,
+    input scales ``suh`` of random sign and size 1/sqrt(in), output scales ``svh`` of random
+    sign and size 0.5 (each linear shrinks its input's RMS about 2x), the codebook marker."""
+    device = gen.device
+
+    def signs(n: int, size: float) -> torch.Tensor:
+        return ((torch.randint(0, 2, (n,), generator=gen, device=device) * 2 - 1) * size).half().cpu()
+
+    trellis = torch.randint(-2 ** 15, 2 ** 15, (n_in // 16, n_out // 16, 16 * bits), generator=gen,
+                            device=device, dtype=torch.int32).to(torch.int16).cpu()
+    t = {f"{key}.trellis": trellis, f"{key}.suh": signs(n_in, n_in ** -0.5),
+         f"{key}.svh": signs(n_out, 0.5), f"{key}.mul1": torch.tensor(EXL3_MUL1, dtype=torch.int32)}
+    if bias:
+        t[f"{key}.bias"] = (torch.randn(n_out, generator=gen, device=device) * 0.05).half().cpu()
+    return t
 
 
 def _rtn4(weight, group_size: int):

@@ -98,21 +98,28 @@ def assert_mirrors(engine, ids: list[int]) -> None:
 GPU_MISSING = ("needs CUDA" if not torch.cuda.is_available()
                else "needs exllamav2" if importlib.util.find_spec("exllamav2") is None else None)
 """Why tests marked ``gpu`` skip here, or None where they run."""
+EXL3_MISSING = ("needs CUDA" if not torch.cuda.is_available()
+                else "needs exllamav3" if importlib.util.find_spec("exllamav3") is None else None)
+"""Why tests marked ``exl3`` skip here, or None where they run."""
 
 
 def pytest_runtest_setup(item):
-    """Skip a test marked ``gpu`` where CUDA or exllamav2 is missing (the one definition of
-    the GPU markers)."""
+    """Skip a test marked ``gpu`` where CUDA or exllamav2 is missing, one marked ``exl3``
+    where CUDA or exllamav3 is (the one definition of the GPU markers)."""
     if GPU_MISSING is not None and item.get_closest_marker("gpu") is not None:
         pytest.skip(GPU_MISSING)
+    if EXL3_MISSING is not None and item.get_closest_marker("exl3") is not None:
+        pytest.skip(EXL3_MISSING)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """``MAX_JUPYTER_REQUIRE_GPU=1`` (set by bench/gpu_session.sh): a test marked ``gpu``
-    that would skip (no CUDA, no exllamav2, no tokenizer) fails instead, naming the reason."""
+    """``MAX_JUPYTER_REQUIRE_GPU=1`` (set by bench/gpu_session.sh): a test marked ``gpu`` or
+    ``exl3`` that would skip (no CUDA, no exllamav2 / exllamav3, no tokenizer) fails
+    instead, naming the reason."""
     report = (yield).get_result()
-    if (report.skipped and item.get_closest_marker("gpu") is not None
+    gpu = item.get_closest_marker("gpu") or item.get_closest_marker("exl3")
+    if (report.skipped and gpu is not None
             and os.environ.get("MAX_JUPYTER_REQUIRE_GPU") == "1"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"

@@ -1,7 +1,8 @@
 """The engine contract, run against every backend present: the scripted engine
 (``max_jupyter.testing``) and transformers (the embedded model, CPU, marked ``slow``)
 everywhere; ExLlamaV2 on a GPU with exllamav2 installed (a random fp16 Llama built by
-the parity tests' builder), marked ``gpu`` and skipped elsewhere.
+the parity tests' builder), marked ``gpu`` and skipped elsewhere; ExLlamaV3 on a GPU with
+exllamav3 (a random Qwen2 converted to EXL3, tests/test_exllamav3_gpu.py), marked ``exl3``.
 
 Checked: bad arguments are refused by ``Engine.forward`` / ``rewind`` / ``unembed`` before
 any compute (no forward counted, the cache and the next logits unchanged); steps equal one
@@ -22,8 +23,12 @@ BACKENDS = [
     pytest.param("scripted", id="scripted"),
     pytest.param("transformers", id="transformers", marks=pytest.mark.slow),
     pytest.param("exllamav2", id="exllamav2", marks=[pytest.mark.gpu, pytest.mark.slow]),
+    pytest.param("exllamav3", id="exllamav3", marks=[pytest.mark.exl3, pytest.mark.slow]),
 ]
-TOLERANCE = {"scripted": 1e-6, "transformers": 2.5e-4, "exllamav2": 2e-2}  # absolute, logits and states
+TOLERANCE = {"scripted": 1e-6, "transformers": 2.5e-4, "exllamav2": 2e-2,  # absolute, logits and states
+             "exllamav3": 0.25}
+# exllamav3: its decode path (graphed attention block, fused MLP, one-row GEMM) and its n-row
+# path differ by up to 0.12 in these logits (|logits| ~3; H100, test_exllamav3_gpu.py).
 # transformers: fp32 on the CPU, where a pass over n rows blocks its GEMMs otherwise than n
 # one-row steps; the difference depends on the CPU's SIMD path (1.25e-4 seen on one
 # 2-core x86 box, logits of magnitude ~20), so the bound leaves room for another CPU.
@@ -38,6 +43,14 @@ def backend(request, tmp_path_factory):
         return
     if request.param == "transformers":
         yield "transformers", request.getfixturevalue("engine")
+        return
+    if request.param == "exllamav3":
+        from max_jupyter.engines.exllamav3 import ExLlamaV3Engine
+        from test_exllamav3_gpu import exl3_folder
+
+        engine = ExLlamaV3Engine.load(exl3_folder(), cache_tokens=2048)
+        yield "exllamav3", engine
+        engine.unload()
         return
     from max_jupyter.engines.exllamav2 import ExLlamaV2Engine
 

@@ -16,8 +16,8 @@ import torch
 
 import max_jupyter.engines.residual as residual
 from max_jupyter.engines.intervention import Intervention, additions, check_ops
-from max_jupyter.errors import BackendUnavailableError, ContextOverflowError
-from max_jupyter.validation import check_hidden_rows, check_int, check_layers, check_token_ids
+from max_jupyter.errors import BackendUnavailableError, BadArgumentError, ContextOverflowError
+from max_jupyter.validation import check_deltas, check_hidden_rows, check_int, check_layers, check_token_ids, fail
 
 if TYPE_CHECKING:
     from max_jupyter.tokenizer import Tokenizer
@@ -97,6 +97,9 @@ class Engine(ABC):
     supports_interventions: bool = False
     """``deltas`` may hold ``Intervention`` values (else only tensors to add;
     ``BackendUnavailableError`` before any compute)."""
+    supports_batch: bool = False
+    """The engine is a ``BatchEngine``: it runs a batch of sequences (``prefill_batch``,
+    ``step_batch``); callers run a batch's rows one after another on others."""
     supports_verify: bool = False
     """``verify`` works: the backend returns the logits of every fed position (for
     speculative decoding; callers check this flag and do not speculate without it)."""
@@ -214,6 +217,173 @@ class Engine(ABC):
              capture: frozenset[int]) -> ForwardResult:
         self.forward_calls += 1
         return self._forward(ids, deltas, capture)
+
+
+class BatchEngine(Engine):
+    """An engine that also runs a batch of sequences, in a batch cache of its own (the
+    single-sequence cache of ``Engine`` is untouched by it, and the other way round).
+
+    ``prefill_batch`` empties the batch cache and feeds one prompt per row (rows are
+    numbered by their place in the call: 0..n-1; lengths may differ); ``step_batch`` feeds
+    one token to every live row; ``drop_rows`` takes finished rows out (EOS, a stop
+    string, their length) without changing the others' next logits. Each row has its own
+    deltas (its own vectors, coefficients and layers, or none) and its own captures;
+    results come back per row as the single-sequence ``ForwardResult`` (``logits``
+    ``[vocab]``, ``hidden`` layer -> ``[n_fed, hidden]`` of that row only). A row's logits
+    equal those of the same ids fed alone through ``forward``, within the backend's
+    arithmetic. Checked here, for every backend, before any compute (``BadArgumentError``
+    / ``ContextOverflowError``): each row's ids as ``forward``'s, each row's deltas as
+    ``forward``'s (``[hidden]`` on known layers, within the norm bound), captures on known
+    layers, every row's room in the context (prompt plus ``reserve`` tokens still to come),
+    the rows' cache in memory (``max_batch_rows``). A ``step_batch`` that fails or is
+    interrupted leaves the batch cache as it was; a ``prefill_batch`` that fails leaves
+    it empty. Backends implement ``_prefill_batch``, ``_step_batch``, ``_drop_rows``,
+    ``reset_batch``, ``batch_lengths``, ``_row_bytes`` and ``_free_bytes``."""
+
+    supports_batch = True
+
+    @property
+    @abstractmethod
+    def batch_lengths(self) -> dict[int, int]:
+        """Live row -> positions it holds in the batch cache (empty: no batch)."""
+
+    @abstractmethod
+    def reset_batch(self) -> None:
+        """Empty the batch cache."""
+
+    @abstractmethod
+    def _prefill_batch(self, prompts: list[list[int]], deltas: list[dict[int, torch.Tensor]],
+                       capture: frozenset[int]) -> list[ForwardResult]:
+        """The backend's batch prefill on checked arguments (the batch cache empty)."""
+
+    @abstractmethod
+    def _step_batch(self, rows: list[int], tokens: list[int], deltas: list[dict[int, torch.Tensor]],
+                    capture: frozenset[int]) -> list[ForwardResult]:
+        """The backend's batch step: ``rows`` are exactly the live rows, in order."""
+
+    @abstractmethod
+    def _drop_rows(self, rows: frozenset[int]) -> None:
+        """Take checked live ``rows`` out of the batch cache."""
+
+    @abstractmethod
+    def _row_bytes(self, length: int) -> int:
+        """Memory one row of ``length`` positions needs (its cache and the working memory
+        of its prefill), in bytes."""
+
+    @abstractmethod
+    def _free_bytes(self) -> int:
+        """Memory free for the batch cache on the engine's device, in bytes."""
+
+    def max_batch_rows(self, length: int) -> int:
+        """How many rows of ``length`` positions each the free memory holds."""
+        return self._free_bytes() // max(1, self._row_bytes(length))
+
+    def check_batch(self, lengths: Sequence[int], what: str = "prompts") -> None:
+        """Refuse, before any compute, a batch of rows holding ``lengths`` positions each
+        (prompt plus tokens to come): an empty batch, a row over the context
+        (``ContextOverflowError``), more rows than the memory holds (``BadArgumentError``
+        naming the rows, the bytes needed and the free bytes)."""
+        if not lengths:
+            raise BadArgumentError(f"{what} is empty; give at least one row.")
+        for row, n in enumerate(lengths):
+            if n > self.max_seq_len:
+                raise ContextOverflowError(
+                    f"{what}[{row}] needs {n} positions (prompt and new tokens), over the "
+                    f"context of {self.max_seq_len}; shorten it or lower max_new_tokens.")
+        longest = max(lengths)
+        need, free = len(lengths) * self._row_bytes(longest), self._free_bytes()
+        if need > free:
+            fit = max(1, free // max(1, self._row_bytes(longest)))
+            raise BadArgumentError(
+                f"{what}: {len(lengths)} rows of up to {longest} positions need about "
+                f"{need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB is free on {self.device}; "
+                f"split them into batches of at most {fit} rows.")
+
+    def prefill_batch(self, prompts: Sequence[Sequence[int]],
+                      deltas: Sequence[LayerDeltas | None] | None = None,
+                      capture: Collection[int] = (), reserve: int | Sequence[int] = 0
+                      ) -> dict[int, ForwardResult]:
+        """Empty the batch cache and feed ``prompts[i]`` as row ``i``, adding ``deltas[i]``
+        (None: no deltas for any row) and capturing ``capture`` in every row; ``reserve``:
+        the tokens each row will still be fed (one int for all, or one per row) (checked against the context and memory
+        now). Returns row -> its ``ForwardResult`` (``hidden`` rows ``[len(prompts[i]),
+        hidden]``). Checked first: a refused call keeps the batch cache."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise fail("prompts", prompts, "is not a list of rows", "pass a list of token-id lists")
+        ids = [check_token_ids(f"prompts[{r}]", p, self.identity.vocab_size) for r, p in enumerate(prompts)]
+        if deltas is not None and (not isinstance(deltas, Sequence) or len(deltas) != len(ids)):
+            raise fail("deltas", deltas, f"is not a list of {len(ids)} (one per row)",
+                       "pass one LayerDeltas or None per row, or None for no deltas")
+        if isinstance(reserve, Sequence) and len(reserve) == len(ids):
+            reserve = [check_int(f"reserve[{r}]", n, low=0, fix="pass the tokens still to come, >= 0")
+                       for r, n in enumerate(reserve)]
+        else:
+            reserve = [check_int("reserve", reserve, low=0, fix="pass the tokens still to come "
+                                 "(>= 0), one int or one per row")] * len(ids)
+        self.check_batch([len(p) + n for p, n in zip(ids, reserve)])
+        layers = frozenset(check_layers(self.identity, capture, "capture"))
+        if residual.known(self.identity) is None and self.seq_len == 0:
+            residual.measure(self)  # the bound needs the norms; the single cache is empty anyway
+        rows = self._checked_rows(range(len(ids)), deltas or [None] * len(ids), {})
+        self.reset_batch()
+        self._bounded_rows = rows[1]
+        self.forward_calls += 1
+        try:
+            out = self._prefill_batch(ids, rows[0], layers)
+        except BaseException:
+            self.reset_batch()
+            raise
+        return dict(enumerate(out))
+
+    def step_batch(self, tokens: Mapping[int, int], deltas: Mapping[int, LayerDeltas | None] | None = None,
+                   capture: Collection[int] = ()) -> dict[int, ForwardResult]:
+        """Feed ``tokens[r]`` to every live row ``r`` (``tokens`` names exactly the live
+        rows), adding ``deltas[r]`` (absent or None: none) and capturing ``capture``.
+        Returns row -> ``ForwardResult`` (``hidden`` rows ``[1, hidden]``)."""
+        lengths = self.batch_lengths
+        if not isinstance(tokens, Mapping) or set(tokens) != set(lengths):
+            raise fail("tokens", tokens, f"does not name exactly the live rows {sorted(lengths)}",
+                       "pass {row: token id} for every live row (drop finished rows first)")
+        rows = sorted(tokens)
+        ids = check_token_ids("tokens", [tokens[r] for r in rows], self.identity.vocab_size)
+        if deltas is not None and (not isinstance(deltas, Mapping) or not set(deltas) <= set(rows)):
+            raise fail("deltas", deltas, "is not a mapping of live rows to deltas",
+                       f"pass {{row: LayerDeltas or None}} for rows among {rows}")
+        layers = frozenset(check_layers(self.identity, capture, "capture"))
+        for r in rows:
+            if lengths[r] + 1 > self.max_seq_len:
+                raise ContextOverflowError(f"row {r} holds {lengths[r]} positions, the whole context "
+                                           f"of {self.max_seq_len}; drop it (drop_rows) before the step.")
+        checked, self._bounded_rows = self._checked_rows(
+            rows, [(deltas or {}).get(r) for r in rows], self._bounded_rows)
+        self.forward_calls += 1
+        return dict(zip(rows, self._step_batch(rows, ids, checked, layers)))
+
+    def drop_rows(self, rows: Collection[int]) -> None:
+        """Take finished ``rows`` (live rows of the batch) out of the batch cache; the other
+        rows' caches and next logits stay as they were."""
+        rows = frozenset(rows) if isinstance(rows, Collection) else rows
+        live = self.batch_lengths
+        if not isinstance(rows, frozenset) or not rows <= set(live):
+            raise fail("rows", rows, "are not live rows of the batch", f"pass rows among {sorted(live)}")
+        if rows:
+            self._drop_rows(rows)
+
+    _bounded_rows: dict = {}  # row -> the deltas key last found within the bound
+
+    def _checked_rows(self, rows: Sequence[int], deltas: Sequence[LayerDeltas | None], bounded: dict
+                      ) -> tuple[list[dict[int, torch.Tensor]], dict]:
+        """Each row's deltas checked as ``forward`` checks them (the norm bound once per
+        row and tensors), moved to the engine's device and dtype; and the new bound keys."""
+        device, dtype, out, keys = self.device, self.dtype, [], {}
+        for row, row_deltas in zip(rows, deltas):
+            checked = check_deltas(self.identity, row_deltas)
+            if checked and not residual.same_deltas(checked, bounded.get(row)):
+                residual.check_delta_norms(self.identity, checked, f"deltas of row {row}")
+            keys[row] = residual.deltas_key(checked) if checked else None
+            out.append({i: d if d.device == device and d.dtype == dtype else d.to(device, dtype)
+                        for i, d in checked.items()})
+        return out, keys
 
 
 def check_room(engine: Engine, n_new: int, from_empty: bool = False) -> None:

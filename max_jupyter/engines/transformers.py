@@ -13,15 +13,17 @@ from collections.abc import Collection
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from max_jupyter.engines.base import Engine, ForwardResult, LayerDeltas, ModelIdentity, embedding_fingerprint
+from max_jupyter.engines.base import BatchEngine, ForwardResult, LayerDeltas, ModelIdentity, embedding_fingerprint
 from max_jupyter.engines.intervention import apply
+from max_jupyter.engines.padded import PaddedBatch
 from max_jupyter.models import resolve_hf_folder
 from max_jupyter.tokenizer import Tokenizer
 from max_jupyter.validation import check_device, check_dtype, check_max_seq_len
 
 
-class TransformersEngine(Engine):
-    """Engine over a HF ``*ForCausalLM`` whose decoder blocks are ``model.model.layers``."""
+class TransformersEngine(BatchEngine):
+    """Engine over a HF ``*ForCausalLM`` whose decoder blocks are ``model.model.layers``;
+    its batch cache is a ``PaddedBatch`` (engines/padded.py)."""
 
     supports_verify = True
     supports_interventions = True
@@ -45,6 +47,8 @@ class TransformersEngine(Engine):
         self._deltas: LayerDeltas = {}
         self._capture: Collection[int] = ()
         self._captured: dict[int, torch.Tensor] = {}
+        self._batch: PaddedBatch | None = None
+        self._batched = False  # the running forward is a batch's: captures keep every row
         for i, layer in enumerate(self.layers):
             layer.register_forward_hook(self._hook(i))
 
@@ -73,7 +77,7 @@ class TransformersEngine(Engine):
             if i in self._deltas:
                 hidden = apply(hidden, self._deltas[i])  # an add, or an Intervention
             if i in self._capture:
-                self._captured[i] = hidden[0].detach().clone()  # [n, hidden]
+                self._captured[i] = (hidden if self._batched else hidden[0]).detach().clone()  # [n, hidden]
             if i not in self._deltas:
                 return None
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
@@ -130,3 +134,74 @@ class TransformersEngine(Engine):
             self._deltas, self._capture = {}, ()
         captured, self._captured = self._captured, {}
         return out.logits[0].float(), captured
+
+    # The batch cache (a PaddedBatch) ------------------------------------------------------
+
+    @property
+    def batch_lengths(self) -> dict[int, int]:
+        batch = self._batch
+        return dict(zip(batch.rows, batch.lengths)) if batch is not None else {}
+
+    def reset_batch(self) -> None:
+        self._batch = None
+
+    def _prefill_batch(self, prompts: list[list[int]], deltas: list[dict[int, torch.Tensor]],
+                       capture: frozenset[int]) -> list[ForwardResult]:
+        ids, positions = PaddedBatch.inputs(prompts, self.device)
+        batch = PaddedBatch(DynamicCache(config=self.model.config), list(range(len(prompts))),
+                            [len(p) for p in prompts], self.device)
+        logits, captured = self._batch_pass(batch, ids, positions, batch.mask, deltas, capture)
+        self._batch = batch
+        return [ForwardResult(logits=logits[i], hidden={l: h[i, h.shape[1] - len(p):] for l, h in captured.items()})
+                for i, p in enumerate(prompts)]
+
+    def _step_batch(self, rows: list[int], tokens: list[int], deltas: list[dict[int, torch.Tensor]],
+                    capture: frozenset[int]) -> list[ForwardResult]:
+        batch = self._batch
+        ids, positions, mask = batch.step_inputs(tokens)
+        try:
+            logits, captured = self._batch_pass(batch, ids, positions, mask, deltas, capture)
+        except BaseException:
+            batch.restore()  # undo a partly written cache
+            raise
+        batch.stepped(mask)
+        return [ForwardResult(logits=logits[i], hidden={l: h[i] for l, h in captured.items()})
+                for i in range(len(rows))]
+
+    def _drop_rows(self, rows: frozenset[int]) -> None:
+        self._batch.drop(rows)
+
+    @torch.inference_mode()
+    def _batch_pass(self, batch: PaddedBatch, ids: torch.Tensor, positions: torch.Tensor,
+                    mask: torch.Tensor, deltas: list[dict[int, torch.Tensor]], capture: frozenset[int]
+                    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """One forward of the batch: ``[rows, vocab]`` float32 logits after each row's last
+        position, and layer -> ``[rows, n, hidden]`` captures. Each row's deltas go into a
+        ``[rows, 1, hidden]`` buffer per steered layer, added by the same block hook."""
+        buffers = batch.row_buffers(deltas, self.identity.hidden_size, self.device, self.dtype)
+        self._deltas, self._capture, self._captured, self._batched = buffers, capture, {}, True
+        try:
+            out = self.model(ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, **{self._cache_kw: batch.cache})
+        finally:
+            self._deltas, self._capture, self._batched = {}, (), False
+        captured, self._captured = self._captured, {}
+        return out.logits[:, -1].float(), captured
+
+    def _row_bytes(self, length: int) -> int:
+        cfg = self.model.config
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        size = self.dtype.itemsize
+        cache = 2 * cfg.num_hidden_layers * kv_heads * head_dim * length * size
+        scores = heads * length * length * 4  # one layer's attention weights in the prefill (fp32 at most)
+        activations = length * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * size
+        return cache + scores + activations + cfg.vocab_size * 4
+
+    def _free_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0]
+        import psutil
+
+        return psutil.virtual_memory().available

@@ -178,28 +178,28 @@ def run_sweep(session, prompt: str, term: SteerTerm, coefs: Sequence[float],
               options: GenerationOptions | None = None, *, progress: bool = True,
               **overrides) -> Sweep:
     """Generate ``prompt`` once per coefficient with ``coef * term.name`` at ``term.layers``
-    (on top of the live mix), then score each text with the unsteered big model on the
-    Session's worker (perplexity) and by its degeneracy. ``options`` and ``overrides``: as
-    ``Session.generate`` takes them (each row adds its own ``steering``). Ctrl-C ends the
-    sweep with the rows so far (an interrupted row keeps its partial text and is marked
-    interrupted, without a perplexity)."""
+    (on top of the live mix), all rows as one batch (``Session.generate_batch``: no judges,
+    no small model), then score
+    each text with the unsteered big model on the Session's worker (perplexity) and by its
+    degeneracy. ``options`` and ``overrides``: as ``Session.generate`` takes them (each row
+    adds its own ``steering``). Ctrl-C ends the sweep with what it has: rows whose
+    generation or scoring it stopped keep their partial text and are marked interrupted,
+    without a perplexity."""
     from tqdm.auto import tqdm
 
     spec = f"{term.name}@{','.join(map(str, term.layers))}" if term.layers else term.name
     sweep = Sweep(spec, prompt)
     mixes = [spec_mix([SteerTerm(term.name, c, term.layers)], session.vectors, session.big.identity)
-             for c in coefs]  # every coefficient checked before the first generation
+             for c in coefs]  # every coefficient checked before the batch
     tokenizer = session.big.tokenizer
+    results = session.generate_batch([prompt] * len(coefs), mixes, options, progress=progress, **overrides)
+    sweep.rows = [SweepRow(coef, result, degeneracy(token_pieces(tokenizer, result.token_ids)))
+                  for coef, result in zip(coefs, results)]
     try:
-        for coef, steering in tqdm(list(zip(coefs, mixes)), desc=f"sweep {spec}",
-                                   disable=not progress, leave=False):
-            result = session.generate(prompt, options, steering=steering, **overrides)
-            row = SweepRow(coef, result, degeneracy(token_pieces(tokenizer, result.token_ids)))
-            sweep.rows.append(row)
-            if result.finish_reason == "interrupted":
-                break
-            ids = (result.prompt_ids, result.token_ids)
+        for row in tqdm([r for r in sweep.rows if r.result.finish_reason != "interrupted"],
+                        desc=f"scoring {spec}", disable=not progress, leave=False):
+            ids = (row.result.prompt_ids, row.result.token_ids)
             row.perplexity = session.run(lambda s, ids=ids: perplexity(s.big, *ids))
     except KeyboardInterrupt:
-        pass  # the rows so far are the result
+        pass  # the rows scored so far keep their perplexity
     return sweep

@@ -13,7 +13,7 @@ from max_jupyter.jupyter.magics.arguments import parse, usage_errors
                "qwen2.5-coder-1.5b (make real-pair) (default: the embedded SmolLM2).")
 @argument("--small", default=None, help="Small model: a folder, a .gguf, a fetched name such as "
                                         "qwen2.5-coder-0.5b, or 'same' (the big one again).")
-@argument("--backend", default="auto", help="auto, transformers or exllamav2.")
+@argument("--backend", default="auto", help="auto, transformers, exllamav2 or exllamav3.")
 @argument("--vram", type=float, default=None, metavar="GB", help="GPU memory budget in GB.")
 @argument("--cache-tokens", type=int, default=None, metavar="N", help="KV cache length in tokens.")
 @argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if present).")

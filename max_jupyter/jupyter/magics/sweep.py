@@ -40,7 +40,7 @@ def max_sweep(magics, line: str, cell: str | None = None):
         if term.coef != 1.0:
             raise UsageError(f"%max_sweep {args.vector}: give the vector without a coefficient; "
                              f"--coefs sets them.")
-        opts = generation_options(magics, _as_generate(args), session)
+        opts = generation_options(magics, _as_generate(args), session).replace(speculate=0)  # one batch
         sweep = run_sweep(session, prompt, term, parse_coefs(args.coefs), opts)
     if args.var:
         magics.shell.user_ns[args.var] = sweep
@@ -49,7 +49,7 @@ def max_sweep(magics, line: str, cell: str | None = None):
 
 def _as_generate(args):
     """Sweep options seen as %%max_generate's (no steer, judge, capture or speculate
-    options; the ``speculate`` trait still applies)."""
+    options: the rows run as one batch, without judges or speculation)."""
     for name in ("steer", "judge"):
         setattr(args, name, [])
     args.capture = args.capture_small = args.speculate = args.topk = None

@@ -1,0 +1,269 @@
+"""Batch-1 decode speed of the ExLlamaV3 backend against exllamav3 itself, on a lent GPU.
+
+Weights: random EXL3 tensors written directly with the real Qwen2.5-7B and 1.5B layer
+shapes (``max_jupyter.testing.write_random_exl3``: random trellis codes are valid EXL3
+encodings, so the kernels do the work of a converted model; exllamav3's converter took 78 s
+for a 0.5B-shaped model on an H100, a 7B takes far longer than a device call). The
+vocabulary is the tokenizer's (49152, ``$MAX_JUPYTER_TOKENIZER``) instead of Qwen's 152064,
+so the head is 3.1x smaller than the real one. Weights 4 bits, head 6.
+
+Every row decodes greedily from the same ``PROMPT``-token prompt; ms/token is the median
+of ``RUNS`` runs after a warm-up, over ``NEW`` tokens (forward and a greedy pick on the host):
+  (a) exllamav3's ``Generator`` (ArgmaxSampler; the prefill removed by timing ``NEW + 32``
+      and ``32`` new tokens and dividing the difference) and its ``Model.forward`` loop
+  (b) ours, unsteered; (c) ours with 1 and 3 steering vectors
+  (d) the 7B- and 1.5B-shaped pair under ``max_vram_gb=16``, the small model stepping
+      the same token after the big one (mirroring), with the measured peak memory
+"bw frac": bytes read per token (GPU weights + K/V at the mean context) over the measured
+device-to-device copy bandwidth, divided by the measured time.
+Writes ``$OUT/gpu_exl3.json``; ``python bench/gpu_exl3.py --table FILE`` prints its tables;
+``--write DIR`` only writes the model folders (``EXL3_BENCH_DIR=DIR`` then reuses them).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT, NEW, RUNS, CAP_GB, VOCAB = 1024, 128, 3, 16.0, 49152
+SHAPES = {  # Qwen2.5 layer shapes (hidden, layers, heads, kv heads, intermediate); own heads
+    "7B": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, intermediate_size=18944),
+    "1.5B": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, intermediate_size=8960),
+}
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written."""
+    x = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * 2 ** 30 * 20 / (start.elapsed_time(end) / 1e3)
+
+
+def timed(run, runs: int = RUNS) -> list[float]:
+    """Seconds of ``run()`` per call: one warm-up, then ``runs`` timed calls."""
+    run()
+    out = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def ours(engine, prompt: list[int], deltas: dict | None = None):
+    def run():
+        logits = engine.prefill(prompt, deltas).logits
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        tok = int(logits.argmax())
+        for _ in range(NEW):
+            tok = int(engine.step(tok, deltas).logits.argmax())
+        run.decode = time.perf_counter() - t
+    return run
+
+
+def decode_ms(run) -> list[float]:
+    """ms/token of the decode part of ``run`` (which records ``run.decode``), per timed run."""
+    out = []
+    for _ in range(RUNS + 1):
+        run()
+        out.append(run.decode / NEW * 1e3)
+    return out[1:]
+
+
+def row(label: str, ms: list[float], nbytes: int, bw: float, base: float | None = None) -> dict:
+    med = statistics.median(ms)
+    return dict(row=label, ms=med, min=min(ms), max=max(ms), tok_s=1e3 / med,
+                vs_a=(base / med if base else 1.0), bw_frac=nbytes / bw / (med / 1e3))
+
+
+def gpu_bytes(folder: Path, shape: dict) -> int:
+    from max_jupyter.engines.exllamav3.folder import tensor_bytes
+
+    sizes = tensor_bytes(folder)
+    kv = 2 * shape["num_key_value_heads"] * (shape["hidden_size"] // shape["num_attention_heads"]) * 2
+    mean_ctx = PROMPT + NEW // 2
+    return (sum(b for k, b in sizes.items() if not k.startswith("model.embed_tokens"))
+            + shape["num_hidden_layers"] * kv * mean_ctx)
+
+
+def bench_single(folder: Path, shape: dict, bw: float) -> list[dict]:
+    from exllamav3 import Cache, Config, Generator, Model
+    from exllamav3 import Tokenizer as X3Tokenizer
+    from exllamav3.generator.sampler import ArgmaxSampler
+
+    from max_jupyter.engines.exllamav3 import ExLlamaV3Engine
+
+    nbytes = gpu_bytes(folder, shape)
+    gen_ids = torch.randint(0, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    model = Model.from_config(Config.from_directory(str(folder)))
+    cache = Cache(model, max_num_tokens=4096)
+    model.load(progressbar=False)
+    tok = X3Tokenizer.from_config(model.config)
+    generator = Generator(model=model, cache=cache, tokenizer=tok)
+    prompt_text = tok.decode(gen_ids)[0] if isinstance(tok.decode(gen_ids), list) else tok.decode(gen_ids)
+
+    def gen(n):
+        return lambda: generator.generate(prompt=prompt_text, min_new_tokens=n, max_new_tokens=n,
+                                          sampler=ArgmaxSampler(), stop_conditions=[])
+    long, short = timed(gen(NEW + 32)), timed(gen(32))
+    gen_ms = [(a - b) / NEW * 1e3 for a, b in zip(long, short)]
+    rows = [row("(a) exllamav3 1.6.5 Generator, ArgmaxSampler", gen_ms, nbytes, bw)]
+    base = rows[0]["ms"]
+
+    def forward_loop():
+        params = {"attn_mode": "flash_attn", "cache": cache, "past_len": 0, "batch_shape": (1, 4096),
+                  "last_tokens_only": 1}
+        nxt = model.forward(gen_ids, params)[:, -1:].argmax(-1).cpu()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for i in range(NEW):
+            p = {"attn_mode": "flash_attn", "cache": cache, "past_len": PROMPT + i, "batch_shape": (1, 4096)}
+            nxt = model.forward(nxt, p)[:, -1:].argmax(-1).cpu()
+        forward_loop.decode = time.perf_counter() - t
+    rows.append(row("(a) exllamav3 Model.forward loop, greedy on the host", decode_ms(forward_loop),
+                    nbytes, bw, base))
+    generator.close()
+    model.unload()
+    generator = model = cache = None  # free them before our engine loads
+    torch.cuda.empty_cache()
+
+    engine = ExLlamaV3Engine.load(folder, cache_tokens=4096)
+    prompt = gen_ids[0].tolist()
+    n = shape["num_hidden_layers"]
+    engine.prefill(prompt[:8])  # measures the typical residual norms (engines/residual.py)
+    norms = engine.residual_norms
+
+    def vec(i):
+        d = torch.randn(shape["hidden_size"], device="cuda")
+        return d * (norms[i] / d.norm())  # a vector as large as the residual there
+    rows.append(row("(b) ours, unsteered", decode_ms(ours(engine, prompt)), nbytes, bw, base))
+    one = {n // 2: vec(n // 2)}
+    rows.append(row(f"(c) ours, 1 vector @ layer {n // 2}", decode_ms(ours(engine, prompt, one)),
+                    nbytes, bw, base))
+    three = {i: vec(i) for i in (n // 4, n // 2, 3 * n // 4)}
+    rows.append(row(f"(c) ours, 3 vectors @ layers {', '.join(map(str, three))}",
+                    decode_ms(ours(engine, prompt, three)), nbytes, bw, base))
+    engine.unload()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def bench_pair(big: Path, small: Path, shapes: tuple[dict, dict], bw: float, base: float) -> tuple[dict, str]:
+    from max_jupyter.engines.exllamav2 import measured_peak
+    from max_jupyter.engines.exllamav3 import load_pair
+
+    torch.cuda.empty_cache()
+    held = torch.cuda.memory_reserved()
+    torch.cuda.reset_peak_memory_stats()
+    b, s, plan = load_pair(big, small, max_vram_gb=CAP_GB)
+    prompt = torch.randint(0, VOCAB, (PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
+
+    def run():
+        logits = b.prefill(prompt).logits
+        s.prefill(prompt)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        tok = int(logits.argmax())
+        for _ in range(NEW):
+            s.step(tok, capture={s.identity.num_layers // 2})
+            tok = int(b.step(tok).logits.argmax())
+        run.decode = time.perf_counter() - t
+    ms = decode_ms(run)
+    peak = measured_peak(held)
+    nbytes = gpu_bytes(big, shapes[0]) + gpu_bytes(small, shapes[1])
+    r = row(f"(d) 7B + mirrored 1.5B (captured mid layer), max_vram_gb={CAP_GB:g}, "
+            f"plan {plan.total / 2 ** 30:.2f} GiB, measured peak {peak.total / 2 ** 30:.2f} GiB",
+            ms, nbytes, bw, base)
+    r |= dict(planned_gib=plan.total / 2 ** 30, peak_gib=peak.total / 2 ** 30,
+              cache_tokens=plan.cache_tokens)
+    table = plan.table(peak)
+    b.unload(), s.unload()
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    return r, table
+
+
+def render(result: dict) -> str:
+    lines = [f"Measured {result['when']} at commit `{result['commit']}` on {result['card']} "
+             f"(torch {result['torch']}, exllamav3 {result['exllamav3']}), copy bandwidth "
+             f"{result['bandwidth_gbs']:.0f} GB/s (read + write); batch 1, {PROMPT}-token prompt, "
+             f"{NEW} greedy tokens, median of {RUNS} runs after a warm-up; random EXL3 weights "
+             f"(4 bits, head 6), Qwen2.5 layer shapes, vocabulary {VOCAB}.", ""]
+    for shape, rows in result["rows"].items():
+        lines += [f"**{shape}**", "", "| row | ms/token | runs (min-max) | tok/s | vs (a) | bw frac |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['row']} | {r['ms']:.2f} | {r['min']:.2f}-{r['max']:.2f} | {r['tok_s']:.1f} "
+                  f"| {r['vs_a']:.2f} | {100 * r['bw_frac']:.1f}% |" for r in rows]
+        lines.append("")
+    if result.get("pair_plan"):
+        lines += ["Memory of row (d):", "", result["pair_plan"]]
+    return "\n".join(lines)
+
+
+def write_folders(root: Path) -> dict[str, Path]:
+    """The benchmark's random EXL3 folders under ``root`` (written once: kept if present)."""
+    from max_jupyter.testing import write_random_exl3
+
+    folders = {}
+    for seed, (name, shape) in enumerate(SHAPES.items()):
+        folders[name] = root / name
+        if not (folders[name] / "config.json").is_file():
+            t = time.time()
+            write_random_exl3(folders[name], shape, os.environ["MAX_JUPYTER_TOKENIZER"], VOCAB, seed)
+            print(f"wrote {name} in {time.time() - t:.1f}s", flush=True)
+    return folders
+
+
+def main() -> None:
+    """Rows (a)-(c) on the 7B shape, then (d), then (a)-(c) on the 1.5B shape while the
+    ``BENCH_SECONDS`` budget lasts; the JSON is rewritten after each part."""
+    import exllamav3
+
+    out = Path(os.environ.get("OUT", "/tmp"))
+    folders = write_folders(Path(os.environ.get("EXL3_BENCH_DIR") or tempfile.mkdtemp(prefix="exl3-")))
+    budget = float(os.environ.get("BENCH_SECONDS", "240"))
+    start = time.time()
+    bw = copy_bandwidth()
+    result = dict(when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  commit=os.environ.get("MAX_JUPYTER_COMMIT", "unknown"),
+                  card=torch.cuda.get_device_name(), torch=torch.__version__,
+                  exllamav3=getattr(exllamav3, "__version__", "1.6.5"), bandwidth_gbs=bw / 1e9, rows={})
+
+    def save():
+        (out / "gpu_exl3.json").write_text(json.dumps(result, indent=1))
+        print(render(result), flush=True)
+    result["rows"]["7B"] = bench_single(folders["7B"], SHAPES["7B"], bw)
+    save()
+    r, table = bench_pair(folders["7B"], folders["1.5B"], (SHAPES["7B"], SHAPES["1.5B"]), bw,
+                          result["rows"]["7B"][0]["ms"])
+    result["rows"]["7B"].append(r)
+    result["pair_plan"] = table
+    save()
+    if time.time() - start < budget:
+        result["rows"]["1.5B"] = bench_single(folders["1.5B"], SHAPES["1.5B"], bw)
+        save()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--table":
+        print(render(json.loads(Path(sys.argv[2]).read_text())))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--write":
+        write_folders(Path(sys.argv[2]))
+    else:
+        main()
