@@ -128,14 +128,18 @@ def apply(hidden: torch.Tensor, op: LayerOp) -> torch.Tensor:
     if isinstance(op, torch.Tensor):
         return hidden + op
     x = hidden.float() if hidden.dtype in (torch.float16, torch.bfloat16) else hidden
-    if op.ablate is not None:
-        for u, t in zip(op.ablate, op.targets):
-            x = x - ((x @ u) - t).unsqueeze(-1) * u
+    if op.ablate is not None:  # one direction (the usual case) in matrix form: half the kernels
+        pairs = zip(op.ablate[:, None], op.targets[:, None]) if len(op.ablate) > 1 else ((op.ablate, op.targets),)
+        for u, t in pairs:  # u [1, hidden]
+            x = x - (x @ u.T - t) @ u
     if op.clamp is not None:
-        for u, lo, hi in zip(op.clamp, op.low, op.high):
-            p = x @ u
-            x = x + (p.clamp(lo, hi) - p).unsqueeze(-1) * u
-    x = x.to(hidden.dtype)
+        rows = zip(op.clamp[:, None], op.low[:, None], op.high[:, None]) if len(op.clamp) > 1 \
+            else ((op.clamp, op.low, op.high),)
+        for u, lo, hi in rows:
+            p = x @ u.T
+            x = x + (torch.clamp(p, lo, hi) - p) @ u
+    if x.dtype != hidden.dtype:
+        x = x.to(hidden.dtype)
     return x + op.add if op.add is not None else x
 
 
