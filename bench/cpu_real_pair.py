@@ -8,9 +8,11 @@ them alike; ratios are against "big alone" (unsteered) and "mirrored loop" (big 
 small + probe judge, no speculation) of the same steering. Rows with k = 2..6 draft by acceptance
 alone (``pace_speculation`` off: speed against acceptance); "adaptive default" is what a
 user gets with ``speculate=4``: the adaptive draft length with wall-clock pacing. Tokens/s
-count decode only (from the first token to the last). "min x mirrored": the worst prompt's
+count decode only (from the first token to the last). "judge on": the share of steps the
+probe judge turned its mix on. "min x mirrored": the worst prompt's
 ratio to the mirrored loop on that prompt. Steered rows add the big model's "happy" vector
-(coefficient 1 at layers 10-17) at every step. Run time: rows x 4 prompts x ``--tokens``
+(coefficient 0.5 at layers 10-17: a clear change, docs/vectors.md) at every step; the
+judge's mix is the same vector at the same coefficient. Run time: rows x 4 prompts x ``--tokens``
 tokens; ``--tokens`` and ``--ks`` shorten it.
 
     PYTHONPATH=. nice -n 10 python bench/cpu_real_pair.py [--tokens 32] [--ks 2,3,4,5,6]
@@ -25,7 +27,7 @@ import torch
 from max_jupyter.orchestrator import CognitiveOrchestrator, ProbeJudge
 from max_jupyter.session import Session
 from max_jupyter.steering.mix import Mix
-from max_jupyter.steering.training import read_last_token_states, train_vector
+from max_jupyter.steering.training import read_reply_states, train_vector
 
 PROMPTS = [("code", "Write a Python function that merges two sorted lists into one sorted list."),
            ("prose", "Explain to a child why leaves change colour in autumn."),
@@ -37,13 +39,13 @@ HAPPY = ["I am so happy today, everything is wonderful.", "What a delightful, jo
          "This is the best day of my life.", "I love this beautiful sunny morning."]
 SAD = ["I am so sad today, everything is awful.", "What a miserable, painful shock.",
        "This is the worst day of my life.", "I hate this gloomy, cold morning."]
-PROBE_LAYER, VECTOR_LAYERS = 14, tuple(range(10, 18))
+PROBE_LAYER, VECTOR_LAYERS, COEF = 14, tuple(range(10, 18)), 0.5
 
 
 def rows(ks: list[int]) -> dict[str, dict]:
     """Row name -> generation options (``paced``: wall-clock pacing of speculation)."""
     loop = {"judges": ["sad-probe"]}
-    steered = {**loop, "steering": {"happy": 1.0}}
+    steered = {**loop, "steering": {"happy": COEF}}
     return {"big alone": {"mirror": False},
             "big + mirrored small": {},
             "mirrored loop": loop,
@@ -54,30 +56,35 @@ def rows(ks: list[int]) -> dict[str, dict]:
             "mirrored loop steered + adaptive default (4, paced)": {**steered, "speculate": 4, "paced": True}}
 
 
-def decode(session: Session, prompt: str, mode: dict, tokens: int, options: dict) -> tuple[float, int, int, int]:
-    """(decode seconds, decoded tokens, drafted, accepted) of one generation."""
+def decode(session: Session, prompt: str, mode: dict, tokens: int,
+           options: dict) -> tuple[float, int, int, int, int]:
+    """(decode seconds, decoded tokens, drafted, accepted, steps the judge turned its mix
+    on) of one generation."""
     options = dict(options)
     CognitiveOrchestrator.pace_speculation = options.pop("paced", True)
     stamps: list[float] = []
     r = session.generate(prompt, max_new_tokens=tokens, ignore_eos=True, **mode, **options,
                          on_event=lambda ev: ev.record and stamps.append(time.perf_counter()))
     assert len(r.token_ids) == tokens, (len(r.token_ids), r.finish_reason)
-    return stamps[-1] - stamps[0], len(stamps) - 1, r.drafted_tokens, r.accepted_tokens
+    judged = sum("cheer" in s.mixes_on for s in r.steps)
+    return stamps[-1] - stamps[0], len(stamps) - 1, r.drafted_tokens, r.accepted_tokens, judged
 
 
 def setup(session: Session) -> None:
     """The happy vector (big model, a steered row's steering and the judge's mix) and a probe
-    on the small model that turns it on where the text reads sad (threshold: the midpoint
-    of its projections of the training sentences)."""
+    on the small model that turns it on where the text reads sad. Its threshold is the
+    midpoint of the training sentences' scores read as chat replies, where the judge reads
+    generated text (as tests/test_real_pair.py); returns the threshold."""
     vector = session.train("happy", HAPPY, SAD, layers=VECTOR_LAYERS, progress=False)
     cheer = Mix(session.big.identity)
-    cheer.set("happy", vector, 1.0)
+    cheer.set("happy", vector, COEF)
     probe = train_vector(session.small, HAPPY, SAD, layers=[PROBE_LAYER], method="mean_diff")
     unit = probe.directions[PROBE_LAYER].float() / probe.directions[PROBE_LAYER].float().norm()
-    states = read_last_token_states(session.small, HAPPY + SAD, [PROBE_LAYER])[:, 0] @ unit
+    states = read_reply_states(session.small, HAPPY + SAD, [PROBE_LAYER])[:, 0] @ unit
     threshold = float(states[:len(HAPPY)].mean() + states[len(HAPPY):].mean()) / 2
     session.add_judge("sad-probe", ProbeJudge(-probe, threshold=-threshold, mix="cheer", name="sad-probe"),
                       mixes={"cheer": cheer})
+    return threshold
 
 
 def main() -> None:
@@ -87,14 +94,18 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     session = Session.load("qwen2.5-coder-1.5b", small="qwen2.5-coder-0.5b", store=None, progress=False)
-    setup(session)
+    threshold = setup(session)
+    print(f"probe threshold (training sentences read as replies): {threshold:.3f}", flush=True)
     table = rows([int(k) for k in args.ks.split(",")])
-    runs = {name: [] for name in table}  # per prompt: (seconds, tokens, drafted, accepted)
+    runs = {name: [] for name in table}  # per prompt: decode()'s tuple
     session.generate(PROMPTS[0][1], max_new_tokens=4, judges=[])  # warm-up
-    for (_kind, prompt), mode in zip(PROMPTS, MODES):
+    for done, ((_kind, prompt), mode) in enumerate(zip(PROMPTS, MODES), 1):
         for name, options in table.items():
             options = {"judges": [], **options}
             runs[name].append(decode(session, prompt, mode, args.tokens, options))
+        if done < len(PROMPTS):  # a partial table: a long run cut short still says something
+            print(f"\nafter {done} of {len(PROMPTS)} prompts:", flush=True)
+            report(runs, args.tokens, session.big.model.dtype, resident_gb(), time.perf_counter() - start)
     dtype, memory = session.big.model.dtype, resident_gb()
     session.close()
     report(runs, args.tokens, dtype, memory, time.perf_counter() - start)
@@ -121,18 +132,20 @@ def report(runs: dict[str, list[tuple]], tokens: int, dtype: torch.dtype, memory
           f"{tokens} tokens x 4 prompts (code greedy, prose sampled, code sampled, prose "
           f"greedy); {memory}; total {total_s:.0f} s\n")
     print("| row | tok/s | x big alone | x mirrored loop | min x mirrored (prompt) | acceptance "
-          "(code / prose) |")
-    print("|---|---|---|---|---|---|")
+          "(code / prose) | judge on |")
+    print("|---|---|---|---|---|---|---|")
     for name, rs in runs.items():
         alone = runs["big alone"]
         loop = runs["mirrored loop steered" if "steered" in name else "mirrored loop"]
         per_prompt = [(r[1] / r[0]) / (m[1] / m[0]) for r, m in zip(rs, loop)]
         worst = min(range(len(per_prompt)), key=per_prompt.__getitem__)
-        acc = acceptance(rs)
-        acc = "-" if acc is None else f"{acc:.2f} ({acceptance(rs, ('code',)):.2f} / {acceptance(rs, ('prose',)):.2f})"
+        show = lambda a: "-" if a is None else f"{a:.2f}"  # noqa: E731  (None: nothing drafted)
+        acc = show(acceptance(rs))
+        if acc != "-":
+            acc += f" ({show(acceptance(rs, ('code',)))} / {show(acceptance(rs, ('prose',)))})"
         print(f"| {name} | {rate(rs):.2f} | {rate(rs) / rate(alone):.2f} | {rate(rs) / rate(loop):.2f} "
               f"| {per_prompt[worst]:.2f} ({PROMPTS[worst][0]} {'sampled' if MODES[worst] else 'greedy'}) "
-              f"| {acc} |")
+              f"| {acc} | {sum(r[4] for r in rs) / (len(rs) * tokens):.2f} |")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ parts are imported on first use, so ``import max_jupyter`` stays light.
 """
 
 _LAZY = {"Session": "max_jupyter.session", "GenerationOptions": "max_jupyter.orchestrator.options",
-         "GenerationHandle": "max_jupyter.handle"}
+         "GenerationHandle": "max_jupyter.handle", "SessionPool": "max_jupyter.pool"}
 __all__ = [*_LAZY, "load_ipython_extension", "unload_ipython_extension"]
 
 

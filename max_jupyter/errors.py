@@ -67,6 +67,11 @@ class SessionClosedError(MaxJupyterError, RuntimeError):
     """The session was closed; load a new one."""
 
 
+class PoolWorkerError(MaxJupyterError, RuntimeError):
+    """A worker of a ``SessionPool`` could not load its models, or its share of a job failed
+    on every replacement; the message names the worker and the cause."""
+
+
 class OldNameWarning(DeprecationWarning):
     """An old name of this package was used; the message names the new one. The tests
     turn it into an error, so no old name hides in the package's own code."""

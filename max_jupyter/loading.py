@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal
 
 from max_jupyter.errors import BackendUnavailableError, BadArgumentError
 from max_jupyter.models import quant_method
-from max_jupyter.validation import check_device, check_dtype, check_max_seq_len
+from max_jupyter.validation import check_device, check_dtype, check_max_seq_len, fail
 
 if TYPE_CHECKING:
     from max_jupyter.engines.base import Engine
@@ -86,18 +86,40 @@ def check_sources(big: Source, small: Source, backend: str = "auto") -> None:
         check_source(small)
 
 
+def check_devices(device: object, devices: object, has_small: bool) -> tuple:
+    """The big and the small model's devices: ``devices`` (a pair, big's first), else
+    ``device`` for both (None: the backend's default). Both at once, a pair without a small
+    model, or a device this machine lacks are refused."""
+    if devices is None:
+        return check_device(device), check_device(device)
+    if device is not None:
+        raise fail("devices", devices, f"and device={device!r} are both given",
+                   "pass device= (both models) or devices=(big, small), not both")
+    if isinstance(devices, (str, bytes)) or not isinstance(devices, (tuple, list)) or len(devices) != 2:
+        raise fail("devices", devices, "is not a pair", 'pass (big device, small device), e.g. ("cuda:0", "cuda:1")')
+    if not has_small:
+        raise fail("devices", devices, "places a small model, but none is loaded",
+                   "pass device= for the big model alone, or small=... too")
+    return check_device(devices[0], "devices[0]"), check_device(devices[1], "devices[1]")
+
+
 def load_models(big: Source, small: Source, *, backend: str = "auto",
                 max_vram_gb: float | None = None, cache_tokens: int | None = None,
-                device: str | None = None, dtype=None, progress: bool = True,
-                ) -> tuple[Engine, Engine | None, object | None]:
+                device: str | None = None, devices: tuple | None = None, dtype=None,
+                progress: bool = True) -> tuple[Engine, Engine | None, object | None]:
     """Load the big engine and, unless ``small`` is None, the small one (``"same"``: the big
-    source again, as a separate engine). Returns ``(big, small, memory plan or None)``."""
+    source again, as a separate engine), on ``device`` or ``devices`` (``check_devices``).
+    Returns ``(big, small, memory plan or None)``."""
     check_sources(big, small, backend)
     big, small = resolve_name(big), resolve_name(small)
     has_small = small is not None
     if small == "same":
         small = big
     backend = choose_backend(backend, big)
+    placed = check_devices(device, devices, has_small)
+    if backend in ("exllamav2", "exllamav3") and devices is not None:
+        raise fail("devices", devices, "places models on the transformers backend only",
+                   f"leave it out: the {backend} backend loads both models on the current CUDA device")
     if backend == "exllamav2":
         return _load_exllamav2(big, small, max_vram_gb, cache_tokens)
     if backend == "exllamav3":
@@ -110,14 +132,14 @@ def load_models(big: Source, small: Source, *, backend: str = "auto",
     from max_jupyter.engines.transformers import TransformersEngine
 
     # Checked before the bar opens, so a mistake leaves no 0% bar above its error.
-    check_device(device), check_dtype(dtype), check_max_seq_len(cache_tokens)
-    sources = [("big", big)] + ([("small", small)] if has_small else [])
+    check_dtype(dtype), check_max_seq_len(cache_tokens)
+    sources = [("big", big, placed[0])] + ([("small", small, placed[1])] if has_small else [])
     engines = []
     with tqdm(total=len(sources), desc="loading", unit="model", disable=not progress) as bar, \
             _transformers_bars_off():
-        for name, source in sources:
+        for name, source, on in sources:
             bar.set_postfix_str(f"{name}: {source or 'embedded SmolLM2-135M-Instruct'}")
-            engines.append(TransformersEngine.load(source, device=device, dtype=dtype,
+            engines.append(TransformersEngine.load(source, device=on, dtype=dtype,
                                                    max_seq_len=cache_tokens))
             bar.update()
     return engines[0], (engines[1] if has_small else None), None

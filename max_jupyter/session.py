@@ -13,17 +13,22 @@ from concurrent import futures
 
 from max_jupyter.engines.base import Engine
 from max_jupyter.errors import BadArgumentError, ContextOverflowError, SessionClosedError, UnknownNameError
+from max_jupyter.evaluation.evaluate import DEFAULT_TOKENS, evaluate
+from max_jupyter.evaluation.result import Evaluation
 from max_jupyter.handle import CallJob, GenerationHandle
 from max_jupyter.loading import Source, check_sources, load_models
 from max_jupyter.orchestrator.cognitive import CognitiveOrchestrator, PreparedRun, check_judges_fit
 from max_jupyter.orchestrator.gates import CompiledSteering, compile_steering
 from max_jupyter.orchestrator.judges import Judge
-from max_jupyter.orchestrator.mirror import ContextMirror
+from max_jupyter.orchestrator.mirror import ContextMirror, shares_vocabulary
 from max_jupyter.orchestrator.options import CallSteering, GenerationOptions, merge_options
 from max_jupyter.orchestrator.trace import GenerationResult, StepEvent
 from max_jupyter.orchestrator.types import Prompt, as_mix, run_to_end
+from max_jupyter.steering.concepts import concept, concept_layers, is_concept
+from max_jupyter.steering.concepts import library as concept_library
 from max_jupyter.steering.expression import Expression, render
 from max_jupyter.steering.mix import Mix
+from max_jupyter.steering.probe import ConceptProbe, fit_probe
 from max_jupyter.steering.vector import SteeringVector
 from max_jupyter.validation import check_layers, check_vector_name, fail
 from max_jupyter.worker import Worker
@@ -59,6 +64,7 @@ class Session:
         self._worker = Worker(f"max_jupyter-session-{next(_ids)}")
         self._closed = False
         self._owns_store = False  # Session.load opened the library: close() closes it
+        self._probes: dict[tuple, ConceptProbe] = {}  # (concept, reader identity) -> probe
 
     @property
     def defaults(self) -> GenerationOptions:
@@ -80,8 +86,8 @@ class Session:
     @classmethod
     def load(cls, big: Source = None, small: Source = None, *, backend: str = "auto",
              max_vram_gb: float | None = None, cache_tokens: int | None = None,
-             device: str | None = None, dtype=None, store: object = "default",
-             progress: bool = True) -> Session:
+             device: str | None = None, devices: tuple | None = None, dtype=None,
+             store: object = "default", progress: bool = True) -> Session:
         """Load ``big`` (None: the embedded SmolLM2-135M-Instruct) and ``small`` (None: no
         small model; ``"same"``: the big source again; or another source).
 
@@ -89,8 +95,11 @@ class Session:
         CUDA and that library are present, else transformers), transformers, exllamav2 or
         exllamav3. ``max_vram_gb`` and ``cache_tokens`` feed the GPU backends' memory plan
         (``session.plan``); ``cache_tokens`` caps the context on transformers too.
-        ``store``: the vector library — "default" (the VectorStore at its default path, so
-        vectors survive the kernel), None (a dict in memory), a path, or a ``VectorStore``.
+        ``device``: where both models go (None: CUDA where present, else the CPU);
+        ``devices``: ``(big's, small's)`` instead, e.g. ``("cuda:0", "cuda:1")``
+        (transformers backend). ``store``: the vector library — "default" (the VectorStore
+        at its default path, so vectors survive the kernel), None (a dict in memory), a
+        path, or a ``VectorStore``.
         """
         check_sources(big, small, backend)
         vectors = open_library(store)
@@ -98,7 +107,7 @@ class Session:
         try:
             *engines, plan = load_models(
                 big, small, backend=backend, max_vram_gb=max_vram_gb, cache_tokens=cache_tokens,
-                device=device, dtype=dtype, progress=progress)
+                device=device, devices=devices, dtype=dtype, progress=progress)
             session = cls(*engines, vectors=vectors, plan=plan)
         except BaseException:  # nothing loaded here may outlive the failure (VRAM, the file)
             for engine in engines:
@@ -153,8 +162,10 @@ class Session:
         if another job is running or queued. Everything is checked here, before anything is
         queued."""
         self._check_open()
-        orchestrator, prepared = self._prepare(prompt, merge_options(options, self._defaults, changes))
-        handle = GenerationHandle(lambda h: self._generate_on_worker(orchestrator, prepared),
+        options = merge_options(options, self._defaults, changes)
+        orchestrator, prepared = self._prepare(prompt, options)
+        probes = [self.probe(name) for name in options.probes]  # fitted (on the worker) now
+        handle = GenerationHandle(lambda h: self._generate_on_worker(orchestrator, prepared, probes),
                                   prepared.result.prompt_ids, on_event)
         prepared.on_event, prepared.abort = handle.push, handle.abort
         self._worker.submit(handle, wait=wait)
@@ -246,6 +257,9 @@ class Session:
                 raise BadArgumentError(f"options of prompts[{i}]: a batch runs no small model and no "
                                        f"judges; leave out judges=, speculate= and small_layers (or "
                                        f"use generate() for this prompt).")
+            if o.probes:
+                raise BadArgumentError(f"options of prompts[{i}]: probes= reads a generation of "
+                                       f"generate() or start(); leave it out of a batch.")
             orchestrator = CognitiveOrchestrator(self._big, steering=[self.mix, self._row_steering(o.steering, i)])
             try:
                 rows.append((orchestrator, orchestrator.prepare(prompt, o)))
@@ -255,9 +269,13 @@ class Session:
             self._big.check_batch([len(run.result.prompt_ids) + run.max_new_tokens for _, run in rows])
         return rows
 
-    def _generate_on_worker(self, orchestrator: CognitiveOrchestrator, prepared: PreparedRun
-                            ) -> GenerationResult:
+    def _generate_on_worker(self, orchestrator: CognitiveOrchestrator, prepared: PreparedRun,
+                            probes: Sequence[ConceptProbe] = ()) -> GenerationResult:
         result = run_to_end(orchestrator.run(prepared))
+        if probes and result.token_ids:
+            reader = self.reader
+            result.probe_scores = {p.concept: p.read(reader, result.prompt_ids, result.token_ids)
+                                   for p in probes}
         self.last = result
         return result
 
@@ -326,7 +344,8 @@ class Session:
         its ungated clauses as one mix, each gate as a named mix and its judge. Measures the
         means an ``=mean`` ablation needs (``means``). ``BadArgumentError`` with the column."""
         small = self._small.identity if self._small is not None else None
-        return compile_steering(expression, self.vectors, self._big.identity, small, self.means, what)
+        return compile_steering(expression, self.vectors_and_concepts, self._big.identity, small,
+                                self.means, what)
 
     def steer(self, expression: str | Expression | None, what: str = "steering") -> CompiledSteering | None:
         """Make ``expression`` the live mix (all of it at once) and its gates the session's
@@ -438,11 +457,79 @@ class Session:
         return dropped
 
     def vector(self, name: str) -> SteeringVector:
-        """The vector ``name`` from the library (a clear error if it has none)."""
-        if not isinstance(name, str) or name not in self.vectors:
-            raise BadArgumentError(f"no vector named {name!r} in the library; it has "
-                                   f"{sorted(self.vectors) or 'none'} (train, load or import one).")
-        return self.vectors[name]
+        """The vector ``name`` from the library; the name of a library concept
+        (``steering.concepts``) that the library has no vector of for the big model is
+        trained on first use (on the worker, from the concept's pairs at its layers) and
+        kept in the library (a VectorStore tags it ``concept``; where the name holds another
+        model's vector it goes under ``name.<fingerprint>``). A clear error for any other name."""
+        self._check_open()
+        if isinstance(name, str) and name in self.vectors and not is_concept(name):
+            return self.vectors[name]
+        if is_concept(name):
+            return self._concept_vector(name)
+        raise BadArgumentError(f"no vector named {name!r} in the library; it has "
+                               f"{sorted(self.vectors) or 'none'} and the concepts "
+                               f"{', '.join(concept_library())} (train, load or import one).")
+
+    @property
+    def vectors_and_concepts(self) -> Mapping[str, SteeringVector]:
+        """The library with the concepts added: a read-only mapping whose lookup is
+        ``vector(name)`` (a concept's vector trained on first use), for whatever resolves
+        steering names (``--steer``, expressions)."""
+        return _VectorsAndConcepts(self)
+
+    def concept_vector_name(self, name: str) -> tuple[str, bool]:
+        """The library name that holds (or will hold) concept ``name``'s vector for the big
+        model — ``name``, or ``name.<fingerprint>`` where ``name`` holds another model's —
+        and whether the library has it now."""
+        identity = self._big.identity
+        for key in (name, f"{name}.{identity.fingerprint[:8]}"):
+            if key not in self.vectors:
+                return key, False
+            if self.vectors[key].model == identity:
+                return key, True
+        return key, False
+
+    def _concept_vector(self, name: str) -> SteeringVector:
+        key, trained = self.concept_vector_name(name)
+        if trained:
+            return self.vectors[key]
+        found = concept(name)
+        fields = {"tags": ("concept",), "notes": found.description} if hasattr(self.vectors, "save") else {}
+        return self.train(key, found.positive, found.negative,
+                          layers=concept_layers(self._big.identity.num_layers), **fields)
+
+    @property
+    def reader(self) -> Engine:
+        """The engine that reads texts for probes and scores: the small model where one is
+        loaded and shares the big one's vocabulary (so the model that wrote a text is not
+        the one that judges it), else the big model, unsteered."""
+        small = self.small
+        return small if small is not None and shares_vocabulary(self._big, small) else self._big
+
+    def probe(self, name: str) -> ConceptProbe:
+        """The probe of concept ``name`` on ``reader``, fitted on the worker from the
+        concept's scoring texts on first use and kept for this session."""
+        found = concept(name)
+        reader = self.reader
+        key = (name, reader.identity)
+        if key not in self._probes:
+            self._probes[key] = self.run(lambda s: fit_probe(
+                reader, name, found.scoring_positive, found.scoring_negative))
+        return self._probes[key]
+
+    def evaluate(self, vector: SteeringVector | str, *, concept: str | None = None,
+                 prompts: Sequence[str] | None = None, coefs: Sequence[float] | None = None,
+                 max_new_tokens: int = DEFAULT_TOKENS, options: GenerationOptions | None = None,
+                 seed: int = 0, progress: bool = True) -> Evaluation:
+        """Evaluate ``vector`` (a vector, a library concept's or vector's name) for a concept
+        (default: its own name) over held-out prompts at each coefficient, with the
+        baselines (no steering, prompting, a random vector of its norms, it negated), as
+        batches, scored by ``reader``: an ``Evaluation`` (``evaluation.evaluate``; docs/evaluation.md).
+        Ctrl-C returns what is finished."""
+        self._check_open()
+        return evaluate(self, vector, concept_name=concept, prompts=prompts, coefs=coefs,
+                        max_new_tokens=max_new_tokens, options=options, seed=seed, progress=progress)
 
     # Other work on the worker ----------------------------------------------------------
 
@@ -453,6 +540,17 @@ class Session:
         self._check_open()
         job = CallJob(lambda _job: fn(self))
         return self._wait(job, wait)
+
+    def interrupt(self) -> None:
+        """End the job running on the worker now as Ctrl-C in the cell waiting for it would,
+        from any thread: a generation within one step (``"interrupted"``), a batch before its
+        next step (finished rows kept), a training after its current example. Queued jobs
+        are not touched; a no-op when nothing runs."""
+        running = self._worker.running
+        if isinstance(running, GenerationHandle):
+            running.stop("interrupted")
+        elif running is not None:
+            running.stop()
 
     def train(self, name: str, positive: Sequence[str], negative: Sequence[str], *,
               layers: Iterable[int] | None = None, method: str = "svd_diff", save: bool = True,
@@ -604,6 +702,28 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _VectorsAndConcepts(Mapping):
+    """``Session.vectors_and_concepts``: the library's names and the concepts' names; a
+    lookup trains a concept on first use (``Session.vector``)."""
+
+    def __init__(self, session: Session):
+        self._session = session
+
+    def __getitem__(self, name: str) -> SteeringVector:
+        if name not in self:
+            raise KeyError(name)
+        return self._session.vector(name)
+
+    def __contains__(self, name: object) -> bool:
+        return is_concept(name) or (isinstance(name, str) and name in self._session.vectors)
+
+    def __iter__(self):
+        return iter(sorted({*self._session.vectors, *concept_library()}))
+
+    def __len__(self) -> int:
+        return len({*self._session.vectors, *concept_library()})
 
 
 def open_library(store: object) -> MutableMapping[str, SteeringVector]:

@@ -123,6 +123,16 @@ class Tokenizer:
         return StreamDecoder(self)
 
 
+def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
+    """The text each token adds, in order (``""`` for a token ending inside a character;
+    the completing token carries it). Their concatenation is the decoded text."""
+    decoder = tokenizer.stream_decoder()
+    pieces = [decoder.feed(t) for t in ids]
+    if pieces:
+        pieces[-1] += decoder.flush()
+    return pieces
+
+
 class StreamDecoder:
     """Turns tokens fed one at a time into text pieces holding only whole characters.
 

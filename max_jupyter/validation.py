@@ -27,9 +27,10 @@ class ModelShape(Protocol):
     def describe(self) -> str: ...
 
 
-MAX_COEF = 1e4
-"""Largest steering coefficient accepted: beyond it the delta swamps the residual stream
-(a coefficient of 1e30 makes every logit 0 or NaN), which is never what was meant."""
+MAX_COEF = 16.0
+"""Largest steering coefficient accepted. A coefficient counts typical residual norms
+(``SteeringVector.deltas``; 0.1 mild, 0.5 clear, 1 strong: docs/vectors.md), so this is
+``engines.residual.MAX_DELTA_RATIO``, the bound on what steering adds at a layer."""
 MAX_TEMPERATURE = 100.0
 """Largest temperature accepted: far above it sampling is uniform noise over the vocabulary."""
 MAX_SEED = 2**63 - 1
@@ -98,8 +99,8 @@ def check_real(name: str, value: Any, *, low: float | None = None, high: float |
 def check_coef(name: str, value: Any) -> float:
     """A steering coefficient: a finite real number with ``|value| <= MAX_COEF``."""
     return check_real(name, value, low=-MAX_COEF, high=MAX_COEF,
-                      fix=f"use a finite number within ±{MAX_COEF:g} (typical: -20..20); a larger "
-                          f"one swamps the residual stream and every logit becomes 0 or NaN")
+                      fix=f"use a finite number within ±{MAX_COEF:g} (it counts typical residual "
+                          f"norms: 0.1 is mild, 0.5 clear, 1 strong)")
 
 
 def check_text(name: str, value: Any) -> str:
@@ -271,23 +272,24 @@ def check_max_seq_len(value: Any, limit: int | None = None) -> int | None:
     return value if limit is None else min(value, limit)
 
 
-def check_device(device: Any) -> torch.device | None:
-    """``None`` or a device torch knows and this machine has (``"cpu"``, ``"cuda"``, ``"cuda:1"``)."""
+def check_device(device: Any, name: str = "device") -> torch.device | None:
+    """``None`` or a device torch knows and this machine has (``"cpu"``, ``"cuda"``, ``"cuda:1"``);
+    ``name``: the argument, as the error names it."""
     if device is None:
         return None
     if not isinstance(device, (str, torch.device)):
-        raise fail("device", device, f"is a {_type_name(device)}", 'pass "cpu", "cuda" or "cuda:N"')
+        raise fail(name, device, f"is a {_type_name(device)}", 'pass "cpu", "cuda" or "cuda:N"')
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise fail("device", device, "is not a device torch knows", 'use "cpu", "cuda" or "cuda:N"') from None
+        raise fail(name, device, "is not a device torch knows", 'use "cpu", "cuda" or "cuda:N"') from None
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (dev.index or 0) >= count:
-            raise fail("device", device, f"is not present (this machine has {count} CUDA device(s))",
+            raise fail(name, device, f"is not present (this machine has {count} CUDA device(s))",
                        'use "cpu" or an existing "cuda:N"')
     elif dev.type not in ("cpu", "mps"):
-        raise fail("device", device, "is not supported", 'use "cpu" or "cuda"')
+        raise fail(name, device, "is not supported", 'use "cpu" or "cuda"')
     return dev
 
 

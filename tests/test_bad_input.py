@@ -68,7 +68,7 @@ class Ctx:
 
 def steered_mix(vector: SteeringVector) -> Mix:
     mix = Mix(vector.model)
-    mix.set("happy", vector, 4.0)
+    mix.set("happy", vector, 1.0)
     return mix
 
 
@@ -227,6 +227,17 @@ CASES = [
          BadArgumentError, r"device='bogus' is not a device torch knows"),
     Case("load-device-absent", lambda c: TransformersEngine.load(device="cuda:7"),
          BadArgumentError, r"device='cuda:7' is not present"),
+    Case("load-devices-absent", lambda c: Session.load(small="same", devices=("cpu", "cuda:7"), store=None),
+         BadArgumentError, r"devices\[1\]='cuda:7' is not present"),
+    Case("load-devices-bogus", lambda c: Session.load(small="same", devices=("gpu", "cpu"), store=None),
+         BadArgumentError, r"devices\[0\]='gpu' is not a device torch knows"),
+    Case("load-devices-not-a-pair", lambda c: Session.load(small="same", devices="cpu", store=None),
+         BadArgumentError, r"devices='cpu' is not a pair"),
+    Case("load-devices-no-small", lambda c: Session.load(devices=("cpu", "cpu"), store=None),
+         BadArgumentError, r"places a small model, but none is loaded"),
+    Case("load-devices-and-device", lambda c: Session.load(small="same", device="cpu", devices=("cpu", "cpu"),
+                                                           store=None),
+         BadArgumentError, r"and device='cpu' are both given"),
     Case("load-dtype-int8", lambda c: TransformersEngine.load(dtype=torch.int8),
          BadArgumentError, r"dtype=torch.int8 is not a supported"),
     Case("load-truncated-gguf", lambda c: TransformersEngine.load(truncated_gguf(c), device="cpu"),
@@ -245,8 +256,8 @@ CASES = [
          BadArgumentError, r"holds '3' \(str\)"),
     Case("vector-nan", lambda c: SteeringVector({3: torch.full((576,), float("nan"))}, c.ident),
          BadArgumentError, "holds NaN or inf"),
-    Case("vector-times-1e30", lambda c: 1e30 * V(c), BadArgumentError,
-         r"coefficient=1e\+30 is out of range.*swamps the residual stream"),
+    Case("vector-times-1e30-twice", lambda c: 1e30 * V(c) * 1e30, BadArgumentError,
+         r"holds NaN or inf"),
     Case("vector-divided-by-zero", lambda c: V(c) / 0, BadArgumentError, r"divisor=0 is zero"),
     Case("vector-select-str", lambda c: V(c).select("10"), BadArgumentError, r"layers='10' is a str"),
     Case("vector-save-missing-folder", lambda c: V(c).save(c.tmp / "nope" / "v.safetensors"),
@@ -383,27 +394,15 @@ CASES = [
     Case("train-method", lambda c: train_vector(E(c), ["a"], ["b"], method="ica"),
          BadArgumentError, r"method='ica' is unknown"),
     # --- huge but finite steering (issue 20, 1): the norm that reaches the residual stream ---
-    Case("vector-1e30", lambda c: SteeringVector({12: torch.full((576,), 1e30)}, c.ident),
-         BadArgumentError, r"vector '' \(at coefficient 1\) at layer 12 has a norm of 2.4e\+31, .* times "
-         r"the layer's typical residual norm .*the bound is 16"),
     Case("vector-1e38", lambda c: SteeringVector({12: torch.full((576,), 1e38)}, c.ident),
          BadArgumentError, r"at layer 12 has a norm of 2.4e\+39, which is not finite in float32"),
-    Case("vector-scaled-twice", lambda c: (V(c) * 1e4) * 1e4,
-         BadArgumentError, r"vector '10000\*happy' \(at coefficient 1\) at layer 10 has a norm"),
-    Case("vector-scaled-in-steps", lambda c: V(c) * 9 * 9,
-         BadArgumentError, r"vector '9\*9\*happy'.*lower the coefficient or rescale"),
-    Case("vector-sum-over-bound", lambda c: V(c) * 40 + V(c) * 40,
-         BadArgumentError, r"vector '\(40\*happy \+ 40\*happy\)' .*the bound is 16"),
-    Case("vector-just-over-bound", lambda c: SteeringVector({10: over_bound(c)}, c.ident),
-         BadArgumentError, r"at layer 10 has a norm of .*, 24 times the layer's typical"),
     Case("mix-set-over-bound", lambda c: c.mix.set("loud", V(c), 100.0),
-         BadArgumentError, r"vector '100\*happy'.*at layer 10"),
-    Case("mix-set-coef-over-bound", lambda c: c.mix.set_coef("happy", 100.0),
-         BadArgumentError, r"vector '100\*happy'"),
-    Case("mix-update-total-over-bound", lambda c: c.mix.update({"loud": (V(c), 70.0)}),
-         BadArgumentError, r"vector '\(4\*happy \+ 70\*happy\)' .* at layer 15"),
-    Case("mix-of-a-scaled-vector", lambda c: Mix.of(V(c) * 1e4),
-         BadArgumentError, r"vector '10000\*happy'"),
+         BadArgumentError, r"coef for 'loud'=100.0 is out of range; use a finite number within ±16"),
+    Case("mix-set-coef-over-bound", lambda c: c.mix.set_coef("happy", 16.5),
+         BadArgumentError, r"coef for 'happy'=16.5 is out of range"),
+    Case("mix-update-total-over-bound", lambda c: c.mix.update({"loud": (V(c), 16.0, [15])}),
+         BadArgumentError, r"the mix \(happy \+1, loud \+16\) adds 16.5 typical residual norms at "
+         r"layer 15 \(the bound is 16\); lower the coefficients"),
     Case("forward-delta-over-bound", lambda c: E(c).forward([1], {10: over_bound(c)}),
          BadArgumentError, r"deltas at layer 10 has a norm of .*, 24 times the layer's typical"),
     Case("forward-delta-1e30", lambda c: E(c).forward([1], {3: torch.full((576,), 1e30)}),
@@ -485,7 +484,7 @@ def test_refused_before_compute(case: Case, ctx: Ctx, reference: list[int]):
     assert "\n" not in str(info.value.args[0]), "the message is written as one line"
     assert engine.forward_calls == calls, "no forward pass ran"
     assert engine.seq_len == seq_len, "the cache is as it was"
-    assert ctx.mix.version == version and ctx.mix.entries["happy"].coef == 4.0
+    assert ctx.mix.version == version and ctx.mix.entries["happy"].coef == 1.0
     assert check_generation(engine, ctx.mix) == reference
 
 

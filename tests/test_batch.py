@@ -97,7 +97,7 @@ def test_batch_and_single_caches_are_separate(engine):
     engine.prefill(ids)
     expected = engine.step(11).logits.clone()
     engine.rewind(1)
-    batch = engine.prefill_batch([ids, ids[:2]])
+    batch = engine.prefill_batch([ids, ids[:2]], reserve=1)
     engine.step_batch({0: 11, 1: 11})
     torch.testing.assert_close(engine.step(11).logits, expected, rtol=0, atol=TOL)
     assert engine.seq_len == len(ids) + 1 and engine.batch_lengths == {0: len(ids) + 1, 1: 3}
@@ -108,7 +108,7 @@ def test_batch_and_single_caches_are_separate(engine):
 @pytest.mark.slow
 def test_an_interrupted_step_leaves_the_batch_cache(engine):
     prompts = [engine.tokenizer.encode(p, True) for p in PROMPTS[:2]]
-    engine.prefill_batch(prompts)
+    engine.prefill_batch(prompts, reserve=1)
     lengths = engine.batch_lengths
 
     def interrupt(*_):
@@ -167,14 +167,15 @@ def bad_step_calls(engine):
         ("delta-width", lambda: engine.step_batch({0: 1, 1: 1}, {1: {2: torch.zeros(h + 1)}}), BadArgumentError,
          f"not \\[{h}\\]"),
         ("drop-dead-row", lambda: engine.drop_rows([7]), BadArgumentError, "not live rows"),
+
     ]
 
 
 @pytest.mark.slow
 def test_bad_batch_input_is_refused_before_compute(engine):
-    engine.prefill_batch([[1, 2, 3], [4, 5]])
+    engine.prefill_batch([[1, 2, 3], [4, 5]], reserve=1)
     expected = engine.step_batch({0: 6, 1: 6})
-    engine.prefill_batch([[1, 2, 3], [4, 5]])
+    engine.prefill_batch([[1, 2, 3], [4, 5]], reserve=1)
     for name, call, error, fragment in bad_batch_calls(engine) + bad_step_calls(engine):
         calls, lengths = engine.forward_calls, engine.batch_lengths
         with pytest.raises(error, match=fragment) as info:
@@ -184,6 +185,10 @@ def test_bad_batch_input_is_refused_before_compute(engine):
     after = engine.step_batch({0: 6, 1: 6})
     for r in (0, 1):
         torch.testing.assert_close(after[r].logits, expected[r].logits, rtol=0, atol=1e-6)
+    calls = engine.forward_calls
+    with pytest.raises(ContextOverflowError, match="row 0 holds 4 positions, all its prefill_batch reserved"):
+        engine.step_batch({0: 7, 1: 7})  # past the reserved room
+    assert engine.forward_calls == calls and engine.batch_lengths == {0: 4, 1: 3}
     engine.reset_batch()
 
 
@@ -201,13 +206,14 @@ def test_greedy_rows_equal_their_generate_runs(session):
     steering = row_steering(session)
     options = [GenerationOptions(max_new_tokens=n, stop=stop)
                for n, stop in [(20, ()), (30, ()), (12, ()), (25, ("e",))]]
-    trace = TraceConfig(big_layers=(8,), top_k=5)
+    trace = TraceConfig(big_layers=(8,), top_k=5, prompt=True)
     batch = session.generate_batch(PROMPTS, steering, options, progress=False, trace=trace)
     for prompt, steer, o, b in zip(PROMPTS, steering, options, batch):
         a = session.generate(prompt, o, steering=steer, trace=trace)
         assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
         assert b.big_topk.ids.tolist() == a.big_topk.ids.tolist()
         torch.testing.assert_close(b.big_hidden[8], a.big_hidden[8], rtol=0, atol=TOL)
+        torch.testing.assert_close(b.prompt_hidden[8], a.prompt_hidden[8], rtol=0, atol=TOL)
         assert b.steered.tolist() == a.steered.tolist()
         for layer in a.deltas:
             assert torch.equal(b.deltas[layer], a.deltas[layer])

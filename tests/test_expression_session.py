@@ -23,31 +23,31 @@ def s(engine, vector):
 def test_response_phase_leaves_prompt_positions_untouched(s):
     trace = TraceConfig(big_layers=(15,), prompt=True)
     plain = s.generate(PROMPT, max_new_tokens=6, ignore_eos=True, trace=trace)
-    reply = s.generate(PROMPT, max_new_tokens=6, ignore_eos=True, trace=trace, steering="4 happy @response")
-    whole = s.generate(PROMPT, max_new_tokens=6, ignore_eos=True, trace=trace, steering="4 happy")
+    reply = s.generate(PROMPT, max_new_tokens=6, ignore_eos=True, trace=trace, steering="1 happy @response")
+    whole = s.generate(PROMPT, max_new_tokens=6, ignore_eos=True, trace=trace, steering="1 happy")
     assert torch.equal(reply.prompt_hidden[15], plain.prompt_hidden[15])  # every prompt position
     assert not torch.allclose(whole.prompt_hidden[15], plain.prompt_hidden[15])  # (it would move them)
     assert reply.steps[0].interventions == {} and not reply.steps[0].steered
     assert all(step.interventions == {10: "add", 15: "add"} for step in reply.steps[1:])
-    prompt_only = s.generate(PROMPT, max_new_tokens=4, ignore_eos=True, steering="4 happy @prompt")
+    prompt_only = s.generate(PROMPT, max_new_tokens=4, ignore_eos=True, steering="1 happy @prompt")
     assert [bool(step.interventions) for step in prompt_only.steps] == [True, False, False, False]
 
 
 def test_first_window_steers_exactly_steps_0_to_3(s, engine, vector):
-    r = s.generate(PROMPT, max_new_tokens=8, ignore_eos=True, steering="6 happy @first:4")
+    r = s.generate(PROMPT, max_new_tokens=8, ignore_eos=True, steering="1.5 happy @first:4")
     assert [bool(step.interventions) for step in r.steps] == [True] * 4 + [False] * 4
-    deltas = (6 * vector).deltas(device=engine.device, dtype=engine.dtype)
+    deltas = vector.deltas(1.5, engine.residual_norms, engine.device, engine.dtype)
     tokens = [int(engine.prefill(r.prompt_ids, deltas).logits.argmax())]  # the same loop by hand
     for step in range(1, 8):
         tokens.append(int(engine.step(tokens[-1], deltas if step < 4 else None).logits.argmax()))
     assert r.token_ids == tokens
-    later = s.generate(PROMPT, max_new_tokens=5, ignore_eos=True, steering="6 happy @after:3")
+    later = s.generate(PROMPT, max_new_tokens=5, ignore_eos=True, steering="1.5 happy @after:3")
     assert [bool(step.interventions) for step in later.steps] == [False] * 3 + [True] * 2
 
 
 def test_ablation_in_a_generation_removes_the_direction_everywhere(s, vector):
     unit = vector.directions[15] / vector.directions[15].norm()
-    r = s.generate(PROMPT, max_new_tokens=5, ignore_eos=True, steering="!happy@15 + 2 happy@10",
+    r = s.generate(PROMPT, max_new_tokens=5, ignore_eos=True, steering="!happy@15 + 0.5 happy@10",
                    trace=TraceConfig(big_layers=(15,), prompt=True))
     for rows in (r.prompt_hidden[15], r.big_hidden[15]):
         assert ((rows @ unit).abs() / rows.norm(dim=-1)).max() <= 1e-3
@@ -82,17 +82,17 @@ def test_a_gate_fires_as_its_probe_crosses_the_threshold(engine, small, vector):
     session = Session(engine, small, vectors={"happy": vector})
     try:
         probe = "@when:happy>1e+09"
-        never = session.generate(PROMPT, max_new_tokens=12, ignore_eos=True, steering="4 happy @when:happy>1e9")
+        never = session.generate(PROMPT, max_new_tokens=12, ignore_eos=True, steering="1 happy @when:happy>1e9")
         scores = [step.scores[probe] for step in never.steps]
         assert not any(step.steered for step in never.steps)
         x = sorted(scores)[len(scores) // 2]
-        r = session.generate(PROMPT, max_new_tokens=12, ignore_eos=True, steering=f"4 happy @when:happy>{x:.6g}")
+        r = session.generate(PROMPT, max_new_tokens=12, ignore_eos=True, steering=f"1 happy @when:happy>{x:.6g}")
         name = next(iter(r.steps[0].scores))
         fired = [bool(step.mixes_on) for step in r.steps]
         assert fired == [step.scores[name] > float(f"{x:.6g}") for step in r.steps]  # per step, as it crosses
         assert fired == [step.interventions == {10: "add", 15: "add"} for step in r.steps]
         assert any(fired) and not all(fired)
-        assert all(step.mixes_on in ((), (f"when:4*happy {name}",)) for step in r.steps)
+        assert all(step.mixes_on in ((), (f"when:1*happy {name}",)) for step in r.steps)
     finally:
         session.close()
 

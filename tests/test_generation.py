@@ -86,7 +86,7 @@ def test_steered_generation_uses_the_mix_and_changes_between_steps(engine):
     mix.set_coef("v", 0.8)
     g2 = generate(engine, PROMPT, max_new_tokens=8, ignore_eos=True, steering=mix, on_text=slider)
     assert g2.token_ids[:3] == g.token_ids[:3]
-    steered = (0.8 * v).deltas(dtype=engine.dtype)
+    steered = v.deltas(0.8, engine.residual_norms, dtype=engine.dtype)
     engine.prefill(ids, steered)
     for t in g2.token_ids[:2]:
         engine.step(t, steered)

@@ -202,8 +202,33 @@ def test_a_live_mix_update_lands_whole_at_a_step_boundary(session):
     b = SteeringVector({2: big.direction(9, 3.0)}, big.identity, "b")
     h = running(session.start(PROMPT, max_new_tokens=60, ignore_eos=True), steps=2)
     for i in range(20):
-        session.mix.update({"a": (a, 1.0 + i), "b": (b, 1.0 + i)})
+        session.mix.update({"a": (a, 0.1 * (1 + i)), "b": (b, 0.1 * (1 + i))})
         time.sleep(0.001)
     r = h.result(30)
     mixes = [record.live_coefs for record in r.steps]
     assert all(m == {} or m["a"] == m["b"] for m in mixes) and mixes[0] == {} and mixes[-1]
+
+
+def test_interrupt_ends_the_running_job_as_ctrl_c_would(session):
+    """``Session.interrupt()`` from another thread: a generation ends within a step as
+    ``"interrupted"``, a batch before its next step with its rows marked; a no-op when
+    nothing runs, and queued jobs are not touched."""
+    session.interrupt()  # nothing runs: nothing happens
+    h = running(session.start(PROMPT, max_new_tokens=LONG, ignore_eos=True), steps=3)
+    queued = session.start(PROMPT, max_new_tokens=3)
+    session.interrupt()
+    r = h.result(30)
+    assert r.finish_reason == "interrupted" and 3 <= len(r.steps) < LONG
+    assert queued.result(30).finish_reason == "length"
+    batch: list = []
+    worker = threading.Thread(target=lambda: batch.extend(session.generate_batch(
+        [PROMPT, "Hi"], max_new_tokens=LONG, ignore_eos=True, progress=False)))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while not session.busy and time.monotonic() < deadline:
+        time.sleep(0.002)
+    time.sleep(0.05)
+    session.interrupt()
+    worker.join(30)
+    assert [row.finish_reason for row in batch] == ["interrupted", "interrupted"]
+    assert all(len(row.token_ids) < LONG for row in batch) and not session.busy

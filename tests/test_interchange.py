@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from max_jupyter.engines.base import ModelIdentity
 from max_jupyter.errors import BadArgumentError, CorruptFileError, ModelMismatchError
 from max_jupyter.models import embedded_gguf_path
-from max_jupyter.steering import SteeringVector, export_vector, import_vector
+from max_jupyter.steering import Mix, SteeringVector, export_vector, import_vector
 from max_jupyter.steering.interchange import hint_for
 from repeng_support import hf_copy, repeng  # noqa: F401  (fixtures)
 
@@ -170,7 +170,8 @@ def test_repeng_gguf_loads_and_steers_identically(engine, repeng, hf_copy, tmp_p
             wrapped.set_control(trained, coef)
             with torch.inference_mode():
                 theirs = wrapped(torch.tensor([ids])).logits[0, -1]
-            deltas = (coef * ours).deltas(device=engine.device, dtype=engine.dtype)
+            # repeng's coefficient r is ours r * push (docs/vectors.md)
+            deltas = Mix.of(ours, coef * ours.push(engine.residual_norms)).deltas(engine)
             mine = engine.prefill(ids, deltas).logits
             torch.testing.assert_close(mine, theirs, atol=2e-4, rtol=1e-4)
         assert not torch.allclose(theirs, engine.prefill(ids).logits, atol=1e-2)  # it did steer

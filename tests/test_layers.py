@@ -13,10 +13,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "max_jupyter"
 
 LAYERS: list[tuple[str, ...]] = [
     ("max_jupyter", "quickstart", "testing"),  # the package's front door and tools
+    ("pool",),                    # Sessions on Ray actors: pools the Session's jobs, the sweep's too
     ("jupyter",),                 # magics, widgets, display; may start a server
     ("server",),                  # the HTTP API
-    ("evaluation",),              # measures of generated text (above the Session it will score)
     ("session",),
+    ("evaluation",),              # measures of generated text; Session.evaluate (it takes the Session as an argument)
     ("handle", "worker", "loading"),
     ("orchestrator",),
     ("steering",),

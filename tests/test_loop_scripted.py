@@ -10,6 +10,7 @@ from itertools import pairwise
 import pytest
 import torch
 
+from max_jupyter.engines import residual
 from max_jupyter.orchestrator import CognitiveOrchestrator, FunctionJudge, ProbeJudge, TraceConfig
 from max_jupyter.orchestrator.judges import JudgeError
 from max_jupyter.steering import Mix, SteeringVector
@@ -43,18 +44,29 @@ def no_hooks(big, small, other):
         engine.before_forward = None
 
 
-def toward(engine: ScriptedEngine, token: int, norm: float = 100.0) -> SteeringVector:
-    """A vector at ``LAYER`` that makes ``token`` the greedy choice wherever it is added."""
-    return SteeringVector({LAYER: engine.direction(token, norm)}, engine.identity, f"to{token}")
+def toward(engine: ScriptedEngine, token: int) -> SteeringVector:
+    """A vector at ``LAYER`` along ``token``'s head row."""
+    return SteeringVector({LAYER: engine.direction(token)}, engine.identity, f"to{token}")
+
+
+def push(engine: ScriptedEngine, norm: float = 100.0) -> float:
+    """The coefficient that adds a delta of length ``norm`` at ``LAYER`` (one layer: the
+    coefficient times the layer's typical residual norm)."""
+    return norm / residual.measure(engine)[LAYER]
+
+
+def pushing(engine: ScriptedEngine, token: int, norm: float = 100.0) -> Mix:
+    """A mix that makes ``token`` the greedy choice wherever it is added."""
+    return Mix.of(toward(engine, token), push(engine, norm))
 
 
 def greedy(engine: ScriptedEngine, ids: list[int], n: int, steer_at=lambda step: None,
            steer_prompt: bool = True) -> list[int]:
-    """``n`` greedy tokens by hand: step ``t``'s forward gets ``steer_at(t)`` (a vector or
-    None) as its deltas; the prompt's prefill is step 0's forward."""
+    """``n`` greedy tokens by hand: step ``t``'s forward gets ``steer_at(t)``'s deltas (a
+    mix, or None); the prompt's prefill is step 0's forward."""
     def deltas(step):
-        vector = steer_at(step)
-        return None if vector is None else {l: d for l, d in vector.directions.items()}
+        mix = steer_at(step)
+        return None if mix is None else mix.deltas(engine)
     out = engine.prefill(ids, deltas(0) if steer_prompt else None)
     tokens = []
     for step in range(n):
@@ -75,11 +87,11 @@ def test_plain_greedy_equals_the_hand_loop(big):
 @pytest.mark.parametrize("steer_prompt", [True, False])
 def test_a_mix_steers_every_step_and_the_prompt_if_asked(big, steer_prompt):
     target = big.tokenizer.encode(" the")[0]
-    vector = toward(big, target)
-    result = CognitiveOrchestrator(big, steering=vector).generate(PROMPT, max_new_tokens=8,
-                                                             steer_prompt=steer_prompt)
+    mix = pushing(big, target)
+    result = CognitiveOrchestrator(big, steering=mix).generate(PROMPT, max_new_tokens=8,
+                                                          steer_prompt=steer_prompt)
     ids = big.tokenizer.chat(PROMPT)
-    assert result.token_ids == greedy(big, ids, 8, lambda step: vector, steer_prompt)
+    assert result.token_ids == greedy(big, ids, 8, lambda step: mix, steer_prompt)
     unsteered = greedy(big, ids, 1)[0]
     assert unsteered != target
     assert result.token_ids[0] == (target if steer_prompt else unsteered)
@@ -93,12 +105,12 @@ def test_a_live_mix_change_lands_at_the_next_step(big):
 
     def on_event(event):
         if event.record is not None and event.record.step == 4:
-            live.set("push", toward(big, target), 1.0)
+            live.set("push", toward(big, target), push(big))
 
     result = CognitiveOrchestrator(big, steering=live).generate(PROMPT, max_new_tokens=10, on_event=on_event)
-    expected = greedy(big, result.prompt_ids, 10, lambda step: toward(big, target) if step >= 5 else None)
+    expected = greedy(big, result.prompt_ids, 10, lambda step: pushing(big, target) if step >= 5 else None)
     assert result.token_ids == expected and expected[5:] == [target] * 5
-    assert [r.live_coefs for r in result.steps] == [{}] * 5 + [{"push": 1.0}] * 5
+    assert [r.live_coefs for r in result.steps] == [{}] * 5 + [{"push": push(big)}] * 5
     assert [r.steered for r in result.steps] == [False] * 5 + [True] * 5
 
 
@@ -106,10 +118,10 @@ def test_pre_step_judges_steer_the_steps_they_turn_on(big):
     target = big.tokenizer.encode(" do")[0]
     on = {2, 3, 7}  # (a steered prompt would favour the target later too, through the cache)
     judge = FunctionJudge(lambda ctx: ctx.step in on, mix="push", name="steps")
-    result = CognitiveOrchestrator(big, judges=judge, mixes={"push": toward(big, target)}
+    result = CognitiveOrchestrator(big, judges=judge, mixes={"push": pushing(big, target)}
                                    ).generate(PROMPT, max_new_tokens=10)
     assert result.token_ids == greedy(big, result.prompt_ids, 10,
-                                      lambda step: toward(big, target) if step in on else None)
+                                      lambda step: pushing(big, target) if step in on else None)
     assert [r.mixes_on for r in result.steps] == [("push",) if t in on else () for t in range(10)]
     assert [t for t, token in enumerate(result.token_ids) if token == target] == sorted(on)
     assert not any(r.rerun for r in result.steps)
@@ -128,8 +140,8 @@ def test_post_step_judges_re_run_the_step_steered(big):
 
     result = CognitiveOrchestrator(
         big, judges=FunctionJudge(judge, post_step=True, mix="push", name="late"),
-        mixes={"push": toward(big, target)}).generate(PROMPT, max_new_tokens=9)
-    steer_at = lambda step: toward(big, target) if step in fired else None  # noqa: E731
+        mixes={"push": pushing(big, target)}).generate(PROMPT, max_new_tokens=9)
+    steer_at = lambda step: pushing(big, target) if step in fired else None  # noqa: E731
     expected = greedy(big, result.prompt_ids, 9, steer_at)
     assert result.token_ids == expected
     assert [r.rerun for r in result.steps] == [t in fired for t in range(9)]
@@ -148,7 +160,7 @@ def test_a_post_step_judge_seeing_its_mix_on_does_not_re_run(big):
     target = big.tokenizer.encode(" la")[0]
     judges = [FunctionJudge(lambda ctx: ctx.step >= 2, mix="push", name="early"),
               FunctionJudge(lambda ctx: True, post_step=True, mix="push", name="late")]
-    result = CognitiveOrchestrator(big, judges=judges, mixes={"push": toward(big, target)}
+    result = CognitiveOrchestrator(big, judges=judges, mixes={"push": pushing(big, target)}
                                    ).generate(PROMPT, max_new_tokens=6)
     assert [r.rerun for r in result.steps] == [True, True, False, False, False, False]
     assert result.token_ids == [target] * 6
@@ -160,12 +172,12 @@ def test_a_probe_judge_switches_by_its_score_with_hysteresis_and_cooldown(big, s
     each switch for ``cooldown`` more steps."""
     unit = torch.nn.functional.normalize(torch.randn(16, generator=torch.Generator().manual_seed(5)), dim=0)
     probe = SteeringVector({1: unit * 3.0}, small.identity, "probe")
-    push = {"push": toward(big, big.tokenizer.encode(" the")[0], 2.0)}
+    mixes = {"push": pushing(big, big.tokenizer.encode(" the")[0], 2.0)}
     trace = TraceConfig(small_layers=(1,))
     free = CognitiveOrchestrator(big, small).generate(PROMPT, max_new_tokens=40, trace=trace)
     threshold, hysteresis, cooldown = float((free.small_hidden[1] @ unit).median()), 0.5, 2
     judge = ProbeJudge(probe, threshold=threshold, hysteresis=hysteresis, cooldown=cooldown, mix="push")
-    result = CognitiveOrchestrator(big, small, judges=judge, mixes=push).generate(
+    result = CognitiveOrchestrator(big, small, judges=judge, mixes=mixes).generate(
         PROMPT, max_new_tokens=40, trace=trace)
     scores = result.scores[judge.name]
     torch.testing.assert_close(scores, result.small_hidden[1] @ unit)
@@ -261,7 +273,7 @@ def test_a_failing_judge_raises_with_the_partial_result(big):
 
     with pytest.raises(JudgeError, match="judge 'opinions' failed at step 3: ValueError: no opinion") as e:
         CognitiveOrchestrator(big, judges=FunctionJudge(judge, name="opinions"),
-                              mixes={"default": toward(big, 5)}).generate(PROMPT, max_new_tokens=9)
+                              mixes={"default": pushing(big, 5)}).generate(PROMPT, max_new_tokens=9)
     assert e.value.result.finish_reason == "error" and len(e.value.result.token_ids) == 3
     assert CognitiveOrchestrator(big).generate(PROMPT, max_new_tokens=9).token_ids \
         == greedy(big, big.tokenizer.chat(PROMPT), 9)
@@ -274,7 +286,7 @@ def test_overlap_gives_the_same_tokens_and_counts_its_misses(big, small):
     target = big.tokenizer.encode(" the")[0]
     on = {3, 4, 7}
     args = dict(judges=FunctionJudge(lambda ctx: ctx.step in on, mix="push", name="steps"),
-                mixes={"push": toward(big, target)})
+                mixes={"push": pushing(big, target)})
     plain = CognitiveOrchestrator(big, small, **args)
     assert not plain.overlap  # by default only where the big engine launches asynchronously
     plain = plain.generate(PROMPT, max_new_tokens=10)

@@ -455,9 +455,9 @@ def test_judges(shell, session, capsys):
 # ---------------------------------------------------------------- %max_sweep
 
 def test_sweep_line_and_cell(shell, session):
-    sweep = run(shell, '%max_sweep happy@12-15 --coefs 0:8:8 -n 6 -v sw --prompt "Describe the sea."')
+    sweep = run(shell, '%max_sweep happy@12-15 --coefs 0:4:4 -n 6 -v sw --prompt "Describe the sea."')
     assert isinstance(sweep, Sweep) and shell.user_ns["sw"] is sweep
-    assert sweep.coefs == [0.0, 8.0] and sweep.spec == "happy@12,13,14,15"
+    assert sweep.coefs == [0.0, 4.0] and sweep.spec == "happy@12,13,14,15"
     plain = run(shell, "%%max_generate -n 6 --judge none\nDescribe the sea.")
     assert sweep.rows[0].result.token_ids == plain.token_ids
     ppl = sweep.perplexities
@@ -467,7 +467,7 @@ def test_sweep_line_and_cell(shell, session):
     assert html.count("<tr>") == 3 and f"{float(ppl[0]):.2f}" in html
     fig = sweep.plot()
     xs, ys = fig.axes[0].get_lines()[0].get_data()
-    assert list(xs) == [0.0, 8.0] and list(ys) == pytest.approx(ppl.tolist())
+    assert list(xs) == [0.0, 4.0] and list(ys) == pytest.approx(ppl.tolist())
     cell = run(shell, "%%max_sweep happy --coefs -1,1 -n 2\nDescribe the sea.")
     assert cell.coefs == [-1.0, 1.0] and cell.prompt == "Describe the sea."
 
@@ -666,7 +666,7 @@ def test_refused_judge_leaves_no_mix_behind(shell, session, capsys):
 
 # ---------------------------------------------------------------- one expression, every path
 
-EXPRESSION = "3 happy @response; !happy@12 @first:6; 2 happy @when:happy>0.5"
+EXPRESSION = "0.8 happy @response; !happy@12 @first:6; 0.5 happy @when:happy>0.5"
 
 
 def test_one_expression_gives_the_same_tokens_through_python_the_magic_the_mixer_and_http(shell, session):
@@ -690,11 +690,11 @@ def test_one_expression_gives_the_same_tokens_through_python_the_magic_the_mixer
     try:
         mixer.expression.value = EXPRESSION
         assert mixer.expression_error.value == ""
-        assert session.expression() == "3*happy @response; !happy@12 @first:6; 2*happy @when:happy>0.5"
+        assert session.expression() == "0.8*happy @response; !happy@12 @first:6; 0.5*happy @when:happy>0.5"
         mixed = session.generate(messages, max_new_tokens=10, temperature=0)
-        mixer.expression.value = "3 happy + sad"
+        mixer.expression.value = "0.8 happy + sad"
         assert "unknown vector &#x27;sad&#x27;" in mixer.expression_error.value
-        assert "at column 11" in mixer.expression_error.value
+        assert "at column 13" in mixer.expression_error.value
         mixer.expression.value = ""
         assert len(session.mix) == 0 and not session.judges
     finally:
@@ -708,9 +708,9 @@ def test_one_expression_gives_the_same_tokens_through_python_the_magic_the_mixer
                                                temperature=0, extra_body={"steering": EXPRESSION})
         assert session.last.token_ids == python.token_ids
         assert reply.choices[0].message.content == python.text
-        with pytest.raises(openai.BadRequestError, match="column 11"):
+        with pytest.raises(openai.BadRequestError, match="column 13"):
             client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=messages, max_tokens=4,
-                                           extra_body={"steering": "3 happy + sad"})
+                                           extra_body={"steering": "0.8 happy + sad"})
     finally:
         server.stop()
 

@@ -46,7 +46,7 @@ def images(outputs: list[dict]) -> int:
 
 def test_every_notebook_is_checked():
     assert {p.stem for p in NOTEBOOKS} == {"quickstart", "vectors", "judge_and_steer",
-                                           "interpretability", "sweep"}
+                                           "interpretability", "sweep", "evaluate"}
 
 
 def test_quickstart():
@@ -98,3 +98,17 @@ def test_sweep():
     assert images(out["check-plot"]) == 1
     ppl = text(out["check-ppl"])
     assert all(f"{c}:" in ppl for c in ("-0.8", "-0.4", "0.0", "0.4", "0.8"))
+
+
+def test_evaluate():
+    out = execute("evaluate")
+    concepts = text(out["check-concepts"])
+    assert concepts.count(" pairs, ") == 12 and "joy" in concepts and "french" in concepts
+    assert re.match(r"GenerationResult\(\d+ tokens · ", result_summary(out["check-steered"]))
+    assert text(out["check-readings"]).startswith("probe readings: True")
+    (table,) = [o for o in out["check-eval"] if o.output_type == "execute_result"]
+    assert "prompting" in table.data["text/html"] and "probe held-out AUROC" in table.data["text/html"]
+    assert images(out["check-plot"]) == 1
+    summary = text(out["check-summary"])
+    assert re.search(r"chosen coefficient: (0\.35|1\.0)", summary), summary
+    assert all(f"{c}_harmonic" in summary for c in ("steered", "prompting", "none", "random", "flipped"))

@@ -44,7 +44,7 @@ def big(engine):
 @pytest.fixture()
 def ctrl(big, vector) -> Mix:
     c = Mix(big.identity)
-    c.set("happy", vector, 1.5)
+    c.set("happy", vector, 0.6)
     return c
 
 
@@ -90,7 +90,7 @@ def test_always_equals_steered_throughout(big, ctrl, baseline, steer_prompt):
 
 
 def test_post_step_rerun_keeps_both_and_matches_fresh_forward(big, small, ctrl, baseline):
-    ctrl.set_coef("happy", 6.0)
+    ctrl.set_coef("happy", 2.5)
     at = 3
     judge = FunctionJudge(lambda ctx: ctx.step == at, post_step=True, name="at3")
     r = CognitiveOrchestrator(big, small, judge, mixes=ctrl).generate(
@@ -130,16 +130,16 @@ def test_divergence_judges(big, small, ctrl):
 
 
 def test_judges_compose_over_named_mixes(big, ctrl, vector):
-    calm = -0.5 * vector.select([15])  # a fixed vector is a mix too
+    calm = Mix.of(vector.select([15]), -0.5)  # a fixed vector is a mix too
     even = FunctionJudge(lambda ctx: ctx.step % 2 == 0, mix="calm", name="even")
     r = CognitiveOrchestrator(big, None, [Always("happy"), even],
                               mixes={"happy": ctrl, "calm": calm}).generate(PROMPT, max_new_tokens=6)
     assert [s.mixes_on for s in r.steps] == [("calm", "happy") if t % 2 == 0 else ("happy",)
                                              for t in range(len(r.steps))]
+    happy, calm15 = ctrl.deltas(big), calm.deltas(big)[15]
     for t in range(len(r.steps)):
-        want15 = (1.5 - 0.5 * (t % 2 == 0)) * vector.directions[15]
-        torch.testing.assert_close(r.deltas[15][t], want15)
-        torch.testing.assert_close(r.deltas[10][t], 1.5 * vector.directions[10])
+        torch.testing.assert_close(r.deltas[15][t], happy[15] + calm15 * (t % 2 == 0))
+        torch.testing.assert_close(r.deltas[10][t], happy[10])
 
 
 # ---------------------------------------------------------------- ProbeJudge
@@ -253,12 +253,13 @@ def test_mix_change_applies_at_next_step(big, ctrl, vector):
 
     def on_event(ev):
         if ev.record is not None and ev.record.step == 3:
-            ctrl.set_coef("happy", -1.0)
+            ctrl.set_coef("happy", -0.4)
 
     r = o.generate(PROMPT, max_new_tokens=8, on_event=on_event)
-    coefs = [1.5] * 4 + [-1.0] * (len(r.steps) - 4)
+    coefs = [0.6] * 4 + [-0.4] * (len(r.steps) - 4)
+    one = vector.deltas(1.0, big.residual_norms)  # what coefficient 1 adds
     for layer in LAYERS:
-        want = torch.stack([c * vector.directions[layer] for c in coefs])  # [steps, hidden]
+        want = torch.stack([c * one[layer] for c in coefs])  # [steps, hidden]
         torch.testing.assert_close(r.deltas[layer], want)
 
 
@@ -279,7 +280,8 @@ def test_mix_change_from_another_thread_is_race_free(big, ctrl, vector):
     finally:
         stop.set()
         thread.join()
-    d10, d15 = vector.directions[10], vector.directions[15]
+    one = vector.deltas(1.0, big.residual_norms)  # what coefficient 1 adds
+    d10, d15 = one[10], one[15]
     for row10, row15 in zip(r.deltas[10], r.deltas[15]):
         coef = round(float(row10 @ d10 / (d10 @ d10)))
         assert coef in range(5)

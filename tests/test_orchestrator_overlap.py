@@ -20,7 +20,7 @@ TRACE = TraceConfig(big_layers=(15,), small_layers=(1,), top_k=5, full_logits=Tr
 @pytest.fixture()
 def ctrl(engine, vector) -> Mix:
     c = Mix(engine.identity)
-    c.set("happy", vector, 4.0)
+    c.set("happy", vector, 1.5)
     return c
 
 
@@ -98,11 +98,11 @@ def test_never_text_mirror_and_stop_string_overlap_equals_sequential(engine, tin
 def test_mix_change_and_interrupt_with_overlap(engine, small, ctrl):
     def change_at_3(ev):
         if ev.record is not None and ev.record.step == 3:
-            ctrl.set_coef("happy", -2.0)  # after step 4's forward was issued ahead
+            ctrl.set_coef("happy", -1.0)  # after step 4's forward was issued ahead
 
     results = []
     for overlap in (False, True):
-        ctrl.set_coef("happy", 4.0)
+        ctrl.set_coef("happy", 1.5)
         o = CognitiveOrchestrator(engine, small, Always(), ctrl, overlap=overlap)
         results.append(o.generate(PROMPT, max_new_tokens=8, on_event=change_at_3, trace=TRACE))
     assert_same(*results)

@@ -18,7 +18,7 @@ from max_jupyter import pair
 from max_jupyter.orchestrator import CognitiveOrchestrator, ProbeJudge, TraceConfig
 from max_jupyter.session import Session
 from max_jupyter.steering.mix import Mix
-from max_jupyter.steering.training import train_vector
+from max_jupyter.steering.training import read_reply_states, train_vector
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]  # the real pair: minutes of CPU (make test-fast leaves it out)
 
@@ -123,9 +123,7 @@ def reply_scores(small, texts: list[str], unit: torch.Tensor) -> torch.Tensor:
     """Per text, with it as the reply to a chat prompt: the mean over its tokens of the
     small model's residual at ``PROBE_LAYER`` projected on ``unit`` (what the judge scores
     at each step)."""
-    head = small.tokenizer.chat("Write one sentence.")
-    return torch.stack([small.prefill(head + small.tokenizer.encode(t), capture=[PROBE_LAYER])
-                        .hidden[PROBE_LAYER][len(head):].float().mean(0) @ unit for t in texts])
+    return read_reply_states(small, texts, [PROBE_LAYER])[:, 0] @ unit
 
 
 def test_a_small_models_probe_judges_the_big_models_text(session):

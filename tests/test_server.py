@@ -38,7 +38,7 @@ SESSIONS = [pytest.param("scripted"), pytest.param("embedded", marks=pytest.mark
 def session(request):
     s = scripted_session() if request.param == "scripted" else Session.load(store=None, progress=False)
     happy = s.train("happy", *HAPPY, layers=(10, 15), method="mean_diff", progress=False)
-    s.mixes["cheer"] = Mix.of(happy, 4.0)
+    s.mixes["cheer"] = Mix.of(happy, 1.5)
     yield s
     s.close()
 
@@ -145,10 +145,10 @@ def test_completions_text_prompt_with_stop(session, client):
 def test_extra_body_steering_equals_in_process(session, client):
     messages = chat("Describe your morning.")
     plain = session.generate(messages, max_new_tokens=16)
-    steered = session.generate(messages, max_new_tokens=16, steering={"happy": 6.0})
+    steered = session.generate(messages, max_new_tokens=16, steering={"happy": 2.0})
     assert steered.token_ids != plain.token_ids  # the vector matters at this strength
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16,
-                                       temperature=0, extra_body={"steering": {"happy": 6.0}})
+                                       temperature=0, extra_body={"steering": {"happy": 2.0}})
     assert session.last.token_ids == steered.token_ids
     assert r.choices[0].message.content == steered.text
     summary = r.model_extra["max_jupyter"]
@@ -157,13 +157,13 @@ def test_extra_body_steering_equals_in_process(session, client):
 
 def test_request_steering_adds_to_the_live_mix(session, client):
     messages = chat("Describe your morning.")
-    whole = session.generate(messages, max_new_tokens=16, steering={"happy": 6.0})
-    session.mix.set("happy", session.vectors["happy"], 3.0)  # the notebook's half
+    whole = session.generate(messages, max_new_tokens=16, steering={"happy": 2.0})
+    session.mix.set("happy", session.vectors["happy"], 1.0)  # the notebook's half
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16,
-                                       temperature=0, extra_body={"steering": {"happy": 3.0}})
-    assert session.last.token_ids == whole.token_ids  # 3 (live) + 3 (request) == 6
-    assert r.model_extra["max_jupyter"]["mix_changes"] == [{"step": 0, "mix": {"happy": 3.0}}]
-    assert session.mix.entries["happy"].coef == 3.0  # a request never changes the live mix
+                                       temperature=0, extra_body={"steering": {"happy": 1.0}})
+    assert session.last.token_ids == whole.token_ids  # 1 (live) + 1 (request) == 2
+    assert r.model_extra["max_jupyter"]["mix_changes"] == [{"step": 0, "mix": {"happy": 1.0}}]
+    assert session.mix.entries["happy"].coef == 1.0  # a request never changes the live mix
 
 
 def test_judges_gate_a_named_mix(session, client, judge):
@@ -412,16 +412,16 @@ def test_live_mix_change_mid_stream_applies_from_the_next_token(session, client)
     chunks = [next(stream) for _ in range(4)]
     handle = session.handle
     lo = handle.step
-    session.mix.set("happy", happy, 6.0)  # the notebook moves a slider
+    session.mix.set("happy", happy, 1.0)  # the notebook moves a slider
     hi = handle.step
     chunks += list(stream)
     changes = chunks[-1].model_extra["max_jupyter"]["mix_changes"]
-    assert [c["mix"] for c in changes] == [{}, {"happy": 6.0}]
+    assert [c["mix"] for c in changes] == [{}, {"happy": 1.0}]
     switch = changes[1]["step"]
     assert lo <= switch <= hi + 1 and switch < 40
     steps = session.last.steps
     assert all(s.live_coefs == {} for s in steps[:switch])
-    assert all(s.live_coefs == {"happy": 6.0} for s in steps[switch:])
+    assert all(s.live_coefs == {"happy": 1.0} for s in steps[switch:])
     assert session.last.token_ids[:switch] == plain.token_ids[:switch]
     assert session.last.token_ids != plain.token_ids
 

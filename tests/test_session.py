@@ -38,7 +38,7 @@ def alone(engine, prompt=PROMPT, **options) -> list[int]:
 
 
 def test_two_threads_each_get_their_own_generation(engine, vector):
-    steered = {"steering": 0.5 * vector}
+    steered = {"steering": Mix.of(vector, 0.5)}
     want_plain, want_steered = alone(engine, max_new_tokens=N), alone(engine, max_new_tokens=N, **steered)
     assert want_plain != want_steered  # the steering matters, so a leak would show
     s = Session(engine)
@@ -115,7 +115,8 @@ def test_mix_update_lands_whole_at_a_step_boundary(engine, vector):
         flipper.join()
         del engine._forward
         s.close()
-    unit_a, unit_b = a.directions[10], b.directions[12]
+    unit_a = a.deltas(1.0, engine.residual_norms)[10]  # what coefficient 1 adds
+    unit_b = b.deltas(1.0, engine.residual_norms)[12]
     coefs = {(round(float(d[10] @ unit_a / (unit_a @ unit_a)), 3),
               round(float(d[12] @ unit_b / (unit_b @ unit_b)), 3)) for d in seen}
     assert coefs <= set(pairs) and len(coefs) == 2  # both pairs seen, never a mix of them
@@ -204,8 +205,8 @@ def reference_loop(engine, ids, n, deltas=None, sampling=SamplingConfig()) -> li
                          ids=["greedy", "seeded"])
 @pytest.mark.parametrize("steered", [False, True])
 def test_unified_loop_gives_the_plain_loops_tokens(engine, vector, sampling, steered):
-    steering = 0.4 * vector if steered else None
-    deltas = steering.deltas(1.0, engine.device, engine.dtype) if steered else None
+    steering = Mix.of(vector, 0.4) if steered else None
+    deltas = steering.deltas(engine) if steered else None
     want = reference_loop(engine, prompt_ids(engine, PROMPT), 16, deltas, sampling)
     got = generate(engine, PROMPT, max_new_tokens=16, sampling=sampling, steering=steering)
     assert got.token_ids == want
@@ -214,8 +215,8 @@ def test_unified_loop_gives_the_plain_loops_tokens(engine, vector, sampling, ste
 def test_options_are_checked_before_queueing(session):
     with pytest.raises(BadArgumentError, match="unknown generation option"):
         session.start(PROMPT, max_tokens=5)
-    with pytest.raises(BadArgumentError, match="no vector named 'joy'"):
-        session.start(PROMPT, steering={"joy": 1.0})
+    with pytest.raises(BadArgumentError, match="no vector named 'glee'"):  # 'joy' is a concept
+        session.start(PROMPT, steering={"glee": 1.0})
     with pytest.raises(BadArgumentError, match="no judge named"):
         session.start(PROMPT, judges=["strict"])
     with pytest.raises(BadArgumentError, match="system="):
@@ -409,3 +410,14 @@ def test_a_load_shows_one_progress_bar_and_refused_input_none(session, capfd):
         session.train("x", ["good"], ["bad"], method="nope")
     err = capfd.readouterr().err
     assert "loading" not in err and "training" not in err, err
+
+
+def test_devices_place_big_and_small_each_on_its_own(engine, small):
+    """``Session.load(devices=(big's, small's))``: each model on its device (both "cpu" on
+    this machine; "cuda:0" and "cuda:1" on two GPUs), and the pair generates as with
+    ``device=``."""
+    with Session.load(small="same", devices=("cpu", "cpu"), store=None, progress=False) as placed:
+        assert (placed.big.device.type, placed.small.device.type) == ("cpu", "cpu")
+        result = placed.generate("Hi", max_new_tokens=4)
+    with Session(engine, small) as reference:
+        assert result.token_ids == reference.generate("Hi", max_new_tokens=4).token_ids

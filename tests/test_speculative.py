@@ -73,7 +73,7 @@ def bad(engine) -> TransformersEngine:
 @pytest.fixture()
 def ctrl(engine, vector) -> Mix:
     c = Mix(engine.identity)
-    c.set("happy", vector, 1.5)
+    c.set("happy", vector, 0.6)
     return c
 
 
@@ -585,7 +585,7 @@ def test_pre_step_judges_end_a_block_where_they_change_their_mind(engine, near, 
 
 def test_post_step_judges_rerun_inside_a_block(engine, near, ctrl, vector):
     sad = Mix(engine.identity)
-    sad.set("sad", vector, -1.5)
+    sad.set("sad", vector, -0.6)
     mixes = {"happy": ctrl, "sad": sad}
 
     def top(ctx: JudgeContext) -> float:

@@ -7,8 +7,10 @@ import threading
 import pytest
 import torch
 
+from max_jupyter.engines import residual
 from max_jupyter.errors import BadArgumentError
 from max_jupyter.steering import Mix, ModelMismatchError, SteeringVector, train_vector
+from max_jupyter.testing import ScriptedEngine
 
 pytestmark = pytest.mark.slow  # the embedded model
 
@@ -49,29 +51,57 @@ def test_zero_vector_gives_exact_unsteered_logits(engine, ident, ids):
                        engine.prefill(ids).logits)
 
 
-def test_coefficient_two_equals_vector_doubled(engine, ident, ids):
-    v = rand_vector(ident, [8, 12]) * 0.5
-    mix = Mix(ident)
-    mix.set("v", v, coef=2.0)
-    doubled = Mix(ident)
-    doubled.set("v", v * 2, coef=1.0)
-    a = engine.prefill(ids, mix.deltas(engine)).logits
-    b = engine.prefill(ids, doubled.deltas(engine)).logits
-    assert torch.equal(a, b)
-    assert not torch.equal(a, engine.prefill(ids).logits)
+def test_coefficient_not_length_sets_the_push(engine, ident, ids):
+    """Only a vector's directions steer: 5 * v at a coefficient adds what v does; twice the
+    coefficient adds twice the delta."""
+    v = rand_vector(ident, [8, 12])
+    a, b, c = (Mix.of(v, 0.2).deltas(engine), Mix.of(v * 5, 0.2).deltas(engine),
+               Mix.of(v, 0.4).deltas(engine))
+    for layer in (8, 12):
+        torch.testing.assert_close(a[layer], b[layer])
+        torch.testing.assert_close(c[layer], 2 * a[layer])
+    assert not torch.equal(engine.prefill(ids, a).logits, engine.prefill(ids).logits)
+
+
+def test_a_coefficient_pushes_alike_on_any_model(engine):
+    """The coefficient scale: on the embedded model and on a scripted one (other residual
+    norms), a vector whose values follow the model's norms gets, at coefficient c, a delta
+    of ``c / layers * norm`` at each layer, whatever its length; the deltas of any vector
+    push c typical residual norms in all, shared as its values share it, and a raw
+    coefficient r is the coefficient ``r * push``."""
+    for model in (engine, ScriptedEngine(num_layers=8, hidden_size=64)):
+        norms = residual.measure(model) if model is not engine else model.residual_norms
+        layers = (2, 4, 6)
+        g = torch.Generator().manual_seed(3)
+        units = {l: torch.nn.functional.normalize(torch.randn(model.identity.hidden_size, generator=g), dim=0)
+                 for l in layers}
+        even = SteeringVector({l: 1e3 * norms[l] * u for l, u in units.items()}, model.identity)
+        deltas = Mix.of(even, 0.6).deltas(model)
+        for l in layers:
+            torch.testing.assert_close(deltas[l], 0.2 * norms[l] * units[l])
+        odd = SteeringVector({l: (l + 1.0) * u for l, u in units.items()}, model.identity)
+        deltas = Mix.of(odd, 0.6).deltas(model)
+        shares = [float(deltas[l].norm()) / norms[l] for l in layers]
+        assert sum(shares) == pytest.approx(0.6)
+        assert shares == pytest.approx([0.6 * (l + 1) / norms[l] / odd.push(norms) for l in layers])
+        raw = Mix.of(odd, 0.3 * odd.push(norms)).deltas(model)
+        for l in layers:
+            torch.testing.assert_close(raw[l], 0.3 * odd.directions[l])
 
 
 def test_mix_sums_vectors_and_selects_layers(engine, ident):
     a, b = rand_vector(ident, [3, 4], 0), rand_vector(ident, [4], 1)
+    norm = engine.residual_norms[4]
+    unit = lambda v: v.directions[4] / v.directions[4].norm()  # noqa: E731
     mix = Mix(ident)
     mix.set("a", a, coef=0.5, layers=[4])
     mix.set("b", b, coef=-1.0)
     deltas = mix.deltas(engine)
     assert set(deltas) == {4}
-    torch.testing.assert_close(deltas[4], 0.5 * a.directions[4] - b.directions[4])
+    torch.testing.assert_close(deltas[4], (0.5 * unit(a) - unit(b)) * norm)
     assert mix.deltas(engine) is deltas  # unchanged mix: cached
     mix.set_coef("b", 0.0)
-    torch.testing.assert_close(mix.deltas(engine)[4], 0.5 * a.directions[4])
+    torch.testing.assert_close(mix.deltas(engine)[4], 0.5 * unit(a) * norm)
     mix.remove("a")
     mix.clear()
     assert mix.deltas(engine) is None and len(mix) == 0
@@ -81,6 +111,7 @@ def test_mix_changes_from_another_thread_are_whole(engine, ident):
     a = rand_vector(ident, [2])
     mix = Mix(ident)
     mix.set("a", a, coef=0.0)
+    one = Mix.of(a, 1.0).deltas(engine)[2]  # what coefficient 1 adds
     seen = set()
 
     def slider():
@@ -92,7 +123,7 @@ def test_mix_changes_from_another_thread_are_whole(engine, ident):
     while True:
         running = t.is_alive()
         deltas = mix.deltas(engine)  # None at coefficient 0: a zero adds nothing
-        coef = 0.0 if deltas is None else float(deltas[2][0] / a.directions[2][0])
+        coef = 0.0 if deltas is None else float(deltas[2][0] / one[0])
         assert abs(coef - round(coef)) < 1e-4  # always one of the slider's values, never a blend
         seen.add(round(coef))
         if not running:
@@ -166,8 +197,8 @@ def test_trained_vector_moves_held_out_mood(engine, method):
     vector = train_vector(engine, JOY, GLOOM, layers=range(10, 16), method=method)
     assert vector.layers == tuple(range(10, 16))
     base = mood_score(engine)
-    up = mood_score(engine, (0.5 * vector).deltas(device=engine.device, dtype=engine.dtype))
-    down = mood_score(engine, (-0.5 * vector).deltas(device=engine.device, dtype=engine.dtype))
+    up = mood_score(engine, vector.deltas(0.25, engine.residual_norms, engine.device, engine.dtype))
+    down = mood_score(engine, vector.deltas(-0.25, engine.residual_norms, engine.device, engine.dtype))
     assert up > base + 1.0 and down < base - 1.0, (down, base, up)
 
 

@@ -235,7 +235,8 @@ class BatchEngine(Engine):
     / ``ContextOverflowError``): each row's ids as ``forward``'s, each row's deltas as
     ``forward``'s (``[hidden]`` on known layers, within the norm bound), captures on known
     layers, every row's room in the context (prompt plus ``reserve`` tokens still to come),
-    the rows' cache in memory (``max_batch_rows``). A ``step_batch`` that fails or is
+    the rows' cache in memory (``max_batch_rows``); a step past a row's reserved room
+    (``ContextOverflowError``). A ``step_batch`` that fails or is
     interrupted leaves the batch cache as it was; a ``prefill_batch`` that fails leaves
     it empty. Backends implement ``_prefill_batch``, ``_step_batch``, ``_drop_rows``,
     ``reset_batch``, ``batch_lengths``, ``_row_bytes`` and ``_free_bytes``."""
@@ -253,8 +254,9 @@ class BatchEngine(Engine):
 
     @abstractmethod
     def _prefill_batch(self, prompts: list[list[int]], deltas: list[dict[int, torch.Tensor]],
-                       capture: frozenset[int]) -> list[ForwardResult]:
-        """The backend's batch prefill on checked arguments (the batch cache empty)."""
+                       capture: frozenset[int], capacity: int) -> list[ForwardResult]:
+        """The backend's batch prefill on checked arguments (the batch cache empty); no row
+        will hold more than ``capacity`` positions (its prompt and the tokens reserved)."""
 
     @abstractmethod
     def _step_batch(self, rows: list[int], tokens: list[int], deltas: list[dict[int, torch.Tensor]],
@@ -320,16 +322,17 @@ class BatchEngine(Engine):
         else:
             reserve = [check_int("reserve", reserve, low=0, fix="pass the tokens still to come "
                                  "(>= 0), one int or one per row")] * len(ids)
-        self.check_batch([len(p) + n for p, n in zip(ids, reserve)])
+        lengths = [len(p) + n for p, n in zip(ids, reserve)]
+        self.check_batch(lengths)
         layers = frozenset(check_layers(self.identity, capture, "capture"))
         if residual.known(self.identity) is None and self.seq_len == 0:
             residual.measure(self)  # the bound needs the norms; the single cache is empty anyway
         rows = self._checked_rows(range(len(ids)), deltas or [None] * len(ids), {})
         self.reset_batch()
-        self._bounded_rows = rows[1]
+        self._bounded_rows, self._batch_room = rows[1], dict(enumerate(lengths))
         self.forward_calls += 1
         try:
-            out = self._prefill_batch(ids, rows[0], layers)
+            out = self._prefill_batch(ids, rows[0], layers, max(lengths))
         except BaseException:
             self.reset_batch()
             raise
@@ -351,9 +354,10 @@ class BatchEngine(Engine):
                        f"pass {{row: LayerDeltas or None}} for rows among {rows}")
         layers = frozenset(check_layers(self.identity, capture, "capture"))
         for r in rows:
-            if lengths[r] + 1 > self.max_seq_len:
-                raise ContextOverflowError(f"row {r} holds {lengths[r]} positions, the whole context "
-                                           f"of {self.max_seq_len}; drop it (drop_rows) before the step.")
+            if lengths[r] + 1 > self._batch_room[r]:
+                raise ContextOverflowError(
+                    f"row {r} holds {lengths[r]} positions, all its prefill_batch reserved room for "
+                    f"(its prompt and reserve); drop it (drop_rows), or reserve more tokens.")
         checked, self._bounded_rows = self._checked_rows(
             rows, [(deltas or {}).get(r) for r in rows], self._bounded_rows)
         self.forward_calls += 1
@@ -370,6 +374,7 @@ class BatchEngine(Engine):
             self._drop_rows(rows)
 
     _bounded_rows: dict = {}  # row -> the deltas key last found within the bound
+    _batch_room: dict = {}  # row -> the positions its prefill_batch reserved (prompt + reserve)
 
     def _checked_rows(self, rows: Sequence[int], deltas: Sequence[LayerDeltas | None], bounded: dict
                       ) -> tuple[list[dict[int, torch.Tensor]], dict]:

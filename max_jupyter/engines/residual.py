@@ -5,7 +5,7 @@ may add to it.
 layer, the median L2 norm of the residual over its positions (the first position left
 out: many models park a norm tens of times larger there, an attention sink). The result is
 kept per ``ModelIdentity`` (``known``), so every engine, vector and mix of one model reads
-the same numbers; issue 21's readable coefficients are meant to use them too.
+the same numbers; a coefficient is a multiple of them (``SteeringVector.deltas``).
 
 ``check_delta_norms`` refuses deltas whose norm at a layer exceeds ``MAX_DELTA_RATIO``
 times that layer's typical norm, or is not finite (docs/errors.md says why this bound).
@@ -31,7 +31,7 @@ MAX_DELTA_RATIO = 16.0
 """Largest ``|delta| / typical residual norm`` accepted at a layer. At this ratio the
 steered residual already points along the delta to within 0.2% (cosine 0.998): more adds
 no steering, only the risk of overflow (fp16) and an output that no longer depends on the
-text; the coefficients people use (up to about 4 times the typical norm) stay far below."""
+text; the coefficients people use (up to about 2: docs/vectors.md) stay far below."""
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _known: dict[ModelIdentity, dict[int, float]] = {}
@@ -85,19 +85,27 @@ def same_deltas(deltas: Mapping[int, torch.Tensor], key: tuple | None) -> bool:
         layer == k and d is t and d._version == v for (layer, d), (k, t, v) in zip(deltas.items(), key))
 
 
-def check_delta_norms(identity: ModelIdentity, deltas: Mapping[int, torch.Tensor], what: str) -> None:
-    """Refuse ``deltas`` (``what`` names them: ``"deltas"``, ``"vector 'happy'"``) whose norm
-    at a layer is not finite in float32, or above ``MAX_DELTA_RATIO`` times the layer's
-    typical residual norm where ``identity``'s norms are known (else only finiteness)."""
-    norms = known(identity)
-    for layer, size in delta_sizes(deltas).items():
+def check_finite_norms(deltas: Mapping[int, torch.Tensor], what: str) -> dict[int, float]:
+    """Refuse ``deltas`` (``what`` names them) whose norm at a layer is not finite in
+    float32; returns the norms."""
+    sizes = delta_sizes(deltas)
+    for layer, size in sizes.items():
         if not size <= FLOAT32_MAX:
             raise BadArgumentError(f"{what} at layer {layer} has a norm of {size:.3g}, which is "
                                    f"not finite in float32; rebuild it from values of a usual size.")
+    return sizes
+
+
+def check_delta_norms(identity: ModelIdentity, deltas: Mapping[int, torch.Tensor], what: str) -> None:
+    """Refuse ``deltas`` (``what`` names them: ``"deltas"``, ``"the mix"``) whose norm
+    at a layer is not finite in float32, or above ``MAX_DELTA_RATIO`` times the layer's
+    typical residual norm where ``identity``'s norms are known (else only finiteness)."""
+    sizes = check_finite_norms(deltas, what)
+    norms = known(identity)
+    for layer, size in sizes.items():
         ratio = size / norms[layer] if norms is not None else 0.0
         if ratio > MAX_DELTA_RATIO:
             raise BadArgumentError(
                 f"{what} at layer {layer} has a norm of {size:.3g}, {ratio:.3g} times the "
                 f"layer's typical residual norm {norms[layer]:.3g} (the bound is "
-                f"{MAX_DELTA_RATIO:g}); lower the coefficient or rescale the vector "
-                f"(v.normalized() has norm 1).")
+                f"{MAX_DELTA_RATIO:g}); lower the coefficient.")

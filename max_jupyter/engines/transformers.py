@@ -146,7 +146,7 @@ class TransformersEngine(BatchEngine):
         self._batch = None
 
     def _prefill_batch(self, prompts: list[list[int]], deltas: list[dict[int, torch.Tensor]],
-                       capture: frozenset[int]) -> list[ForwardResult]:
+                       capture: frozenset[int], capacity: int) -> list[ForwardResult]:
         ids, positions = PaddedBatch.inputs(prompts, self.device)
         batch = PaddedBatch(DynamicCache(config=self.model.config), list(range(len(prompts))),
                             [len(p) for p in prompts], self.device)

@@ -10,6 +10,7 @@ from max_jupyter.jupyter.lens import LogitLens, logit_lens
 from max_jupyter.jupyter.plots import (
     divergence,
     plot_divergence,
+    plot_evaluation,
     plot_judges,
     plot_logit_lens,
     plot_projection,
@@ -22,7 +23,7 @@ _WIDGETS = {"Mixer": "max_jupyter.jupyter.mixer", "TokenView": "max_jupyter.jupy
             "LiveView": "max_jupyter.jupyter.tokenview"}
 
 __all__ = [*_WIDGETS, "LogitLens", "Sweep", "divergence", "load_ipython_extension", "logit_lens",
-           "plot_divergence", "plot_judges", "plot_logit_lens", "plot_projection", "plot_sweep",
+           "plot_divergence", "plot_evaluation", "plot_judges", "plot_logit_lens", "plot_projection", "plot_sweep",
            "result_html", "run_sweep", "summary", "unload_ipython_extension"]
 
 

@@ -82,7 +82,7 @@ def search(session, args) -> None:
     if len(args.args) != 1:
         raise BadArgumentError("%max_steer search takes one vector spec (e.g. joy or 'joy - formal') "
                                "or --active.")
-    query = spec_mix(args.args, session.vectors, session.big.identity).combined()
+    query = spec_mix(args.args, session.vectors, session.big.identity).combined(session.big)
     layer = args.layer if args.layer is not None else query.layers[len(query.layers) // 2]
     for hit in store.nearest(query, model=session.big.identity, layer=layer, k=args.k):
         print(f"{hit.name:<24} v{hit.version:<3} layer {hit.layer}  cosine {hit.similarity:+.3f}")
@@ -93,3 +93,16 @@ def _pieces(session, result) -> list[str]:
 
     pieces = token_pieces(session.big.tokenizer, result.token_ids)
     return pieces + ["<eos>"] * (len(result.steps) - len(pieces))
+
+
+def concept_table(session) -> None:
+    """Print one line per library concept: its name and opposite, its texts, and whether the
+    session's library has its vector for the big model yet (else it is trained on first use)."""
+    from max_jupyter.steering.concepts import library
+
+    for c in library().values():
+        trained = ""
+        if session is not None:
+            trained = "trained" if session.concept_vector_name(c.name)[1] else "trained on first use"
+        print(f"{c.name:<12} vs {c.opposite:<13} {len(c.pairs):>2} pairs, {len(c.scoring_positive)}+"
+              f"{len(c.scoring_negative)} scoring texts, {len(c.prompts)} prompts  {trained}".rstrip())

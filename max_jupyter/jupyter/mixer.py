@@ -32,6 +32,9 @@ from max_jupyter.steering.vector import SteeringVector
 
 ALL_LAYERS: tuple[int, ...] = ()
 """The layer choice that steers at every layer the vector has (a mix entry's ``layers=None``)."""
+START_COEF = 0.25
+"""A row's coefficient before its slider is moved: a visible but safe push on the models
+measured in docs/vectors.md (text garbles from about 1)."""
 
 
 class MixerRow(widgets.HBox):
@@ -46,7 +49,7 @@ class MixerRow(widgets.HBox):
         self._showing = False
         self.on = widgets.Checkbox(value=False, description=name, indent=False,
                                    layout=widgets.Layout(width="160px"))
-        self.coef = widgets.FloatSlider(value=1.0, min=coef_range[0], max=coef_range[1], step=step,
+        self.coef = widgets.FloatSlider(value=START_COEF, min=coef_range[0], max=coef_range[1], step=step,
                                         readout_format=".2f", continuous_update=True,
                                         description="coef", layout=widgets.Layout(width="360px"))
         self.layer = widgets.Dropdown(options=_layer_options(vector.layers), value=ALL_LAYERS,

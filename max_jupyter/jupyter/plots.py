@@ -22,6 +22,7 @@ from max_jupyter.steering.vector import SteeringVector
 from max_jupyter.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
+    from max_jupyter.evaluation.result import Evaluation
     from max_jupyter.jupyter.lens import LogitLens
     from max_jupyter.jupyter.sweep import Sweep
 
@@ -311,3 +312,41 @@ def _label_points(ax, rows, coefs: list[float]) -> None:
         ax.annotate(plot_text(" ".join(row.text.split()), 18), (row.coef, row.perplexity),
                     fontsize=6, xytext=(-3 if right else 3, 6 if i % 2 == 0 else -11),
                     textcoords="offset points", ha="right" if right else "left")
+
+
+BASELINE_MARKS = {"none": ("s", "#555555"), "prompting": ("*", "#2a9d8f"),
+                  "random": ("^", "#e76f51"), "flipped": ("v", "#6a4c93")}
+
+
+def plot_evaluation(ev: Evaluation) -> Figure:
+    """An evaluation as a chart: the mean concept score against the mean fluency score of the
+    vector's answers at each coefficient (all prompts; a line in coefficient order, each
+    point labelled, the chosen coefficient ringed), and each baseline's point marked (no
+    steering, prompting, and the random and flipped controls on the test split)."""
+    if not ev.rows:
+        raise BadArgumentError("plot_evaluation: the evaluation has no scored answers.")
+    fig = figure(6.0, 4.5)
+    (ax,) = fig.axes
+    steered = [(c, ev.means("steered", c)) for c in ev.coefs if ev.select("steered", c)]
+    ax.plot([m["fluency"] for _, m in steered], [m["concept"] for _, m in steered], marker="o",
+            color="#1d3557", label=f"{plot_text(ev.vector)} by coefficient")
+    for c, m in steered:
+        ax.annotate(f"{c:+g}", (m["fluency"], m["concept"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    chosen = ev.chosen_coef
+    if chosen is not None:
+        m = ev.means("steered", chosen)
+        ax.plot([m["fluency"]], [m["concept"]], "o", ms=14, mfc="none", mec="#d62828",
+                label=f"chosen on the eval split ({chosen:+g})")
+    for condition, (marker, colour) in BASELINE_MARKS.items():
+        if ev.select(condition):
+            m = ev.means(condition)
+            ax.plot([m["fluency"]], [m["concept"]], marker, ms=11, color=colour, ls="none",
+                    label=condition if condition in ("none", "prompting") else f"{condition} control")
+    ax.set_xlim(-0.05, 2.05)
+    ax.set_ylim(-0.05, 2.05)
+    ax.set_xlabel("fluency (0-2)")
+    ax.set_ylabel(f"concept: {plot_text(ev.concept)} (0-2)")
+    ax.set_title(f"evaluation of {plot_text(ev.vector)} (probe AUROC {ev.probe_auroc:.2f})")
+    ax.legend(fontsize=7, loc="lower left")
+    return fig

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
 
 from max_jupyter.orchestrator.trace import GenerationResult, StepRecord, TopK
-from max_jupyter.tokenizer import Tokenizer
+from max_jupyter.tokenizer import Tokenizer, token_pieces  # noqa: F401 (also imported from here)
 
 STYLE = """<style>
 .mj-result{font-family:var(--jp-content-font-family,sans-serif);line-height:1.7}
@@ -26,16 +25,6 @@ line-height:1.45}
 .mj-summary{font-size:12px;color:#555;margin-top:4px}
 .mj-legend{font-size:11px;color:#777}
 </style>"""
-
-
-def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
-    """The text each token adds, in order (``""`` for a token ending inside a character;
-    the completing token carries it). Their concatenation is the decoded text."""
-    decoder = tokenizer.stream_decoder()
-    pieces = [decoder.feed(t) for t in ids]
-    if pieces:
-        pieces[-1] += decoder.flush()
-    return pieces
 
 
 def speculation(result: GenerationResult) -> str | None:

@@ -56,7 +56,8 @@ class TokenView(ShownWithFallback, anywidget.AnyWidget):
     ``session`` gives the tokenizers that spell the top-k alternatives (without it they
     show as ids). Traits: ``selected_step`` (the clicked step, -1 for none; synced both
     ways), ``status`` (shown above the tokens), ``judge`` (whose score colours the tokens;
-    empty: the first judge), ``closed`` (the session is closed: the view says so and takes
+    empty: the first judge; ``"probe:joy"``: the probe readings of a generation made with
+    ``probes=["joy"]``, once it has ended), ``closed`` (the session is closed: the view says so and takes
     no clicks). ``records`` and ``result`` hold what has arrived; ``fallback`` is the static
     copy shown under the view.
     """
@@ -154,6 +155,9 @@ class TokenView(ShownWithFallback, anywidget.AnyWidget):
             self.result = result
             if result is not None:
                 self._add_alternatives(result)
+                for concept, scores in result.probe_scores.items():  # colour by "probe:<concept>"
+                    for row, score in zip(self._rows, scores.tolist()):
+                        row["scores"][f"probe:{concept}"] = _finite(score)
                 rate = f" · {result.tokens_per_s:.1f} tok/s" if result.elapsed_s else ""
                 self._status = (f"{state} · {result.finish_reason} · {len(result.steps)} tokens"
                                 f"{rate}{self._start}")

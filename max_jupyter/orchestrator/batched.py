@@ -19,6 +19,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+import torch
+
 from max_jupyter.engines.base import BatchEngine, Engine, ForwardResult
 from max_jupyter.orchestrator.cognitive import CognitiveOrchestrator, PreparedRun, _Forward, _Judged
 from max_jupyter.orchestrator.judges import NO_MIXES
@@ -47,8 +49,7 @@ def generate_batch(engine: Engine, rows: Sequence[Row], abort: threading.Event,
             raise KeyboardInterrupt
         outs = _prefill(engine, live)
         for step in range(max(run.max_new_tokens for _, run in rows)):
-            ended = {i for i, (orchestrator, run) in live.items()
-                     if _take(step, orchestrator, run, outs[i], count)}
+            ended = _take_all(step, live, outs, count)
             for i in ended:
                 _finish(*live.pop(i))
             if not live:
@@ -87,15 +88,43 @@ def _step(engine: BatchEngine, live: dict[int, Row]) -> dict[int, tuple]:
     return {i: (outs[i], *steering[i]) for i in live}
 
 
+def _take_all(step: int, live: dict[int, Row], outs: dict[int, tuple], count: Callable[[int], None]
+              ) -> set[int]:
+    """Sample and record step ``step`` of every live row; the rows that end. Each row
+    samples as its loop would (its own sampler; greedy: the argmax, which the batch takes
+    for all rows at once, as it does their model probabilities and top-k: one pass and one
+    wait for the device instead of several per row)."""
+    rows = list(live)
+    logits = torch.stack([outs[i][0].logits for i in rows])  # [n, vocab] float32
+    sampled = {i: live[i][1].sampler.sample(outs[i][0].logits) for i in rows
+               if live[i][1].sampler.config.temperature != 0}
+    tokens = [sampled[i][0] if i in sampled else t for i, t in zip(rows, logits.argmax(-1).tolist())]
+    chosen = torch.tensor(tokens, device=logits.device)
+    model_probs = torch.exp(logits[torch.arange(len(rows), device=logits.device), chosen]
+                            - torch.logsumexp(logits, -1)).tolist()
+    k = min(max(live[i][1].recorder.config.top_k for i in rows), logits.shape[-1])
+    values, ids = torch.topk(logits, k)
+    ended = set()
+    for j, i in enumerate(rows):
+        orchestrator, run = live[i]
+        top_k = min(run.recorder.config.top_k, k)
+        prob = sampled[i][1] if i in sampled else 1.0
+        if _take(step, orchestrator, run, outs[i], tokens[j], prob, model_probs[j],
+                 (values[j, :top_k], ids[j, :top_k]), count):
+            ended.add(i)
+    return ended
+
+
 def _take(step: int, orchestrator: CognitiveOrchestrator, run: PreparedRun,
-          out: tuple[ForwardResult, object, dict], count: Callable[[int], None]) -> bool:
-    """Sample and record step ``step`` of one row (as the plain loop does); True where
-    the row ends (its finish reason set)."""
+          out: tuple[ForwardResult, object, dict], token: int, prob: float, model_prob: float,
+          top: tuple[torch.Tensor, torch.Tensor], count: Callable[[int], None]) -> bool:
+    """Record step ``step`` of one row, which took ``token`` (as the plain loop does);
+    True where the row ends (its finish reason set)."""
     forward, deltas, coefs = out
-    token, prob = run.sampler.sample(forward.logits)
     result = run.result
     result.steps.append(orchestrator._record(step, run, token, prob, _Judged(),
-                                             _Forward(forward, deltas, NO_MIXES, coefs), ({}, None)))
+                                             _Forward(forward, deltas, NO_MIXES, coefs), ({}, None),
+                                             model_prob=model_prob, top=top))
     if token in orchestrator.big.tokenizer.eos_ids and not run.ignore_eos:
         result.finish_reason = "eos"
     else:

@@ -425,12 +425,15 @@ class CognitiveOrchestrator:
     @staticmethod
     def _record(step: int, run: PreparedRun, token: int, prob: float, judged: _Judged,
                 fwd: _Forward, small: SmallState, drafted: tuple[int, ...] = (),
-                accepted: int = 0) -> StepRecord:
-        """The step's record; its trace row goes to the recorder."""
+                accepted: int = 0, model_prob: float | None = None,
+                top: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepRecord:
+        """The step's record; its trace row goes to the recorder. ``model_prob`` and
+        ``top`` (the logits' top-k): where already computed (a batch does every row's at once)."""
         unsteered_token, unsteered_prob = fwd.unsteered or (None, None)
-        run.recorder.add(fwd.out, fwd.first, fwd.deltas, *small)
-        logits = fwd.out.logits  # raw, before the sampler's transforms
-        model_prob = float(torch.exp(logits[token].float() - torch.logsumexp(logits.float(), -1)))
+        run.recorder.add(fwd.out, fwd.first, fwd.deltas, *small, top=top)
+        if model_prob is None:
+            logits = fwd.out.logits  # raw, before the sampler's transforms
+            model_prob = float(torch.exp(logits[token].float() - torch.logsumexp(logits.float(), -1)))
         return StepRecord(step, token, prob, judged.scores, tuple(sorted(fwd.mixes_on)),
                           fwd.first is not None, unsteered_token, unsteered_prob, judged.seconds,
                           fwd.coefs, fwd.deltas is not None, drafted, accepted, model_prob,

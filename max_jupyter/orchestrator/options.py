@@ -22,7 +22,7 @@ from max_jupyter.orchestrator.trace import TraceConfig
 from max_jupyter.steering.expression import Expression, parse
 from max_jupyter.steering.mix import Mix
 from max_jupyter.steering.vector import SteeringVector
-from max_jupyter.validation import check_coef, check_int, check_stop, check_text, fail, show
+from max_jupyter.validation import check_coef, check_int, check_stop, check_str_list, check_text, fail, show
 
 SAMPLING_KEYWORDS = ("temperature", "top_k", "top_p", "seed")
 """Keywords that ``replace`` puts into ``sampling`` (the fields of ``SamplingConfig``)."""
@@ -64,6 +64,9 @@ class GenerationOptions:
     judges: tuple[str | Judge, ...] | None = None
     """Judges of this generation: names in ``Session.judges`` or ``Judge`` objects; None:
     the session's judges, ``()``: none."""
+    probes: tuple[str, ...] = ()
+    """Library concepts whose probe reads the text after every token
+    (``GenerationResult.probe_scores``; ``Session.probe``)."""
 
     def __post_init__(self):
         checked = {
@@ -80,6 +83,7 @@ class GenerationOptions:
                                    fix=f"use 0 (off) up to {MAX_SPECULATE} draft tokens (typical 4)"),
             "steering": _steering(self.steering),
             "judges": _judges(self.judges),
+            "probes": check_str_list("probes", (self.probes,) if isinstance(self.probes, str) else self.probes),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)

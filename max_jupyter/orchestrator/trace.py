@@ -186,6 +186,8 @@ class GenerationResult:
     started, whatever a slider did later.
     ``speculate_off``: why a generation asked to speculate (``speculate > 0``) did not
     (no small model, another vocabulary, no verify on the big engine); None otherwise.
+    ``probe_scores``: concept -> ``[steps]`` P(concept) of the text so far after each token,
+    read by the session's reader when the generation ends (``GenerationOptions.probes``).
     """
 
     prompt_ids: list[int]
@@ -210,6 +212,7 @@ class GenerationResult:
     start_mix: dict[str, float] = field(default_factory=dict)
     str_tokens: list[str] = field(default_factory=list)
     prompt_str_tokens: list[str] = field(default_factory=list)
+    probe_scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def speculation_misses(self) -> int:
@@ -289,9 +292,12 @@ class TraceRecorder:
         self.small_logits: list[torch.Tensor] = []
 
     def add(self, out: ForwardResult, first: ForwardResult | None, deltas: LayerDeltas | None,
-            small_hidden: dict[int, torch.Tensor], small_logits: torch.Tensor | None) -> None:
+            small_hidden: dict[int, torch.Tensor], small_logits: torch.Tensor | None,
+            top: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """One step: the big model's final forward ``out`` (and ``first`` pass if re-run),
-        the deltas ``out`` ran with, and the small model's state the step was judged from."""
+        the deltas ``out`` ran with, and the small model's state the step was judged from;
+        ``top``: ``(values, ids)`` of ``out.logits``' top ``top_k`` if already taken (a
+        batch takes every row's at once)."""
         k = self.config.top_k
         if self.config.prompt and not self.deltas:  # step 0: ``out`` is the prompt's prefill
             self.prompt_hidden = {l: out.hidden[l] for l in self.big_hidden}  # [prompt_len, hidden]
@@ -300,7 +306,8 @@ class TraceRecorder:
         for layer, rows in self.small_hidden.items():
             rows.append(small_hidden[layer])  # [hidden_small]
         self.deltas.append(deltas)
-        top = torch.topk(out.logits, min(k, out.logits.shape[-1]))
+        if top is None:
+            top = torch.topk(out.logits, min(k, out.logits.shape[-1]))
         self.big_topk.append(top)
         self.first_topk.append(top if first is None else
                                torch.topk(first.logits, min(k, first.logits.shape[-1])))

@@ -1,15 +1,19 @@
 """``Mix``: a live, thread-safe set of named steering vectors with coefficients, for one model.
 
-An entry adds ``coef * vector`` (the plain case) or ablates or clamps the residual's
-projection on the vector (``MixEntry.op``), at every step or on a ``Schedule``; a steering
-expression (docs/steering.md) compiles to entries (``assign`` puts them in at once).
-
 The mix (name -> vector, coefficient, layers) may be changed from any thread (a widget
 slider) at any time; ``snapshot`` / ``deltas`` take a consistent view under a lock, so a
 change — also one of several entries at once (``update``) — lands whole at the next step.
 The combined per-layer delta is cached per mix version and device, so an unchanged mix
 costs one lock and one dict lookup per step. Listeners hear of every change (a widget
 moves its slider when code changes the mix).
+
+An entry adds (the plain case) or ablates or clamps the residual's projection on its
+vector (``MixEntry.op``), at every step or on a ``Schedule``; a steering expression
+(docs/steering.md) compiles to entries (``assign`` puts them in at once).
+
+Coefficients are on the readable scale (``SteeringVector.deltas``, docs/vectors.md): an
+entry at coefficient c pushes c typical residual norms of the engine's model, shared by
+its layers; entries add up.
 """
 from __future__ import annotations
 
@@ -21,9 +25,10 @@ from typing import NamedTuple
 
 import torch
 
+from max_jupyter.engines import residual
 from max_jupyter.engines.base import Engine, LayerDeltas, ModelIdentity
-from max_jupyter.engines.intervention import Intervention, combine
-from max_jupyter.errors import UnknownNameError
+from max_jupyter.engines.intervention import Intervention, additions, combine
+from max_jupyter.errors import BadArgumentError, UnknownNameError
 from max_jupyter.steering.vector import ModelMismatchError, SteeringVector
 from max_jupyter.validation import check_coef, fail
 
@@ -56,10 +61,10 @@ OPS = ("add", "ablate", "clamp")
 @dataclass(frozen=True)
 class MixEntry:
     """One vector in the mix at ``layers`` (None: all of its layers): ``op`` ``"add"`` adds
-    ``coef * vector``; ``"ablate"`` sets the residual's projection on the vector's unit
-    direction to ``target`` (a number, or layer -> value: the vector's stored means);
-    ``"clamp"`` limits that projection to ``bounds``; only at the steps of ``schedule``
-    (engines/intervention.py says how the operations compose at a layer)."""
+    ``vector`` at coefficient ``coef``; ``"ablate"`` sets the residual's projection on the
+    vector's unit direction to ``target`` (a number, or layer -> value: the vector's stored
+    means); ``"clamp"`` limits that projection to ``bounds``; only at the steps of
+    ``schedule`` (engines/intervention.py says how the operations compose at a layer)."""
 
     vector: SteeringVector
     coef: float
@@ -69,14 +74,14 @@ class MixEntry:
     bounds: tuple[float, float] | None = None
     schedule: Schedule = ALWAYS
 
-    def effective(self) -> SteeringVector:
-        return self.coef * (self.vector.select(self.layers) if self.layers is not None else self.vector)
+    def steered(self) -> SteeringVector:
+        """The vector at the entry's layers."""
+        return self.vector.select(self.layers) if self.layers is not None else self.vector
 
     def interventions(self, device: torch.device) -> dict[int, Intervention]:
         """An ablation's or clamp's per-layer ``Intervention`` on ``device``."""
-        vector = self.vector.select(self.layers) if self.layers is not None else self.vector
         out = {}
-        for layer, d in vector.directions.items():
+        for layer, d in self.steered().directions.items():
             unit = (d / d.norm()).to(device)[None]
             if self.op == "ablate":
                 t = self.target[layer] if isinstance(self.target, Mapping) else self.target
@@ -144,9 +149,7 @@ class Mix:
         vector.check_model(self.model)
         coef = check_coef(f"coef for {name!r}", coef)
         layers = vector.select(layers).layers if layers is not None else None  # checked there
-        entry = MixEntry(vector, coef, layers)
-        entry.effective()  # coef * vector: a non-finite or too large delta is refused here
-        return entry
+        return MixEntry(vector, coef, layers)
 
     def set_coef(self, name: str, coef: float) -> None:
         """Change one vector's coefficient (the widget-slider path), atomically."""
@@ -261,9 +264,13 @@ class Mix:
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
-    def combined(self) -> SteeringVector | None:
-        """The whole mix as one vector (``None`` when empty)."""
-        return _sum(self.entries.values())
+    def combined(self, engine: Engine) -> SteeringVector | None:
+        """What the whole mix adds to ``engine`` at every step as one vector (``None`` when
+        it adds nothing: ablations, clamps and scheduled entries are not in it); at the
+        coefficient ``combined.push(engine.residual_norms)`` it adds exactly that."""
+        state = self.snapshot(engine)
+        adds = _sum_layers([additions(state.deltas)]) if state.deltas else None
+        return SteeringVector(adds, self.model, "mix") if adds else None
 
     def deltas(self, engine: Engine) -> LayerDeltas | None:
         """Per-layer deltas for ``engine`` (checked to be this mix's model), or ``None`` if empty."""
@@ -282,10 +289,12 @@ class Mix:
                 return cached[2]
             version = self._version
             entries = dict(self._entries)
+        norms = engine.residual_norms or residual.measure(engine)  # unknown only before
+        # this model's first forward, so on an empty cache, which measuring may empty again
         groups: dict[Schedule, list[MixEntry]] = {}
         for e in entries.values():
             groups.setdefault(e.schedule, []).append(e)
-        parts = {s: ops for s, es in groups.items() if (ops := _layer_ops(es, engine)) is not None}
+        parts = {s: ops for s, es in groups.items() if (ops := _layer_ops(es, norms, engine)) is not None}
         state = MixState(version, {n: e.coef for n, e in entries.items()}, parts.pop(ALWAYS, None),
                          tuple(parts.items()))
         with self._lock:
@@ -300,25 +309,41 @@ class Mix:
 
 
 def _check_total(entries: Mapping[str, MixEntry]) -> None:
-    """Refuse a mix whose entries together would add a non-finite or too large delta (the
-    sum is built as a vector, which checks it)."""
-    _sum(e for e in entries.values() if e.coef != 0)
+    """Refuse a mix whose entries together would add more than ``MAX_DELTA_RATIO`` typical
+    residual norms at a layer, where the model's norms are known (else the engine refuses
+    it before its forward). One entry cannot: it adds at most its coefficient at a layer,
+    and ``MAX_COEF`` is that bound."""
+    norms = residual.known(next(iter(entries.values())).vector.model) if entries else None
+    if norms is None:
+        return
+    total = _sum_layers(e.steered().deltas(e.coef, norms) for e in entries.values()
+                        if e.coef != 0 and e.op == "add")
+    for layer, delta in (total or {}).items():
+        size = float(delta.norm()) / norms[layer]
+        if size > residual.MAX_DELTA_RATIO:
+            names = ", ".join(f"{n} {e.coef:+g}" for n, e in entries.items())
+            raise BadArgumentError(
+                f"the mix ({names}) adds {size:.3g} typical residual norms at layer {layer} "
+                f"(the bound is {residual.MAX_DELTA_RATIO:g}); lower the coefficients.")
 
 
-def _sum(entries: Iterable[MixEntry]) -> SteeringVector | None:
-    """The sum of the additions among ``entries`` (ablations and clamps add nothing)."""
+def _sum_layers(parts: Iterable[dict[int, torch.Tensor]]) -> dict[int, torch.Tensor] | None:
+    """Per-layer sums of ``parts`` (``None`` when there are none)."""
     total = None
-    for e in entries:
-        if e.op == "add":
-            total = e.effective() if total is None else total + e.effective()
+    for part in parts:
+        if total is None:
+            total = dict(part)
+        else:
+            for layer, d in part.items():
+                total[layer] = total[layer] + d if layer in total else d
     return total
 
 
-def _layer_ops(entries: list[MixEntry], engine: Engine) -> LayerDeltas | None:
+def _layer_ops(entries: list[MixEntry], norms: Mapping[int, float], engine: Engine) -> LayerDeltas | None:
     """Per-layer deltas of ``entries`` for ``engine``: the additions summed (a tensor per
     layer, as always), with each ablation and clamp composed in, in the mix's order."""
-    total = _sum(e for e in entries if e.coef != 0)  # a zero adds nothing
-    ops: dict = total.deltas(1.0, engine.device, engine.dtype) if total is not None else {}
+    ops = _sum_layers(e.steered().deltas(e.coef, norms, engine.device, engine.dtype)
+                      for e in entries if e.coef != 0 and e.op == "add") or {}  # a zero adds nothing
     for e in entries:
         if e.op != "add":
             for layer, op in e.interventions(engine.device).items():

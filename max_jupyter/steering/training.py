@@ -3,20 +3,19 @@
 Each example is run alone through the engine (batch 1, so any backend works) and its
 residual at the last token is read at every requested layer. Per pair, ``diff = pos - neg``.
 
-Methods (``method=``), each named for what it computes:
+Methods (``method=``), each named for what it computes (the values per layer; a
+coefficient means the same push for any of them: ``SteeringVector.deltas``):
 
-- ``mean_diff``: the mean of the diffs. Coefficient 1 adds one average pair difference.
+- ``mean_diff``: the mean of the diffs.
 - ``svd_diff`` (the default; formerly called ``pca_diff``, which still selects it with a
   ``DeprecationWarning``): the first right-singular vector of the uncentred diffs — the
   same as centred PCA over the diffs with each pair's order randomised — scaled to the mean
-  projection of the diffs on it, so coefficient 1 is one typical pair difference, as for
-  ``mean_diff``; its sign makes that mean projection positive.
+  projection of the diffs on it (one typical pair difference, as ``mean_diff``); its sign
+  makes that mean projection positive.
 - ``pca_diff_unit``: repeng's ``ControlVector.train`` (its ``pca_diff``): the first
   principal component of the *centred* diffs, unit norm, sign as repeng fixes it (sklearn's
   convention, then flipped if more pairs project lower on the positive text than on the
-  negative). Coefficient 1 adds a unit-norm vector, so coefficients carry over from repeng
-  and llama.cpp unchanged; to match a ``svd_diff`` coefficient ``c`` at a layer, use about
-  ``c * svd_vector.norms()[layer]``.
+  negative). Its values equal repeng's, so they export to repeng and llama.cpp unchanged.
 """
 from __future__ import annotations
 
@@ -95,6 +94,22 @@ def read_last_token_states(engine: Engine, texts: Sequence[str], layers: Sequenc
         rows.append(torch.stack([hidden[l][-1].float().cpu() for l in layers]))
         if progress:
             progress(n + 1, len(texts))
+    engine.reset()
+    return torch.stack(rows)
+
+
+def read_reply_states(engine: Engine, texts: Sequence[str], layers: Sequence[int],
+                      prompt: str = "Write one sentence.") -> torch.Tensor:
+    """``[len(texts), len(layers), hidden]`` float32 CPU: per text, with it as the reply to
+    the chat ``prompt``, the mean of the residual over the text's tokens. This is where a
+    probe judge reads generated text (a bare sentence read at its last token sits far
+    from it), so a probe's threshold is calibrated on these. Side effect: resets the
+    engine's cache."""
+    head = engine.tokenizer.chat(prompt)
+    rows = []
+    for text in texts:
+        hidden = engine.prefill(head + engine.tokenizer.encode(text), capture=layers).hidden
+        rows.append(torch.stack([hidden[l][len(head):].float().mean(0).cpu() for l in layers]))
     engine.reset()
     return torch.stack(rows)
 

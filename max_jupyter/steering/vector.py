@@ -1,4 +1,5 @@
-"""``SteeringVector``: per-layer residual-stream directions that know their model.
+"""``SteeringVector``: per-layer residual-stream directions that know their model, and what a
+coefficient of one adds to the model (``deltas``: the coefficient scale, docs/vectors.md).
 
 Vectors are values: ``a + b``, ``a - b``, ``2 * a``, ``-a``, ``a / 2``, ``a.select([3, 4])``
 and ``a.normalized()`` return new vectors; nothing mutates. Combining vectors of different
@@ -21,7 +22,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from max_jupyter.engines.base import ModelIdentity
-from max_jupyter.engines.residual import check_delta_norms
+from max_jupyter.engines.residual import check_finite_norms
 from max_jupyter.errors import CorruptFileError, ModelMismatchError
 from max_jupyter.steering.storefile import payload_checksum
 from max_jupyter.validation import check_coef, check_layers, check_real, fail, show
@@ -34,11 +35,12 @@ class SteeringVector:
 
     ``layer`` i is the residual stream at the output of decoder block i. Construction
     checks the layers (ints in range), each direction's shape (exactly ``[hidden]``: a
-    ``[2, 288]`` tensor is refused, not flattened), finiteness, and copies the tensors. A
-    vector is what coefficient 1 adds, so each direction's norm must be finite and, where
-    the model's typical residual norms are known (``engines.residual``: after an engine of
-    it ran), within ``MAX_DELTA_RATIO`` times them; every sum, product and selection is
-    built here, so ``(v * 1e4) * 1e4`` is refused as it is made.
+    ``[2, 288]`` tensor is refused, not flattened), finiteness (also of each norm: every
+    sum, product and selection is built here, so ``(v * 1e30) * 1e30`` is refused as it is
+    made), and copies the tensors. The values stay as trained or imported (files and other
+    tools keep them raw), but their length does not steer: coefficient ``c`` adds ``c``
+    typical residual norms in all, shared by the layers as the values share it
+    (``deltas``), so ``2 * v`` steers as ``v`` does; give strength with the coefficient.
     """
 
     __slots__ = ("directions", "model", "label")
@@ -56,7 +58,7 @@ class SteeringVector:
         layers = check_layers(model, list(directions), "directions")
         self.directions = {layer: _direction(d, layer, model, label)
                            for layer, d in sorted(zip(layers, directions.values()), key=lambda p: p[0])}
-        check_delta_norms(model, self.directions, f"vector {label!r} (at coefficient 1)")
+        check_finite_norms(self.directions, f"vector {label!r}")
         self.model = model
         self.label = label
 
@@ -88,9 +90,9 @@ class SteeringVector:
         return self._combine(other, -1.0)
 
     def __mul__(self, coef: float) -> SteeringVector:
-        if not isinstance(coef, numbers.Real):  # bool is Real: refused by check_coef
+        if not isinstance(coef, numbers.Real):  # bool is Real: refused by check_real
             return NotImplemented
-        coef = check_coef("coefficient", coef)
+        coef = check_real("factor", coef)  # any finite factor: the values are not steered by length
         return SteeringVector({l: coef * d for l, d in self.directions.items()}, self.model,
                               f"{coef:g}*{self.label}")
 
@@ -123,11 +125,24 @@ class SteeringVector:
     def norms(self) -> dict[int, float]:
         return {l: float(d.norm()) for l, d in self.directions.items()}
 
-    def deltas(self, coef: float = 1.0, device: torch.device | str = "cpu",
+    def push(self, norms: Mapping[int, float]) -> float:
+        """How far the values as they are push a model whose typical residual norms are
+        ``norms`` (``engine.residual_norms``): ``sum |v_layer| / norms[layer]``, in typical
+        residual norms. It is the coefficient that adds the values unchanged, so a raw
+        coefficient ``r`` (repeng, llama.cpp) is the coefficient ``r * push(norms)``."""
+        return sum(float(d.norm()) / norms[l] for l, d in self.directions.items())
+
+    def deltas(self, coef: float, norms: Mapping[int, float], device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> dict[int, torch.Tensor]:
-        """``{layer: coef * direction}`` on ``device`` in ``dtype``, ready for an engine."""
+        """What coefficient ``coef`` adds to a model whose typical residual norms are
+        ``norms``: ``coef / push(norms)`` times the values, on ``device`` in ``dtype``. So
+        the layers together push ``coef`` typical residual norms (``|delta| / norm`` summed
+        over the layers), shared as the vector's own values share it, whatever the vector's
+        length: the coefficient scale of docs/vectors.md. A zero vector adds zeros."""
         coef = check_coef("coef", coef)
-        return {l: (coef * d).to(device, dtype) for l, d in self.directions.items()}
+        push = self.push(norms)
+        scale = coef / push if push > 0 else 0.0
+        return {l: (scale * d).to(device, dtype) for l, d in self.directions.items()}
 
     def checksum(self) -> str:
         """sha256 (hex) of the payload: each layer's index and float32 little-endian bytes

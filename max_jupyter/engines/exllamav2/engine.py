@@ -48,7 +48,8 @@ from collections.abc import Collection, Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from max_jupyter.engines.base import Engine, ForwardResult, ModelIdentity, embedding_fingerprint
+from max_jupyter.engines.base import BatchEngine, ForwardResult, ModelIdentity, embedding_fingerprint
+from max_jupyter.engines.exllamav2.batch import DirectBatch
 from max_jupyter.engines.exllamav2.folder import import_exllamav2, read_raw_config
 from max_jupyter.engines.exllamav2.plan import (
     BUCKET,
@@ -120,13 +121,14 @@ def load_pair(big: str | os.PathLike, small: str | os.PathLike, max_vram_gb: flo
     return b, s, plan
 
 
-class ExLlamaV2Engine(Engine):
+class ExLlamaV2Engine(BatchEngine):
     """Engine over a loaded ``ExLlamaV2`` model and its fp16 ``ExLlamaV2Cache`` (batch 1, GPU 0).
 
     ``use_graphs``: replay CUDA graphs of decode steps and verify passes (quantised models
     only). Attribute ``direct``: one-token steps and verifies of up to ``MAX_DIRECT_ROWS``
     tokens take the direct path (on for quantised models on sm80+ GPUs); set it False to
-    run them through exllamav2's own modules.
+    run them through exllamav2's own modules. Its batch cache is a ``DirectBatch``
+    (engines/exllamav2/batch.py), on the direct path only (``supports_batch``).
     """
 
     supports_verify = True
@@ -171,6 +173,7 @@ class ExLlamaV2Engine(Engine):
         self._pool = torch.cuda.graph_pool_handle()
         self._stream = torch.cuda.Stream(self.device)  # direct passes run here, see _direct
         self._after_modules = True  # the last cache writes were on the caller's stream
+        self._batch: DirectBatch | None = None
 
     @classmethod
     def load(cls, folder: str | os.PathLike, max_vram_gb: float | None = None,
@@ -207,7 +210,7 @@ class ExLlamaV2Engine(Engine):
     def unload(self) -> None:
         """Free the weights, the cache and the graphs (the engine is unusable afterwards)."""
         self._graphs.clear()
-        self.cache = None
+        self.cache = self._batch = None
         self.model.unload()
         torch.cuda.empty_cache()
 
@@ -259,38 +262,39 @@ class ExLlamaV2Engine(Engine):
         return self._head.forward(self._norm.forward(rows))[..., :self.identity.vocab_size]
 
     def _forward_modules(self, ids: list[int], deltas: dict[int, torch.Tensor],
-                         capture: frozenset[int], all_rows: bool = False) -> ForwardResult:
+                         capture: frozenset[int], all_rows: bool = False, cache=None) -> ForwardResult:
         """exllamav2's modules in order, in chunks of ``max_input_len``, with a causal mask;
-        ``all_rows`` keeps every position's logits (``all_logits``).
+        ``all_rows`` keeps every position's logits (``all_logits``); ``cache``: another
+        batch-1 cache than the engine's (a slot of the batch cache).
 
         Its attention calls torch SDPA, kept off cuDNN here (cuDNN re-plans for every new KV
         length, ~40 ms each); the setting is scoped to this call, not the process.
         """
         with sdpa_kernel(SDPA_BACKENDS):
-            return self._run_modules(ids, deltas, capture, all_rows)
+            return self._run_modules(ids, deltas, capture, all_rows, self.cache if cache is None else cache)
 
     def _run_modules(self, ids: list[int], deltas: dict[int, torch.Tensor],
-                     capture: frozenset[int], all_rows: bool) -> ForwardResult:
+                     capture: frozenset[int], all_rows: bool, cache) -> ForwardResult:
         torch.cuda.current_stream().wait_stream(self._stream)  # earlier steps' cache writes
         self._after_modules = True
         captured: dict[int, list[torch.Tensor]] = {i: [] for i in capture}
         logits: list[torch.Tensor] = []  # [1, rows, vocab] per chunk
         for start in range(0, len(ids), self._max_input_len):
             part = ids[start:start + self._max_input_len]
-            n, past = len(part), self.seq_len
+            n, past = len(part), cache.current_seq_len
             x = self._embed(part)  # [1, n, hidden]
             params = self._params_cls(1, n, past, None, None)
             if n > 1:  # 0.3.2's SDPA path would otherwise attend to later positions
                 params.block_diag_mask = torch.ones(n, past + n, dtype=torch.bool,
                                                     device=self.device).tril(past)  # [n, past + n]
             for i, (attn, mlp) in enumerate(self._blocks):
-                x = attn.forward(x, cache=self.cache, attn_params=params, past_len=past)
-                x = mlp.forward(x, cache=self.cache, attn_params=params, past_len=past)
+                x = attn.forward(x, cache=cache, attn_params=params, past_len=past)
+                x = mlp.forward(x, cache=cache, attn_params=params, past_len=past)
                 if i in deltas:
                     x = apply(x, deltas[i])  # an add, or an Intervention
                 if i in capture:
                     captured[i].append(x[0].clone())  # [n, hidden]
-            self.cache.current_seq_len = past + n
+            cache.current_seq_len = past + n
             if all_rows:
                 logits.append(self._logits(x, all_rows=True))
         hidden = {i: torch.cat(rows) for i, rows in captured.items()}
@@ -412,6 +416,52 @@ class ExLlamaV2Engine(Engine):
             if i in capture:
                 hidden[i] = x[0].clone()  # [n, hidden]
         return self._logits(x, all_rows), hidden
+
+
+    # The batch cache (a DirectBatch) -------------------------------------------------------
+
+    @property
+    def supports_batch(self) -> bool:
+        """Batches run on the direct path (quantised models on sm80+ GPUs)."""
+        return self.direct
+
+    @property
+    def batch_lengths(self) -> dict[int, int]:
+        batch = self._batch
+        return {r: batch.lengths[r] for r in batch.live} if batch is not None else {}
+
+    def reset_batch(self) -> None:
+        self._batch = None  # its cache and graphs go back to torch's allocator
+
+    @torch.inference_mode()
+    def _prefill_batch(self, prompts: list[list[int]], deltas: list[dict[int, torch.Tensor]],
+                       capture: frozenset[int], capacity: int) -> list[ForwardResult]:
+        self._batch = DirectBatch(self, len(prompts), capacity)
+        return self._batch.prefill(prompts, deltas, capture)
+
+    @torch.inference_mode()
+    def _step_batch(self, rows: list[int], tokens: list[int], deltas: list[dict[int, torch.Tensor]],
+                    capture: frozenset[int]) -> list[ForwardResult]:
+        try:
+            return self._batch.step(tokens, deltas, capture)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()  # the batch is as before: its lengths move only on success
+            raise
+
+    def _drop_rows(self, rows: frozenset[int]) -> None:
+        self._batch.live = [r for r in self._batch.live if r not in rows]
+
+    def _row_bytes(self, length: int) -> int:
+        return DirectBatch.row_bytes(self, length)
+
+    def _free_bytes(self) -> int:
+        """Free device memory, within the cap ``load_engines`` put on torch's allocator
+        (memory torch holds but does not use counts as free)."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        allocated, reserved = torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(self.device)
+        cap = fraction * total
+        return max(0, int(min(free + reserved - allocated, cap - allocated)))
 
 
 def _has_flash_decode() -> bool:

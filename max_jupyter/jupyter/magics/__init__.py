@@ -9,7 +9,7 @@ a bad option) show as one-line ``UsageError``s; anything else keeps its tracebac
 
 ``MaxMagics`` holds the traits and the state (the session, the server) and routes: each
 magic is one function of its module (``load``, ``generate``, ``steer``, ``judge``,
-``sweep``, ``serve``), taking the magics first; the sub-commands of ``%max_steer`` and
+``sweep``, ``serve``, ``evaluate``), taking the magics first; the sub-commands of ``%max_steer`` and
 ``%max_judge`` are listed in ``SUBCOMMANDS``.
 """
 from __future__ import annotations
@@ -21,13 +21,13 @@ from traitlets import Bool, Float, Integer, TraitError, Unicode, validate
 from traitlets.config import Configurable
 
 from max_jupyter.errors import MaxJupyterError, did_you_mean
-from max_jupyter.jupyter.magics import generate, judge, load, serve, steer, sweep
+from max_jupyter.jupyter.magics import evaluate, generate, judge, load, serve, steer, sweep
 from max_jupyter.jupyter.magics.arguments import usage_errors
 from max_jupyter.jupyter.steerspec import parse_layers
 from max_jupyter.orchestrator.speculative import MAX_SPECULATE
 
 SUBCOMMANDS = {
-    "steer": {"list": steer.list_vectors, "show": steer.show, "train": steer.train,
+    "steer": {"list": steer.list_vectors, "concepts": steer.concepts, "show": steer.show, "train": steer.train,
               "on": steer.on, "off": steer.off, "set": steer.set_, "mix": steer.mix, "mixer": steer.mixer,
               "save": steer.save, "load": steer.load, "rm": steer.rm,
               "import": steer.import_, "export": steer.export, "search": steer.search},
@@ -63,6 +63,7 @@ class MaxMagics(Magics, Configurable):
     max_judge = line_magic(judge.max_judge)
     max_sweep = line_cell_magic(sweep.max_sweep)
     max_serve = line_magic(serve.max_serve)
+    max_eval = line_magic(evaluate.max_eval)
 
     @validate("top_p")
     def _check_top_p(self, proposal):

@@ -32,6 +32,8 @@ def generation_options(magics, args, session) -> GenerationOptions:
         opts["steering"] = parse_expression("; ".join(args.steer), "--steer")  # names: at start
     if args.judge:
         opts["judges"] = judge_names(args.judge)
+    if getattr(args, "probe", None):
+        opts["probes"] = args.probe
     opts["trace"] = trace_config(magics, args, session)
     return session.defaults.replace(**opts)
 
@@ -80,6 +82,9 @@ def judge_names(names: Sequence[str]) -> list[str]:
                "(repeatable: the clauses add up; quote an expression that has spaces).")
 @argument("--judge", action="append", default=[], metavar="NAME",
           help="Use only these judges (repeatable; 'none': no judges; default: all of the session's).")
+@argument("--probe", action="append", default=[], metavar="CONCEPT",
+          help="Read the text with this library concept's probe after every token "
+               "(r.probe_scores; repeatable).")
 @argument("--capture", default=None, metavar="LAYERS",
           help="Big-model layers whose states to keep per step, e.g. 12-15 or 10,14.")
 @argument("--capture-small", default=None, metavar="LAYERS", help="Small-model layers to keep.")

@@ -21,8 +21,8 @@ from max_jupyter.jupyter.steerspec import SteerTerm, lookup_vector, spec_mix
 
 
 @magic_arguments()
-@argument("command",
-          help="list | show | train | on | off | set | mix | mixer | save | load | rm | import | export | search")
+@argument("command", help="list | concepts | show | train | on | off | set | mix | mixer | save | load | rm | "
+                          "import | export | search")
 @argument("args", nargs="*", help="The subcommand's arguments (NAME, COEF, FILE, ...).")
 @argument("--pos", default=None, help="train: positive examples, $variable (a list) or a file.")
 @argument("--neg", default=None, help="train: negative examples, $variable (a list) or a file.")
@@ -35,8 +35,8 @@ from max_jupyter.jupyter.steerspec import SteerTerm, lookup_vector, spec_mix
 @argument("--active", action="store_true",
           help="search: the stored vectors nearest to each step of the last result.")
 def max_steer(magics, line: str = ""):
-    """Vectors and the live mix: list, show, train, on, off, set EXPRESSION, mix, save,
-    load, rm, import, export, search (``%max_steer COMMAND ...``)."""
+    """Vectors and the live mix: list, concepts, show, train, on, off, set EXPRESSION, mix,
+    save, load, rm, import, export, search (``%max_steer COMMAND ...``)."""
     tokens = [t if t.startswith(("--pos=", "--neg=")) else magics.expand(t) for t in
               _glue_examples(split_line(line))]
     return magics.route("steer", parse_tokens(max_steer, tokens))
@@ -74,6 +74,14 @@ def list_vectors(magics, args):
     from max_jupyter.jupyter.listing import vector_table
 
     return vector_table(session)
+
+
+def concepts(magics, args):
+    positional(args, [])
+    from max_jupyter.jupyter.listing import concept_table
+
+    return concept_table(magics.session if magics.session is not None and not magics.session.closed
+                         else None)
 
 
 def show(magics, args):
@@ -158,11 +166,13 @@ def save(magics, args):
         session.vectors.save_mix(name, expression, session.big.identity)
         print(f"saved the live mix as {name!r}: {expression}")
         return
-    vector = session.mix.combined()
+    vector = session.mix.combined(session.big)
     if vector is None:
         raise UsageError("this library keeps vectors only; the live mix adds nothing to sum into one.")
     session.vectors[name] = vector
-    print(f"saved the live mix ({mix_line(session.mix)}) as {name!r}")
+    push = vector.push(session.big.residual_norms)
+    print(f"saved the live mix ({mix_line(session.mix)}) as {name!r}; "
+          f"%max_steer on {name} {push:.2f} adds the same")
 
 
 def load(magics, args):
