@@ -18,6 +18,7 @@ from max_jupyter.evaluation.result import Evaluation
 from max_jupyter.handle import CallJob, GenerationHandle
 from max_jupyter.loading import Source, check_sources, load_models
 from max_jupyter.orchestrator.cognitive import CognitiveOrchestrator, PreparedRun, check_judges_fit
+from max_jupyter.orchestrator.gates import CompiledSteering, compile_steering
 from max_jupyter.orchestrator.judges import Judge
 from max_jupyter.orchestrator.mirror import ContextMirror, shares_vocabulary
 from max_jupyter.orchestrator.options import CallSteering, GenerationOptions, merge_options
@@ -25,6 +26,7 @@ from max_jupyter.orchestrator.trace import GenerationResult, StepEvent
 from max_jupyter.orchestrator.types import Prompt, as_mix, run_to_end
 from max_jupyter.steering.concepts import concept, concept_layers, is_concept
 from max_jupyter.steering.concepts import library as concept_library
+from max_jupyter.steering.expression import Expression, render
 from max_jupyter.steering.mix import Mix
 from max_jupyter.steering.probe import ConceptProbe, fit_probe
 from max_jupyter.steering.vector import SteeringVector
@@ -55,6 +57,7 @@ class Session:
         self.vectors: MutableMapping[str, SteeringVector] = {} if vectors is None else vectors
         self.judges: dict[str, Judge] = {}
         self._judge_mixes: set[str] = set()  # the mixes add_judge added, while a judge uses them
+        self._gates: list[str] = []  # the judges of the gates of the expression steer() set
         self._defaults = GenerationOptions()
         self.last: GenerationResult | None = None
         self._started: GenerationHandle | None = None  # the last generation started
@@ -257,7 +260,7 @@ class Session:
             if o.probes:
                 raise BadArgumentError(f"options of prompts[{i}]: probes= reads a generation of "
                                        f"generate() or start(); leave it out of a batch.")
-            orchestrator = CognitiveOrchestrator(self._big, steering=[self.mix, self._call_steering(o.steering)])
+            orchestrator = CognitiveOrchestrator(self._big, steering=[self.mix, self._row_steering(o.steering, i)])
             try:
                 rows.append((orchestrator, orchestrator.prepare(prompt, o)))
             except (BadArgumentError, ContextOverflowError) as e:
@@ -282,9 +285,13 @@ class Session:
         judges = self._judges(options.judges)
         small = self._small if (options.mirror or any(j.needs_small or j.small_model for j in judges)) \
             else None
-        orchestrator = CognitiveOrchestrator(
-            self._big, small, judges, mixes=self.mixes,
-            steering=[self.mix, self._call_steering(options.steering)])
+        steering, mixes = self._call_steering(options.steering), self.mixes
+        if isinstance(steering, CompiledSteering):  # its gates judge this call too
+            judges, mixes = [*judges, *steering.judges], {**mixes, **steering.mixes}
+            small = small or (self._small if steering.judges else None)
+            steering = steering.mix
+        orchestrator = CognitiveOrchestrator(self._big, small, judges, mixes=mixes,
+                                             steering=[self.mix, steering])
         return orchestrator, orchestrator.prepare(prompt, options)
 
     def _judges(self, judges: tuple[str | Judge, ...] | None) -> list[Judge]:
@@ -302,15 +309,88 @@ class Session:
             chosen.append(judge)
         return chosen
 
-    def _call_steering(self, steering: CallSteering) -> Mix | SteeringVector | None:
+    def _row_steering(self, steering: CallSteering, i: int) -> Mix | SteeringVector | None:
+        """A batch row's own steering: additions only (a batch adds per row; ablations,
+        clamps and gates need ``generate``), refused before anything runs."""
+        steering = self._call_steering(steering)
+        if isinstance(steering, CompiledSteering):
+            if steering.judges:
+                raise BadArgumentError(f"steering of prompts[{i}]: a batch runs no judges, so no "
+                                       f"gate (@when); use generate() for this prompt.")
+            steering = steering.mix
+        for mix in (self.mix, steering):
+            if isinstance(mix, Mix) and any(e.op != "add" for e in mix.entries.values()):
+                raise BadArgumentError(f"steering of prompts[{i}]: a batch only adds; an ablation or "
+                                       f"clamp (!name, name[lo,hi]) needs generate().")
+        return steering
+
+    def _call_steering(self, steering: CallSteering) -> Mix | SteeringVector | CompiledSteering | None:
         """A call's own steering (checked by ``GenerationOptions``) as a mix or vector: a
-        {vector name: coefficient} mapping becomes a mix of the library's vectors."""
+        {vector name: coefficient} mapping becomes a mix of the library's vectors, an
+        expression its compiled mixes and gate judges."""
         if steering is None or isinstance(steering, (Mix, SteeringVector)):
             return steering
+        if isinstance(steering, Expression):
+            return self.compile(steering)
         mix = Mix(self._big.identity)
         for name, coef in steering.items():
             mix.set(name, self.vector(name), coef)
         return mix
+
+    # Steering expressions ----------------------------------------------------------------
+
+    def compile(self, expression: str | Expression, what: str = "steering") -> CompiledSteering:
+        """``expression`` (docs/steering.md) resolved against the library for the big model:
+        its ungated clauses as one mix, each gate as a named mix and its judge. Measures the
+        means an ``=mean`` ablation needs (``means``). ``BadArgumentError`` with the column."""
+        small = self._small.identity if self._small is not None else None
+        return compile_steering(expression, self.vectors_and_concepts, self._big.identity, small,
+                                self.means, what)
+
+    def steer(self, expression: str | Expression | None, what: str = "steering") -> CompiledSteering | None:
+        """Make ``expression`` the live mix (all of it at once) and its gates the session's
+        judges (replacing the gates of the expression steered before); checked first, so a
+        refused expression changes nothing. None or blank text: an empty live mix, no gates."""
+        blank = expression is None or isinstance(expression, str) and not expression.strip()
+        compiled = None if blank else self.compile(expression, what)
+        for name in self._gates:
+            self.remove_judge(name)
+        self._gates = []
+        if compiled is None:
+            self.mix.clear()
+            return None
+        for judge in compiled.judges:
+            mix_name = judge.turns_on[0]
+            self.add_judge(judge.name, judge, {mix_name: compiled.mixes[mix_name]})
+            self._gates.append(judge.name)
+        self.mix.assign(compiled.mix.entries)
+        return compiled
+
+    def expression(self) -> str:
+        """The live mix and its gates (``steer``) written as one expression (``""``: none)."""
+        clauses = [render(self.mix.entries)] if len(self.mix) else []
+        for name in self._gates:
+            judge = self.judges[name]
+            clauses.append(f"{render(self.mixes[judge.turns_on[0]].entries)} {name.split('#')[0]}")
+        return "; ".join(clauses)
+
+    def means(self, name: str, vector: SteeringVector) -> dict[int, float]:
+        """The ablation means of the library's vector ``name`` (``steering.means``): known
+        in this process, else stored with it, else measured once on the worker (after the
+        jobs before it) and stored with it where the library is a ``VectorStore``."""
+        from max_jupyter.steering.means import known_means, measure_means, remember
+
+        got = known_means(vector)
+        if got is not None:
+            return got
+        store = self.vectors if callable(getattr(self.vectors, "save_means", None)) else None
+        stored = store.means(name) if store is not None and name in store else None
+        if stored is not None and set(stored) >= set(vector.layers):
+            return remember(vector, stored)
+        means = self.run(lambda s: measure_means(s.big, vector))
+        if store is not None and name in store and store[name].checksum() == vector.checksum():
+            store.save_means(name, means)
+        return means
 
     # Judges and the mixes they turn on --------------------------------------------------
 

@@ -385,20 +385,20 @@ def test_steer_on_off_mix_save_load_rm(shell, session, capsys):
     capsys.readouterr()
     run(shell, "%max_steer mix")
     assert capsys.readouterr().out.strip() == "live mix: happy +0.8 @12,13; joy -0.5"
-    run(shell, "%max_steer save combo")
-    combo = session.vectors["combo"]
-    happy, joy = session.vectors["happy"].select([12, 13]), session.vectors["joy"]
-    norms = session.big.residual_norms
-    torch.testing.assert_close(combo.directions[12],  # what the mix added
-                               happy.deltas(0.8, norms)[12] + joy.deltas(-0.5, norms)[12])
+    run(shell, "%max_steer save combo")  # a saved mix is its expression
+    assert session.vectors.load_mix("combo")[0] == "0.8*happy@12,13 - 0.5*joy"
     run(shell, "%max_steer off joy")
     assert list(session.mix.entries) == ["happy"]
     run(shell, "%max_steer off")
     assert len(session.mix) == 0
     run(shell, "%max_steer load combo")
-    assert list(session.mix.entries) == ["combo"] and session.mix.entries["combo"].coef == 1.0
-    run(shell, "%max_steer rm combo")
-    assert "combo" not in session.vectors
+    entries = session.mix.entries
+    assert [(n, e.coef, e.layers) for n, e in entries.items()] == [("happy", 0.8, (12, 13)), ("joy", -0.5, None)]
+    session.vectors["combo_vector"] = session.vectors["happy"]
+    run(shell, "%max_steer load combo_vector")  # a vector, not a saved mix: it alone at 1
+    assert list(session.mix.entries) == ["combo_vector"] and session.mix.entries["combo_vector"].coef == 1.0
+    run(shell, "%max_steer rm combo_vector")
+    assert "combo_vector" not in session.vectors
 
 
 def test_steer_export_import_gguf(shell, session, tmp_path):
@@ -582,9 +582,10 @@ def test_spec_parser(spec, terms):
 
 
 @pytest.mark.parametrize("spec,error", [
-    ("", "empty spec at column 1"), ("joy:", "expected a coefficient after ':'"),
-    ("joy joy", "expected '+' or '-' between terms"), ("joy@16-12", "runs backwards"),
-    ("0.5*joy:2", "given twice"), ("joy@1.5", "not a whole number"), ("j!oy", "unexpected '!' at column 2"),
+    ("", "empty expression at column 1"), ("joy:", "expected a coefficient after ':'"),
+    ("joy joy", "after a term, found 'joy' at column 5"), ("joy@16-12", "runs backwards"),
+    ("0.5*joy:2", "given twice"), ("joy@1.5", "not a whole number"), ("j!oy", "found '!' at column 2"),
+    ("j#oy", "unexpected '#' at column 2"),
 ])
 def test_spec_parser_errors_are_one_line(spec, error):
     from max_jupyter.errors import BadArgumentError
@@ -661,3 +662,65 @@ def test_refused_judge_leaves_no_mix_behind(shell, session, capsys):
     """A %max_judge refused after its --steer mix was made takes that mix away again."""
     fails(shell, capsys, "%max_judge probe happy --threshold 1 --steer happy:0.5 --layer 3")
     assert session.mixes == {} and session.judges == {}
+
+
+# ---------------------------------------------------------------- one expression, every path
+
+EXPRESSION = "0.8 happy @response; !happy@12 @first:6; 0.5 happy @when:happy>0.5"
+
+
+def test_one_expression_gives_the_same_tokens_through_python_the_magic_the_mixer_and_http(shell, session):
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from max_jupyter.jupyter.mixer import Mixer
+    from max_jupyter.server import BackgroundServer
+    from max_jupyter.server.background import DEFAULT_MODEL_NAME
+
+    prompt = "Tell me about your morning."
+    messages = [{"role": "user", "content": prompt}]
+    python = session.generate(messages, max_new_tokens=10, temperature=0, steering=EXPRESSION)
+    steps = python.steps
+    assert all(step.interventions[12].startswith("ablate1") for step in steps[:6])  # @first:6
+    assert all("ablate" not in label for step in steps[6:] for label in step.interventions.values())
+    assert 10 not in steps[0].interventions or steps[0].mixes_on  # @response: the prompt only by the gate
+    assert all(step.interventions[10] == "add" for step in steps[1:])
+    run(shell, f'%%max_generate -n 10 --temperature 0 --steer "{EXPRESSION}"\n{prompt}')
+    assert session.last.token_ids == python.token_ids
+    mixer = Mixer(session)
+    try:
+        mixer.expression.value = EXPRESSION
+        assert mixer.expression_error.value == ""
+        assert session.expression() == "0.8*happy @response; !happy@12 @first:6; 0.5*happy @when:happy>0.5"
+        mixed = session.generate(messages, max_new_tokens=10, temperature=0)
+        mixer.expression.value = "0.8 happy + sad"
+        assert "unknown vector &#x27;sad&#x27;" in mixer.expression_error.value
+        assert "at column 13" in mixer.expression_error.value
+        mixer.expression.value = ""
+        assert len(session.mix) == 0 and not session.judges
+    finally:
+        mixer.close()
+    assert mixed.token_ids == python.token_ids
+    server = BackgroundServer(session, port=0, api_key="k")
+    server.start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=messages, max_tokens=10,
+                                               temperature=0, extra_body={"steering": EXPRESSION})
+        assert session.last.token_ids == python.token_ids
+        assert reply.choices[0].message.content == python.text
+        with pytest.raises(openai.BadRequestError, match="column 13"):
+            client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=messages, max_tokens=4,
+                                           extra_body={"steering": "0.8 happy + sad"})
+    finally:
+        server.stop()
+
+
+def test_max_steer_set_save_and_load_keep_a_mix_as_its_expression(shell, session, capsys):
+    run(shell, "%max_steer set 0.5 happy @response; !happy@12")
+    assert session.expression() == "0.5*happy @response; !happy@12"
+    run(shell, "%max_steer save calm_reply")
+    assert session.vectors.load_mix("calm_reply")[0] == "0.5*happy @response; !happy@12"
+    run(shell, "%max_steer off")
+    run(shell, "%max_steer load calm_reply")
+    assert session.expression() == "0.5*happy @response; !happy@12"
+    assert "at column 9" in fails(shell, capsys, "%max_steer set happy + sad")

@@ -504,7 +504,8 @@ def test_migration_2_fills_in_the_checksums_of_an_older_store(tmp_path):
         assert same(s["happy"], seeded("happy"))
         with s._transaction() as c:
             assert c.execute("SELECT sha256 FROM vectors").fetchone()[0] == seeded("happy").checksum()
-            assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+            assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+            assert c.execute("SELECT means FROM vectors").fetchone()[0] is None  # migration 3
         s.rebuild_index()
         s.check()
 

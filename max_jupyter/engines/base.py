@@ -15,15 +15,17 @@ from typing import TYPE_CHECKING
 import torch
 
 import max_jupyter.engines.residual as residual
+from max_jupyter.engines.intervention import Intervention, additions, check_ops
 from max_jupyter.errors import BackendUnavailableError, BadArgumentError, ContextOverflowError
 from max_jupyter.validation import check_deltas, check_hidden_rows, check_int, check_layers, check_token_ids, fail
 
 if TYPE_CHECKING:
     from max_jupyter.tokenizer import Tokenizer
 
-LayerDeltas = Mapping[int, torch.Tensor]
-"""Per-layer additive deltas: layer -> ``[hidden]`` tensor (moved to the engine's device and
-dtype if elsewhere)."""
+LayerDeltas = Mapping[int, torch.Tensor | Intervention]
+"""Per-layer steering: layer -> a ``[hidden]`` tensor to add, or an ``Intervention``
+(ablation, clamp and add; engines/intervention.py) where the engine
+``supports_interventions``; moved to the engine's device and dtype if elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,9 @@ class Engine(ABC):
     its work runs concurrently with another engine's (reading ``logits``, ``all_logits`` or
     ``hidden`` synchronises). A caller may then issue this engine's pass, do other work, and
     rewind it if not wanted."""
+    supports_interventions: bool = False
+    """``deltas`` may hold ``Intervention`` values (else only tensors to add;
+    ``BackendUnavailableError`` before any compute)."""
     supports_batch: bool = False
     """The engine is a ``BatchEngine``: it runs a batch of sequences (``prefill_batch``,
     ``step_batch``); callers run a batch's rows one after another on others."""
@@ -191,14 +196,19 @@ class Engine(ABC):
                  from_empty: bool) -> tuple[list[int], dict[int, torch.Tensor], frozenset[int]]:
         """The contract's checks; returns the arguments normalised for ``_forward``."""
         ids = check_token_ids("ids", ids, self.identity.vocab_size)
-        checked = check_deltas(self.identity, deltas)
+        checked = check_ops(self.identity, deltas)
         layers = frozenset(check_layers(self.identity, capture, "capture"))
         check_room(self, len(ids), from_empty)
+        added = additions(checked)  # the bound applies to what is added
+        if not self.supports_interventions and any(isinstance(op, Intervention) for op in checked.values()):
+            raise BackendUnavailableError(
+                f"{type(self).__name__} only adds deltas (no ablation or clamp); steer it with "
+                f"additions only, or use the transformers backend.")
         if from_empty or self.seq_len == 0:  # the cache may be emptied: measure once per model
             residual.measure(self)
-        if checked and not residual.same_deltas(checked, self._bounded):  # once per mix change
-            residual.check_delta_norms(self.identity, checked, "deltas")
-            self._bounded = residual.deltas_key(checked)
+        if added and not residual.same_deltas(added, self._bounded):  # once per mix change
+            residual.check_delta_norms(self.identity, added, "deltas")
+            self._bounded = residual.deltas_key(added)
         device, dtype = self.device, self.dtype
         return ids, {i: d if d.device == device and d.dtype == dtype else d.to(device, dtype)
                      for i, d in checked.items()}, layers

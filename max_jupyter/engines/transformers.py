@@ -1,6 +1,6 @@
 """Reference backend on HF transformers (CPU, or CUDA where present).
 
-Deltas and captures go through one forward hook per decoder block, registered once; a
+Deltas (additions or ``Intervention``s) and captures go through one forward hook per decoder block, registered once; a
 hook does nothing unless the current forward asked for its layer. The KV cache is a
 ``DynamicCache``; ``_rewind`` crops it.
 """
@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from max_jupyter.engines.base import BatchEngine, ForwardResult, LayerDeltas, ModelIdentity, embedding_fingerprint
+from max_jupyter.engines.intervention import apply
 from max_jupyter.engines.padded import PaddedBatch
 from max_jupyter.models import resolve_hf_folder
 from max_jupyter.tokenizer import Tokenizer
@@ -25,6 +26,7 @@ class TransformersEngine(BatchEngine):
     its batch cache is a ``PaddedBatch`` (engines/padded.py)."""
 
     supports_verify = True
+    supports_interventions = True
 
     def __init__(self, model: PreTrainedModel, tokenizer: Tokenizer, max_seq_len: int | None = None):
         self.model = model.eval()
@@ -73,7 +75,7 @@ class TransformersEngine(BatchEngine):
                 return None
             hidden = output[0] if isinstance(output, tuple) else output  # [1, n, hidden]
             if i in self._deltas:
-                hidden = hidden + self._deltas[i]
+                hidden = apply(hidden, self._deltas[i])  # an add, or an Intervention
             if i in self._capture:
                 self._captured[i] = (hidden if self._batched else hidden[0]).detach().clone()  # [n, hidden]
             if i not in self._deltas:

@@ -4,7 +4,10 @@ Each row has an on/off box, a coefficient slider and a layer choice. A widget ch
 writes the mix (``set`` / ``set_coef`` / ``remove``: thread-safe, applied from the next
 step of a running generation) and does nothing else; a change of the mix made anywhere
 else (code, ``%max_steer``) reaches the rows through the mix's listener and moves them.
-A header holds a Stop button and the step of the Mixer's own generation (``handle``, or
+A text field beside the rows takes a steering expression (docs/steering.md): pressing Enter
+makes it the live mix (``Session.steer``: ablations, phases and gates included; blank: an
+empty mix), and the rows move to it; a bad expression changes nothing and its error (with the column) shows
+beside the field. A header holds a Stop button and the step of the Mixer's own generation (``handle``, or
 ``follow(handle)``; none for a Mixer made alone), read from the handle's event pump. A small
 watcher thread adds rows for vectors new to the library and, once the session is closed
 (``%max_load`` again), disables the Mixer and says so.
@@ -22,7 +25,7 @@ from collections.abc import Callable, Iterable
 
 import ipywidgets as widgets
 
-from max_jupyter.errors import ModelMismatchError
+from max_jupyter.errors import MaxJupyterError, ModelMismatchError
 from max_jupyter.jupyter.fallback import ShownWithFallback, StaticFallback
 from max_jupyter.steering.mix import Mix, MixEntry
 from max_jupyter.steering.vector import SteeringVector
@@ -123,6 +126,9 @@ class MixerRow(widgets.HBox):
                     self.layer.options = [*self.layer.options, (",".join(map(str, layers)), layers)]
                 self.layer.value = layers
             self.on.value = entry is not None
+            # an ablation or clamp (from an expression) has no coefficient or layer to slide
+            fixed = entry is not None and entry.op != "add"
+            self.coef.disabled = self.layer.disabled = fixed or self.on.disabled
         finally:
             self._showing = False
 
@@ -161,10 +167,18 @@ class Mixer(ShownWithFallback, widgets.VBox):
         self.stop_button.on_click(self._stop)
         self.status = widgets.HTML("no generation")
         self.status.add_class("max-mixer-status")
+        self.expression = widgets.Text(value="", placeholder="0.3 joy - 0.2 verbose @response; !refusal",
+                                       description="steer", continuous_update=False,
+                                       layout=widgets.Layout(width="480px"))
+        self.expression.add_class("max-mixer-expression")
+        self.expression.observe(self._steer, names="value")
+        self.expression_error = widgets.HTML("")
+        self.expression_error.add_class("max-mixer-expression-error")
         self._rows_box = widgets.VBox()
         self._refreshing = threading.RLock()
         self._library_size = 0
-        super().__init__([widgets.HBox([self.stop_button, self.status]), self._rows_box])
+        super().__init__([widgets.HBox([self.stop_button, self.status]),
+                          widgets.HBox([self.expression, self.expression_error]), self._rows_box])
         self.add_class("max-mixer")
         self.refresh()
         session.mix.add_listener(self._on_mix)
@@ -214,6 +228,15 @@ class Mixer(ShownWithFallback, widgets.VBox):
             return
         for name, row in self.rows.items():
             row.show(entries.get(name))
+
+    def _steer(self, change: dict) -> None:
+        """The text field's expression -> the live mix (its error shown, nothing changed)."""
+        try:
+            self.session.steer(change["new"], "the Mixer's expression")  # blank: an empty mix
+        except MaxJupyterError as e:
+            self.expression_error.value = f'<span style="color:#b00">{html.escape(str(e))}</span>'
+            return
+        self.expression_error.value = ""
 
     def _stop(self, _button: widgets.Button) -> None:
         if self.handle is not None:

@@ -70,7 +70,7 @@ def generate_batch(engine: Engine, rows: Sequence[Row], abort: threading.Event,
 def _prefill(engine: BatchEngine, live: dict[int, Row]) -> dict[int, tuple]:
     """The batch's prefill (each row steered as its loop steers step 0); row -> (its
     output, deltas, live coefficients)."""
-    steering = {i: o.resolver.resolve(NO_MIXES) if run.steer_prompt else (None, {})
+    steering = {i: o.resolver.resolve(NO_MIXES, 0) if run.steer_prompt else (None, {})
                 for i, (o, run) in live.items()}
     capture = sorted({layer for _, run in live.values() for layer in run.capture})
     outs = engine.prefill_batch([run.result.prompt_ids for _, run in live.values()],
@@ -81,7 +81,7 @@ def _prefill(engine: BatchEngine, live: dict[int, Row]) -> dict[int, tuple]:
 
 def _step(engine: BatchEngine, live: dict[int, Row]) -> dict[int, tuple]:
     """One token for every live row, each with its own steering as resolved now."""
-    steering = {i: o.resolver.resolve(NO_MIXES) for i, (o, _) in live.items()}
+    steering = {i: o.resolver.resolve(NO_MIXES, len(run.result.steps)) for i, (o, run) in live.items()}
     capture = sorted({layer for _, run in live.values() for layer in run.capture})
     outs = engine.step_batch({i: run.result.token_ids[-1] for i, (_, run) in live.items()},
                              {i: s[0] for i, s in steering.items()}, capture)

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 import torch
 
 from max_jupyter.engines.base import Engine, ForwardResult, LayerDeltas, check_layers, check_room
+from max_jupyter.engines.intervention import labels
 from max_jupyter.errors import BadArgumentError, warn_deprecated
 from max_jupyter.orchestrator.judges import (
     NO_MIXES,
@@ -313,7 +314,7 @@ class CognitiveOrchestrator:
         piece = run.stops.feed(run.decoder.feed(token))
         result.text += piece
         if self.overlap and run.draft is None and not run.stops.stopped and step + 1 < run.max_new_tokens:
-            deltas, _ = self.resolver.resolve(decided)  # ahead: as if the judges hold
+            deltas, _ = self.resolver.resolve(decided, step + 1)  # ahead: as if the judges hold
             run.ahead = (deltas, self.big.step(token, deltas, run.capture))
         if self.mirror is not None and not in_small:
             self.mirror.feed(token)
@@ -345,7 +346,7 @@ class CognitiveOrchestrator:
         hand out the block's first token."""
         mirror = self.mirror
         judged = self._judge_pre(step, run, (mirror.hidden, mirror.logits))
-        deltas, coefs = self.resolver.resolve(judged.decided)
+        deltas, coefs = self.resolver.resolve(judged.decided, step)
         run.block = draft_and_verify(self.big, mirror, run.sampler, run.result.token_ids[-1], k,
                                      run.capture, deltas=deltas, mixes_on=judged.decided,
                                      coefs=coefs)
@@ -360,7 +361,8 @@ class CognitiveOrchestrator:
         block, small = run.block, run.block.state
         if judged is None:
             judged = self._judge_pre(step, run, small)
-        if judged.decided != block.mixes_on:
+        if judged.decided != block.mixes_on or (block.next and self.resolver.schedules_on(step)
+                                                != self.resolver.schedules_on(step - block.next)):
             run.block = None  # first: an interrupt inside cut must not settle it again
             block.cut(self.big, self.mirror, fed=False)
             return (*self._step(step, run, judged), False)
@@ -434,7 +436,8 @@ class CognitiveOrchestrator:
             model_prob = float(torch.exp(logits[token].float() - torch.logsumexp(logits.float(), -1)))
         return StepRecord(step, token, prob, judged.scores, tuple(sorted(fwd.mixes_on)),
                           fwd.first is not None, unsteered_token, unsteered_prob, judged.seconds,
-                          fwd.coefs, fwd.deltas is not None, drafted, accepted, model_prob)
+                          fwd.coefs, fwd.deltas is not None, drafted, accepted, model_prob,
+                          labels(fwd.deltas))
 
     def _forward(self, step: int, run: PreparedRun, mixes_on: frozenset[str], can_steer: bool
                  ) -> _Forward:
@@ -442,7 +445,7 @@ class CognitiveOrchestrator:
         always-on steering where ``can_steer``): a prefill at step 0, else one token — or
         the forward issued ahead, if it ran with the same deltas (else rewound: an ahead
         miss)."""
-        deltas, coefs = self.resolver.resolve(mixes_on) if can_steer else (None, {})
+        deltas, coefs = self.resolver.resolve(mixes_on, step) if can_steer else (None, {})
         big, ahead, run.ahead = self.big, run.ahead, None
         if step == 0:
             return _Forward(big.prefill(run.result.prompt_ids, deltas, run.capture), deltas,
@@ -459,7 +462,7 @@ class CognitiveOrchestrator:
                ) -> _Forward:
         """Re-run step ``step`` with the mixes ``mixes_on`` after a post-step judge added
         one; keeps the first pass and what it would have sampled."""
-        deltas, coefs = self.resolver.resolve(mixes_on)
+        deltas, coefs = self.resolver.resolve(mixes_on, step)
         unsteered = run.sampler.sample(first.out.logits)
         if step == 0:  # the mix steers the whole prompt, as a pre-step decision would
             out = self.big.prefill(run.result.prompt_ids, deltas, run.capture)

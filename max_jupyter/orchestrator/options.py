@@ -19,6 +19,7 @@ from max_jupyter.orchestrator.judges import Judge
 from max_jupyter.orchestrator.sampling import SamplingConfig
 from max_jupyter.orchestrator.speculative import MAX_SPECULATE
 from max_jupyter.orchestrator.trace import TraceConfig
+from max_jupyter.steering.expression import Expression, parse
 from max_jupyter.steering.mix import Mix
 from max_jupyter.steering.vector import SteeringVector
 from max_jupyter.validation import check_coef, check_int, check_stop, check_str_list, check_text, fail, show
@@ -26,8 +27,9 @@ from max_jupyter.validation import check_coef, check_int, check_stop, check_str_
 SAMPLING_KEYWORDS = ("temperature", "top_k", "top_p", "seed")
 """Keywords that ``replace`` puts into ``sampling`` (the fields of ``SamplingConfig``)."""
 
-CallSteering = Mix | SteeringVector | Mapping[str, float] | None
-"""A generation's own steering: a mix, a vector (coefficient 1), or {vector name: coef}."""
+CallSteering = Mix | SteeringVector | Mapping[str, float] | Expression | None
+"""A generation's own steering: a mix, a vector (coefficient 1), {vector name: coef}, or a
+steering expression (text, kept parsed: docs/steering.md)."""
 
 
 @dataclass(frozen=True)
@@ -144,11 +146,14 @@ def _flag(name: str, value: Any) -> bool:
 
 def _steering(value: Any) -> CallSteering:
     """A call's steering as given, a {name: coef} mapping copied with each coef checked."""
-    if value is None or isinstance(value, (Mix, SteeringVector)):
+    if value is None or isinstance(value, (Mix, SteeringVector, Expression)):
         return value
+    if isinstance(value, str):
+        return parse(value)  # a syntax error is refused here, with its column
     if not isinstance(value, Mapping):
         raise fail("steering", value, "is not steering",
-                   "give a SteeringVector, a Mix or {vector name: coefficient}")
+                   "give a steering expression such as '0.3 joy @response', a SteeringVector, "
+                   "a Mix or {vector name: coefficient}")
     for name in value:
         if not isinstance(name, str) or not name:
             raise fail("steering", value, f"has the key {show(name)}",

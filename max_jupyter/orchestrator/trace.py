@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from max_jupyter.engines.base import Engine, ForwardResult, LayerDeltas
+from max_jupyter.engines.intervention import additions
 from max_jupyter.errors import BadArgumentError, UnknownNameError, warn_deprecated
 
 
@@ -105,6 +106,9 @@ class StepRecord:
     drafted: tuple[int, ...] = ()
     accepted: int = 0
     model_prob: float = math.nan
+    interventions: dict[int, str] = field(default_factory=dict)
+    """layer -> what the final forward did there (``"add"``, ``"ablate1+clamp1+add"``:
+    engines/intervention.py's order); empty when unsteered."""
 
     @property
     def prob(self) -> float:
@@ -163,8 +167,9 @@ class GenerationResult:
     - ``prompt_hidden``: layer -> ``[prompt_len, hidden]``, the big model's residual at every
       prompt position (the prefill's final forward: steered like it) when
       ``TraceConfig.prompt``, else empty; its last row is ``big_hidden``'s row 0;
-    - ``deltas``: layer -> ``[steps, hidden]``, the delta injected at that layer by each
-      step's final forward (zeros where none), for every layer any step steered;
+    - ``deltas``: layer -> ``[steps, hidden]``, the delta added at that layer by each
+      step's final forward (zeros where none: an ablation or clamp adds nothing; what ran
+      is in each ``StepRecord.interventions``), for every layer any step added at;
     - ``big_topk`` / ``small_topk``: ``TopK`` of each step's next-token logits (the final
       pass for the big model); ``first_pass_topk``: the big model's before any re-run
       (equal to ``big_topk`` on steps not re-run);
@@ -336,7 +341,7 @@ class TraceRecorder:
         tokenizer = self.big.tokenizer
         result.str_tokens = [tokenizer.token_text(t) for t in result.token_ids]
         result.prompt_str_tokens = [tokenizer.token_text(t) for t in result.prompt_ids]
-        deltas = self.deltas[:n]
+        deltas = [additions(d) if d else d for d in self.deltas[:n]]  # ablations: in the records
         for layer in sorted({l for d in deltas if d for l in d}):
             zero = torch.zeros(big_h, device=self.big.device, dtype=self.big.dtype)
             result.deltas[layer] = move(torch.stack([d[layer] if d and layer in d else zero

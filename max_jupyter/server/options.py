@@ -16,6 +16,7 @@ from max_jupyter.orchestrator.options import OPTION_NAMES, GenerationOptions
 from max_jupyter.orchestrator.types import Prompt, prompt_ids
 from max_jupyter.server.errors import APIError
 from max_jupyter.server.protocol import ChatRequest, CompletionRequest
+from max_jupyter.steering.expression import Expression, parse
 from max_jupyter.validation import check_token_ids
 
 
@@ -45,7 +46,9 @@ def generation_options(session, request: ChatRequest | CompletionRequest
                                "ignore_eos": request.ignore_eos}
     changes.update({k: v for k in ("temperature", "top_p", "seed", "stop", "speculate")
                     if (v := getattr(request, k)) is not None})
-    if request.steering:
+    if isinstance(request.steering, str):
+        changes["steering"] = _expression(session, request.steering)
+    elif request.steering:
         changes["steering"] = _known("steering", request.steering, session.vectors,
                                      "the session's vector library", "unknown_vector")
     if request.judges is not None:
@@ -76,6 +79,17 @@ def _prompt(session, request: ChatRequest | CompletionRequest) -> tuple[Any, boo
     except BadArgumentError as e:
         raise APIError(400, str(e), param="prompt") from None
     return ids, False, ids
+
+
+def _expression(session, text: str) -> Expression:
+    """The steering expression ``text``, parsed and its names checked against the session
+    (compiled again when the generation starts), else a 400 naming the column."""
+    try:
+        expression = parse(text)
+        session.compile(expression)
+    except BadArgumentError as e:
+        raise APIError(400, str(e), param="steering", code="invalid_steering") from None
+    return expression
 
 
 def _known(param: str, names: Collection[str], known: Collection[str], where: str,

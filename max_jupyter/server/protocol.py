@@ -4,8 +4,9 @@ Types are strict (a string where a number belongs is a 400, not a conversion). P
 this server cannot honour are refused, not ignored: an unknown parameter is a 400, and the
 OpenAI parameters listed in ``NEUTRAL`` are accepted only with their no-op value (what many
 clients send by default), otherwise a 400 saying so. Extensions (``extra_body`` in the
-``openai`` client): ``steering`` (vector name -> coefficient, from the session's vector
-library), ``judges`` (judge names, ``[]`` for none), ``ignore_eos``, ``speculate`` (the
+``openai`` client): ``steering`` (a steering expression such as ``"0.3 joy @response"``,
+docs/steering.md, or vector name -> coefficient, from the session's vector library),
+``judges`` (judge names, ``[]`` for none), ``ignore_eos``, ``speculate`` (the
 longest draft of speculative decoding, ``0..MAX_SPECULATE``). A JSON ``null`` means "not
 given", for every parameter.
 """
@@ -77,7 +78,7 @@ class _GenerationRequest(_Strict):
     n: int = 1
     stop: str | list[str] | None = None
     user: str | None = None  # an end-user id; recorded nowhere
-    steering: dict[str, float] | None = None
+    steering: str | dict[str, float] | None = None
     judges: list[str] | None = None
     ignore_eos: bool = False
     speculate: int | None = Field(None, ge=0, le=MAX_SPECULATE)

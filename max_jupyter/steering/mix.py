@@ -7,6 +7,10 @@ The combined per-layer delta is cached per mix version and device, so an unchang
 costs one lock and one dict lookup per step. Listeners hear of every change (a widget
 moves its slider when code changes the mix).
 
+An entry adds (the plain case) or ablates or clamps the residual's projection on its
+vector (``MixEntry.op``), at every step or on a ``Schedule``; a steering expression
+(docs/steering.md) compiles to entries (``assign`` puts them in at once).
+
 Coefficients are on the readable scale (``SteeringVector.deltas``, docs/vectors.md): an
 entry at coefficient c pushes c typical residual norms of the engine's model, shared by
 its layers; entries add up.
@@ -23,32 +27,80 @@ import torch
 
 from max_jupyter.engines import residual
 from max_jupyter.engines.base import Engine, LayerDeltas, ModelIdentity
+from max_jupyter.engines.intervention import Intervention, additions, combine
 from max_jupyter.errors import BadArgumentError, UnknownNameError
 from max_jupyter.steering.vector import ModelMismatchError, SteeringVector
 from max_jupyter.validation import check_coef, fail
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """When an entry applies, by the step of the generation (the step of the forward that
+    chooses token ``step``; step 0's forward is the prompt's prefill): ``phase``
+    ``"prompt"`` (step 0 only) or ``"response"`` (steps >= 1) or None (both), ``first``
+    (steps below it) and ``after`` (steps from it on). ``ALWAYS``: every step."""
+
+    phase: str | None = None
+    first: int | None = None
+    after: int | None = None
+
+    def active(self, step: int) -> bool:
+        return ((self.phase != "prompt" or step == 0) and (self.phase != "response" or step > 0)
+                and (self.first is None or step < self.first) and (self.after is None or step >= self.after))
+
+    def __str__(self) -> str:
+        return " ".join(p for p in (f"@{self.phase}" if self.phase else "",
+                                    f"@first:{self.first}" if self.first is not None else "",
+                                    f"@after:{self.after}" if self.after is not None else "") if p)
+
+
+ALWAYS = Schedule()
+OPS = ("add", "ablate", "clamp")
+
+
+@dataclass(frozen=True)
 class MixEntry:
-    """One vector in the mix: ``vector`` at coefficient ``coef`` at ``layers`` (None: all
-    of its layers)."""
+    """One vector in the mix at ``layers`` (None: all of its layers): ``op`` ``"add"`` adds
+    ``vector`` at coefficient ``coef``; ``"ablate"`` sets the residual's projection on the
+    vector's unit direction to ``target`` (a number, or layer -> value: the vector's stored
+    means); ``"clamp"`` limits that projection to ``bounds``; only at the steps of
+    ``schedule`` (engines/intervention.py says how the operations compose at a layer)."""
 
     vector: SteeringVector
     coef: float
     layers: tuple[int, ...] | None
+    op: str = "add"
+    target: float | Mapping[int, float] = 0.0
+    bounds: tuple[float, float] | None = None
+    schedule: Schedule = ALWAYS
 
     def steered(self) -> SteeringVector:
         """The vector at the entry's layers."""
         return self.vector.select(self.layers) if self.layers is not None else self.vector
 
+    def interventions(self, device: torch.device) -> dict[int, Intervention]:
+        """An ablation's or clamp's per-layer ``Intervention`` on ``device``."""
+        out = {}
+        for layer, d in self.steered().directions.items():
+            unit = (d / d.norm()).to(device)[None]
+            if self.op == "ablate":
+                t = self.target[layer] if isinstance(self.target, Mapping) else self.target
+                out[layer] = Intervention(ablate=unit, targets=torch.tensor([float(t)], device=device))
+            else:
+                low, high = (torch.tensor([b], device=device) for b in self.bounds)
+                out[layer] = Intervention(clamp=unit, low=low, high=high)
+        return out
+
 
 class MixState(NamedTuple):
     """One consistent view of a mix: its ``version``, each entry's coefficient (do not
-    mutate: shared while the mix is unchanged) and the summed deltas (None when empty)."""
+    mutate: shared while the mix is unchanged), the combined deltas of the entries that
+    apply at every step (None when none) and, per other ``Schedule``, those of its entries."""
 
     version: int
     coefs: dict[str, float]
     deltas: LayerDeltas | None
+    scheduled: tuple[tuple[Schedule, LayerDeltas], ...] = ()
 
 
 log = logging.getLogger(__name__)
@@ -149,6 +201,21 @@ class Mix:
             self._version += 1
         self._notify()
 
+    def assign(self, entries: Mapping[str, MixEntry]) -> None:
+        """Replace the whole mix by ``entries`` (e.g. a compiled expression) in one change:
+        each entry checked for this model, then all apply together."""
+        checked = {}
+        for name, e in entries.items():
+            if not isinstance(e, MixEntry) or e.op not in OPS:
+                raise fail(f"entries[{name!r}]", e, "is not a MixEntry", "compile an expression first")
+            checked[name] = replace(self._entry(name, e.vector, e.coef, e.layers), op=e.op, target=e.target,
+                                    bounds=e.bounds, schedule=e.schedule)
+        _check_total(checked)
+        with self._lock:
+            self._entries = checked
+            self._version += 1
+        self._notify()
+
     def remove(self, name: str) -> None:
         with self._lock:
             self._get(name)
@@ -198,10 +265,12 @@ class Mix:
         return name in self._entries
 
     def combined(self, engine: Engine) -> SteeringVector | None:
-        """What the whole mix adds to ``engine`` as one vector (``None`` when empty); at
-        the coefficient ``combined.push(engine.residual_norms)`` it adds exactly that."""
-        deltas = self.snapshot(engine).deltas
-        return SteeringVector(deltas, self.model, "mix") if deltas is not None else None
+        """What the whole mix adds to ``engine`` at every step as one vector (``None`` when
+        it adds nothing: ablations, clamps and scheduled entries are not in it); at the
+        coefficient ``combined.push(engine.residual_norms)`` it adds exactly that."""
+        state = self.snapshot(engine)
+        adds = _sum_layers([additions(state.deltas)]) if state.deltas else None
+        return SteeringVector(adds, self.model, "mix") if adds else None
 
     def deltas(self, engine: Engine) -> LayerDeltas | None:
         """Per-layer deltas for ``engine`` (checked to be this mix's model), or ``None`` if empty."""
@@ -222,9 +291,12 @@ class Mix:
             entries = dict(self._entries)
         norms = engine.residual_norms or residual.measure(engine)  # unknown only before
         # this model's first forward, so on an empty cache, which measuring may empty again
-        deltas = _sum_layers(e.steered().deltas(e.coef, norms, engine.device, engine.dtype)
-                             for e in entries.values() if e.coef != 0)  # a zero adds nothing
-        state = MixState(version, {n: e.coef for n, e in entries.items()}, deltas)
+        groups: dict[Schedule, list[MixEntry]] = {}
+        for e in entries.values():
+            groups.setdefault(e.schedule, []).append(e)
+        parts = {s: ops for s, es in groups.items() if (ops := _layer_ops(es, norms, engine)) is not None}
+        state = MixState(version, {n: e.coef for n, e in entries.items()}, parts.pop(ALWAYS, None),
+                         tuple(parts.items()))
         with self._lock:
             self._cached = (engine.device, engine.dtype, state)
         return state
@@ -244,7 +316,8 @@ def _check_total(entries: Mapping[str, MixEntry]) -> None:
     norms = residual.known(next(iter(entries.values())).vector.model) if entries else None
     if norms is None:
         return
-    total = _sum_layers(e.steered().deltas(e.coef, norms) for e in entries.values() if e.coef != 0)
+    total = _sum_layers(e.steered().deltas(e.coef, norms) for e in entries.values()
+                        if e.coef != 0 and e.op == "add")
     for layer, delta in (total or {}).items():
         size = float(delta.norm()) / norms[layer]
         if size > residual.MAX_DELTA_RATIO:
@@ -264,3 +337,15 @@ def _sum_layers(parts: Iterable[dict[int, torch.Tensor]]) -> dict[int, torch.Ten
             for layer, d in part.items():
                 total[layer] = total[layer] + d if layer in total else d
     return total
+
+
+def _layer_ops(entries: list[MixEntry], norms: Mapping[int, float], engine: Engine) -> LayerDeltas | None:
+    """Per-layer deltas of ``entries`` for ``engine``: the additions summed (a tensor per
+    layer, as always), with each ablation and clamp composed in, in the mix's order."""
+    ops = _sum_layers(e.steered().deltas(e.coef, norms, engine.device, engine.dtype)
+                      for e in entries if e.coef != 0 and e.op == "add") or {}  # a zero adds nothing
+    for e in entries:
+        if e.op != "add":
+            for layer, op in e.interventions(engine.device).items():
+                ops[layer] = combine(ops[layer], op) if layer in ops else op
+    return ops or None

@@ -198,6 +198,46 @@ class VectorStore(MutableMapping):
                       for layer, data in rows}
         return SteeringVector(directions, model, name)
 
+    def means(self, name: str) -> dict[int, float] | None:
+        """The ablation means stored with the latest version of ``name`` (layer -> mean
+        projection over neutral text; ``steering.means``), or None if none were measured."""
+        with self._transaction() as c:
+            row = _find(c, name, None)
+            text = c.execute("SELECT means FROM vectors WHERE id = ?", (row[0],)).fetchone()[0]
+        return None if text is None else {int(k): float(v) for k, v in json.loads(text).items()}
+
+    def save_means(self, name: str, means: Mapping[int, float]) -> None:
+        """Store ``means`` with the latest version of ``name`` (a new version has none)."""
+        with self._transaction(write=True) as c:
+            row = _find(c, name, None)
+            c.execute("UPDATE vectors SET means = ? WHERE id = ?",
+                      (json.dumps({str(k): float(v) for k, v in means.items()}), row[0]))
+
+    def save_mix(self, name: str, expression: str, model: ModelIdentity) -> None:
+        """Store a mix as its steering expression (docs/steering.md) for ``model`` under
+        ``name``, replacing one of that name."""
+        name = check_vector_name("name", name)
+        expression = check_text("expression", expression)
+        with self._transaction(write=True) as c:
+            model_id = _model_id(c, model, create=True)
+            c.execute("INSERT OR REPLACE INTO mixes (name, model_id, expression, created) "
+                      "VALUES (?, ?, ?, ?)", (name, model_id, expression, _now()))
+
+    def load_mix(self, name: str) -> tuple[str, ModelIdentity]:
+        """The saved mix ``name``: its expression and model (``UnknownVectorError`` if none)."""
+        with self._transaction() as c:
+            row = c.execute("SELECT expression, model_id FROM mixes WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                names = [r[0] for r in c.execute("SELECT name FROM mixes ORDER BY name")]
+                raise UnknownVectorError(f"no saved mix is named {name!r}; the store has "
+                                         f"{names or 'none'} (save one with %max_steer save NAME).")
+            return row[0], _model(c, row[1])
+
+    def mix_names(self) -> list[str]:
+        """The names of the saved mixes."""
+        with self._transaction() as c:
+            return [r[0] for r in c.execute("SELECT name FROM mixes ORDER BY name")]
+
     def info(self, name: str, version: int | None = None) -> VectorInfo:
         """What is stored about ``name`` (latest version, or ``version``)."""
         with self._transaction() as c:

@@ -55,6 +55,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE vectors ADD COLUMN sha256 TEXT",
         lambda conn: _fill_checksums(conn),
     ),
+    (  # 3: ablation means per saved version (JSON layer -> mean); saved mixes as expressions
+        "ALTER TABLE vectors ADD COLUMN means TEXT",
+        """CREATE TABLE mixes (
+            name TEXT PRIMARY KEY,
+            model_id INTEGER NOT NULL REFERENCES models(id),
+            expression TEXT NOT NULL, created TEXT NOT NULL)""",
+    ),
 )
 """Each step: SQL statements, or callables of the connection, run in order in one transaction."""
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -21,7 +21,9 @@ How it runs:
   ``q_attn_forward_2``, ``q_mlp_forward_``). Nothing in it depends on a host-side
   position, so it is captured once per (bucket, delta layers, capture layers) and
   replayed: launch overhead, which dominates batch-1 decode on big GPUs, is paid once.
-  Deltas and captures are static buffers the graph reads and writes. A ``verify`` (a
+  Deltas (additions, or ``Intervention``s: ablation, clamp, add) and captures are static
+  buffers the graph reads and writes: new coefficients, targets or bounds are copied into
+  them, and only a new set of layers or shapes (``intervention.shape_of``) captures anew. A ``verify`` (a
   speculative draft: a few tokens, logits at every position) is the same pass over ``n``
   rows with causal attention among them, graphed per (bucket, ``n``, ...). Each engine runs
   its steps on its own CUDA stream without waiting on the host (``launches_async``), so
@@ -60,6 +62,7 @@ from max_jupyter.engines.exllamav2.plan import (
     plan_memory,
     round_up,
 )
+from max_jupyter.engines.intervention import Intervention, apply, copy_into, shape_of
 from max_jupyter.tokenizer import Tokenizer
 
 MAX_GRAPHS = 32  # direct-pass graphs kept per engine (oldest dropped first)
@@ -129,6 +132,7 @@ class ExLlamaV2Engine(BatchEngine):
     """
 
     supports_verify = True
+    supports_interventions = True
 
     def __init__(self, model, cache, tokenizer: Tokenizer, use_graphs: bool = True):
         _, attn_mod, ext = import_exllamav2()
@@ -164,7 +168,7 @@ class ExLlamaV2Engine(BatchEngine):
         self._rows = torch.arange(MAX_DIRECT_ROWS, device=self.device)  # offsets from _pos
         self._cu_q: dict[int, torch.Tensor] = {}  # n -> [0, n] int32
         self._cu_k: dict[int, torch.Tensor] = {}  # bucket -> [0, bucket] int32
-        self._delta_bufs: dict[int, torch.Tensor] = {}  # layer -> [hidden] fp16
+        self._delta_bufs: dict[tuple, torch.Tensor | Intervention] = {}  # (layer, shape_of) -> static copy
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, dict[int, torch.Tensor]]] = {}
         self._pool = torch.cuda.graph_pool_handle()
         self._stream = torch.cuda.Stream(self.device)  # direct passes run here, see _direct
@@ -287,7 +291,7 @@ class ExLlamaV2Engine(BatchEngine):
                 x = attn.forward(x, cache=cache, attn_params=params, past_len=past)
                 x = mlp.forward(x, cache=cache, attn_params=params, past_len=past)
                 if i in deltas:
-                    x.add_(deltas[i])
+                    x = apply(x, deltas[i])  # an add, or an Intervention
                 if i in capture:
                     captured[i].append(x[0].clone())  # [n, hidden]
             cache.current_seq_len = past + n
@@ -316,17 +320,22 @@ class ExLlamaV2Engine(BatchEngine):
         self._after_modules = False
         n, pos = len(ids), self.seq_len
         bucket = min(round_up(pos + n, BUCKET), self.max_seq_len)
-        key = (bucket, n, all_rows, frozenset(deltas), capture)
+        key = (bucket, n, all_rows, frozenset((i, shape_of(d)) for i, d in deltas.items()), capture)
         self._x_sent.synchronize()  # the previous upload has left the staging buffer
         self._x_host[:, :n].copy_(self._embed_cpu(ids))
         with torch.cuda.stream(self._stream):
             self._x[:, :n].copy_(self._x_host[:, :n], non_blocking=True)
             self._x_sent.record()
             self._pos.fill_(pos)
-            for i, d in deltas.items():
-                if i not in self._delta_bufs:
-                    self._delta_bufs[i] = torch.empty_like(d)  # [hidden], read by the graphs
-                self._delta_bufs[i].copy_(d)
+            for i, d in deltas.items():  # new values into the static buffers: no re-capture
+                static = self._delta_bufs.get((i, shape_of(d)))
+                if static is None:  # read by the graphs from now on
+                    static = self._delta_bufs[(i, shape_of(d))] = (
+                        d.clone() if isinstance(d, torch.Tensor) else Intervention(*(
+                            None if t is None else t.clone() for t in
+                            (d.add, d.ablate, d.targets, d.clamp, d.low, d.high))))
+                else:
+                    copy_into(static, d)
             if key in self._graphs:
                 graph, logits, hidden = self._graphs[key]
                 graph.replay()
@@ -359,11 +368,11 @@ class ExLlamaV2Engine(BatchEngine):
             logits, hidden = self._decode(*key)
         self._graphs[key] = (graph, logits, hidden)
 
-    def _decode(self, bucket: int, n: int, all_rows: bool, delta_layers: Collection[int],
+    def _decode(self, bucket: int, n: int, all_rows: bool, delta_layers: Collection[tuple[int, tuple]],
                 capture: Collection[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The direct pass of ``n`` tokens on the static buffers: ``self._x[:, :n]`` (the
         embedded tokens, updated in place as the residual), ``self._pos`` (the first one's
-        position) and ``self._delta_bufs``.
+        position) and ``self._delta_bufs`` (``delta_layers``: (layer, ``shape_of``) pairs).
 
         Returns ``[1, rows, vocab]`` fp16 logits (the last row, or all ``n`` with
         ``all_rows``) and layer -> ``[n, hidden]`` captures. Writes K/V at ``pos .. pos + n - 1``;
@@ -379,6 +388,7 @@ class ExLlamaV2Engine(BatchEngine):
             self._cu_q[n] = torch.tensor([0, n], dtype=torch.int32, device=self.device)
         constants = self.model.get_device_context(self._blocks[0][0].device_idx)
         hidden: dict[int, torch.Tensor] = {}
+        ops = {i: self._delta_bufs[(i, shape)] for i, shape in delta_layers}
         for i, (attn, mlp) in enumerate(self._blocks):
             heads, kv_heads, head_dim = attn.num_attention_heads, attn.num_key_value_heads, attn.head_dim
             q = torch.empty(1, n, heads * head_dim, dtype=torch.float16, device=self.device)
@@ -397,8 +407,12 @@ class ExLlamaV2Engine(BatchEngine):
             ext.q_mlp_forward_(mlp.q_handle, x, [], none)
             if attn.archparams.clamp_hidden_states:
                 x.clamp_(-65504, 65504)
-            if i in delta_layers:
-                x.add_(self._delta_bufs[i])
+            if i in ops:
+                op = ops[i]
+                if isinstance(op, torch.Tensor):
+                    x.add_(op)
+                else:  # ablation, clamp and add in the static buffers (engines/intervention.py)
+                    x.copy_(apply(x, op))
             if i in capture:
                 hidden[i] = x[0].clone()  # [n, hidden]
         return self._logits(x, all_rows), hidden

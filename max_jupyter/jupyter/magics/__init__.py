@@ -28,7 +28,7 @@ from max_jupyter.orchestrator.speculative import MAX_SPECULATE
 
 SUBCOMMANDS = {
     "steer": {"list": steer.list_vectors, "concepts": steer.concepts, "show": steer.show, "train": steer.train,
-              "on": steer.on, "off": steer.off, "mix": steer.mix, "mixer": steer.mixer,
+              "on": steer.on, "off": steer.off, "set": steer.set_, "mix": steer.mix, "mixer": steer.mixer,
               "save": steer.save, "load": steer.load, "rm": steer.rm,
               "import": steer.import_, "export": steer.export, "search": steer.search},
     "judge": {"probe": judge.probe, "divergence": judge.divergence, "off": judge.off,

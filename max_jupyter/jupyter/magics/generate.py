@@ -8,9 +8,9 @@ from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from max_jupyter.jupyter.magics.arguments import layers_arg, parse, usage_errors
-from max_jupyter.jupyter.steerspec import spec_mix
 from max_jupyter.orchestrator.options import GenerationOptions
 from max_jupyter.orchestrator.speculative import MAX_SPECULATE
+from max_jupyter.steering.expression import parse as parse_expression
 
 
 def generation_options(magics, args, session) -> GenerationOptions:
@@ -29,7 +29,7 @@ def generation_options(magics, args, session) -> GenerationOptions:
     if args.raw:
         opts["chat"] = False
     if args.steer:
-        opts["steering"] = spec_mix(args.steer, session.vectors_and_concepts, session.big.identity)
+        opts["steering"] = parse_expression("; ".join(args.steer), "--steer")  # names: at start
     if args.judge:
         opts["judges"] = judge_names(args.judge)
     if getattr(args, "probe", None):
@@ -77,8 +77,9 @@ def judge_names(names: Sequence[str]) -> list[str]:
           help=f"Speculative decoding: the small model drafts up to K tokens a step for the "
                f"big one to verify (0: off; at most {MAX_SPECULATE}).")
 @argument("--steer", action="append", default=[], metavar="SPEC",
-          help="Extra steering for this cell: 'joy:0.8', '0.5*joy - 0.3*formal@12-16' "
-               "(repeatable; quote an expression that has spaces).")
+          help="Extra steering for this cell, a steering expression (docs/steering.md): "
+               "'joy:0.8', '0.3 joy - 0.2 verbose @response', '!refusal', 'joy @first:4' "
+               "(repeatable: the clauses add up; quote an expression that has spaces).")
 @argument("--judge", action="append", default=[], metavar="NAME",
           help="Use only these judges (repeatable; 'none': no judges; default: all of the session's).")
 @argument("--probe", action="append", default=[], metavar="CONCEPT",

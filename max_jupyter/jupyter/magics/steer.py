@@ -1,5 +1,5 @@
-"""``%max_steer``: the vector library and the live mix (list, show, train, on, off, mix,
-mixer, save, load, rm, import, export, search). The router (``MaxMagics``) maps each
+"""``%max_steer``: the vector library and the live mix (list, show, train, on, off, set,
+mix, mixer, save, load, rm, import, export, search). The router (``MaxMagics``) maps each
 sub-command to one function here; each takes the magics and the parsed options."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from max_jupyter.jupyter.steerspec import SteerTerm, lookup_vector, spec_mix
 
 
 @magic_arguments()
-@argument("command", help="list | concepts | show | train | on | off | mix | mixer | save | load | rm | "
+@argument("command", help="list | concepts | show | train | on | off | set | mix | mixer | save | load | rm | "
                           "import | export | search")
 @argument("args", nargs="*", help="The subcommand's arguments (NAME, COEF, FILE, ...).")
 @argument("--pos", default=None, help="train: positive examples, $variable (a list) or a file.")
@@ -35,8 +35,8 @@ from max_jupyter.jupyter.steerspec import SteerTerm, lookup_vector, spec_mix
 @argument("--active", action="store_true",
           help="search: the stored vectors nearest to each step of the last result.")
 def max_steer(magics, line: str = ""):
-    """Vectors and the live mix: list, concepts, show, train, on, off, mix, save, load, rm,
-    import, export, search (``%max_steer COMMAND ...``)."""
+    """Vectors and the live mix: list, concepts, show, train, on, off, set EXPRESSION, mix,
+    save, load, rm, import, export, search (``%max_steer COMMAND ...``)."""
     tokens = [t if t.startswith(("--pos=", "--neg=")) else magics.expand(t) for t in
               _glue_examples(split_line(line))]
     return magics.route("steer", parse_tokens(max_steer, tokens))
@@ -120,12 +120,22 @@ def off(magics, args):
     session = magics.need_session()
     (name,) = positional(args, ["NAME"], optional=1)
     if name is None:
-        session.mix.clear()
+        session.steer(None)  # the live mix and the gates of an expression
     elif name not in session.mix:
         raise UsageError(f"{name!r} is not in the live mix; it has {sorted(session.mix.entries) or 'nothing'}.")
     else:
         session.mix.remove(name)
     print(mix_line(session.mix))
+
+
+def set_(magics, args):
+    """``%max_steer set EXPRESSION``: the live mix becomes the expression (docs/steering.md),
+    its gates the session's judges."""
+    session = magics.need_session()
+    if not args.args:
+        raise UsageError("%max_steer set needs an expression, e.g. %max_steer set 0.3 joy @response")
+    session.steer(" ".join(args.args), "%max_steer set")
+    print(f"live mix: {session.expression() or 'empty'}")
 
 
 def mixer(magics, args):
@@ -145,11 +155,20 @@ def mix(magics, args):
 
 
 def save(magics, args):
+    """The live mix as its expression in the store (a library without saved mixes, a dict,
+    gets the mix's sum as a vector, as before)."""
     session = magics.need_session()
     (name,) = positional(args, ["NAME"])
+    expression = session.expression()
+    if not expression:
+        raise UsageError("the live mix is empty; turn vectors on with %max_steer on NAME COEF first.")
+    if callable(getattr(session.vectors, "save_mix", None)):
+        session.vectors.save_mix(name, expression, session.big.identity)
+        print(f"saved the live mix as {name!r}: {expression}")
+        return
     vector = session.mix.combined(session.big)
     if vector is None:
-        raise UsageError("the live mix is empty; turn vectors on with %max_steer on NAME COEF first.")
+        raise UsageError("this library keeps vectors only; the live mix adds nothing to sum into one.")
     session.vectors[name] = vector
     push = vector.push(session.big.residual_norms)
     print(f"saved the live mix ({mix_line(session.mix)}) as {name!r}; "
@@ -157,8 +176,14 @@ def save(magics, args):
 
 
 def load(magics, args):
+    """A saved mix (its expression becomes the live mix), else the vector NAME alone."""
     session = magics.need_session()
     (name,) = positional(args, ["NAME"])
+    if callable(getattr(session.vectors, "mix_names", None)) and name in session.vectors.mix_names():
+        expression, _model = session.vectors.load_mix(name)
+        session.steer(expression, f"saved mix {name!r}")
+        print(f"live mix: {session.expression()}")
+        return
     vector = lookup_vector(session.vectors, name)
     session.mix.clear()
     session.mix.set(name, vector, 1.0)

@@ -1,0 +1,77 @@
+"""Interventions on the ExLlamaV2 backend (GPU only): ablation and clamp in the prefill (module
+path), in the graphed decode steps (static buffers: new targets replay the same graph) and in
+verify, held to the transformers backend on the dequantised weights within the 4-bit
+kernels' arithmetic (as tests/test_exllamav2_parity.py holds plain steering).
+
+Run on a GPU box: ``MAX_JUPYTER_REQUIRE_GPU=1 pytest -m gpu tests/test_interventions_gpu.py``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from max_jupyter.engines.intervention import Intervention
+from test_exllamav2_parity import (
+    QUANT_REL,
+    build_model,
+    copy_tokenizer,
+    load_exl,
+    reference,
+    tokenizer_folder,  # noqa: F401 (a fixture)
+)
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]  # skipped without CUDA or exllamav2 (conftest.py)
+LAYER = 1
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm())
+
+
+def projection_ratio(h: torch.Tensor, u: torch.Tensor, target: float = 0.0) -> float:
+    """max over rows of |h.u - target| / |h|."""
+    h = h.float()
+    return float(((h @ u.to(h.device)) - target).abs().max() / h.norm(dim=-1).min())
+
+
+def test_ablation_prefill_graphed_decode_and_verify(tmp_path, tokenizer_folder):
+    from max_jupyter.testing import write_gptq_rtn
+
+    model = build_model("LlamaForCausalLM", tmp_path / "fp16", tokenizer_folder)
+    write_gptq_rtn(model, tmp_path / "gptq")
+    copy_tokenizer(tokenizer_folder, tmp_path / "gptq")
+    ref = reference(model, tmp_path / "gptq")
+    exl = load_exl(tmp_path / "gptq")
+    assert exl.quantised and exl.use_graphs and exl.supports_interventions
+    ids = torch.randint(0, 49152, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    mean = exl.prefill(ids, capture=[LAYER]).hidden[LAYER].float().mean(0).cpu()
+    u = mean / mean.norm()  # a direction the residual really has
+
+    def ablate(target: float) -> dict:
+        return {LAYER: Intervention(ablate=u[None], targets=torch.tensor([target]))}
+
+    out = exl.prefill(ids, ablate(0.0), capture=[LAYER])  # the module path
+    want = ref.prefill(ids, ablate(0.0), capture=[LAYER])
+    assert projection_ratio(out.hidden[LAYER], u) <= 1e-3
+    assert rel(out.logits, want.logits) <= QUANT_REL
+    graphs, tokens = None, []
+    for step, target in enumerate((0.0, 0.0, 2.5, 0.0, -1.0, 0.0, 2.5, 0.0)):  # the direct path, graphed
+        token = int(out.logits.argmax())
+        tokens.append(token)
+        out = exl.step(token, ablate(target), capture=[LAYER])
+        want = ref.step(token, ablate(target), capture=[LAYER])
+        assert projection_ratio(out.hidden[LAYER], u, target) <= 1e-3, (step, target)
+        assert rel(out.logits, want.logits) <= QUANT_REL, step
+        if step == 1:
+            graphs = len(exl._graphs)
+    assert len(exl._graphs) == graphs  # new targets: the same graph replayed, none captured
+    clamp = {LAYER: Intervention(add=0.5 * u.half(), clamp=u[None], low=torch.tensor([-0.5]),
+                                 high=torch.tensor([0.5]))}
+    out = exl.step(tokens[-1], clamp, capture=[LAYER])
+    p = out.hidden[LAYER].float() @ u.to(out.hidden[LAYER].device)
+    assert float(p.max()) <= 1.0 + 1e-2 * float(out.hidden[LAYER].float().norm())  # clamped, then +0.5
+    draft = tokens[:4]
+    verified = exl.verify(draft, ablate(0.0), capture=[LAYER])  # every fed position
+    assert verified.hidden[LAYER].shape[0] == len(draft)
+    assert projection_ratio(verified.hidden[LAYER], u) <= 1e-3
+    exl.unload()
