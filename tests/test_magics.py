@@ -239,8 +239,9 @@ def test_capture_and_steer_options(shell, session):
     assert set(r.big_hidden) == {3, 5} and r.big_hidden[3].shape == (4, 576)
     assert set(r.small_hidden) == {2}
     assert set(r.deltas) == {12, 14}
-    torch.testing.assert_close(r.deltas[12][1], 0.5 * happy.directions[12])
-    torch.testing.assert_close(r.deltas[14][1], -0.25 * happy.directions[14])
+    norms = session.big.residual_norms  # coefficients on the scale of docs/vectors.md
+    torch.testing.assert_close(r.deltas[12][1], happy.select([12]).deltas(0.5, norms)[12])
+    torch.testing.assert_close(r.deltas[14][1], happy.select([14]).deltas(-0.25, norms)[14])
     run(shell, "%max_steer on happy 0.5 --layers 11")
     live = run(shell, "%%max_generate -n 2\nHi")
     assert set(live.deltas) == {11} and live.steps[1].live_coefs == {"happy": 0.5}
