@@ -53,13 +53,12 @@ from max_jupyter.engines.exllamav2.batch import DirectBatch
 from max_jupyter.engines.exllamav2.folder import import_exllamav2, read_raw_config
 from max_jupyter.engines.exllamav2.plan import (
     BUCKET,
-    CONTEXT_OVERHEAD,
-    GiB,
     MemoryPlan,
-    VramBudgetError,
+    cap_allocator,
     check_plan_args,
     measure_model,
     plan_memory,
+    release,
     round_up,
 )
 from max_jupyter.engines.intervention import Intervention, apply, copy_into, shape_of
@@ -88,13 +87,7 @@ def load_engines(folders: Sequence[tuple[str, str | os.PathLike]], max_vram_gb: 
     exl, _, _ = import_exllamav2()
     measured = [measure_model(name, folder, max_input_len) for name, folder in folders]
     plan = plan_memory([m for m, _ in measured], max_vram_gb, cache_tokens, max_input_len)
-    free, total = torch.cuda.mem_get_info()
-    if plan.total - CONTEXT_OVERHEAD > free:
-        raise VramBudgetError(f"only {free / GiB:.2f} GiB free on the GPU now; the load "
-                              + plan.describe_overflow().replace("> budget", "vs budget"))
-    # Cap torch's allocator: what this process already holds, plus the plan's share.
-    held = torch.cuda.memory_reserved()
-    torch.cuda.set_per_process_memory_fraction(min(1.0, (held + plan.budget - CONTEXT_OVERHEAD) / total))
+    cap_allocator(plan)
     engines = []
     try:
         for (_name, folder), (_, model) in zip(folders, measured):
@@ -104,10 +97,7 @@ def load_engines(folders: Sequence[tuple[str, str | os.PathLike]], max_vram_gb: 
             engines.append(ExLlamaV2Engine(model, cache, Tokenizer.from_folder(folder), use_graphs))
     except BaseException:  # leave no half-loaded model and no allocator cap behind
         engines.clear()
-        for _, model in measured:
-            model.unload()
-        torch.cuda.set_per_process_memory_fraction(1.0)
-        torch.cuda.empty_cache()
+        release([model for _, model in measured])
         raise
     return engines, plan
 

@@ -192,3 +192,24 @@ def plan_memory(models: Sequence[ModelMemory], max_vram_gb: float | None = None,
 def round_up(n: int, k: int) -> int:
     """``n`` rounded up to a multiple of ``k``."""
     return -(-n // k) * k
+
+
+def cap_allocator(plan: MemoryPlan) -> None:
+    """Refuse a load that does not fit the GPU's free memory now (``VramBudgetError``), then
+    cap torch's allocator at what this process already holds plus the plan's share. Side
+    effect: the cap stays until ``release`` (or ``Session.close``) lifts it."""
+    free, total = torch.cuda.mem_get_info()
+    if plan.total - CONTEXT_OVERHEAD > free:
+        raise VramBudgetError(f"only {free / GiB:.2f} GiB free on the GPU now; the load "
+                              + plan.describe_overflow().replace("> budget", "vs budget"))
+    held = torch.cuda.memory_reserved()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (held + plan.budget - CONTEXT_OVERHEAD) / total))
+
+
+def release(models: Sequence) -> None:
+    """Unload ``models`` (exllamav2 or exllamav3 ones), lift the allocator cap and give the
+    cached blocks back: what a failed load leaves behind."""
+    for model in models:
+        model.unload()
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    torch.cuda.empty_cache()

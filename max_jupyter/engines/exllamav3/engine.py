@@ -31,7 +31,12 @@ from collections.abc import Sequence
 import torch
 
 from max_jupyter.engines.base import Engine, ForwardResult, ModelIdentity, embedding_fingerprint
-from max_jupyter.engines.exllamav2.plan import CONTEXT_OVERHEAD, GiB, MemoryPlan, VramBudgetError, plan_memory
+from max_jupyter.engines.exllamav2.plan import (
+    MemoryPlan,
+    cap_allocator,
+    plan_memory,
+    release,
+)
 from max_jupyter.engines.exllamav3.folder import import_exllamav3
 from max_jupyter.engines.exllamav3.plan import check_cache_bits, measure_model
 from max_jupyter.errors import BackendUnavailableError
@@ -56,12 +61,7 @@ def load_engines(folders: Sequence[tuple[str, str | os.PathLike]], max_vram_gb: 
     memories = [measure_model(name, folder, max_input_len, cache_bits) for name, folder in folders]
     plan = plan_memory(memories, max_vram_gb, cache_tokens, max_input_len)
     exl3 = import_exllamav3()
-    free, total = torch.cuda.mem_get_info()
-    if plan.total - CONTEXT_OVERHEAD > free:
-        raise VramBudgetError(f"only {free / GiB:.2f} GiB free on the GPU now; the load "
-                              + plan.describe_overflow().replace("> budget", "vs budget"))
-    held = torch.cuda.memory_reserved()
-    torch.cuda.set_per_process_memory_fraction(min(1.0, (held + plan.budget - CONTEXT_OVERHEAD) / total))
+    cap_allocator(plan)
     models, engines = [], []
     try:
         for _name, folder in folders:
@@ -76,10 +76,7 @@ def load_engines(folders: Sequence[tuple[str, str | os.PathLike]], max_vram_gb: 
             engines.append(ExLlamaV3Engine(model, cache, Tokenizer.from_folder(folder), max_input_len))
     except BaseException:  # leave no half-loaded model and no allocator cap behind
         engines.clear()
-        for model in models:
-            model.unload()
-        torch.cuda.set_per_process_memory_fraction(1.0)
-        torch.cuda.empty_cache()
+        release(models)
         raise
     return engines, plan
 
