@@ -281,11 +281,11 @@ def test_result_records_the_live_mix_it_started_with(session, vector):
 def test_call_steering_by_name_and_system_prompt(session, engine, vector):
     session.vectors["happy"] = vector
     by_name = session.generate(PROMPT, max_new_tokens=N, steering={"happy": 0.5}).token_ids
-    assert by_name == alone(engine, max_new_tokens=N, steering=0.5 * vector)
+    assert by_name == alone(engine, max_new_tokens=N, steering=Mix.of(vector, 0.5))
     live = session.mix
     live.set("happy", vector, 0.5)  # the live mix and the call's steering add up
     both = session.generate(PROMPT, max_new_tokens=N, steering={"happy": 0.5}).token_ids
-    assert both == alone(engine, max_new_tokens=N, steering=1.0 * vector)
+    assert both == alone(engine, max_new_tokens=N, steering=Mix.of(vector, 1.0))
     live.clear()
     system = session.generate(PROMPT, max_new_tokens=N, system="Answer in French.")
     assert system.prompt_ids == engine.tokenizer.chat(

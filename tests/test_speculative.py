@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import assert_mirrors
-from max_jupyter.engines import TransformersEngine
+from max_jupyter.engines import TransformersEngine, residual
 from max_jupyter.errors import BackendUnavailableError, BadArgumentError
 from max_jupyter.orchestrator import (
     CognitiveOrchestrator,
@@ -419,12 +419,14 @@ def test_speculative_sampling_draws_the_big_models_distribution(tiny_models, one
     assert 0.3 < acceptance < 0.8, "the drafter should be partly right"
 
 
-def tiny_mixes(big: TransformersEngine) -> dict[str, SteeringVector]:
-    """Two random directions at layer 0 of the tiny model, each moving its sampled
-    distribution by a total variation of about a third."""
+def tiny_mixes(big: TransformersEngine) -> dict[str, Mix]:
+    """Two random directions at layer 0 of the tiny model, each adding a delta of norm 0.05
+    (its coefficient is 0.05 typical residual norms of layer 0 over that norm), which moves
+    the sampled distribution by a total variation of about a third."""
     g = torch.Generator().manual_seed(3)
-    return {name: SteeringVector({0: (d := torch.randn(64, generator=g)) / d.norm() * 0.05},
-                                 big.identity, name) for name in ("up", "down")}
+    norm0 = (big.residual_norms or residual.measure(big))[0]
+    return {name: Mix.of(SteeringVector({0: (d := torch.randn(64, generator=g)) / d.norm()},
+                                        big.identity, name), 0.05 / norm0) for name in ("up", "down")}
 
 
 def even(tokens: Sequence[int]) -> bool:
@@ -437,13 +439,13 @@ def unsure(logits: torch.Tensor) -> bool:
     return float(torch.softmax(logits, -1).max()) < 0.35
 
 
-def judged_logits(big: TransformersEngine, mixes: dict[str, SteeringVector],
+def judged_logits(big: TransformersEngine, mixes: dict[str, Mix],
                   seq: tuple[int, ...]) -> torch.Tensor:
     """The big model's logits for the step after ``seq`` as the non-speculative loop steers
     it with the judges ``even`` and ``unsure``: each step's pass with its pre-step mix, and
     re-run with "down" added where ``unsure`` fires on it."""
     def deltas(names):
-        return {0: sum(mixes[n].directions[0] for n in names)} if names else None
+        return {0: sum(mixes[n].snapshot(big).deltas[0] for n in names)} if names else None
 
     for t in range(len(seq) + 1):
         names = ["up"] if even(seq[:t]) else []
