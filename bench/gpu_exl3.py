@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from gpu_decode import copy_bandwidth
 
 PROMPT, NEW, RUNS, CAP_GB, VOCAB = 1024, 128, 3, 16.0, 49152
 SHAPES = {  # Qwen2.5 layer shapes (hidden, layers, heads, kv heads, intermediate); own heads
@@ -38,19 +39,6 @@ SHAPES = {  # Qwen2.5 layer shapes (hidden, layers, heads, kv heads, intermediat
     "1.5B": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2, intermediate_size=8960),
 }
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written."""
-    x = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        y.copy_(x)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * 2 ** 30 * 20 / (start.elapsed_time(end) / 1e3)
 
 
 def timed(run, runs: int = RUNS) -> list[float]:
