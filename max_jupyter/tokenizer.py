@@ -11,6 +11,7 @@ control token. Only the chat template inserts control tokens (``chat``)."""
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,10 +26,16 @@ Message = dict[str, str]
 
 
 class Tokenizer:
-    """Wraps a HF tokenizer; ``eos_ids`` holds every id that ends a turn."""
+    """Wraps a HF tokenizer; ``eos_ids`` holds every id that ends a turn. Thread-safe: its
+    encodes take turns (``_encode``), as every encode of ``hf`` must go through this."""
 
     def __init__(self, hf: PreTrainedTokenizerBase, extra_eos_ids: Sequence[int] = ()):
         self.hf = hf
+        # A HF fast tokenizer keeps "split special tokens" as a flag on its shared Rust
+        # tokenizer, set before each encode: two threads encoding at once (the server's
+        # requests) could swap it between set and use, so a user's "<|im_start|>" would
+        # become a control token or the template's markup plain text.
+        self._encoding = threading.Lock()
         eos = {hf.eos_token_id} if hf.eos_token_id is not None else set()
         for tok in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
             tid = hf.convert_tokens_to_ids(tok)
@@ -69,8 +76,15 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Ids of ``text`` as text: special-token strings in it are split into ordinary
         tokens (``add_special_tokens`` adds the tokenizer's own BOS/EOS, if it has any)."""
-        return self.hf.encode(check_text("text", text), add_special_tokens=add_special_tokens,
-                              split_special_tokens=True)
+        return self._encode(check_text("text", text), add_special_tokens, split_special_tokens=True)
+
+    def _encode(self, text: str, add_special_tokens: bool = False, split_special_tokens: bool = False
+                ) -> list[int]:
+        """``hf.encode``, one thread at a time; ``split_special_tokens``: control-token
+        strings in ``text`` become ordinary tokens (user text) or not (template markup)."""
+        with self._encoding:
+            return self.hf.encode(text, add_special_tokens=add_special_tokens,
+                                  split_special_tokens=split_special_tokens)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -116,8 +130,8 @@ class Tokenizer:
             if not found:  # a template that drops or rewrites a content: never seen so far
                 raise BadArgumentError(f"the chat template of this model rewrites message "
                                        f"contents ({message['role']} turn); pass token ids instead.")
-            ids += self.hf.encode(before, add_special_tokens=False) + self.encode(message["content"])
-        return ids + self.hf.encode(markup, add_special_tokens=False)
+            ids += self._encode(before) + self.encode(message["content"])
+        return ids + self._encode(markup)
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)

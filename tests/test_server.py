@@ -395,7 +395,9 @@ def test_burst_all_answered_or_refused_none_mixed_up(session, server, client):
     assert sorted(outcomes) == list(range(6))  # none lost
     answered = {i: o for i, o in outcomes.items() if isinstance(o, str)}
     refused = [o for o in outcomes.values() if not isinstance(o, str)]
-    assert all(text == expected[prompts[i % 3]] for i, text in answered.items())  # none mixed up
+    # none mixed up (what once mixed them: concurrent tokenising, see test_tokenizer)
+    mixed = {i: (text, expected[prompts[i % 3]]) for i, text in answered.items() if text != expected[prompts[i % 3]]}
+    assert not mixed, f"answers (got, expected) that differ: {mixed}"
     assert 1 <= len(answered) and 1 <= len(refused) and len(answered) + len(refused) == 6
     for e in refused:
         assert e.status_code == 429 and int(e.response.headers["Retry-After"]) >= 1
