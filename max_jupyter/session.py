@@ -22,6 +22,7 @@ from max_jupyter.orchestrator.gates import CompiledSteering, compile_steering
 from max_jupyter.orchestrator.judges import Judge
 from max_jupyter.orchestrator.mirror import ContextMirror, shares_vocabulary
 from max_jupyter.orchestrator.options import CallSteering, GenerationOptions, merge_options
+from max_jupyter.orchestrator.speculative import Pace
 from max_jupyter.orchestrator.trace import GenerationResult, StepEvent
 from max_jupyter.orchestrator.types import Prompt, as_mix, run_to_end
 from max_jupyter.steering.concepts import concept, concept_layers, is_concept
@@ -65,6 +66,7 @@ class Session:
         self._closed = False
         self._owns_store = False  # Session.load opened the library: close() closes it
         self._probes: dict[tuple, ConceptProbe] = {}  # (concept, reader identity) -> probe
+        self._pace = Pace()  # speculation's pace on this pair, kept across generations
 
     @property
     def defaults(self) -> GenerationOptions:
@@ -291,7 +293,7 @@ class Session:
             small = small or (self._small if steering.judges else None)
             steering = steering.mix
         orchestrator = CognitiveOrchestrator(self._big, small, judges, mixes=mixes,
-                                             steering=[self.mix, steering])
+                                             steering=[self.mix, steering], pace=self._pace)
         return orchestrator, orchestrator.prepare(prompt, options)
 
     def _judges(self, judges: tuple[str | Judge, ...] | None) -> list[Judge]:

@@ -155,6 +155,19 @@ def test_extra_body_steering_equals_in_process(session, client):
     assert summary["steered_steps"] == summary["steps"] == len(steered.steps)
 
 
+def test_a_concept_steers_over_http_trained_on_first_use(session, server, client):
+    listed = httpx.get(server.url + "/v1/vectors", headers={"Authorization": f"Bearer {KEY}"}).json()["data"]
+    assert {"id": "formal", "object": "vector", "in_live_mix": False, "concept": True} in listed
+    assert "formal" not in session.vectors  # not trained yet: the request trains it
+    messages = chat("Describe a market.")
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                       extra_body={"steering": {"formal": 0.5}})
+    assert session.vectors["formal"].model == session.big.identity
+    steered = session.generate(messages, max_new_tokens=16, steering={"formal": 0.5})
+    assert r.choices[0].message.content == steered.text
+    assert steered.token_ids != session.generate(messages, max_new_tokens=16).token_ids
+
+
 def test_request_steering_adds_to_the_live_mix(session, client):
     messages = chat("Describe your morning.")
     whole = session.generate(messages, max_new_tokens=16, steering={"happy": 2.0})

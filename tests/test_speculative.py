@@ -618,12 +618,13 @@ def test_post_step_judges_rerun_inside_a_block(engine, near, ctrl, vector):
 # ---------------------------------------------------------------- pacing by wall time
 
 
-def paced_run(block_s: float, plain_s: float, steps: int, spike: int | None = None
-              ) -> tuple[DraftLength, list[int]]:
-    """Drive a paced ``DraftLength(4)`` as the orchestrator does, with a fake wall clock:
-    each block of ``k + 1`` tokens (all accepted) takes ``block_s`` per token, each plain
-    step ``plain_s`` (the block begun at step ``spike`` 10x longer); the k of every step."""
-    draft, now, step, ks = DraftLength(4), 0.0, 1, []
+def paced_run(block_s: float, plain_s: float, steps: int, spike: int | None = None,
+              pace: speculative.Pace | None = None, warm_up: bool = True) -> tuple[DraftLength, list[int]]:
+    """Drive a paced ``DraftLength(4, pace=pace, warm_up=warm_up)`` as the orchestrator does,
+    with a fake wall clock: each block of ``k + 1`` tokens (all accepted) takes ``block_s``
+    per token, each plain step ``plain_s`` (the block begun at step ``spike`` 10x longer);
+    the k of every step."""
+    draft, now, step, ks = DraftLength(4, pace=pace or speculative.Pace(), warm_up=warm_up), 0.0, 1, []
     while step < steps:
         draft.clock(now, step)
         k = draft.k
@@ -643,15 +644,33 @@ def paced_run(block_s: float, plain_s: float, steps: int, spike: int | None = No
 def test_pacing_keeps_speculation_that_pays_and_pauses_what_does_not():
     fast, ks = paced_run(block_s=0.004, plain_s=0.010, steps=200, spike=19)
     assert ks[:speculative.PACE_BASELINE] == [0] * speculative.PACE_BASELINE  # timing plain first
-    assert all(k == 4 for k in ks[speculative.PACE_BASELINE:]) and not fast.paused  # one slow block: kept
+    assert all(k == 4 for k in ks[speculative.PACE_BASELINE:]) and not fast.pace.paused  # one slow block: kept
     slow, ks = paced_run(block_s=0.012, plain_s=0.010, steps=300)
     blocks = [i for i, k in enumerate(ks) if k]  # the first is not timed: it may capture graphs
     assert blocks[:speculative.PACE_BLOCKS + 1] == list(range(3, 4 + speculative.PACE_BLOCKS))
     pauses = [len(run) for run in "".join("b" if k else "p" for k in ks).split("b") if run]
     # paused, retried, paused twice as long (each retry that did not pay doubles the pause)
     assert pauses[1:3] == [speculative.PACE_PAUSE, 2 * speculative.PACE_PAUSE]
-    assert pauses[0] == speculative.PACE_BASELINE and slow.pause > 2 * speculative.PACE_PAUSE
+    assert pauses[0] == speculative.PACE_BASELINE and slow.pace.pause > 2 * speculative.PACE_PAUSE
     assert DraftLength(4, paced=False).k == 4  # unpaced: drafts from the first step
+
+
+def test_pacing_times_the_first_block_where_no_graph_is_captured():
+    _, ks = paced_run(block_s=0.012, plain_s=0.010, steps=100, warm_up=False)
+    blocks = [i for i, k in enumerate(ks) if k]
+    assert blocks[:speculative.PACE_BLOCKS] == list(range(3, 3 + speculative.PACE_BLOCKS))
+    assert ks[3 + speculative.PACE_BLOCKS:][:speculative.PACE_PAUSE] == [0] * speculative.PACE_PAUSE
+
+
+def test_a_kept_pace_starts_the_next_generation_where_the_last_left_off():
+    pace = speculative.Pace()
+    first, _ = paced_run(block_s=0.012, plain_s=0.010, steps=30, pace=pace, warm_up=False)
+    left = pace.paused
+    assert 0 < left < speculative.PACE_PAUSE  # paused in the first generation, part of it served
+    _, ks = paced_run(block_s=0.012, plain_s=0.010, steps=100, pace=pace, warm_up=False)
+    assert ks[:left] == [0] * left and ks[left] == 4  # no new baseline: the rest of the pause, then a retry
+    fresh, ks = paced_run(block_s=0.004, plain_s=0.010, steps=30, pace=speculative.Pace(), warm_up=False)
+    assert ks[:speculative.PACE_BASELINE] == [0] * speculative.PACE_BASELINE and not fresh.pace.paused
 
 
 def test_paced_generation_times_plain_steps_first_and_keeps_greedy(engine, small, monkeypatch):

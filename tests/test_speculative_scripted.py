@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 
 from max_jupyter.orchestrator import CognitiveOrchestrator, FunctionJudge
+from max_jupyter.orchestrator.speculative import PACE_BASELINE, PACE_BLOCKS, PACE_PAUSE
+from max_jupyter.session import Session
 from max_jupyter.steering import SteeringVector
 from max_jupyter.testing import ScriptedEngine
 
@@ -142,3 +144,24 @@ def test_speculation_is_off_and_says_why_where_it_cannot_run(big):
     mirrored = CognitiveOrchestrator(big, other).generate(PROMPT, max_new_tokens=4, speculate=4)
     assert mirrored.speculate_off == "the small model's vocabulary differs from the big model's"
     assert mirrored.token_ids == alone.token_ids
+
+
+def test_a_session_keeps_the_pace_so_speculation_that_does_not_pay_stays_paused(monkeypatch):
+    """Where a verify costs per token fed (a CPU's: here 4 ms a token on a clock the engines
+    advance, so the machine's load cannot blur it), drafting does not pay: the first
+    generation times plain steps, then blocks, and pauses it; the Session keeps that pace,
+    so the next generation starts paused instead of timing it all again."""
+    clock = [0.0]
+    monkeypatch.setattr(CognitiveOrchestrator, "pace_clock", staticmethod(lambda: clock[0]))
+    big, small = ScriptedEngine(seed=0), ScriptedEngine(seed=0, agreement=0.8)
+    big.before_forward = lambda ids: clock.__setitem__(0, clock[0] + 0.004 * len(ids))
+    small.before_forward = lambda ids: clock.__setitem__(0, clock[0] + 0.001 * len(ids))
+    with Session(big, small, vectors={}) as s:
+        first = s.generate(PROMPT, max_new_tokens=40, ignore_eos=True, speculate=4)
+        blocks = [r.step for r in first.steps if r.drafted]
+        assert blocks and blocks[0] == 1 + PACE_BASELINE  # timed plain steps, then drafted
+        assert len(blocks) == PACE_BLOCKS  # each timed (no CUDA graph to capture first), then paused
+        left = s._pace.paused
+        assert 0 < left <= PACE_PAUSE  # paused, and not yet served in full
+        second = s.generate(PROMPT, max_new_tokens=left, ignore_eos=True, speculate=4)
+        assert not any(r.drafted for r in second.steps) and second.token_ids == first.token_ids[:left]

@@ -94,6 +94,9 @@ class Engine(ABC):
     its work runs concurrently with another engine's (reading ``logits``, ``all_logits`` or
     ``hidden`` synchronises). A caller may then issue this engine's pass, do other work, and
     rewind it if not wanted."""
+    use_graphs: bool = False
+    """Passes replay CUDA graphs, each captured by the first pass of its shape (slow once):
+    speculation's pacing leaves such a first pass untimed."""
     supports_interventions: bool = False
     """``deltas`` may hold ``Intervention`` values (else only tensors to add;
     ``BackendUnavailableError`` before any compute)."""

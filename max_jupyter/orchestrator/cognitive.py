@@ -70,7 +70,7 @@ from max_jupyter.orchestrator.mirror import ContextMirror, shares_vocabulary
 from max_jupyter.orchestrator.options import GenerationOptions, merge_options
 from max_jupyter.orchestrator.resolver import SteeringResolver
 from max_jupyter.orchestrator.sampling import Sampler
-from max_jupyter.orchestrator.speculative import Block, DraftLength, SmallState, draft_and_verify
+from max_jupyter.orchestrator.speculative import Block, DraftLength, Pace, SmallState, draft_and_verify
 from max_jupyter.orchestrator.stopping import StopStrings
 from max_jupyter.orchestrator.trace import GenerationResult, StepEvent, StepRecord, TraceRecorder
 from max_jupyter.orchestrator.types import Prompt, Steering, prompt_ids, run_to_end, with_system
@@ -146,19 +146,23 @@ class CognitiveOrchestrator:
     and judges this is the plain loop (``plain.generate``). ``overlap``: issue each big
     step ahead of the mirror's (see the module); ``None``: where it pays
     (``big.launches_async``, a small model and pre-step judges); a generation with
-    ``speculate`` does not overlap.
+    ``speculate`` does not overlap. ``pace``: speculation's measured pace, kept across
+    generations (``speculative.Pace``; None: each generation times its own).
     """
 
     pace_speculation: bool = True
     """Pause speculative decoding where it costs more wall time per token than plain steps
     (``speculative.DraftLength``); False drafts by acceptance alone (to measure it)."""
+    pace_clock: Callable[[], float] = staticmethod(time.perf_counter)
+    """The wall clock pacing reads (a test may give it a clock of its own)."""
 
     def __init__(self, big: Engine, small: Engine | None = None,
                  judges: JudgeLike | Sequence[JudgeLike] | None = None,
                  mixes: Steering | Mapping[str, Steering] = None, mirror_window: int = 8,
                  overlap: bool | None = None, *, steering: Steering | Sequence[Steering] = None,
-                 mix: Steering | Sequence[Steering] = None):
+                 mix: Steering | Sequence[Steering] = None, pace: Pace | None = None):
         self.big, self.small = big, small
+        self.pace = pace
         self.judges = as_judges(judges)
         mixes, steering = _old_keywords(self.judges, mixes, steering, mix)
         always = steering if isinstance(steering, Sequence) else [steering]
@@ -269,7 +273,8 @@ class CognitiveOrchestrator:
                            big.tokenizer.stream_decoder(), TraceRecorder(trace, big, small),
                            tuple(trace.big_layers), small_capture, options.steer_prompt,
                            options.ignore_eos, abort, on_event,
-                           draft=DraftLength(speculate, self.pace_speculation)
+                           draft=DraftLength(speculate, self.pace_speculation, self.pace or Pace(),
+                                             warm_up=big.use_graphs)
                            if speculate and off is None else None)
 
     def _speculate_off(self) -> str | None:
@@ -329,7 +334,7 @@ class CognitiveOrchestrator:
             return (*self._step(step, run), False)
         if run.block is not None:
             return self._block_step(step, run)
-        now = time.perf_counter()
+        now = self.pace_clock()
         draft.clock(now, step)
         k = min(draft.k, run.max_new_tokens - step - 1)  # a block ends by the last step
         draft.begin(now, step, k)  # (step 0, the prefill, is never timed)

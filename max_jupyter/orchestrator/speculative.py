@@ -53,10 +53,17 @@ PACE_WINDOW = 8
 
 @dataclass
 class Pace:
-    """Wall seconds per emitted token of recent plain steps and speculative blocks."""
+    """Wall seconds per emitted token of recent plain steps and speculative blocks, and the
+    pause they decided: ``paused`` plain steps to go before speculation is timed again,
+    ``pause`` the next pause's length. It outlives a generation where the caller keeps it (a
+    Session keeps one for its pair of models): what one generation measured holds for the
+    next, so only the first times its plain steps before drafting, and a machine where
+    speculation does not pay stops paying for it after the first generation."""
 
     plain: deque[float] = field(default_factory=lambda: deque(maxlen=PACE_WINDOW))
     spec: deque[float] = field(default_factory=lambda: deque(maxlen=PACE_WINDOW))
+    paused: int = 0
+    pause: int = PACE_PAUSE
 
     def add(self, block: bool, seconds: float, tokens: int) -> None:
         (self.spec if block else self.plain).append(seconds / max(tokens, 1))
@@ -76,19 +83,20 @@ class DraftLength:
     at 0 nothing is drafted until a plain step where the small model's greedy guess equals
     the big model's token (then 1), so a drafter that disagrees costs a few drafts, then
     only an argmax a step. By speed (``paced``): the orchestrator reports each plain step
-    and each block with ``clock`` / ``begin``; the first ``PACE_BASELINE`` steps run plain
-    to time them, and where ``PACE_BLOCKS`` blocks (not the first of each length, which may
-    capture CUDA graphs) then cost more wall time per token than plain steps (``Pace``),
-    speculation pauses for ``PACE_PAUSE`` steps (twice as long after each retry that did
-    not pay) and is timed afresh after them. So it costs a few blocks now and then where
-    it does not pay on this machine.
+    and each block with ``clock`` / ``begin`` into ``pace``; until ``PACE_BASELINE`` plain
+    steps are timed, steps run plain; where ``PACE_BLOCKS`` blocks then cost more wall time
+    per token than plain steps (``Pace``), speculation pauses for ``PACE_PAUSE`` plain steps
+    (twice as long after each retry that did not pay) and is timed afresh after them.
+    ``warm_up``: the first block of each length is not timed (it may capture a CUDA graph:
+    engines with ``use_graphs``). A ``pace`` kept from earlier generations starts this one
+    where they left off (timed, or paused). So pacing costs a few blocks now and then where
+    speculation does not pay on this machine.
     """
 
     limit: int
     paced: bool = True
     pace: Pace = field(default_factory=Pace)
-    paused: int = 0
-    pause: int = PACE_PAUSE  # the next pause's length
+    warm_up: bool = True
     _k: int = field(init=False)
     _unit: tuple[float, int, int] | None = field(default=None, init=False)
     _warm: set[int] = field(default_factory=set, init=False)  # draft lengths timed once
@@ -99,7 +107,7 @@ class DraftLength:
     @property
     def k(self) -> int:
         """The longest draft to try now (0: a plain step)."""
-        if self.paced and (self.paused or len(self.pace.plain) < PACE_BASELINE):
+        if self.paced and (self.pace.paused or len(self.pace.plain) < PACE_BASELINE):
             return 0
         return self._k
 
@@ -116,20 +124,20 @@ class DraftLength:
         if not self.paced or self._unit is None:
             return
         start, first, k = self._unit
-        self._unit, block = None, k > 0
-        if block and k not in self._warm:  # its first verify may have captured a CUDA graph
+        self._unit, block, pace = None, k > 0, self.pace
+        if block and self.warm_up and k not in self._warm:  # its first verify may capture a CUDA graph
             self._warm.add(k)
             return
-        self.pace.add(block, now - start, step - first)
-        if block and len(self.pace.spec) >= PACE_BLOCKS:
-            if self.pace.speculation_slower():
-                self.paused, self.pause = self.pause, min(2 * self.pause, PACE_PAUSE_MAX)
-                self.pace.spec.clear()
+        pace.add(block, now - start, step - first)
+        if block and len(pace.spec) >= PACE_BLOCKS:
+            if pace.speculation_slower():
+                pace.paused, pace.pause = pace.pause, min(2 * pace.pause, PACE_PAUSE_MAX)
+                pace.spec.clear()
             else:
-                self.pause = PACE_PAUSE
-        elif not block and self.paused:
-            self.paused = max(0, self.paused - (step - first))
-            if not self.paused:
+                pace.pause = PACE_PAUSE
+        elif not block and pace.paused:
+            pace.paused = max(0, pace.paused - (step - first))
+            if not pace.paused:
                 self._k = max(self._k, 1)
 
     def begin(self, now: float, step: int, k: int) -> None:

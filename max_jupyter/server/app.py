@@ -25,6 +25,7 @@ from max_jupyter.server.protocol import ChatRequest, CompletionRequest
 from max_jupyter.server.replies import Reply, model_list
 from max_jupyter.server.streaming import ClientGone, GenerationStream, sse_body, wait_result
 from max_jupyter.server.summary import trace_summary
+from max_jupyter.steering.concepts import is_concept
 from max_jupyter.validation import check_int
 
 DEFAULT_MODEL_NAME = "max-jupyter"
@@ -71,11 +72,13 @@ def _add_routes(router: APIRouter, app: FastAPI, model_name: str) -> None:
 
     @router.get("/vectors")
     def vectors() -> dict:
-        """The names ``steering`` and ``judges`` accept, and the live mix now."""
+        """The names ``steering`` and ``judges`` accept (the library's vectors, and the
+        concepts, each trained on first use), and the live mix now."""
         mix = {name: entry.coef for name, entry in session.mix.entries.items()}
         return {"object": "list",
-                "data": [{"id": name, "object": "vector", "in_live_mix": name in mix}
-                         for name in sorted(session.vectors)],
+                "data": [{"id": name, "object": "vector", "in_live_mix": name in mix,
+                          "concept": is_concept(name)}
+                         for name in session.vectors_and_concepts],
                 "judges": sorted(session.judges), "mix": mix}
 
     @router.post("/chat/completions")

@@ -49,8 +49,8 @@ def generation_options(session, request: ChatRequest | CompletionRequest
     if isinstance(request.steering, str):
         changes["steering"] = _expression(session, request.steering)
     elif request.steering:
-        changes["steering"] = _known("steering", request.steering, session.vectors,
-                                     "the session's vector library", "unknown_vector")
+        changes["steering"] = _known("steering", request.steering, session.vectors_and_concepts,
+                                     "the session's vector library or concepts", "unknown_vector")
     if request.judges is not None:
         changes["judges"] = list(_known("judges", request.judges, session.judges,
                                         "the session's judges", "unknown_judge"))

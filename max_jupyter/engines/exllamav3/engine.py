@@ -99,6 +99,7 @@ class ExLlamaV3Engine(Engine):
     """
 
     supports_verify = True
+    use_graphs = True  # exllamav3's modules capture their graphs on first use
 
     def __init__(self, model, cache, tokenizer: Tokenizer, max_input_len: int = 2048):
         from exllamav3.modules import TransformerBlock
