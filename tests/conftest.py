@@ -41,6 +41,15 @@ def tiny(tmp_path_factory) -> TransformersEngine:
     return TransformersEngine.load(build_tiny_model(tmp_path_factory.mktemp("tiny")), device="cpu")
 
 
+@pytest.fixture
+def unpaced(monkeypatch):
+    """Speculation drafts by acceptance alone (no wall-clock pacing): for tests of the
+    tokens and drafts, which the machine's speed must not change."""
+    from max_jupyter.orchestrator import CognitiveOrchestrator
+
+    monkeypatch.setattr(CognitiveOrchestrator, "pace_speculation", False)
+
+
 def scripted_session(drafter: bool = False, seconds_per_pass: float = 0.001):
     """A Session (vectors in a dict) on a 16-layer ``ScriptedEngine`` taking about
     ``seconds_per_pass`` a forward (a model's pace, so streams, stops and disconnects happen

@@ -21,7 +21,6 @@ from IPython.core.interactiveshell import InteractiveShell
 from max_jupyter.handle import GenerationHandle
 from max_jupyter.jupyter.magics import MaxMagics
 from max_jupyter.jupyter.sweep import Sweep
-from max_jupyter.orchestrator import CognitiveOrchestrator
 from max_jupyter.orchestrator.speculative import MAX_SPECULATE
 from max_jupyter.orchestrator.trace import GenerationResult
 
@@ -316,12 +315,11 @@ def test_config_defaults_and_bad_values(shell, session, caplog):
     run(shell, "%config MaxMagics.speculate = 0")
 
 
-def test_speculate_gives_the_same_text_and_shows_the_drafts(shell, session, monkeypatch):
+def test_speculate_gives_the_same_text_and_shows_the_drafts(shell, session, unpaced):
     """The session's small model is the big one again: speculation drafts, the text stays
     the greedy text, and the result's summary (HTML and plain) shows the counts. Drafting by
     acceptance alone: pacing may pause speculation that does not pay on this machine, and
     the session keeps that pause for the next generation."""
-    monkeypatch.setattr(CognitiveOrchestrator, "pace_speculation", False)
     prompt = "\nDescribe a quiet morning by the sea."
     plain = run(shell, "%%max_generate -n 24 --no-stream" + prompt)
     fast = run(shell, "%%max_generate -n 24 --speculate 4" + prompt)  # streamed

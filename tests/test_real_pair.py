@@ -15,7 +15,7 @@ import torch
 
 from conftest import assert_mirrors
 from max_jupyter import pair
-from max_jupyter.orchestrator import CognitiveOrchestrator, ProbeJudge, TraceConfig
+from max_jupyter.orchestrator import ProbeJudge, TraceConfig
 from max_jupyter.session import Session
 from max_jupyter.steering.mix import Mix
 from max_jupyter.steering.training import read_reply_states, train_vector
@@ -72,12 +72,6 @@ def session():
 @pytest.fixture(scope="module")
 def happy(session):
     return session.train("happy", HAPPY, SAD, layers=VECTOR_LAYERS, progress=False)
-
-
-@pytest.fixture
-def unpaced(monkeypatch):
-    """Draft by acceptance alone: these tests check tokens, not the pace."""
-    monkeypatch.setattr(CognitiveOrchestrator, "pace_speculation", False)
 
 
 def test_the_pair_loads_with_one_vocabulary(session):

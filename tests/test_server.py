@@ -19,7 +19,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from conftest import scripted_session  # noqa: E402
-from max_jupyter.orchestrator import Always, CognitiveOrchestrator, FunctionJudge  # noqa: E402
+from max_jupyter.orchestrator import Always, FunctionJudge  # noqa: E402
 from max_jupyter.orchestrator.speculative import MAX_SPECULATE  # noqa: E402
 from max_jupyter.server import BackgroundServer  # noqa: E402
 from max_jupyter.session import Session  # noqa: E402
@@ -193,8 +193,7 @@ def test_judges_gate_a_named_mix(session, client, judge):
     assert named.choices[0].message.content != none.choices[0].message.content
 
 
-def test_speculate_gives_the_same_text_and_reports_drafts(spec_session, spec_client, monkeypatch):
-    monkeypatch.setattr(CognitiveOrchestrator, "pace_speculation", False)  # the drafts, not the pace
+def test_speculate_gives_the_same_text_and_reports_drafts(spec_session, spec_client, unpaced):
     args = dict(model=MODEL, messages=chat("Name three colours."), max_tokens=24, temperature=0)
     plain = spec_client.chat.completions.create(**args)
     assert plain.model_extra["max_jupyter"]["drafted"] == 0

@@ -37,15 +37,11 @@ from max_jupyter.orchestrator.speculative import DraftLength
 from max_jupyter.steering import Mix, SteeringVector
 from max_jupyter.testing import build_tiny_model
 
-pytestmark = pytest.mark.slow  # the embedded model drafting for itself
+pytestmark = [pytest.mark.slow,  # the embedded model drafting for itself
+              pytest.mark.usefixtures("unpaced")]
 
 PROMPT = "Write one sentence about the weather."
 LAYERS = (10, 15)  # the layers of the conftest ``vector``
-
-
-@pytest.fixture(autouse=True)
-def unpaced(monkeypatch):
-    monkeypatch.setattr(CognitiveOrchestrator, "pace_speculation", False)
 
 
 def noised(sigma: float, path: str | None = None, head: float = 1.0) -> TransformersEngine:
