@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from max_jupyter.engines import TransformersEngine
+from max_jupyter.engines import Engine, TransformersEngine
 from max_jupyter.orchestrator import generate
 from max_jupyter.steering import Mix, SteeringVector
 from max_jupyter.steering.expression import entries, parse
@@ -27,13 +27,13 @@ from max_jupyter.steering.expression import entries, parse
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
 
 
-def random_vector(engine: TransformersEngine, layers, seed: int, scale: float = 0.5) -> SteeringVector:
+def random_vector(engine: Engine, layers, seed: int, scale: float = 0.5) -> SteeringVector:
     g = torch.Generator().manual_seed(seed)
     return SteeringVector({l: scale * torch.randn(engine.identity.hidden_size, generator=g) for l in layers},
                           engine.identity, f"random{seed}")
 
 
-def mix_of(engine: TransformersEngine, text: str, vectors: dict) -> Mix:
+def mix_of(engine: Engine, text: str, vectors: dict) -> Mix:
     """The mix of ``text`` (no gates), compiled as a generation's steering is."""
     made = {}
     for _clause, clause_entries in entries(parse(text), vectors, engine.identity):
@@ -41,6 +41,19 @@ def mix_of(engine: TransformersEngine, text: str, vectors: dict) -> Mix:
     mix = Mix(engine.identity)
     mix.assign(made)
     return mix
+
+
+def configurations(engine: Engine) -> dict[str, Mix | None]:
+    """The rows, by name: unsteered, ablation at every layer, 3 additions, and 3 additions
+    with 1 ablation and 1 clamp (random vectors at layers 8, 12, 16 and 20)."""
+    every = range(engine.identity.num_layers)
+    vectors = {"a": random_vector(engine, [8], 1), "b": random_vector(engine, [12], 2),
+               "c": random_vector(engine, [16], 3), "d": random_vector(engine, every, 4),
+               "e": random_vector(engine, [20], 5)}
+    return {"unsteered": None,
+            "ablation at every layer (!d)": mix_of(engine, "!d", vectors),
+            "3 adds (a + b + c)": mix_of(engine, "a + b + c", vectors),
+            "3 adds + 1 ablation + 1 clamp": mix_of(engine, "a + b + c + !d@12 + e[-1,1]", vectors)}
 
 
 def main() -> None:
@@ -51,14 +64,7 @@ def main() -> None:
 
     engine = TransformersEngine.load(device="cpu")
     ids = engine.tokenizer.chat(PROMPT)
-    every = range(engine.identity.num_layers)
-    vectors = {"a": random_vector(engine, [8], 1), "b": random_vector(engine, [12], 2),
-               "c": random_vector(engine, [16], 3), "d": random_vector(engine, every, 4),
-               "e": random_vector(engine, [20], 5)}
-    steerings = {"unsteered": None,
-                 "ablation at every layer (!d)": mix_of(engine, "!d", vectors),
-                 "3 adds (a + b + c)": mix_of(engine, "a + b + c", vectors),
-                 "3 adds + 1 ablation + 1 clamp": mix_of(engine, "a + b + c + !d@12 + e[-1,1]", vectors)}
+    steerings = configurations(engine)
 
     def run(steering) -> tuple[float, float]:
         """Wall and CPU milliseconds per token of one generation."""

@@ -107,6 +107,16 @@ def save_gptq(model, folder: Path, tokenizer: Path) -> Path:
     return folder
 
 
+def gptq_folder(shape: str, tokenizer: Path, root: Path) -> Path:
+    """The random ``shape`` model as 4-bit GPTQ under ``$GPTQ_BENCH_DIR`` (written once, kept
+    for the next bench in the same call) or else under ``root``."""
+    folder = Path(os.environ.get("GPTQ_BENCH_DIR") or root) / f"qwen{shape.lower()}-gptq"
+    if not (folder / "config.json").is_file():
+        save_gptq(build_hf(shape), folder, tokenizer)
+        free_gpu()
+    return folder
+
+
 def free_gpu() -> None:
     gc.collect()
     torch.cuda.empty_cache()

@@ -5,7 +5,7 @@
 # The GPU tests run gated (MAX_JUPYTER_REQUIRE_GPU=1): a missing CUDA, exllamav2 or
 # tokenizer fails them instead of skipping them. Logs and gpu_decode.json go to $OUT (the
 # device tool brings that folder back).
-#   bash bench/gpu_session.sh tests|bench|all|speculative|batch|exl3 [more pytest args, e.g. extra test files]
+#   bash bench/gpu_session.sh tests|bench|all|speculative|batch|interventions|exl3 [more pytest args, e.g. extra test files]
 # Carry: .gpu/whl (exllamav2 + missing deps), .gpu/ext (exllamav2_ext.so.xz), .gpu/tokenizer;
 # for exl3 (the ExLlamaV3 tests, marker exl3, then bench/gpu_exl3.py) also .gpu/x3whl (exllamav3
 # and its missing deps) and .gpu/ext3 (exllamav3_ext.so.xz).
@@ -38,6 +38,9 @@ fi
 if [ "$what" = batch ]; then  # batched decode: its GPU tests and bench/gpu_batch.py (docs/batching.md)
   python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_batch_gpu.py "$@" 2>&1 | tee "$OUT/tests.log" || rc=1
   python3 bench/gpu_batch.py 2>&1 | tee "$OUT/batch.log" || rc=1
+fi
+if [ "$what" = interventions ]; then  # bench/gpu_interventions.py (docs/steering.md)
+  python3 bench/gpu_interventions.py 2>&1 | tee "$OUT/interventions.log" || rc=1
 fi
 if [ "$what" = speculative ]; then
   python3 bench/gpu_speculative.py 2>&1 | tee "$OUT/speculative.log" || rc=1

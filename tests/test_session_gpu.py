@@ -78,3 +78,43 @@ def test_session_on_exllamav2_and_close_gives_memory_back(tmp_path):
     assert loaded - allocated0 > 64 * MiB  # the models and caches were really on the GPU
     assert allocated1 - allocated0 < 16 * MiB and allocated2 - allocated0 < 16 * MiB
     assert free2 >= free1 - 16 * MiB
+
+
+def test_devices_place_both_models_on_the_gpu(tmp_path):
+    """``Session.load(devices=("cuda:0", "cuda:0"))`` on the transformers backend (an fp16
+    folder): two engines, each with its weights, cache and captures on that GPU, generating
+    steered with the small one mirroring; the tokens equal ``device="cuda:0"``'s. (On two
+    GPUs the same call with ``("cuda:0", "cuda:1")`` splits them.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from max_jupyter import Session
+    from max_jupyter.models import resolve_hf_folder
+    from max_jupyter.steering import SteeringVector
+
+    folder = tmp_path / "fp16"
+    config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).half().save_pretrained(folder)
+    tokenizer = Path(os.environ.get("MAX_JUPYTER_TOKENIZER") or resolve_hf_folder())
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer / name).is_file():
+            shutil.copy(tokenizer / name, folder / name)
+    vector = torch.randn(256, generator=torch.Generator().manual_seed(1))
+
+    def run(**placement) -> tuple[list[int], list[str]]:
+        with Session.load(folder, small="same", store=None, progress=False, **placement) as s:
+            assert s.big is not s.small
+            s.mix.set("random", SteeringVector({2: vector}, s.big.identity, "random"), 0.5)
+            r = s.generate("Hello there.", max_new_tokens=12, ignore_eos=True)
+            assert r.small_ids[-12:] == r.token_ids  # the small model mirrored every token
+            small_out = s.small.step(r.token_ids[-1], capture=[1])
+            where = [str(p.device) for p in (next(s.big.model.parameters()), next(s.small.model.parameters()),
+                                             small_out.logits, small_out.hidden[1])]
+            return r.token_ids, where
+
+    placed, where = run(devices=("cuda:0", "cuda:0"))
+    assert where == ["cuda:0"] * 4, where
+    same, _ = run(device="cuda:0")
+    assert placed == same

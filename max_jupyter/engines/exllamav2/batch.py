@@ -57,10 +57,16 @@ class DirectBatch:
 
     @staticmethod
     def row_bytes(engine: ExLlamaV2Engine, length: int) -> int:
-        """One row's fp16 K and V at every layer for ``length`` positions (rounded as allocated)."""
-        blocks = engine._blocks
+        """What one row of ``length`` positions holds on the device: its fp16 K and V at
+        every layer (rounded as allocated), its logits in the output of one decode graph
+        per bucket it crosses (fp16) and their fp32 copy, and its residual and delta rows.
+        A pass's intermediates (at most ``CHUNK`` rows) live in exllamav2's scratch and the
+        engine's graph pool, which the memory plan counts."""
+        blocks, identity = engine._blocks, engine.identity
         per_token = sum(2 * a.num_key_value_heads * a.head_dim * 2 for a, _ in blocks)
-        return per_token * round_up(length, BUCKET)
+        positions = round_up(length, BUCKET)
+        logits = identity.vocab_size * (2 * (positions // BUCKET) + 4)
+        return per_token * positions + logits + identity.hidden_size * 2 * 4
 
     def slot_cache(self, slot: int):
         """A batch-1 ``ExLlamaV2Cache`` over the batch cache's slot ``slot`` (views, no copy)."""

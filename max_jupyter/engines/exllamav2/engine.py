@@ -421,7 +421,12 @@ class ExLlamaV2Engine(BatchEngine):
         return {r: batch.lengths[r] for r in batch.live} if batch is not None else {}
 
     def reset_batch(self) -> None:
-        self._batch = None  # its cache and graphs go back to torch's allocator
+        """Free the batch cache and its graphs and give their memory back to the device: a
+        later batch of other rows could not reuse those blocks and would add to torch's
+        reserve (over the plan) instead. Side effect: ``torch.cuda.empty_cache()``."""
+        if self._batch is not None:
+            self._batch = None
+            torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def _prefill_batch(self, prompts: list[list[int]], deltas: list[dict[int, torch.Tensor]],
