@@ -86,11 +86,12 @@ def kv_bytes_per_token(shape: dict) -> int:
     return shape["num_hidden_layers"] * 2 * shape["num_key_value_heads"] * head_dim * 2
 
 
-def build_hf(shape: str):
-    """A random fp16 Qwen2 model of ``shape`` on the GPU."""
+def build_hf(shape: str, vocab_size: int | None = None):
+    """A random fp16 Qwen2 model of ``shape`` on the GPU (``vocab_size``: instead of Qwen's)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    config = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6,
+    config = Qwen2Config(**(SHAPES[shape] | ({"vocab_size": vocab_size} if vocab_size else {})),
+                         max_position_embeddings=32768, rope_theta=1e6,
                          architectures=["Qwen2ForCausalLM"])
     torch.manual_seed(0)
     with torch.device("cuda"):

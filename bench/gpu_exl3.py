@@ -12,8 +12,15 @@ of ``RUNS`` runs after a warm-up, over ``NEW`` tokens (forward and a greedy pick
   (a) exllamav3's ``Generator`` (ArgmaxSampler; the prefill removed by timing ``NEW + 32``
       and ``32`` new tokens and dividing the difference) and its ``Model.forward`` loop
   (b) ours, unsteered; (c) ours with 1 and 3 steering vectors
+  (b') ours calling the backend's pass directly (``_forward``: no contract checks), to
+      show where our time beyond exllamav3's goes
   (d) the 7B- and 1.5B-shaped pair under ``max_vram_gb=16``, the small model stepping
-      the same token after the big one (mirroring), with the measured peak memory
+      the same token after the big one (mirroring), with the measured peak memory; and
+      the same pair in ``CognitiveOrchestrator`` with a ``ProbeJudge`` reading the small
+      model's middle layer and steering the big one (the judge flips at the scores' 90th
+      percentile, so it switches several times a run)
+  (e) our ExLlamaV2 backend on the same 7B layer shapes and vocabulary, 4-bit GPTQ (group
+      128, fp16 head; ``bench/gpu_decode.py``'s round-to-nearest weights), same loop
 "bw frac": bytes read per token (GPU weights + K/V at the mean context) over the measured
 device-to-device copy bandwidth, divided by the measured time.
 Writes ``$OUT/gpu_exl3.json``; ``python bench/gpu_exl3.py --table FILE`` prints its tables;
@@ -62,6 +69,19 @@ def ours(engine, prompt: list[int], deltas: dict | None = None):
         tok = int(logits.argmax())
         for _ in range(NEW):
             tok = int(engine.step(tok, deltas).logits.argmax())
+        run.decode = time.perf_counter() - t
+    return run
+
+
+def unchecked(engine, prompt: list[int]):
+    """``ours`` through ``engine._forward`` (what ``step`` runs after its checks)."""
+    def run():
+        logits = engine.prefill(prompt).logits
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        tok = int(logits.argmax())
+        for _ in range(NEW):
+            tok = int(engine._forward([tok], {}, frozenset()).logits.argmax())
         run.decode = time.perf_counter() - t
     return run
 
@@ -142,6 +162,8 @@ def bench_single(folder: Path, shape: dict, bw: float) -> list[dict]:
         d = torch.randn(shape["hidden_size"], device="cuda")
         return d * (norms[i] / d.norm())  # a vector as large as the residual there
     rows.append(row("(b) ours, unsteered", decode_ms(ours(engine, prompt)), nbytes, bw, base))
+    rows.append(row("(b') ours, the backend's pass without the contract's checks (_forward)",
+                    decode_ms(unchecked(engine, prompt)), nbytes, bw, base))
     one = {n // 2: vec(n // 2)}
     rows.append(row(f"(c) ours, 1 vector @ layer {n // 2}", decode_ms(ours(engine, prompt, one)),
                     nbytes, bw, base))
@@ -174,6 +196,7 @@ def bench_pair(big: Path, small: Path, shapes: tuple[dict, dict], bw: float, bas
             tok = int(b.step(tok).logits.argmax())
         run.decode = time.perf_counter() - t
     ms = decode_ms(run)
+    judged, misses = probe_judged(b, s, prompt)
     peak = measured_peak(held)
     nbytes = gpu_bytes(big, shapes[0]) + gpu_bytes(small, shapes[1])
     r = row(f"(d) 7B + mirrored 1.5B (captured mid layer), max_vram_gb={CAP_GB:g}, "
@@ -181,10 +204,65 @@ def bench_pair(big: Path, small: Path, shapes: tuple[dict, dict], bw: float, bas
             ms, nbytes, bw, base)
     r |= dict(planned_gib=plan.total / 2 ** 30, peak_gib=peak.total / 2 ** 30,
               cache_tokens=plan.cache_tokens)
+    j = row(f"(d) the pair in CognitiveOrchestrator + ProbeJudge (judge flips per run: "
+            f"{', '.join(map(str, misses))}), same cap; peak above covers both", judged, nbytes, bw, base)
     table = plan.table(peak)
     b.unload(), s.unload()
     torch.cuda.set_per_process_memory_fraction(1.0)
-    return r, table
+    return [r, j], table
+
+
+def probe_judged(big, small, prompt: list[int]) -> tuple[list[float], list[int]]:
+    """ms/token of the orchestrator with a ProbeJudge on the small model's middle layer
+    steering the big one (threshold at the 90th percentile of a first run's scores), per
+    timed run, and the judge's flips per run."""
+    from max_jupyter.orchestrator import CognitiveOrchestrator, ProbeJudge
+    from max_jupyter.steering import SteeringVector
+
+    layer, g = small.identity.num_layers // 2, torch.Generator().manual_seed(2)
+    probe = SteeringVector({layer: torch.randn(small.identity.hidden_size, generator=g)}, small.identity, "probe")
+    steer = SteeringVector({big.identity.num_layers // 2: torch.randn(big.identity.hidden_size, generator=g)},
+                           big.identity, "steer")
+    scores: list[float] = []
+    first = CognitiveOrchestrator(big, small, judges=ProbeJudge(probe, threshold=float("inf")), mixes=steer)
+    first.generate(prompt, max_new_tokens=NEW, ignore_eos=True,
+                   on_event=lambda e: e.record and scores.extend(e.record.scores.values()))
+    ranked = sorted(scores)
+    judge = ProbeJudge(probe, threshold=ranked[int(0.9 * len(ranked))],
+                       hysteresis=ranked[len(ranked) // 2] - ranked[len(ranked) // 4])
+    orch = CognitiveOrchestrator(big, small, judges=judge, mixes=steer)
+    ms, flips = [], []
+    for i in range(RUNS + 1):
+        stamps: list[float] = []  # one per step, after its token was picked and decoded
+        result = orch.generate(prompt, max_new_tokens=NEW + 1, ignore_eos=True,
+                               on_event=lambda e, stamps=stamps: e.record and stamps.append(time.perf_counter()))
+        if i:  # the first run is the warm-up
+            ms.append((stamps[-1] - stamps[0]) / NEW * 1e3)
+            on = [bool(rec.mixes_on) for rec in result.steps]
+            flips.append(sum(a != b for a, b in zip(on, on[1:])))
+    return ms, flips
+
+
+def bench_exllamav2(bw: float, base: float) -> dict:
+    """Row (e): our ExLlamaV2 backend on a 4-bit GPTQ model of the 7B layer shapes and vocabulary."""
+    from gpu_decode import build_hf as build_fp16
+    from gpu_decode import free_gpu, save_gptq
+
+    from max_jupyter.engines.exllamav2 import ExLlamaV2Engine, measure_model
+
+    folder = save_gptq(build_fp16("7B", VOCAB), Path(tempfile.mkdtemp(prefix="gptq-")) / "7b",
+                       Path(os.environ["MAX_JUPYTER_TOKENIZER"]))
+    free_gpu()
+    memory = measure_model("big", folder)[0]
+    engine = ExLlamaV2Engine.load(folder, cache_tokens=4096)
+    prompt = torch.randint(0, VOCAB, (PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
+    nbytes = memory.weights + memory.cache_per_token * (PROMPT + NEW // 2)
+    r = row("(e) ours on ExLlamaV2 0.3.2, 4-bit GPTQ (group 128, fp16 head), same shapes, its decode graphs",
+            decode_ms(ours(engine, prompt)), nbytes, bw, base)
+    engine.unload()
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    free_gpu()
+    return r
 
 
 def render(result: dict) -> str:
@@ -238,10 +316,12 @@ def main() -> None:
         print(render(result), flush=True)
     result["rows"]["7B"] = bench_single(folders["7B"], SHAPES["7B"], bw)
     save()
-    r, table = bench_pair(folders["7B"], folders["1.5B"], (SHAPES["7B"], SHAPES["1.5B"]), bw,
-                          result["rows"]["7B"][0]["ms"])
-    result["rows"]["7B"].append(r)
+    base = result["rows"]["7B"][0]["ms"]
+    pair, table = bench_pair(folders["7B"], folders["1.5B"], (SHAPES["7B"], SHAPES["1.5B"]), bw, base)
+    result["rows"]["7B"] += pair
     result["pair_plan"] = table
+    save()
+    result["rows"]["7B"].append(bench_exllamav2(bw, base))
     save()
     if time.time() - start < budget:
         result["rows"]["1.5B"] = bench_single(folders["1.5B"], SHAPES["1.5B"], bw)

@@ -42,7 +42,12 @@ class DirectBatch:
         exl, _, _ = import_exllamav2()
         self.engine = engine
         self.capacity = min(round_up(capacity, BUCKET), round_up(engine.max_seq_len, BUCKET))
-        self.cache = exl.ExLlamaV2Cache(engine.model, batch_size=rows, max_seq_len=self.capacity)
+        self.cache = exl.ExLlamaV2Cache(engine.model, batch_size=rows, max_seq_len=self.capacity, lazy=True)
+        # Every layer's K and V as views of one allocation: per-layer tensors of a few MiB
+        # would share torch's 20 MiB segments and leave the rest of them reserved and unused.
+        states = torch.zeros(2, len(self.cache.key_states), *self.cache.shape_basic, dtype=torch.float16,
+                             device=engine.device)
+        self.cache.key_states, self.cache.value_states = list(states[0]), list(states[1])
         self.live: list[int] = []  # live rows (= their slots), ascending
         self.lengths: dict[int, int] = {}
         device, hidden = engine.device, engine.identity.hidden_size
@@ -58,14 +63,15 @@ class DirectBatch:
     @staticmethod
     def row_bytes(engine: ExLlamaV2Engine, length: int) -> int:
         """What one row of ``length`` positions holds on the device: its fp16 K and V at
-        every layer (rounded as allocated), its logits in the output of one decode graph
-        per bucket it crosses (fp16) and their fp32 copy, and its residual and delta rows.
-        A pass's intermediates (at most ``CHUNK`` rows) live in exllamav2's scratch and the
-        engine's graph pool, which the memory plan counts."""
+        every layer (rounded as allocated), its logits (fp16 in the output of one decode
+        graph per bucket it crosses; fp32 in a step's sampling: the step's rows, their
+        stack, the log-sum-exp and top-k passes, four copies at most) and its residual and
+        delta rows. A pass's intermediates (at most ``CHUNK`` rows) live in exllamav2's
+        scratch and the engine's graph pool, which the memory plan counts."""
         blocks, identity = engine._blocks, engine.identity
         per_token = sum(2 * a.num_key_value_heads * a.head_dim * 2 for a, _ in blocks)
         positions = round_up(length, BUCKET)
-        logits = identity.vocab_size * (2 * (positions // BUCKET) + 4)
+        logits = identity.vocab_size * (2 * (positions // BUCKET) + 4 * 4)
         return per_token * positions + logits + identity.hidden_size * 2 * 4
 
     def slot_cache(self, slot: int):
