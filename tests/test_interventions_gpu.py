@@ -75,3 +75,42 @@ def test_ablation_prefill_graphed_decode_and_verify(tmp_path, tokenizer_folder):
     assert verified.hidden[LAYER].shape[0] == len(draft)
     assert projection_ratio(verified.hidden[LAYER], u) <= 1e-3
     exl.unload()
+
+
+def test_fused_kernel_equals_torch_ops_and_replays_in_a_graph():
+    """``intervention_kernel.apply_`` (one Triton launch) gives ``intervention.apply``'s rows
+    within one fp16 rounding, for every combination of parts, also replayed in a CUDA graph
+    with new values in its buffers; it is what the decode graphs above run."""
+    from max_jupyter.engines.intervention import apply
+    from max_jupyter.engines.intervention_kernel import _kernel, apply_
+
+    assert _kernel() is not None, "Triton is missing: the decode graphs fall back to torch ops"
+    g = torch.Generator().manual_seed(0)
+    hidden = 3584
+
+    def unit(k):
+        u = torch.randn(k, hidden, generator=g)
+        return (u / u.norm(dim=1, keepdim=True)).cuda()
+
+    ops = [Intervention(ablate=unit(1), targets=torch.zeros(1, device="cuda")),
+           Intervention(add=torch.randn(hidden, generator=g).half().cuda(), ablate=unit(2),
+                        targets=torch.randn(2, generator=g).cuda(), clamp=unit(1),
+                        low=torch.tensor([-1.0], device="cuda"), high=torch.tensor([1.0], device="cuda")),
+           Intervention(clamp=unit(2), low=torch.tensor([-float("inf"), -0.5], device="cuda"),
+                        high=torch.tensor([0.3, float("inf")], device="cuda"))]
+    for op in ops:
+        x = (torch.randn(5, hidden, generator=g) * 50).half().cuda()
+        expected = apply(x, op).half()
+        apply_(x, op)
+        assert rel(x, expected) < 1e-3, op.label
+    op, x = ops[0], torch.zeros(5, hidden, dtype=torch.float16, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        apply_(x, op)
+    for _ in range(3):
+        x.copy_((torch.randn(5, hidden, generator=g) * 50).half())
+        op.ablate.copy_(unit(1))
+        expected = apply(x, op).half()
+        graph.replay()
+        assert rel(x, expected) < 1e-3
+        assert projection_ratio(x, op.ablate[0]) < 1e-3

@@ -62,6 +62,7 @@ from max_jupyter.engines.exllamav2.plan import (
     round_up,
 )
 from max_jupyter.engines.intervention import Intervention, apply, copy_into, shape_of
+from max_jupyter.engines.intervention_kernel import apply_
 from max_jupyter.tokenizer import Tokenizer
 
 MAX_GRAPHS = 32  # direct-pass graphs kept per engine (oldest dropped first)
@@ -401,8 +402,8 @@ class ExLlamaV2Engine(BatchEngine):
                 op = ops[i]
                 if isinstance(op, torch.Tensor):
                     x.add_(op)
-                else:  # ablation, clamp and add in the static buffers (engines/intervention.py)
-                    x.copy_(apply(x, op))
+                else:  # ablation, clamp and add in the static buffers: one launch (intervention_kernel.py)
+                    apply_(x[0], op)
             if i in capture:
                 hidden[i] = x[0].clone()  # [n, hidden]
         return self._logits(x, all_rows), hidden
