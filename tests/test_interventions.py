@@ -115,3 +115,24 @@ def test_bad_interventions_are_refused_before_any_forward(engine, ids):
     with pytest.raises(BackendUnavailableError, match="only adds"):
         scripted.prefill([1, 2], {1: Intervention(ablate=unit(scripted.identity.hidden_size, 1)[None],
                                                   targets=torch.zeros(1))})
+
+
+def test_unchanged_deltas_are_checked_once_and_a_write_in_place_is_seen(engine):
+    """The steering loop passes one mix's deltas at every step: ``_checked_ops`` checks them
+    once and hands back the same dict (the ExLlamaV2 backend then skips refilling its graph
+    buffers); a tensor written in place since is checked again (here: refused, past the
+    bound) instead of passing as unchanged."""
+    vector = torch.randn(engine.identity.hidden_size, generator=torch.Generator().manual_seed(0))
+    u = vector / vector.norm()
+    deltas = {2: vector.clone(), 4: Intervention(ablate=u[None], targets=torch.zeros(1))}
+    engine.prefill([1, 2, 3], deltas)
+    first = engine._checked_ops(deltas)
+    assert engine._checked_ops(deltas) is first
+    deltas[4].targets.fill_(1.0)  # an Intervention's tensor written in place
+    second = engine._checked_ops(deltas)
+    assert second is not first
+    deltas[2].mul_(1e12)  # in place: the same objects, new values
+    with pytest.raises(BadArgumentError, match="deltas"):
+        engine.step(4, deltas)
+    deltas[2].div_(1e12)
+    assert engine._checked_ops(dict(deltas)) is not engine._checked_ops(deltas)  # another mapping: checked anew

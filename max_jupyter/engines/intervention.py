@@ -18,6 +18,7 @@ few thousand channels loses the 1e-3 an ablation promises).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -96,9 +97,16 @@ class Intervention:
                             move(self.targets, torch.float32), move(self.clamp, torch.float32),
                             move(self.low, torch.float32), move(self.high, torch.float32))
 
-    @property
+    @functools.cached_property
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        """The tensors it has, in the order of the fields."""
+        return tuple(t for t in (self.add, self.ablate, self.targets, self.clamp, self.low, self.high)
+                     if t is not None)
+
+    @functools.cached_property
     def label(self) -> str:
-        """What runs, in order: e.g. ``"ablate1+clamp1+add"``."""
+        """What runs, in order: e.g. ``"ablate1+clamp1+add"`` (its shapes cannot change:
+        worked out once)."""
         parts = [f"ablate{len(self.ablate)}" if self.ablate is not None else "",
                  f"clamp{len(self.clamp)}" if self.clamp is not None else "",
                  "add" if self.add is not None else ""]
@@ -178,6 +186,14 @@ def shape_of(op: LayerOp) -> tuple:
         return ("add",)
     return (op.add is not None, 0 if op.ablate is None else len(op.ablate),
             0 if op.clamp is None else len(op.clamp))
+
+
+def written(op: LayerOp) -> tuple[int, ...]:
+    """The in-place write counters of ``op``'s tensors: the same object with the same
+    counters holds the same values."""
+    if isinstance(op, torch.Tensor):
+        return (op._version,)
+    return tuple(t._version for t in op.parts)
 
 
 def copy_into(static: LayerOp, op: LayerOp) -> None:

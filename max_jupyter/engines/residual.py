@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from max_jupyter.engines.intervention import LayerOp, written
 from max_jupyter.errors import BadArgumentError
 
 if TYPE_CHECKING:
@@ -72,17 +73,17 @@ def delta_sizes(deltas: Mapping[int, torch.Tensor]) -> dict[int, float]:
     return dict(zip(deltas, sizes.tolist()))
 
 
-def deltas_key(deltas: Mapping[int, torch.Tensor]) -> tuple:
-    """What ``same_deltas`` compares: each layer, its tensor (kept alive) and the tensor's
-    in-place write counter."""
-    return tuple((layer, d, d._version) for layer, d in deltas.items())
+def deltas_key(deltas: Mapping[int, LayerOp]) -> tuple:
+    """What ``same_deltas`` compares: each layer, its op (a tensor or an ``Intervention``,
+    kept alive) and its tensors' in-place write counters."""
+    return tuple((layer, d, written(d)) for layer, d in deltas.items())
 
 
-def same_deltas(deltas: Mapping[int, torch.Tensor], key: tuple | None) -> bool:
-    """``deltas`` are the very tensors of ``key``, unwritten since (so a bound checked on
-    them holds): the steering loop passes one mix's deltas at every step until it changes."""
+def same_deltas(deltas: Mapping[int, LayerOp], key: tuple | None) -> bool:
+    """``deltas`` are the very ops of ``key``, unwritten since (so a check made on them
+    holds): the steering loop passes one mix's deltas at every step until it changes."""
     return key is not None and len(key) == len(deltas) and all(
-        layer == k and d is t and d._version == v for (layer, d), (k, t, v) in zip(deltas.items(), key))
+        layer == k and d is t and written(d) == v for (layer, d), (k, t, v) in zip(deltas.items(), key))
 
 
 def check_finite_norms(deltas: Mapping[int, torch.Tensor], what: str) -> dict[int, float]:
