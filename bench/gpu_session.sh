@@ -5,7 +5,7 @@
 # The GPU tests run gated (MAX_JUPYTER_REQUIRE_GPU=1): a missing CUDA, exllamav2 or
 # tokenizer fails them instead of skipping them. Logs and gpu_decode.json go to $OUT (the
 # device tool brings that folder back).
-#   bash bench/gpu_session.sh tests|bench|all|speculative|batch|interventions|exl3|exl3-bench [more pytest args, e.g. extra test files]
+#   bash bench/gpu_session.sh tests|bench|all|speculative|batch|interventions|exl3|exl3-tests|exl3-bench [more pytest args, e.g. extra test files]
 # Carry: .gpu/whl (exllamav2 + missing deps), .gpu/ext (exllamav2_ext.so.xz), .gpu/tokenizer;
 # for exl3 (the ExLlamaV3 tests, marker exl3, then bench/gpu_exl3.py) also .gpu/x3whl (exllamav3
 # and its missing deps) and .gpu/ext3 (exllamav3_ext.so.xz).
@@ -17,10 +17,10 @@ OUT=${OUT:-/tmp/max_jupyter_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 MAX_JUPYTER_REQUIRE_GPU=1
 export MAX_JUPYTER_COMMIT=${MAX_JUPYTER_COMMIT:-$(git describe --always --dirty 2>/dev/null || echo unknown)}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl \
-  $( [ "${what%-bench}" = exl3 ] && echo .gpu/x3whl/*.whl ) || exit 1
+  $( [ "${what%-*}" = exl3 ] && echo .gpu/x3whl/*.whl ) || exit 1
 mkdir -p /tmp/ext
 [ -f .gpu/ext/exllamav2_ext.so.xz ] && xz -dc .gpu/ext/exllamav2_ext.so.xz > /tmp/ext/exllamav2_ext.so
-[ "${what%-bench}" = exl3 ] && xz -dc .gpu/ext3/exllamav3_ext.so.xz > /tmp/ext/exllamav3_ext.so
+[ "${what%-*}" = exl3 ] && xz -dc .gpu/ext3/exllamav3_ext.so.xz > /tmp/ext/exllamav3_ext.so
 export PYTHONPATH=/tmp/ext:/tmp/site:$PWD
 export MAX_JUPYTER_TOKENIZER=${MAX_JUPYTER_TOKENIZER:-$PWD/.gpu/tokenizer}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -31,11 +31,13 @@ fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 bench/gpu_decode.py 2>&1 | tee "$OUT/bench.log" || rc=1
 fi
-if [ "$what" = exl3 ] || [ "$what" = exl3-bench ]; then  # exl3-bench: the benchmark alone
-  if [ "$what" = exl3 ]; then
+if [ "${what%-*}" = exl3 ]; then  # exl3: tests then bench; exl3-tests or exl3-bench: one of them
+  if [ "$what" != exl3-bench ]; then
     python3 -m pytest -s -q -p no:cacheprovider -k exllamav3 tests/test_exllamav3_gpu.py tests/test_exllamav3_plan.py tests/test_engine_contract.py "$@" 2>&1 | tee "$OUT/tests_exl3.log" || rc=1
   fi
-  python3 bench/gpu_exl3.py 2>&1 | tee "$OUT/bench_exl3.log" || rc=1
+  if [ "$what" != exl3-tests ]; then
+    python3 bench/gpu_exl3.py 2>&1 | tee "$OUT/bench_exl3.log" || rc=1
+  fi
 fi
 if [ "$what" = batch ]; then  # batched decode: its GPU tests and bench/gpu_batch.py (docs/batching.md)
   python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_batch_gpu.py "$@" 2>&1 | tee "$OUT/tests.log" || rc=1

@@ -220,3 +220,38 @@ def test_memory_plan_holds_and_session_autodetects_exl3():
         assert peak.total <= s.plan.total <= 4 * 1024 ** 3
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantised_cache_stays_within_its_plan_and_near_fp16(eng, bits):
+    """``cache_bits``: exllamav3's quantised KV cache. The plan counts fewer cache bytes than
+    fp16's, the measured peak stays under the plan, and decode logits stay near the fp16
+    cache's (a cache that lost K/V would be as far off as a random model)."""
+    import gc
+
+    from max_jupyter.engines.exllamav2 import measured_peak
+    from max_jupyter.engines.exllamav3 import load_engines
+
+    prompt, steps = ids_of(eng, 300, seed=5), ids_of(eng, 16, seed=6)
+    eng.prefill(prompt)
+    expected = [eng.step(t).logits for t in steps]
+    gc.collect()
+    torch.cuda.empty_cache()
+    held = torch.cuda.memory_reserved()
+    torch.cuda.reset_peak_memory_stats()
+    (quantised,), plan = load_engines([("q", exl3_folder())], cache_tokens=1024, cache_bits=bits)
+    try:
+        quantised.prefill(prompt)
+        errors = [rel(quantised.step(t).logits, e) for t, e in zip(steps, expected)]
+        peak = measured_peak(held)
+        per_token = plan.models[0].cache_per_token
+        fp16 = eng.model.config.num_hidden_layers * 2 * 128 * 2  # K and V of 2 heads x 64, fp16
+        print(f"cache_bits={bits}: logits rel err vs fp16 cache max {max(errors):.2e}; cache "
+              f"{per_token} bytes a position (fp16 {fp16}); peak {peak.total / 2 ** 30:.2f} GiB, "
+              f"plan {plan.total / 2 ** 30:.2f}")
+        assert fp16 * bits / 16 < per_token < fp16  # the bits, plus exllamav3's scales
+        assert peak.total <= plan.total
+        assert max(errors) < (0.05 if bits == 8 else 0.3)
+    finally:
+        quantised.unload()
+        torch.cuda.set_per_process_memory_fraction(1.0)
