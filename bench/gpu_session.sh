@@ -26,7 +26,7 @@ export MAX_JUPYTER_TOKENIZER=${MAX_JUPYTER_TOKENIZER:-$PWD/.gpu/tokenizer}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 rc=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_exllamav2_parity.py tests/test_engine_contract.py tests/test_session_gpu.py tests/test_speculative_gpu.py tests/test_batch_gpu.py "$@" 2>&1 | tee "$OUT/tests.log" || rc=1
+  python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_exllamav2_parity.py tests/test_engine_contract.py tests/test_session_gpu.py tests/test_speculative_gpu.py tests/test_batch_gpu.py tests/test_interventions_gpu.py "$@" 2>&1 | tee "$OUT/tests.log" || rc=1
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 bench/gpu_decode.py 2>&1 | tee "$OUT/bench.log" || rc=1

@@ -136,3 +136,15 @@ def test_unchanged_deltas_are_checked_once_and_a_write_in_place_is_seen(engine):
         engine.step(4, deltas)
     deltas[2].div_(1e12)
     assert engine._checked_ops(dict(deltas)) is not engine._checked_ops(deltas)  # another mapping: checked anew
+
+
+def test_deltas_made_under_inference_mode_steer(engine):
+    """Inference tensors keep no write counter; the memo of checked deltas then checks them
+    at every call instead of failing ("Inference tensors do not track version counter")."""
+    with torch.inference_mode():
+        u = unit(engine.identity.hidden_size, 3)
+        deltas = {2: 0.1 * u, 4: Intervention(ablate=u[None], targets=torch.zeros(1))}
+    engine.prefill([1, 2, 3], deltas)
+    first = engine._checked_ops(deltas)
+    assert engine._checked_ops(deltas) is not first and engine.step(4, deltas).logits.isfinite().all()
+

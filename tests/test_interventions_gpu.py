@@ -70,6 +70,12 @@ def test_ablation_prefill_graphed_decode_and_verify(tmp_path, tokenizer_folder):
     out = exl.step(tokens[-1], clamp, capture=[LAYER])
     p = out.hidden[LAYER].float() @ u.to(out.hidden[LAYER].device)
     assert float(p.max()) <= 1.0 + 1e-2 * float(out.hidden[LAYER].float().norm())  # clamped, then +0.5
+    same = ablate(0.0)  # one mapping at every step, as the steering loop passes it
+    for target in (0.0, 3.0, -2.0):  # written in place between steps: the graph's buffers follow
+        same[LAYER].targets.fill_(target)
+        out = exl.step(tokens[-1], same, capture=[LAYER])
+        assert projection_ratio(out.hidden[LAYER], u, target) <= 1e-3, target
+        exl.rewind(1)
     draft = tokens[:4]
     verified = exl.verify(draft, ablate(0.0), capture=[LAYER])  # every fed position
     assert verified.hidden[LAYER].shape[0] == len(draft)
@@ -103,6 +109,24 @@ def test_fused_kernel_equals_torch_ops_and_replays_in_a_graph():
         expected = apply(x, op).half()
         apply_(x, op)
         assert rel(x, expected) < 1e-3, op.label
+    # The order, by projections on one direction u: ablate to 20, clamp to [-5, 5], add 30 u
+    # -> 35 (add first: 5; clamp first: 50); two clamps in order: [0, 10] then [-20, -5] -> -5
+    u = unit(1)
+    x = (torch.randn(5, hidden, generator=g) * 50).half().cuda()
+    apply_(x, Intervention(ablate=u, targets=torch.tensor([20.0], device="cuda"), clamp=u,
+                           low=torch.tensor([-5.0], device="cuda"), high=torch.tensor([5.0], device="cuda"),
+                           add=(30 * u[0]).half()))
+    assert torch.allclose(x.float() @ u[0], torch.full((5,), 35.0, device="cuda"), atol=0.5)
+    apply_(x, Intervention(clamp=torch.cat([u, u]), low=torch.tensor([0.0, -20.0], device="cuda"),
+                           high=torch.tensor([10.0, -5.0], device="cuda")))
+    assert torch.allclose(x.float() @ u[0], torch.full((5,), -5.0, device="cuda"), atol=0.5)
+    # Directions that are a transposed view (an SVD's rows): the kernel must not read them as rows.
+    basis = torch.linalg.qr(torch.randn(hidden, 2, generator=g))[0].cuda()  # [hidden, 2], orthonormal columns
+    x = (torch.randn(5, hidden, generator=g) * 50).half().cuda()
+    op = Intervention(ablate=basis.T, targets=torch.zeros(2, device="cuda"))
+    expected = apply(x, op).half()
+    apply_(x, op)
+    assert rel(x, expected) < 1e-3 and projection_ratio(x, basis[:, 1]) < 1e-3
     op, x = ops[0], torch.zeros(5, hidden, dtype=torch.float16, device="cuda")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -80,11 +80,12 @@ def test_session_on_exllamav2_and_close_gives_memory_back(tmp_path):
     assert free2 >= free1 - 16 * MiB
 
 
-def test_devices_place_both_models_on_the_gpu(tmp_path):
-    """``Session.load(devices=("cuda:0", "cuda:0"))`` on the transformers backend (an fp16
-    folder): two engines, each with its weights, cache and captures on that GPU, generating
-    steered with the small one mirroring; the tokens equal ``device="cuda:0"``'s. (On two
-    GPUs the same call with ``("cuda:0", "cuda:1")`` splits them.)"""
+def test_devices_place_each_model_where_asked(tmp_path):
+    """``Session.load(devices=...)`` on the transformers backend (an fp16 folder): with
+    ``("cuda:0", "cuda:0")`` two engines, each with its weights, logits and captures on that
+    GPU; with ``("cuda:0", "cpu")`` the small one on the CPU (which the default, CUDA where
+    present, would not do); both generate steered with the small one mirroring, the tokens
+    of ``device="cuda:0"``. (On two GPUs, ``("cuda:0", "cuda:1")`` splits them.)"""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from max_jupyter import Session
@@ -116,5 +117,7 @@ def test_devices_place_both_models_on_the_gpu(tmp_path):
 
     placed, where = run(devices=("cuda:0", "cuda:0"))
     assert where == ["cuda:0"] * 4, where
+    split, where = run(devices=("cuda:0", "cpu"))
+    assert where == ["cuda:0", "cpu", "cpu", "cpu"], where
     same, _ = run(device="cuda:0")
-    assert placed == same
+    assert placed == same == split  # the small model only mirrors: the big one's tokens

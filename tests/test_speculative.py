@@ -615,11 +615,13 @@ def test_post_step_judges_rerun_inside_a_block(engine, near, ctrl, vector):
 
 
 def paced_run(block_s: float, plain_s: float, steps: int, spike: int | None = None,
-              pace: speculative.Pace | None = None, warm_up: bool = True) -> tuple[DraftLength, list[int]]:
+              pace: speculative.Pace | None = None, warm_up: bool = True, accepted: bool = True,
+              agree: bool = True) -> tuple[DraftLength, list[int]]:
     """Drive a paced ``DraftLength(4, pace=pace, warm_up=warm_up)`` as the orchestrator does,
-    with a fake wall clock: each block of ``k + 1`` tokens (all accepted) takes ``block_s``
-    per token, each plain step ``plain_s`` (the block begun at step ``spike`` 10x longer);
-    the k of every step."""
+    with a fake wall clock: a block of ``k`` drafts takes ``block_s * (k + 1)`` (the block
+    begun at step ``spike`` 10x longer) and yields ``k + 1`` tokens (``accepted``) or 1; a
+    plain step takes ``plain_s``, the small model's guess right where ``agree``; the k of
+    every step."""
     draft, now, step, ks = DraftLength(4, pace=pace or speculative.Pace(), warm_up=warm_up), 0.0, 1, []
     while step < steps:
         draft.clock(now, step)
@@ -627,11 +629,12 @@ def paced_run(block_s: float, plain_s: float, steps: int, spike: int | None = No
         draft.begin(now, step, k)
         ks.append(k)
         if k:
-            draft.after_draft(k, k)
+            kept = k if accepted else 0
+            draft.after_draft(k, kept)
             now += block_s * (k + 1) * (10 if step == spike else 1)
-            step += k + 1
+            step += kept + 1
         else:
-            draft.after_plain(0, 1)
+            draft.after_plain(1 if agree else 0, 1)
             now += plain_s
             step += 1
     return draft, ks
@@ -643,12 +646,37 @@ def test_pacing_keeps_speculation_that_pays_and_pauses_what_does_not():
     assert all(k == 4 for k in ks[speculative.PACE_BASELINE:]) and not fast.pace.paused  # one slow block: kept
     slow, ks = paced_run(block_s=0.012, plain_s=0.010, steps=300)
     blocks = [i for i, k in enumerate(ks) if k]  # the first is not timed: it may capture graphs
-    assert blocks[:speculative.PACE_BLOCKS + 1] == list(range(3, 4 + speculative.PACE_BLOCKS))
-    pauses = [len(run) for run in "".join("b" if k else "p" for k in ks).split("b") if run]
-    # paused, retried, paused twice as long (each retry that did not pay doubles the pause)
-    assert pauses[1:3] == [speculative.PACE_PAUSE, 2 * speculative.PACE_PAUSE]
-    assert pauses[0] == speculative.PACE_BASELINE and slow.pace.pause > 2 * speculative.PACE_PAUSE
+    assert blocks == list(range(3, 4 + speculative.PACE_BLOCKS))  # then paused for good:
+    # even every draft kept (the guesses all right) cannot pay for blocks this slow, so the
+    # pause is renewed untimed, not doubled
+    assert slow.pace.paused and slow.pace.pause == 2 * speculative.PACE_PAUSE
     assert DraftLength(4, paced=False).k == 4  # unpaced: drafts from the first step
+
+
+def test_a_retry_that_did_not_pay_doubles_the_pause():
+    """Guesses right but drafts rejected (the evidence misleads): the pause ends in a
+    timed retry, which pauses again for twice as long."""
+    _, ks = paced_run(block_s=0.006, plain_s=0.010, steps=400, warm_up=False, accepted=False)
+    pauses = [len(run) for run in "".join("b" if k else "p" for k in ks).split("b") if len(run) > 1]
+    assert pauses[1:3] == [speculative.PACE_PAUSE, 2 * speculative.PACE_PAUSE]
+
+
+def test_a_retry_is_not_timed_where_the_guesses_say_it_would_lose():
+    """``Pace.retry_would_lose``: blocks costing 3 plain steps lose at a guess rate where
+    ``1 + a + ... + a^k`` tokens are fewer than 3, pay above it, and without enough guesses
+    (or no block timed) the retry is timed."""
+    pace = speculative.Pace()
+    pace.plain.extend([0.010] * 8)
+    pace.blocks.extend([(0.030, 4)] * 3)
+    pace.guesses.extend([False] * speculative.PACE_GUESSES)
+    assert pace.retry_would_lose()  # 1 token a block for 3 steps' time
+    pace.guesses.extend([True] * speculative.PACE_GUESSES)
+    assert not pace.retry_would_lose()  # 5 tokens a block
+    pace.guesses.extend([True, False] * (speculative.PACE_GUESSES // 2))
+    assert pace.retry_would_lose()  # a = 1/2: 1.94 tokens a block, under 3
+    pace.guesses.clear()
+    pace.guesses.extend([False] * (speculative.PACE_GUESSES // 2 - 1))
+    assert not pace.retry_would_lose()  # too few guesses: time it
 
 
 def test_pacing_times_the_first_block_where_no_graph_is_captured():
@@ -659,11 +687,11 @@ def test_pacing_times_the_first_block_where_no_graph_is_captured():
 
 
 def test_a_kept_pace_starts_the_next_generation_where_the_last_left_off():
-    pace = speculative.Pace()
-    first, _ = paced_run(block_s=0.012, plain_s=0.010, steps=30, pace=pace, warm_up=False)
+    pace = speculative.Pace()  # blocks that do not pay, guesses that say they would (a retry is timed)
+    first, _ = paced_run(block_s=0.006, plain_s=0.010, steps=30, pace=pace, warm_up=False, accepted=False)
     left = pace.paused
     assert 0 < left < speculative.PACE_PAUSE  # paused in the first generation, part of it served
-    _, ks = paced_run(block_s=0.012, plain_s=0.010, steps=100, pace=pace, warm_up=False)
+    _, ks = paced_run(block_s=0.006, plain_s=0.010, steps=100, pace=pace, warm_up=False, accepted=False)
     assert ks[:left] == [0] * left and ks[left] == 4  # no new baseline: the rest of the pause, then a retry
     fresh, ks = paced_run(block_s=0.004, plain_s=0.010, steps=30, pace=speculative.Pace(), warm_up=False)
     assert ks[:speculative.PACE_BASELINE] == [0] * speculative.PACE_BASELINE and not fresh.pace.paused

@@ -188,12 +188,15 @@ def shape_of(op: LayerOp) -> tuple:
             0 if op.clamp is None else len(op.clamp))
 
 
-def written(op: LayerOp) -> tuple[int, ...]:
+def written(op: LayerOp) -> tuple:
     """The in-place write counters of ``op``'s tensors: the same object with the same
-    counters holds the same values."""
-    if isinstance(op, torch.Tensor):
-        return (op._version,)
-    return tuple(t._version for t in op.parts)
+    counters holds the same values. Writes that bypass the counter (through ``.data``, a
+    numpy or DLPack view) are not seen. Inference tensors keep no counter: their key is a
+    new object each time, never equal to another."""
+    try:
+        return (op._version,) if isinstance(op, torch.Tensor) else tuple(t._version for t in op.parts)
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return (object(),)
 
 
 def copy_into(static: LayerOp, op: LayerOp) -> None:

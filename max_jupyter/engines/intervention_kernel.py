@@ -21,10 +21,11 @@ from max_jupyter.engines.intervention import Intervention, apply
 
 def apply_(x: torch.Tensor, op: Intervention) -> None:
     """Apply ``op`` to every row of ``x`` ``[rows, hidden]`` in place (side effect: ``x``
-    changes; there is no undo). One Triton launch on a CUDA tensor with contiguous rows;
-    otherwise ``intervention.apply`` and a copy back."""
+    changes; there is no undo). One Triton launch on a CUDA tensor with contiguous rows and
+    an ``op`` of contiguous tensors; otherwise ``intervention.apply`` and a copy back."""
     kernel = _kernel()
-    if kernel is None or not x.is_cuda or x.dim() != 2 or x.stride(-1) != 1:
+    if (kernel is None or not x.is_cuda or x.dim() != 2 or x.stride(-1) != 1
+            or not all(t.is_contiguous() for t in op.parts)):  # the kernel reads rows at k * hidden
         x.copy_(apply(x, op))
     else:
         _launch(kernel, x, op)

@@ -49,6 +49,9 @@ PACE_PAUSE_MAX = 1024
 PACE_WINDOW = 8
 """Recent units (plain steps, blocks) whose median is the pace: robust to the odd slow one
 (a CUDA graph captured at a new cache bucket)."""
+PACE_GUESSES = 32
+"""Recent plain steps whose agreement (the small model's greedy guess is the big model's
+token) estimates the acceptance a retry would see; half as many are needed to use it."""
 
 
 @dataclass
@@ -64,9 +67,29 @@ class Pace:
     spec: deque[float] = field(default_factory=lambda: deque(maxlen=PACE_WINDOW))
     paused: int = 0
     pause: int = PACE_PAUSE
+    blocks: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=PACE_WINDOW))
+    """Recent timed blocks: (wall seconds, tokens drafted); kept across pauses."""
+    guesses: deque[bool] = field(default_factory=lambda: deque(maxlen=PACE_GUESSES))
+    """Recent plain steps: did the small model's greedy guess equal the big model's token."""
 
-    def add(self, block: bool, seconds: float, tokens: int) -> None:
+    def add(self, block: bool, seconds: float, tokens: int, drafted: int = 0) -> None:
         (self.spec if block else self.plain).append(seconds / max(tokens, 1))
+        if block:
+            self.blocks.append((seconds, drafted))
+
+    def retry_would_lose(self) -> bool:
+        """What the plain steps saw says a retry would not pay, so it need not be timed:
+        with ``a`` the share of recent plain steps whose greedy guess was right, a block
+        of ``k`` drafts yields about ``1 + a + ... + a^k`` tokens (each draft kept as
+        often as a guess was right); timed blocks cost ``units`` plain steps each (medians);
+        it loses where the tokens are fewer than the units. False without the evidence
+        (fewer than half of ``PACE_GUESSES`` guesses, no block or plain step timed)."""
+        if len(self.guesses) < PACE_GUESSES // 2 or not self.blocks or not self.plain:
+            return False
+        agree = sum(self.guesses) / len(self.guesses)
+        k = round(statistics.median(k for _, k in self.blocks))
+        units = statistics.median(s for s, _ in self.blocks) / statistics.median(self.plain)
+        return sum(agree ** i for i in range(k + 1)) < units
 
     def speculation_slower(self) -> bool:
         """``PACE_BLOCKS`` blocks timed, and their median cost per token exceeds the plain
@@ -86,7 +109,9 @@ class DraftLength:
     and each block with ``clock`` / ``begin`` into ``pace``; until ``PACE_BASELINE`` plain
     steps are timed, steps run plain; where ``PACE_BLOCKS`` blocks then cost more wall time
     per token than plain steps (``Pace``), speculation pauses for ``PACE_PAUSE`` plain steps
-    (twice as long after each retry that did not pay) and is timed afresh after them.
+    (twice as long after each retry that did not pay) and is timed afresh after them,
+    unless the plain steps' guesses say a retry would lose (``Pace.retry_would_lose``): then
+    it waits another pause, untimed.
     ``warm_up``: the first block of each length is not timed (it may capture a CUDA graph:
     engines with ``use_graphs``). A ``pace`` kept from earlier generations starts this one
     where they left off (timed, or paused). So pacing costs a few blocks now and then where
@@ -115,6 +140,8 @@ class DraftLength:
         self._k = min(self.limit, self._k + 1) if accepted == drafted else max(0, self._k - 1)
 
     def after_plain(self, guess: int, token: int) -> None:
+        if self.paced:
+            self.pace.guesses.append(guess == token)
         if self._k == 0 and guess == token:
             self._k = 1
 
@@ -128,7 +155,7 @@ class DraftLength:
         if block and self.warm_up and k not in self._warm:  # its first verify may capture a CUDA graph
             self._warm.add(k)
             return
-        pace.add(block, now - start, step - first)
+        pace.add(block, now - start, step - first, k)
         if block and len(pace.spec) >= PACE_BLOCKS:
             if pace.speculation_slower():
                 pace.paused, pace.pause = pace.pause, min(2 * pace.pause, PACE_PAUSE_MAX)
@@ -137,7 +164,9 @@ class DraftLength:
                 pace.pause = PACE_PAUSE
         elif not block and pace.paused:
             pace.paused = max(0, pace.paused - (step - first))
-            if not pace.paused:
+            if not pace.paused and pace.retry_would_lose():
+                pace.paused = pace.pause  # free to judge again after it: not doubled
+            elif not pace.paused:
                 self._k = max(self._k, 1)
 
     def begin(self, now: float, step: int, k: int) -> None:

@@ -63,15 +63,16 @@ class DirectBatch:
     @staticmethod
     def row_bytes(engine: ExLlamaV2Engine, length: int) -> int:
         """What one row of ``length`` positions holds on the device: its fp16 K and V at
-        every layer (rounded as allocated), its logits (fp16 in the output of one decode
-        graph per bucket it crosses; fp32 in a step's sampling: the step's rows, their
-        stack, the log-sum-exp and top-k passes, four copies at most) and its residual and
-        delta rows. A pass's intermediates (at most ``CHUNK`` rows) live in exllamav2's
-        scratch and the engine's graph pool, which the memory plan counts."""
+        every layer (rounded as allocated), its logits (fp16 in the output of its decode
+        graph: graphs of a bucket or a count of rows no longer live are dropped; fp32 in a
+        step's sampling: the step's rows, their stack, the log-sum-exp and top-k passes,
+        four copies at most) and its residual and delta rows. A pass's intermediates (at
+        most ``CHUNK`` rows) live in exllamav2's scratch and the engine's graph pool, which
+        the memory plan counts."""
         blocks, identity = engine._blocks, engine.identity
         per_token = sum(2 * a.num_key_value_heads * a.head_dim * 2 for a, _ in blocks)
         positions = round_up(length, BUCKET)
-        logits = identity.vocab_size * (2 * (positions // BUCKET) + 4 * 4)
+        logits = identity.vocab_size * (2 + 4 * 4)
         return per_token * positions + logits + identity.hidden_size * 2 * 4
 
     def slot_cache(self, slot: int):
@@ -101,6 +102,9 @@ class DirectBatch:
         bucket = min(round_up(max(self.lengths[r] for r in self.live) + 1, BUCKET), self.capacity)
         layers = sorted({layer for d in deltas for layer in d})
         keys = [(bucket, start, min(CHUNK, n - start), tuple(layers), capture) for start in range(0, n, CHUNK)]
+        shapes = {key[:3] for key in keys}
+        for key in [key for key in self.graphs if key[:3] not in shapes]:
+            del self.graphs[key]  # rows left or the bucket grew: never replayed again; its outputs freed
         embedded = engine._embedding.forward(torch.tensor([[t] for t in tokens]))  # [n, 1, hidden], CPU
         with torch.cuda.stream(engine._stream):
             self.x[:n].copy_(embedded.to(engine.device))

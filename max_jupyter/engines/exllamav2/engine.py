@@ -321,12 +321,14 @@ class ExLlamaV2Engine(BatchEngine):
             self._x[:, :n].copy_(self._x_host[:, :n], non_blocking=True)
             self._x_sent.record()
             self._pos.fill_(pos)
+            if not unchanged:
+                self._filled = (None, frozenset())  # until every buffer holds the new values
             for i, d in () if unchanged else deltas.items():  # new values into the static buffers: no re-capture
                 static = self._delta_bufs.get((i, shape_of(d)))
                 if static is None:  # read by the graphs from now on
                     static = self._delta_bufs[(i, shape_of(d))] = (
-                        d.clone() if isinstance(d, torch.Tensor) else Intervention(*(
-                            None if t is None else t.clone() for t in
+                        d.clone() if isinstance(d, torch.Tensor) else Intervention(*(  # contiguous: the kernel's layout
+                            None if t is None else t.clone(memory_format=torch.contiguous_format) for t in
                             (d.add, d.ablate, d.targets, d.clamp, d.low, d.high))))
                 else:
                     copy_into(static, d)
