@@ -148,3 +148,20 @@ def test_deltas_made_under_inference_mode_steer(engine):
     first = engine._checked_ops(deltas)
     assert engine._checked_ops(deltas) is not first and engine.step(4, deltas).logits.isfinite().all()
 
+
+
+def test_refused_deltas_cost_no_forward_on_a_fresh_model():
+    """Bad deltas and interventions a backend does not run are refused before the forward
+    that measures a new model's residual norms (refused before any compute)."""
+    from max_jupyter.engines import residual
+
+    engine = ScriptedEngine(seed=9173)  # a model no other test measured
+    assert residual.known(engine.identity) is None
+    u = unit(engine.identity.hidden_size, 4)
+    with pytest.raises(BackendUnavailableError):
+        engine.prefill([1, 2, 3], {1: Intervention(ablate=u[None], targets=torch.zeros(1))})
+    with pytest.raises(BadArgumentError):
+        engine.prefill([1, 2, 3], {1: torch.zeros(engine.identity.hidden_size + 1)})
+    assert engine.forward_calls == 0 and residual.known(engine.identity) is None
+    engine.prefill([1, 2, 3], {1: 0.1 * u})
+    assert residual.known(engine.identity) is not None

@@ -201,25 +201,29 @@ class Engine(ABC):
         ids = check_token_ids("ids", ids, self.identity.vocab_size)
         layers = frozenset(check_layers(self.identity, capture, "capture"))
         check_room(self, len(ids), from_empty)
-        if from_empty or self.seq_len == 0:  # the cache may be emptied: measure once per model
-            residual.measure(self)
-        return ids, self._checked_ops(deltas), layers
+        # the cache may be emptied: measure the residual norms once per model
+        return ids, self._checked_ops(deltas, measure=from_empty or self.seq_len == 0), layers
 
-    def _checked_ops(self, deltas: LayerDeltas | None) -> dict[int, LayerOp]:
-        """``deltas`` checked (layers, shapes, the bound on what is added, what this backend
-        runs) and on this engine's device and dtype. While the caller passes the same
+    def _checked_ops(self, deltas: LayerDeltas | None, measure: bool = False) -> dict[int, LayerOp]:
+        """``deltas`` checked (layers, shapes, what this backend runs; then, after
+        ``residual.measure`` where ``measure``, the bound on what is added, which needs the
+        norms) and on this engine's device and dtype. While the caller passes the same
         mapping, its ops unwritten (the steering loop passes one mix's at every step until
         it changes), the checks are skipped and the same dict is returned: a backend may
         tell an unchanged step by identity (the ExLlamaV2 backend then skips refilling its
         graphs' buffers)."""
         memo = self._ops_memo
         if memo is not None and deltas is memo[0] and residual.same_deltas(deltas, memo[1]):
+            if measure:
+                residual.measure(self)
             return memo[2]
         checked = check_ops(self.identity, deltas)
         if not self.supports_interventions and any(isinstance(op, Intervention) for op in checked.values()):
             raise BackendUnavailableError(
                 f"{type(self).__name__} only adds deltas (no ablation or clamp); steer it with "
                 f"additions only, or use the transformers backend.")
+        if measure:  # a forward: after the checks that need no norms, so a mistake costs none
+            residual.measure(self)
         added = additions(checked)  # the bound applies to what is added
         if added:
             residual.check_delta_norms(self.identity, added, "deltas")
