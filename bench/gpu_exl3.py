@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from gpu_decode import copy_bandwidth
+from gpu_decode import build_hf, copy_bandwidth, free_gpu, save_gptq
 
 PROMPT, NEW, RUNS, CAP_GB, VOCAB = 1024, 128, 3, 16.0, 49152
 SHAPES = {  # Qwen2.5 layer shapes (hidden, layers, heads, kv heads, intermediate); own heads
@@ -61,27 +61,19 @@ def timed(run, runs: int = RUNS) -> list[float]:
     return out
 
 
-def ours(engine, prompt: list[int], deltas: dict | None = None):
+def ours(engine, prompt: list[int], deltas: dict | None = None, checked: bool = True):
+    """A ``run`` of our decode loop (``checked=False``: through ``engine._forward``, what
+    ``step`` runs after its checks), recording ``run.decode``."""
+    def step(tok: int):
+        return engine.step(tok, deltas) if checked else engine._forward([tok], {}, frozenset())
+
     def run():
         logits = engine.prefill(prompt, deltas).logits
         torch.cuda.synchronize()
         t = time.perf_counter()
         tok = int(logits.argmax())
         for _ in range(NEW):
-            tok = int(engine.step(tok, deltas).logits.argmax())
-        run.decode = time.perf_counter() - t
-    return run
-
-
-def unchecked(engine, prompt: list[int]):
-    """``ours`` through ``engine._forward`` (what ``step`` runs after its checks)."""
-    def run():
-        logits = engine.prefill(prompt).logits
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        tok = int(logits.argmax())
-        for _ in range(NEW):
-            tok = int(engine._forward([tok], {}, frozenset()).logits.argmax())
+            tok = int(step(tok).logits.argmax())
         run.decode = time.perf_counter() - t
     return run
 
@@ -163,7 +155,7 @@ def bench_single(folder: Path, shape: dict, bw: float) -> list[dict]:
         return d * (norms[i] / d.norm())  # a vector as large as the residual there
     rows.append(row("(b) ours, unsteered", decode_ms(ours(engine, prompt)), nbytes, bw, base))
     rows.append(row("(b') ours, the backend's pass without the contract's checks (_forward)",
-                    decode_ms(unchecked(engine, prompt)), nbytes, bw, base))
+                    decode_ms(ours(engine, prompt, checked=False)), nbytes, bw, base))
     one = {n // 2: vec(n // 2)}
     rows.append(row(f"(c) ours, 1 vector @ layer {n // 2}", decode_ms(ours(engine, prompt, one)),
                     nbytes, bw, base))
@@ -245,12 +237,10 @@ def probe_judged(big, small, prompt: list[int]) -> tuple[list[float], list[int]]
 
 def bench_exllamav2(bw: float, base: float) -> dict:
     """Row (e): our ExLlamaV2 backend on a 4-bit GPTQ model of the 7B layer shapes and vocabulary."""
-    from gpu_decode import build_hf as build_fp16
-    from gpu_decode import free_gpu, save_gptq
 
     from max_jupyter.engines.exllamav2 import ExLlamaV2Engine, measure_model
 
-    folder = save_gptq(build_fp16("7B", VOCAB), Path(tempfile.mkdtemp(prefix="gptq-")) / "7b",
+    folder = save_gptq(build_hf("7B", VOCAB), Path(tempfile.mkdtemp(prefix="gptq-")) / "7b",
                        Path(os.environ["MAX_JUPYTER_TOKENIZER"]))
     free_gpu()
     memory = measure_model("big", folder)[0]

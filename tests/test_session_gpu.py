@@ -20,24 +20,30 @@ def gptq_folder(folder: Path) -> Path:
     ``$MAX_JUPYTER_TOKENIZER`` (or the embedded model's)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from max_jupyter.models import resolve_hf_folder
     from max_jupyter.testing import write_gptq_rtn
 
-    tokenizer = Path(os.environ.get("MAX_JUPYTER_TOKENIZER") or resolve_hf_folder())
     config = LlamaConfig(vocab_size=49152, hidden_size=512, intermediate_size=1536,
                          num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                          max_position_embeddings=2048, architectures=["LlamaForCausalLM"])
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).half().cuda().eval()
     write_gptq_rtn(model, folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                 "special_tokens_map.json"):
-        if (tokenizer / name).is_file():
-            shutil.copy(tokenizer / name, folder / name)
+    copy_tokenizer(folder)
     del model
     gc.collect()
     torch.cuda.empty_cache()
     return folder
+
+
+def copy_tokenizer(folder: Path) -> None:
+    """The tokenizer files of ``$MAX_JUPYTER_TOKENIZER`` (or the embedded model's) into ``folder``."""
+    from max_jupyter.models import resolve_hf_folder
+
+    tokenizer = Path(os.environ.get("MAX_JUPYTER_TOKENIZER") or resolve_hf_folder())
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "special_tokens_map.json"):
+        if (tokenizer / name).is_file():
+            shutil.copy(tokenizer / name, folder / name)
 
 
 def load_generate_close(folder: Path) -> tuple[int, int, int]:
@@ -89,7 +95,6 @@ def test_devices_place_each_model_where_asked(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from max_jupyter import Session
-    from max_jupyter.models import resolve_hf_folder
     from max_jupyter.steering import SteeringVector
 
     folder = tmp_path / "fp16"
@@ -98,10 +103,7 @@ def test_devices_place_each_model_where_asked(tmp_path):
                          architectures=["LlamaForCausalLM"])
     torch.manual_seed(0)
     LlamaForCausalLM(config).half().save_pretrained(folder)
-    tokenizer = Path(os.environ.get("MAX_JUPYTER_TOKENIZER") or resolve_hf_folder())
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (tokenizer / name).is_file():
-            shutil.copy(tokenizer / name, folder / name)
+    copy_tokenizer(folder)
     vector = torch.randn(256, generator=torch.Generator().manual_seed(1))
 
     def run(**placement) -> tuple[list[int], list[str]]:

@@ -164,9 +164,11 @@ class DraftLength:
                 pace.pause = PACE_PAUSE
         elif not block and pace.paused:
             pace.paused = max(0, pace.paused - (step - first))
-            if not pace.paused and pace.retry_would_lose():
+            if pace.paused:
+                return
+            if pace.retry_would_lose():
                 pace.paused = pace.pause  # free to judge again after it: not doubled
-            elif not pace.paused:
+            else:
                 self._k = max(self._k, 1)
 
     def begin(self, now: float, step: int, k: int) -> None:
