@@ -6,7 +6,7 @@ and converted to EXL3 (4 bits, head 6) by exllamav3's own converter, once per pr
 The reference is exllamav3's own ``Model.forward`` on the same weights: cached (whole
 prompts and one token at a time) and uncached, its ``export_state_layers`` residuals (the
 same layer convention as ours, HF ``hidden_states[i + 1]``) and its modules run by hand
-with a delta added. Tolerances (relative L2 error of logits or residual rows): the same
+with a delta added or an ablation or clamp applied (``intervention.apply``'s torch ops). Tolerances (relative L2 error of logits or residual rows): the same
 kernels over the same rows agree to 2e-3 (exllamav3's kernels are deterministic: its
 forward and its modules run by hand agreed exactly on an H100). EXL3's arithmetic differs
 between paths: a head over 1 row and over 40 differed by 6.7e-3, a decode step against
@@ -157,15 +157,18 @@ def test_captures_are_exllamav3s_exported_states(eng):
     assert rel(eng.unembed(out.hidden[3][-1:])[0], out.logits) < SAME_KERNELS
 
 
-def hand_run(eng, ids: list[int], delta_layer: int, delta: torch.Tensor) -> torch.Tensor:
+def hand_run(eng, ids: list[int], ops: dict) -> torch.Tensor:
     """exllamav3's modules run by hand, uncached and with no deferred residual add, with
-    ``delta`` added at the output of block ``delta_layer``: the last row's logits."""
+    ``ops`` (layer -> a delta or an ``Intervention``, ``intervention.apply``'s torch
+    arithmetic) at the output of their blocks: the last row's logits."""
+    from max_jupyter.engines.intervention import apply
+
     params = {"attn_mode": "flash_attn_nc", "layer_instance": 0}
     x = eng.model.prepare_inputs(torch.tensor([ids]), params)
     for i, (module, _, _) in enumerate(eng.model.fwd_modules):
         x = module.forward(module.prepare_for_device(x, params), params)
-        if i - 1 == delta_layer:  # fwd_modules[0] is the embedding
-            x = x + delta
+        if i - 1 in ops:  # fwd_modules[0] is the embedding
+            x = apply(x, ops[i - 1])
     return x[0, -1, :eng.identity.vocab_size].float()
 
 
@@ -177,13 +180,54 @@ def test_a_delta_moves_logits_as_in_exllamav3s_modules(eng):
     steered = eng.prefill(ids, deltas={1: delta}, capture={1, 2})
     # the delta shows at its own layer as itself
     assert rel(steered.hidden[1] - plain.hidden[1], delta.expand_as(plain.hidden[1])) < SAME_KERNELS
-    ref = hand_run(eng, ids, 1, delta)
+    ref = hand_run(eng, ids, {1: delta})
     assert rel(steered.logits, ref) < OTHER_KERNELS
-    moved, ref_moved = steered.logits - plain.logits, ref - hand_run(eng, ids, 1, 0 * delta)
+    moved, ref_moved = steered.logits - plain.logits, ref - hand_run(eng, ids, {})
     assert torch.nn.functional.cosine_similarity(moved, ref_moved, dim=0) > 0.99
     # decode steps take the same delta (deferred residual add kept)
     eng.prefill(ids[:-1], deltas={1: delta})
     assert rel(eng.step(ids[-1], deltas={1: delta}).logits, ref) < OTHER_KERNELS
+
+
+def test_ablation_and_clamp_hold_and_move_logits_as_exllamav3s_modules(eng):
+    from max_jupyter.engines.intervention import Intervention
+    from test_interventions_gpu import projection_ratio
+
+    ids = ids_of(eng, 24, seed=4)
+    plain = eng.prefill(ids, capture={1, 2})
+    u = plain.hidden[1].mean(0)
+    u /= u.norm()  # a direction the residual has: every row projects on it
+    assert projection_ratio(plain.hidden[1], u) > 0.05
+
+    def ablate(target: float) -> dict:
+        return {1: Intervention(ablate=u[None], targets=torch.tensor([target], device="cuda"))}
+
+    # prefill: the projection is set at every row, and the logits are exllamav3's modules'
+    # with the same ablation (and a delta at layer 0, whose add stays deferred)
+    delta = 0.5 * plain.hidden[1].norm(dim=-1).median() * torch.nn.functional.normalize(
+        torch.randn(eng.identity.hidden_size, device="cuda"), dim=0)
+    ops = {0: delta} | ablate(0.0)
+    out = eng.prefill(ids, deltas=ops, capture={1})
+    assert projection_ratio(out.hidden[1], u) <= 1e-3
+    ref = hand_run(eng, ids, ops)
+    assert rel(out.logits, ref) < OTHER_KERNELS
+    moved, ref_moved = out.logits - plain.logits, ref - hand_run(eng, ids, {})
+    assert torch.nn.functional.cosine_similarity(moved, ref_moved, dim=0) > 0.99
+    # decode steps with changing targets, then a verify of 5 rows
+    eng.prefill(ids[:16], deltas=ablate(0.0))
+    for j, target in zip(range(16, 19), (0.0, 2.5, -1.0)):
+        step = eng.step(ids[j], deltas=ablate(target), capture={1})
+        assert projection_ratio(step.hidden[1], u, target) <= 1e-3, (j, target)
+    verified = eng.verify(ids[19:], deltas=ablate(0.0), capture={1})
+    assert verified.hidden[1].shape[0] == 5 and projection_ratio(verified.hidden[1], u) <= 1e-3
+    # a clamp to [-0.5, 0.5] then an add of 0.5 u: every projection in [0, 1]
+    norm = float(plain.hidden[2].norm(dim=-1).median())
+    clamp = {2: Intervention(add=0.5 * u, clamp=u[None], low=torch.tensor([-0.5], device="cuda"),
+                             high=torch.tensor([0.5], device="cuda"))}
+    out = eng.prefill(ids, deltas=clamp, capture={2})
+    projections = out.hidden[2] @ u
+    assert (projections >= -1e-3 * norm).all() and (projections <= 1 + 1e-3 * norm).all()
+    assert rel(out.logits, hand_run(eng, ids, clamp)) < OTHER_KERNELS
 
 
 def test_identity_and_tokenizer_are_the_source_models(eng):

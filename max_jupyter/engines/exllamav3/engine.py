@@ -14,6 +14,9 @@ How it runs (docs/gpu.md has the measurements):
   pending and the next block's input norm adds it, fused). The residual at the output of
   block ``i`` is ``x + pending`` there; a delta is added to ``x`` in place (the same sum,
   so steering keeps the deferral), a capture turns the deferral off at its layer and clones.
+  An ``Intervention`` (ablation, clamp) turns the deferral off at its layer too (it projects
+  the whole residual) and is applied to the fp32 residual in one launch
+  (``intervention_kernel.apply_``).
 - **No whole-step CUDA graph.** exllamav3 builds each step's attention parameters on the
   host (``cache_seqlens``, positions) and copies them to the device, and its modules
   replay their own graphs; capturing ``model.forward`` fails ("Cannot copy between CPU and
@@ -39,6 +42,7 @@ from max_jupyter.engines.exllamav2.plan import (
 )
 from max_jupyter.engines.exllamav3.folder import import_exllamav3
 from max_jupyter.engines.exllamav3.plan import check_cache_bits, measure_model
+from max_jupyter.engines.intervention_kernel import apply_
 from max_jupyter.errors import BackendUnavailableError
 from max_jupyter.tokenizer import Tokenizer
 
@@ -99,6 +103,7 @@ class ExLlamaV3Engine(Engine):
     """
 
     supports_verify = True
+    supports_interventions = True
     use_graphs = True  # exllamav3's modules capture their graphs on first use
 
     def __init__(self, model, cache, tokenizer: Tokenizer, max_input_len: int = 2048):
@@ -207,9 +212,10 @@ class ExLlamaV3Engine(Engine):
     def _blocks_pass(self, part: list[int], past: int, deltas: dict[int, torch.Tensor],
                      capture: frozenset[int], captured: dict[int, list[torch.Tensor]]):
         """One chunk through the embedding and every block (``forward_ls``'s loop with a
-        delta add and a capture at block outputs); returns the residual ``[1, n, hidden]``
-        fp32 and the pass's ``params``. A block defers its residual add to the next block's
-        norm unless its output is captured (or it is the last)."""
+        delta add, an ``Intervention`` and a capture at block outputs); returns the residual
+        ``[1, n, hidden]`` fp32 and the pass's ``params``. A block defers its residual add to
+        the next block's norm unless its output is captured or intervened on (or it is the
+        last)."""
         params = self._params(past)
         x = self.model.prepare_inputs(torch.tensor([part]), params)
         x = self._embedding.forward(self._embedding.prepare_for_device(x, params), params)
@@ -217,10 +223,14 @@ class ExLlamaV3Engine(Engine):
         for i, block in enumerate(self._blocks):
             params["layer_instance"] = 0
             x = block.prepare_for_device(x, params)
-            params["resid_defer"] = i < last and i not in capture
+            op = deltas.get(i)
+            plain = op is None or isinstance(op, torch.Tensor)  # an add commutes with the pending add
+            params["resid_defer"] = i < last and i not in capture and plain
             x = block.forward(x, params)
-            if i in deltas:
-                x.add_(deltas[i])  # the pending MLP output (if deferred) is added by the next block
+            if not plain:  # ablation and clamp project the whole residual: nothing pending (one launch)
+                apply_(x[0], op)
+            elif op is not None:
+                x.add_(op)  # the pending MLP output (if deferred) is added by the next block
             if i in capture:
                 captured[i].append(x[0].clone())  # [n, hidden]
         params.pop("resid_defer", None)
