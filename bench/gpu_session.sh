@@ -5,10 +5,13 @@
 # The GPU tests run gated (MAX_JUPYTER_REQUIRE_GPU=1): a missing CUDA, exllamav2 or
 # tokenizer fails them instead of skipping them. Logs and gpu_decode.json go to $OUT (the
 # device tool brings that folder back).
-#   bash bench/gpu_session.sh tests|bench|all|speculative|batch|interventions|exl3|exl3-tests|exl3-bench [more pytest args, e.g. extra test files]
+#   bash bench/gpu_session.sh tests|bench|all|speculative|batch|interventions|exl3|exl3-tests|exl3-bench|pool [more pytest args, e.g. extra test files]
 # Carry: .gpu/whl (exllamav2 + missing deps), .gpu/ext (exllamav2_ext.so.xz), .gpu/tokenizer;
 # for exl3 (the ExLlamaV3 tests, marker exl3, then bench/gpu_exl3.py) also .gpu/x3whl (exllamav3
-# and its missing deps) and .gpu/ext3 (exllamav3_ext.so.xz).
+# and its missing deps) and .gpu/ext3 (exllamav3_ext.so.xz); for pool (bench/pool_scaling.py on
+# the box's CPUs: SessionPool on Ray) .gpu/ray (ray.tar.xz: Ray's wheel unpacked without its
+# Java jars, RLlib and dashboard front end, under the 64 MiB carry; deps/: its dependencies'
+# wheels) and .gpu/smollm2cfg (the embedded model's config and tokenizer: random weights).
 # MAX_JUPYTER_COMMIT stamps the benchmark's JSON; default: git describe (the .git copied to the
 # box can be stale: pass it from here).
 set -uo pipefail
@@ -45,6 +48,18 @@ if [ "$what" = batch ]; then  # batched decode: its GPU tests and bench/gpu_batc
 fi
 if [ "$what" = interventions ]; then  # bench/gpu_interventions.py (docs/steering.md)
   python3 bench/gpu_interventions.py 2>&1 | tee "$OUT/interventions.log" || rc=1
+fi
+if [ "$what" = pool ]; then  # Ray and a random-weight SmolLM2-135M (fp32), then the scaling bench
+  tar -C /tmp/site -xJf .gpu/ray/ray.tar.xz || exit 1
+  missing=$(python3 -c "import importlib.util as u; print(' '.join(p for p, m in [('msgpack', 'msgpack'), ('click', 'click'), ('filelock', 'filelock'), ('jsonschema', 'jsonschema'), ('protobuf', 'google.protobuf'), ('pyyaml', 'yaml'), ('requests', 'requests'), ('packaging', 'packaging')] if u.find_spec(m) is None))")
+  [ -z "$missing" ] || python3 -m pip install -q --no-index --find-links .gpu/ray/deps --target /tmp/site $missing || exit 1
+  python3 -c "
+import torch, transformers
+torch.manual_seed(0)
+config = transformers.AutoConfig.from_pretrained('.gpu/smollm2cfg')
+transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained('/tmp/smollm2')
+transformers.AutoTokenizer.from_pretrained('.gpu/smollm2cfg').save_pretrained('/tmp/smollm2')" || exit 1
+  python3 bench/pool_scaling.py --big /tmp/smollm2 --actors 1,2,4,8 "$@" 2>&1 | tee "$OUT/pool.log" || rc=1
 fi
 if [ "$what" = speculative ]; then
   python3 bench/gpu_speculative.py 2>&1 | tee "$OUT/speculative.log" || rc=1

@@ -11,7 +11,9 @@ Each actor generates its share as one batch (``Session.generate_batch``).
 Tokens/s counts generated tokens over the job's wall time (splitting, sending, merging
 included; starting the pool not). Expect close to 2x for two one-core actors against one
 on 2 cores, less where other processes share the cores.
-Usage: ``python bench/pool_scaling.py [--rows 8] [--tokens 32] [--rounds 2]``.
+Usage: ``python bench/pool_scaling.py [--rows 8] [--tokens 32] [--rounds 2] [--big FOLDER]
+[--actors 1,2]`` (``--actors 1,2,4,8``: more one-core actors, on a machine with the cores;
+bench/gpu_session.sh's ``pool`` mode runs it so on a lent box's CPUs).
 """
 from __future__ import annotations
 
@@ -31,18 +33,20 @@ PROMPTS = ["Write a story about a lighthouse.", "Explain how rain forms.", "Desc
            "Give advice to a new gardener.", "Tell me about the moon.", "Write a letter to a friend.",
            "Describe your favourite meal.", "Explain how a bicycle works."]
 
-CONFIGS = [  # (label, logical cores of the runtime, actors)
-    ("1 actor, 1 core", 1, 1),
-    ("2 actors, 1 core each", 2, 2),
-    ("1 actor, 2 cores", 2, 1),
-]
+
+
+def configs(actors: list[int]) -> list[tuple[str, int, int]]:
+    """(label, logical cores of the runtime, actors): ``n`` one-core actors for each ``n`` in
+    ``actors``, then one actor on 2 cores (what the second core gives without a second actor)."""
+    rows = [(f"{n} actor{'s' * (n > 1)}, 1 core{' each' * (n > 1)}", n, n) for n in actors]
+    return rows + [("1 actor, 2 cores", 2, 1)]
 
 
 def run(cores: int, actors: int, args) -> tuple[float, int, str]:
     """Median tokens/s of the job on a pool of ``actors`` in a runtime of ``cores``."""
     init_ray(num_cpus=cores)
     try:
-        with SessionPool.start(actors, store=None, device="cpu", progress=False) as pool:
+        with SessionPool.start(actors, args.big, store=None, device="cpu", progress=False) as pool:
             direction = torch.randn(pool.identity.hidden_size, generator=torch.Generator().manual_seed(0))
             vector = SteeringVector({10: direction / direction.norm() * 8.0}, pool.identity, "bench")
             prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.rows)]
@@ -69,13 +73,15 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--big", default=None, help="a model folder (default: the embedded model)")
+    parser.add_argument("--actors", default="1,2", help="comma-separated actor counts (one core each)")
     args = parser.parse_args()
     print(f"{args.rows} rows x {args.tokens} tokens, median of {args.rounds}; {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f} at the start")
     print("| configuration | actors | torch threads each | tokens/job | tokens/s | vs 1 actor, 1 core |")
     print("| --- | --- | --- | --- | --- | --- |", flush=True)
     base = None
-    for label, cores, actors in CONFIGS:  # each row as soon as it is measured
+    for label, cores, actors in configs([int(n) for n in args.actors.split(",")]):  # each row when measured
         rate, tokens, threads = run(cores, actors, args)
         base = base or rate
         print(f"| {label} | {actors} | {threads} | {tokens} | {rate:.1f} | {rate / base:.2f}x |", flush=True)
