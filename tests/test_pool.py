@@ -2,14 +2,21 @@
 the embedded model: pooled greedy rows equal a single Session's row for row (steered and
 not, tensors included); an actor killed mid-job has its share re-run on a replacement;
 Ctrl-C stops the remote work and keeps what finished; bad input is refused in one line
-before any work is sent."""
+before any work is sent; a pool joins a cluster started with ``ray start``."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -251,3 +258,67 @@ def test_a_pooled_evaluation_equals_a_single_sessions(pool, engine, vector):
         assert p.values() == pytest.approx(s.values(), rel=1e-3, abs=1e-3)
     assert pooled.probe_auroc == pytest.approx(single.probe_auroc)
     assert not pooled.interrupted and pooled.job.rows == 3 and not pooled.job.retried
+
+
+CLIENT = """
+import json
+import ray
+from max_jupyter import SessionPool
+with SessionPool.start(1, address="auto", store=None, device="cpu", progress=False) as pool:
+    rows = pool.generate_batch(["Name a colour."], max_new_tokens=8)
+    print(json.dumps({"tokens": rows[0].token_ids, "host": pool.actors[0].host,
+                      "resources": ray.cluster_resources().get("CPU")}))
+print(json.dumps({"joined_after_close": ray.is_initialized()}))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_head(port: int, folder: Path, env: dict) -> subprocess.Popen:
+    """``ray start --head --block`` on ``port`` with one core and its files in ``folder``
+    (short: Ray's socket paths must fit 107 bytes), once it says it has started."""
+    ray_cli = Path(sys.executable).parent / "ray"
+    log = folder / "head.log"
+    head = subprocess.Popen([str(ray_cli), "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
+                             "--include-dashboard=false", f"--temp-dir={folder}"],
+                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while "Ray runtime started" not in log.read_text():
+        assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(1)
+    return head
+
+
+def test_a_pool_joins_a_cluster_started_with_ray_start(engine):
+    """A head node started as on a cluster's first machine (``ray start --head``, docs/
+    cluster.md), joined from another process with ``address="auto"`` (``RAY_ADDRESS`` names
+    the head): refused in one line without the token setting; with it the actor runs there
+    and its row is a single Session's, and closing the pool leaves the pool's process
+    disconnected and the cluster running."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    env |= {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_USAGE_STATS_ENABLED": "0"}
+    folder = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    head = start_head(port, folder, env)
+    try:
+        refused = subprocess.run([sys.executable, "-c", CLIENT], env=env, capture_output=True, text=True,
+                                 timeout=300)
+        assert refused.returncode != 0
+        assert "BackendUnavailableError: could not join the Ray cluster" in refused.stderr
+        assert "RAY_AUTH_MODE=token" in refused.stderr.strip().splitlines()[-1]
+        client = subprocess.run([sys.executable, "-c", CLIENT], env=env | {"RAY_AUTH_MODE": "token"},
+                                capture_output=True, text=True, timeout=300)
+        assert client.returncode == 0, client.stderr[-2000:]
+        pooled, after = (json.loads(line) for line in client.stdout.strip().splitlines()[-2:])
+        assert pooled["resources"] == 1.0  # the head's one core: this is the started cluster
+        assert pooled["tokens"] == alone(engine, None, "Name a colour.", None, max_new_tokens=8).token_ids
+        assert after == {"joined_after_close": False}
+        assert head.poll() is None  # the cluster outlives the pool that joined it
+    finally:
+        head.terminate()  # --block: the head's processes end with it
+        head.wait(timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)

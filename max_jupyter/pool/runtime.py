@@ -4,6 +4,7 @@ Ray is imported here, when a pool starts, never when ``max_jupyter`` is imported
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 from max_jupyter.errors import BackendUnavailableError, PoolWorkerError
@@ -26,10 +27,20 @@ def import_ray():
 def connect(address: str | None) -> bool:
     """Join the Ray runtime at ``address`` ("auto", "ray://host:port", a head's host:port),
     or start a local one (None); a runtime this process already joined is used as it is.
-    Returns whether this call started or joined it (so the pool should leave it at close)."""
+    A cluster that cannot be joined is ``BackendUnavailableError`` naming the token setting
+    (unless ``RAY_AUTH_MODE`` is set: then Ray's error). Returns whether this call started or joined it (so the pool should leave it at close)."""
     if import_ray().is_initialized():
         return False
-    init_ray(address=address)
+    try:
+        init_ray(address=address)
+    except ConnectionError as e:
+        if address is None or os.environ.get("RAY_AUTH_MODE"):
+            raise
+        # a `ray start` cluster asks for its token; ray.init only logs the auth error
+        raise BackendUnavailableError(
+            f"could not join the Ray cluster at {address!r} ({e}); a cluster started with `ray start` "
+            f"requires its token: set RAY_AUTH_MODE=token with the head's ~/.ray/auth_token on this "
+            f"machine (docs/cluster.md), or check the address.") from None
     return True
 
 
