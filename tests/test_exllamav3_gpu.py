@@ -2,17 +2,18 @@
 failed instead under ``MAX_JUPYTER_REQUIRE_GPU=1``).
 
 One random Qwen2 model (4 layers, hidden 512, GQA 8/2, biases) is built with transformers
-and converted to EXL3 (4 bits, head 6) by exllamav3's own converter, once per process.
-The reference is exllamav3's own ``Model.forward`` on the same weights: cached (whole
-prompts and one token at a time) and uncached, its ``export_state_layers`` residuals (the
-same layer convention as ours, HF ``hidden_states[i + 1]``) and its modules run by hand
-with a delta added or an ablation or clamp applied (``intervention.apply``'s torch ops). Tolerances (relative L2 error of logits or residual rows): the same
-kernels over the same rows agree to 2e-3 (exllamav3's kernels are deterministic: its
-forward and its modules run by hand agreed exactly on an H100). EXL3's arithmetic differs
-between paths: a head over 1 row and over 40 differed by 6.7e-3, a decode step against
-the uncached forward by 2.3e-2 (H100); so where ours and the reference take different
-paths, ours is held to 1.5 times what exllamav3's own forward shows between those paths,
-measured in the test (at least 2e-2).
+and converted to EXL3 (4 bits, head 6) by exllamav3's own converter, once per process. The
+reference is exllamav3's own ``Model.forward`` on the same weights: cached (whole prompts
+and one token at a time) and uncached, its ``export_state_layers`` residuals (the same
+layer convention as ours, HF ``hidden_states[i + 1]``) and its modules run by hand with a
+delta added or an ablation or clamp applied (``intervention.apply``'s torch ops).
+Tolerances (relative L2 error of logits or residual rows): the same kernels over the same
+rows agree to 2e-3 (exllamav3's kernels are deterministic: its forward and its modules run
+by hand agreed exactly on an H100). EXL3's arithmetic differs between paths: a head over 1
+row and over 40 differed by 6.7e-3, a decode step against the uncached forward by 2.3e-2
+(H100); so where ours and the reference take different paths, ours is held to 1.5 times
+what exllamav3's own forward shows between those paths, measured in the test (at least
+2e-2).
 """
 from __future__ import annotations
 

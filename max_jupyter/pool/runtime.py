@@ -28,7 +28,8 @@ def connect(address: str | None) -> bool:
     """Join the Ray runtime at ``address`` ("auto", "ray://host:port", a head's host:port),
     or start a local one (None); a runtime this process already joined is used as it is.
     A cluster that cannot be joined is ``BackendUnavailableError`` naming the token setting
-    (unless ``RAY_AUTH_MODE`` is set: then Ray's error). Returns whether this call started or joined it (so the pool should leave it at close)."""
+    (unless ``RAY_AUTH_MODE`` is set: then Ray's error). Returns whether this call started
+    or joined it (so the pool should leave it at close)."""
     if import_ray().is_initialized():
         return False
     try:
