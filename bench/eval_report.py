@@ -2,10 +2,12 @@
 table into docs/evaluation.md (between its REPORT markers), with the commit, the machine,
 its load and the settings; ``--timing`` also times the goal's evaluation (one vector, 7
 coefficients, 20 prompts, 48 tokens). The table is rewritten after each concept, so a run
-cut short leaves the concepts it finished.
+cut short leaves the concepts it finished. ``--big`` / ``--small`` evaluate another pair
+(e.g. the real pair: ``--big qwen2.5-coder-1.5b --small qwen2.5-coder-0.5b``, the small
+model reading the big one's answers); its table goes between the PAIR markers.
 
     PYTHONPATH=. python bench/eval_report.py [--concepts joy,formal] [--prompts 20]
-        [--coefs 0.1,0.2,0.35,0.5,0.75,1,1.5] [--tokens 48] [--timing]
+        [--coefs 0.1,0.2,0.35,0.5,0.75,1,1.5] [--tokens 48] [--timing] [--big B --small S]
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from max_jupyter.steering.concepts import concept, library
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "evaluation.md"
 SECTIONS = {"table": ("<!-- REPORT BEGIN -->", "<!-- REPORT END -->"),
-            "timing": ("<!-- TIMING BEGIN -->", "<!-- TIMING END -->")}
+            "timing": ("<!-- TIMING BEGIN -->", "<!-- TIMING END -->"),
+            "pair": ("<!-- PAIR BEGIN -->", "<!-- PAIR END -->")}
 COLUMNS = ("concept", "probe AUROC", "chosen coef", "vector", "prompting", "no steering", "random",
            "flipped", "vector concept", "random concept", "none concept", "vector ≥ prompting",
            "vector > random")
@@ -56,7 +59,7 @@ def write_section(section: str, body: str) -> None:
     DOC.write_text(text[:start] + "\n" + body + "\n" + text[stop:], encoding="utf-8")
 
 
-def write(rows: list[list[str]], settings: str, at: str) -> None:
+def write(rows: list[list[str]], settings: str, at: str, section: str) -> None:
     table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     table += ["| " + " | ".join(r) + " |" for r in rows]
     wins = sum(r[-2] == "yes" for r in rows)
@@ -67,7 +70,7 @@ def write(rows: list[list[str]], settings: str, at: str) -> None:
         *table, "",
         f"The vector reaches prompting's harmonic mean on {wins} of {len(rows)} concepts and beats the "
         f"random control on {beats} of {len(rows)}."])
-    write_section("table", body)
+    write_section(section, body)
 
 
 def main() -> None:
@@ -77,13 +80,16 @@ def main() -> None:
     parser.add_argument("--coefs", default=",".join(f"{c:g}" for c in DEFAULT_COEFS))
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS)
     parser.add_argument("--timing", action="store_true")
+    parser.add_argument("--big", default=None, help="a model name, folder or .gguf (default: the embedded model)")
+    parser.add_argument("--small", default=None, help="with --big: the reader, a model of the same vocabulary")
     args = parser.parse_args()
     coefs = [float(c) for c in args.coefs.split(",")]
     at = commit()  # the code this run imported
-    session = Session.load(store=None, progress=False)
+    session = Session.load(args.big, args.small, store=None, progress=False)
+    section = "table" if args.big is None else "pair"
     settings = (f"{args.prompts} prompts (half eval, half test), coefficients {args.coefs}, "
-                f"{args.tokens} tokens, greedy, embedded {session.big.identity.describe()}, read by "
-                f"{session.reader.identity.describe()}")
+                f"{args.tokens} tokens, greedy, {args.big or 'embedded'} {session.big.identity.describe()}, "
+                f"read by {args.small or 'itself'} {session.reader.identity.describe()}")
     if args.timing:
         t, cpu = time.perf_counter(), time.process_time()
         load = os.getloadavg()[0]
@@ -104,7 +110,7 @@ def main() -> None:
         ev = session.evaluate(name, prompts=concept(name).prompts[:args.prompts], coefs=coefs,
                               max_new_tokens=args.tokens, progress=False)
         rows.append(row(ev))
-        write(rows, settings, at)
+        write(rows, settings, at, section)
         print(f"{name}: {time.perf_counter() - t:.0f} s", " | ".join(rows[-1]), flush=True)
     session.close()
 
