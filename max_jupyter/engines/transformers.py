@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from max_jupyter.engines.base import BatchEngine, ForwardResult, LayerDeltas, ModelIdentity, embedding_fingerprint
+from max_jupyter.engines.cpu_linear import can_pack, pack_linears
 from max_jupyter.engines.intervention import apply
 from max_jupyter.engines.padded import PaddedBatch
 from max_jupyter.models import resolve_hf_folder
@@ -57,7 +58,8 @@ class TransformersEngine(BatchEngine):
              dtype: torch.dtype | None = None, max_seq_len: int | None = None) -> TransformersEngine:
         """Load ``source`` (see ``models.resolve_hf_folder``; None = embedded SmolLM2).
 
-        Default device: CUDA if available, else CPU; default dtype: fp16 on CUDA, fp32 on CPU.
+        Default device: CUDA if available, else CPU; default dtype: fp16 on CUDA, fp32 on CPU
+        (whose linear layers then run on oneDNN-packed weights: engines/cpu_linear.py).
         ``max_seq_len``: an int >= 1 (capped at the model's positions) or None for all of
         them. ``device``, ``dtype`` and ``max_seq_len`` are checked before anything is read
         or converted (``BadArgumentError``).
@@ -67,6 +69,8 @@ class TransformersEngine(BatchEngine):
         max_seq_len = check_max_seq_len(max_seq_len)  # capped at the model's positions once loaded
         folder = resolve_hf_folder(source)
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device)
+        if can_pack(model):  # fp32 on the CPU: a few rows cost about one (engines/cpu_linear.py)
+            pack_linears(model)
         return cls(model, Tokenizer.from_folder(folder), max_seq_len)
 
     def _hook(self, i: int):
