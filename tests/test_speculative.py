@@ -16,10 +16,13 @@ from collections.abc import Callable, Sequence
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import assert_mirrors
 from max_jupyter.engines import TransformersEngine, residual
+from max_jupyter.engines.cpu_linear import pack_linears
 from max_jupyter.errors import BackendUnavailableError, BadArgumentError
+from max_jupyter.models import resolve_hf_folder
 from max_jupyter.orchestrator import (
     CognitiveOrchestrator,
     FunctionJudge,
@@ -36,6 +39,7 @@ from max_jupyter.orchestrator.judges import NO_MIXES
 from max_jupyter.orchestrator.speculative import DraftLength
 from max_jupyter.steering import Mix, SteeringVector
 from max_jupyter.testing import build_tiny_model
+from max_jupyter.tokenizer import Tokenizer
 
 pytestmark = [pytest.mark.slow,  # the embedded model drafting for itself
               pytest.mark.usefixtures("unpaced")]
@@ -46,14 +50,19 @@ LAYERS = (10, 15)  # the layers of the conftest ``vector``
 
 def noised(sigma: float, path: str | None = None, head: float = 1.0) -> TransformersEngine:
     """A model (default: the embedded one) with its output head scaled by ``head`` and
-    Gaussian noise of ``sigma`` times each weight's std added."""
-    model = TransformersEngine.load(path, device="cpu") if path else TransformersEngine.load(device="cpu")
+    Gaussian noise of ``sigma`` times each weight's std added, in fp32 on the CPU with its
+    linear layers packed afterwards (as ``TransformersEngine.load`` leaves them). Its
+    identity is the clean model's (taken before the noise), so its residual norms are known."""
+    folder = resolve_hf_folder(path)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    engine = TransformersEngine(model, Tokenizer.from_folder(folder))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        model.model.lm_head.weight.mul_(head)
-        for p in model.model.parameters():
+        model.lm_head.weight.mul_(head)
+        for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * p.std() * sigma)
-    return model
+    pack_linears(model)
+    return engine
 
 
 @pytest.fixture(scope="module")
