@@ -36,11 +36,16 @@ def can_pack(model: torch.nn.Module) -> bool:
 
 def pack_linears(model: torch.nn.Module) -> int:
     """Replace every ``nn.Linear`` in ``model`` with a ``PackedLinear``, in place; returns
-    how many. Side effect: those weights are no longer parameters (an fp32 CPU model for
-    inference only; a head tied to the embedding gets its own packed copy). No undo: load
-    the model again for dense weights. Call only where ``can_pack(model)``."""
+    how many. Side effects: those weights are no longer parameters (an fp32 CPU model for
+    inference only; a head tied to the embedding gets its own packed copy), and the other
+    parameters are copied into memory of their own, releasing a memory-mapped weights
+    file (whose pages would otherwise stay resident beside the packed copies). No undo:
+    load the model again for dense weights. Call only where ``can_pack(model)``."""
     linears = [(parent, name, child) for parent in model.modules()
                for name, child in parent.named_children() if type(child) is torch.nn.Linear]
     for parent, name, child in linears:
         setattr(parent, name, PackedLinear(child))
+    with torch.no_grad():  # the rest off the weights file's memory map, else it stays resident
+        for param in model.parameters():
+            param.data = param.data.clone()
     return len(linears)
