@@ -3,8 +3,8 @@
 torch's CPU ``linear`` runs MKL's sgemm. On this project's 2-core AMD EPYC (AVX2) a product
 of 2 to 8 rows there costs 2 to 3.5 times one row's, although both only stream the weights
 once: so a verify pass of k + 1 tokens, or a batch of a few rows, cost nearly k + 1 steps
-(bench/cpu_speculation_bound.py measured a 2-token verify of the 1.5B at 2.0 steps, 7
-tokens at 3.8). The same product on a weight reordered once for oneDNN
+(bench/cpu_speculation_bound.py measured a 2-token verify of the 1.5B at 2.2 steps, 7
+tokens at 3.6). The same product on a weight reordered once for oneDNN
 (``torch.ops.mkldnn._reorder_linear_weight``, what torch.compile's CPU backend does)
 cost about one row's time up to 8 rows, and 1.6 times less than MKL's at 64 rows
 (1536 x 8960; docs/speculative.md). Results differ from MKL's by float32 rounding.
