@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--big", default=None, help="a model name, folder or .gguf (default: the embedded model)")
     parser.add_argument("--small", default=None, help="with --big: the reader, a model of the same vocabulary")
     args = parser.parse_args()
+    if args.timing and args.big:
+        parser.error("--timing times the embedded model's goal; run it without --big")
     coefs = [float(c) for c in args.coefs.split(",")]
     at = commit()  # the code this run imported
     session = Session.load(args.big, args.small, store=None, progress=False)

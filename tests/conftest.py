@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import tempfile
 
 import pytest
@@ -20,6 +21,13 @@ from max_jupyter.testing import ScriptedEngine, build_tiny_model
 
 os.environ.setdefault("MAX_JUPYTER_STORE",
                       os.path.join(tempfile.mkdtemp(prefix="max_jupyter-tests-"), "vectors.sqlite"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

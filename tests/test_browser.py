@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from conftest import free_port
 from jupyter_kernels import IPYKERNEL_MAJORS, Kernel, ipykernel_env, missing
 
 pytestmark = pytest.mark.slow  # a Jupyter server and the embedded model
@@ -127,12 +127,6 @@ def write_kernel_spec(data: Path, major: int, env: dict[str, str]) -> None:
     (spec / "kernel.json").write_text(json.dumps({
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": f"Python (ipykernel {major})", "language": "python", "env": env}))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_server(server: subprocess.Popen, url: str, token: str, log: Path) -> None:

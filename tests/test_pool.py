@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import pytest
 import ray
 import torch
 
+from conftest import free_port
 from max_jupyter import Session, SessionPool
 from max_jupyter.errors import (
     BadArgumentError,
@@ -271,12 +271,6 @@ with SessionPool.start(1, address="auto", store=None, device="cpu", progress=Fal
                       "resources": ray.cluster_resources().get("CPU")}))
 print(json.dumps({"joined_after_close": ray.is_initialized()}))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_head(port: int, folder: Path, env: dict) -> subprocess.Popen:

@@ -4,7 +4,6 @@ the official ``openai`` client (and httpx for raw status codes). Every request l
 bounded in count and time."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from conftest import scripted_session  # noqa: E402
+from conftest import free_port, scripted_session  # noqa: E402
 from max_jupyter.orchestrator import Always, FunctionJudge  # noqa: E402
 from max_jupyter.orchestrator.speculative import MAX_SPECULATE  # noqa: E402
 from max_jupyter.server import BackgroundServer  # noqa: E402
@@ -451,12 +450,6 @@ def test_background_server_starts_and_stops_cleanly(session):
     assert not srv.running
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health", timeout=2)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
