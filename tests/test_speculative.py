@@ -11,6 +11,7 @@ computed exactly by enumeration, as closely as those of plain sampling do."""
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -625,12 +626,14 @@ def test_post_step_judges_rerun_inside_a_block(engine, near, ctrl, vector):
 
 def paced_run(block_s: float, plain_s: float, steps: int, spike: int | None = None,
               pace: speculative.Pace | None = None, warm_up: bool = True, accepted: bool = True,
-              agree: bool = True) -> tuple[DraftLength, list[int]]:
+              agree: bool = True, block=None) -> tuple[DraftLength, list[int], float]:
     """Drive a paced ``DraftLength(4, pace=pace, warm_up=warm_up)`` as the orchestrator does,
     with a fake wall clock: a block of ``k`` drafts takes ``block_s * (k + 1)`` (the block
-    begun at step ``spike`` 10x longer) and yields ``k + 1`` tokens (``accepted``) or 1; a
-    plain step takes ``plain_s``, the small model's guess right where ``agree``; the k of
-    every step."""
+    begun at step ``spike`` 10x longer) and yields ``k + 1`` tokens (``accepted``) or 1, or
+    where ``block`` is given, ``block(k)`` is its (seconds, drafts kept, tokens handed out);
+    a plain step takes
+    ``plain_s``, the small model's guess right where ``agree``. Returns the draft length,
+    the k of every unit and the wall seconds per token."""
     draft, now, step, ks = DraftLength(4, pace=pace or speculative.Pace(), warm_up=warm_up), 0.0, 1, []
     while step < steps:
         draft.clock(now, step)
@@ -639,33 +642,50 @@ def paced_run(block_s: float, plain_s: float, steps: int, spike: int | None = No
         ks.append(k)
         if k:
             kept = k if accepted else 0
+            seconds, kept, tokens = block(k) if block else (block_s * (k + 1), kept, kept + 1)
             draft.after_draft(k, kept)
-            now += block_s * (k + 1) * (10 if step == spike else 1)
-            step += kept + 1
+            now += seconds * (10 if step == spike else 1)
+            step += tokens
         else:
             draft.after_plain(1 if agree else 0, 1)
             now += plain_s
             step += 1
-    return draft, ks
+    return draft, ks, now / (step - 1)
 
 
 def test_pacing_keeps_speculation_that_pays_and_pauses_what_does_not():
-    fast, ks = paced_run(block_s=0.004, plain_s=0.010, steps=200, spike=19)
+    fast, ks, _ = paced_run(block_s=0.004, plain_s=0.010, steps=200, spike=19)
     assert ks[:speculative.PACE_BASELINE] == [0] * speculative.PACE_BASELINE  # timing plain first
     assert all(k == 4 for k in ks[speculative.PACE_BASELINE:]) and not fast.pace.paused  # one slow block: kept
-    slow, ks = paced_run(block_s=0.012, plain_s=0.010, steps=300)
-    blocks = [i for i, k in enumerate(ks) if k]  # the first is not timed: it may capture graphs
-    assert blocks == list(range(3, 4 + speculative.PACE_BLOCKS))  # then paused for good:
-    # even every draft kept (the guesses all right) cannot pay for blocks this slow, so the
-    # pause is renewed untimed, not doubled
-    assert slow.pace.paused and slow.pace.pause == 2 * speculative.PACE_PAUSE
+    slow, ks, _ = paced_run(block_s=0.012, plain_s=0.010, steps=300)
+    blocks = [k for k in ks[speculative.PACE_BASELINE:] if k]
+    # each length's first block is not timed (it may capture graphs); each length that does
+    # not pay gives way to one a draft shorter, and where one draft does not pay either:
+    assert blocks == [k for k in (4, 3, 2, 1) for _ in range(1 + speculative.PACE_BLOCKS)]
+    # paused for good: even every draft kept (the guesses all right) cannot pay for blocks
+    # this slow, so the pause is renewed untimed, not doubled
+    assert slow.pace.paused and slow.pace.pause == 2 * speculative.PACE_PAUSE and slow.pace.cap == 1
     assert DraftLength(4, paced=False).k == 4  # unpaced: drafts from the first step
+
+
+def test_pacing_drafts_shorter_where_long_drafts_do_not_pay():
+    """Every draft accepted, but a judge that switches often ends each block after 3 tokens
+    (the rest of the block is dropped): 4 drafts cost more per token than plain steps, 3
+    less. The pace drafts 3 instead of pausing, and beats plain steps overall."""
+    def block(k):  # 7 ms a row of the verify with its draft step; 3 tokens handed out at most
+        return 0.007 * (k + 1), k, min(k + 1, 3)
+    assert block(4)[0] / 3 > 0.010 * (1 + speculative.PACE_MARGIN) > block(3)[0] / 3
+    draft, ks, per_token = paced_run(block_s=0, plain_s=0.010, steps=300, warm_up=False, block=block)
+    settled = ks[speculative.PACE_BASELINE + speculative.PACE_BLOCKS:]
+    assert ks[speculative.PACE_BASELINE:][:speculative.PACE_BLOCKS] == [4] * speculative.PACE_BLOCKS
+    assert settled == [3] * len(settled) and draft.pace.cap == 3 and not draft.pace.paused
+    assert per_token < 0.010
 
 
 def test_a_retry_that_did_not_pay_doubles_the_pause():
     """Guesses right but drafts rejected (the evidence misleads): the pause ends in a
     timed retry, which pauses again for twice as long."""
-    _, ks = paced_run(block_s=0.006, plain_s=0.010, steps=400, warm_up=False, accepted=False)
+    _, ks, _ = paced_run(block_s=0.006, plain_s=0.010, steps=400, warm_up=False, accepted=False)
     pauses = [len(run) for run in "".join("b" if k else "p" for k in ks).split("b") if len(run) > 1]
     assert pauses[1:3] == [speculative.PACE_PAUSE, 2 * speculative.PACE_PAUSE]
 
@@ -689,20 +709,21 @@ def test_a_retry_is_not_timed_where_the_guesses_say_it_would_lose():
 
 
 def test_pacing_times_the_first_block_where_no_graph_is_captured():
-    _, ks = paced_run(block_s=0.012, plain_s=0.010, steps=100, warm_up=False)
+    _, ks, _ = paced_run(block_s=0.012, plain_s=0.010, steps=200, warm_up=False)
     blocks = [i for i, k in enumerate(ks) if k]
-    assert blocks[:speculative.PACE_BLOCKS] == list(range(3, 3 + speculative.PACE_BLOCKS))
-    assert ks[3 + speculative.PACE_BLOCKS:][:speculative.PACE_PAUSE] == [0] * speculative.PACE_PAUSE
+    timed = 4 * speculative.PACE_BLOCKS  # lengths 4, 3, 2 and 1, each timed from its first block
+    assert blocks[:timed] == list(range(3, 3 + timed))
+    assert ks[3 + timed:][:speculative.PACE_PAUSE] == [0] * speculative.PACE_PAUSE
 
 
 def test_a_kept_pace_starts_the_next_generation_where_the_last_left_off():
     pace = speculative.Pace()  # blocks that do not pay, guesses that say they would (a retry is timed)
-    first, _ = paced_run(block_s=0.006, plain_s=0.010, steps=30, pace=pace, warm_up=False, accepted=False)
+    first, _, _ = paced_run(block_s=0.006, plain_s=0.010, steps=30, pace=pace, warm_up=False, accepted=False)
     left = pace.paused
     assert 0 < left < speculative.PACE_PAUSE  # paused in the first generation, part of it served
-    _, ks = paced_run(block_s=0.006, plain_s=0.010, steps=100, pace=pace, warm_up=False, accepted=False)
-    assert ks[:left] == [0] * left and ks[left] == 4  # no new baseline: the rest of the pause, then a retry
-    fresh, ks = paced_run(block_s=0.004, plain_s=0.010, steps=30, pace=speculative.Pace(), warm_up=False)
+    _, ks, _ = paced_run(block_s=0.006, plain_s=0.010, steps=100, pace=pace, warm_up=False, accepted=False)
+    assert ks[:left] == [0] * left and ks[left] == 1  # no new baseline: the rest of the pause, then a retry of one draft
+    fresh, ks, _ = paced_run(block_s=0.004, plain_s=0.010, steps=30, pace=speculative.Pace(), warm_up=False)
     assert ks[:speculative.PACE_BASELINE] == [0] * speculative.PACE_BASELINE and not fresh.pace.paused
 
 

@@ -153,14 +153,15 @@ def test_a_session_keeps_the_pace_so_speculation_that_does_not_pay_stays_paused(
     so the next generation starts paused instead of timing it all again."""
     clock = [0.0]
     monkeypatch.setattr(CognitiveOrchestrator, "pace_clock", staticmethod(lambda: clock[0]))
-    big, small = ScriptedEngine(seed=0), ScriptedEngine(seed=0, agreement=0.8)
+    big, small = ScriptedEngine(seed=0), ScriptedEngine(seed=0, agreement=0.5)
     big.before_forward = lambda ids: clock.__setitem__(0, clock[0] + 0.004 * len(ids))
     small.before_forward = lambda ids: clock.__setitem__(0, clock[0] + 0.001 * len(ids))
     with Session(big, small, vectors={}) as s:
         first = s.generate(PROMPT, max_new_tokens=40, ignore_eos=True, speculate=4)
         blocks = [r.step for r in first.steps if r.drafted]
         assert blocks and blocks[0] == 1 + PACE_BASELINE  # timed plain steps, then drafted
-        assert len(blocks) == PACE_BLOCKS  # each timed (no CUDA graph to capture first), then paused
+        # each timed (no CUDA graph to capture first); shorter drafts lose too, then paused
+        assert len(blocks) >= PACE_BLOCKS and s._pace.cap == 1
         left = s._pace.paused
         assert 0 < left <= PACE_PAUSE  # paused, and not yet served in full
         second = s.generate(PROMPT, max_new_tokens=left, ignore_eos=True, speculate=4)

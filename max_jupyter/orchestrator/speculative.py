@@ -41,7 +41,11 @@ PACE_BASELINE = 3
 PACE_BLOCKS = 3
 """Blocks timed before their pace is held against the plain one."""
 PACE_MARGIN = 0.03
-"""How much slower per token speculation may run than plain steps before it pauses."""
+"""How much slower per token speculation may run than plain steps before it drafts one
+shorter (``Pace.cap``) or, at one draft, pauses."""
+PACE_GROW = 0.10
+"""How much faster per token speculation must run than plain steps, its drafts at the
+longest the pace allows (``Pace.cap``), before a draft one longer is tried."""
 PACE_PAUSE = 64
 """Plain steps a paused speculation waits before it drafts again (then timed afresh); each
 pause right after a retry that did not pay either is twice as long, up to ``PACE_PAUSE_MAX``."""
@@ -56,9 +60,9 @@ token) estimates the acceptance a retry would see; half as many are needed to us
 
 @dataclass
 class Pace:
-    """Wall seconds per emitted token of recent plain steps and speculative blocks, and the
-    pause they decided: ``paused`` plain steps to go before speculation is timed again,
-    ``pause`` the next pause's length. It outlives a generation where the caller keeps it (a
+    """Wall seconds per emitted token of recent plain steps and speculative blocks, and what
+    they decided: ``cap`` the longest draft, ``paused`` plain steps to go before speculation
+    is timed again, ``pause`` the next pause's length. It outlives a generation where the caller keeps it (a
     Session keeps one for its pair of models): what one generation measured holds for the
     next, so only the first times its plain steps before drafting, and a machine where
     speculation does not pay stops paying for it after the first generation."""
@@ -69,6 +73,8 @@ class Pace:
     pause: int = PACE_PAUSE
     blocks: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=PACE_WINDOW))
     """Recent timed blocks: (wall seconds, tokens drafted); kept across pauses."""
+    cap: int = MAX_SPECULATE
+    """The longest draft the pace allows now (``DraftLength.k`` is at most this)."""
     guesses: deque[bool] = field(default_factory=lambda: deque(maxlen=PACE_GUESSES))
     """Recent plain steps: did the small model's greedy guess equal the big model's token."""
 
@@ -91,11 +97,21 @@ class Pace:
         units = statistics.median(s for s, _ in self.blocks) / statistics.median(self.plain)
         return sum(agree ** i for i in range(k + 1)) < units
 
+    def recent_drafts(self) -> int:
+        """The median draft length of the last ``PACE_BLOCKS`` timed blocks."""
+        return round(statistics.median(k for _, k in list(self.blocks)[-PACE_BLOCKS:]))
+
     def speculation_slower(self) -> bool:
         """``PACE_BLOCKS`` blocks timed, and their median cost per token exceeds the plain
         steps' by over ``PACE_MARGIN``."""
         return (len(self.spec) >= PACE_BLOCKS and bool(self.plain)
                 and statistics.median(self.spec) > statistics.median(self.plain) * (1 + PACE_MARGIN))
+
+    def speculation_faster(self, margin: float) -> bool:
+        """``PACE_BLOCKS`` blocks timed, and their median cost per token is under the plain
+        steps' by over ``margin``."""
+        return (len(self.spec) >= PACE_BLOCKS and bool(self.plain)
+                and statistics.median(self.spec) < statistics.median(self.plain) * (1 - margin))
 
 
 @dataclass
@@ -108,10 +124,12 @@ class DraftLength:
     only an argmax a step. By speed (``paced``): the orchestrator reports each plain step
     and each block with ``clock`` / ``begin`` into ``pace``; until ``PACE_BASELINE`` plain
     steps are timed, steps run plain; where ``PACE_BLOCKS`` blocks then cost more wall time
-    per token than plain steps (``Pace``), speculation pauses for ``PACE_PAUSE`` plain steps
-    (twice as long after each retry that did not pay) and is timed afresh after them,
-    unless the plain steps' guesses say a retry would lose (``Pace.retry_would_lose``): then
-    it waits another pause, untimed.
+    per token than plain steps (``Pace``), drafts are capped one shorter than theirs
+    (``Pace.cap``) and timed afresh, and where one-draft blocks do not pay either,
+    speculation pauses for ``PACE_PAUSE`` plain steps (twice as long after each retry that
+    did not pay) and is timed afresh after them with one draft, unless the plain steps'
+    guesses say a retry would lose (``Pace.retry_would_lose``): then it waits another pause,
+    untimed. Blocks that run into the cap and pay by over ``PACE_GROW`` raise it by one.
     ``warm_up``: the first block of each length is not timed (it may capture a CUDA graph:
     engines with ``use_graphs``). A ``pace`` kept from earlier generations starts this one
     where they left off (timed, or paused). So pacing costs a few blocks now and then where
@@ -132,9 +150,11 @@ class DraftLength:
     @property
     def k(self) -> int:
         """The longest draft to try now (0: a plain step)."""
-        if self.paced and (self.pace.paused or len(self.pace.plain) < PACE_BASELINE):
+        if not self.paced:
+            return self._k
+        if self.pace.paused or len(self.pace.plain) < PACE_BASELINE:
             return 0
-        return self._k
+        return min(self._k, self.pace.cap)
 
     def after_draft(self, drafted: int, accepted: int) -> None:
         self._k = min(self.limit, self._k + 1) if accepted == drafted else max(0, self._k - 1)
@@ -157,11 +177,18 @@ class DraftLength:
             return
         pace.add(block, now - start, step - first, k)
         if block and len(pace.spec) >= PACE_BLOCKS:
+            drafted = pace.recent_drafts()
             if pace.speculation_slower():
-                pace.paused, pace.pause = pace.pause, min(2 * pace.pause, PACE_PAUSE_MAX)
-                pace.spec.clear()
+                pace.spec.clear()  # what follows is timed afresh
+                if drafted > 1:  # a shorter draft wastes fewer small steps: try it before pausing
+                    pace.cap = drafted - 1
+                else:  # retries start at one draft
+                    pace.paused, pace.pause, pace.cap = pace.pause, min(2 * pace.pause, PACE_PAUSE_MAX), 1
             else:
                 pace.pause = PACE_PAUSE
+                if pace.cap <= drafted < self.limit and pace.speculation_faster(PACE_GROW):
+                    pace.cap = drafted + 1  # drafts run into the cap and pay well: try one longer
+                    pace.spec.clear()
         elif not block and pace.paused:
             pace.paused = max(0, pace.paused - (step - first))
             if pace.paused:
