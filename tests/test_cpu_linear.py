@@ -3,9 +3,11 @@ to float32 rounding, swapped in by ``TransformersEngine.load`` for fp32 CPU mode
 a packed engine's logits and greedy tokens those of the same model left dense."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from max_jupyter.engines import TransformersEngine
 from max_jupyter.engines.cpu_linear import PackedLinear, can_pack, pack_linears
@@ -64,9 +66,6 @@ def test_a_packed_engine_keeps_nothing_of_the_weights_files_mapping(folder, tmp_
     in memory of its own: the safetensors file is no longer mapped once loading is done.
     (A bias left on the mapping kept all of the real pair's files resident: 19.6 GB RSS,
     10.2 GB without.)"""
-    import gc
-    from transformers import AutoConfig, AutoTokenizer
-
     config = AutoConfig.from_pretrained(folder)
     config.attention_bias = True  # q, k, v and o with biases, as Qwen2's q, k and v
     biased = tmp_path / "biased"

@@ -11,7 +11,6 @@ computed exactly by enumeration, as closely as those of plain sampling do."""
 from __future__ import annotations
 
 import math
-import statistics
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -722,7 +721,8 @@ def test_a_kept_pace_starts_the_next_generation_where_the_last_left_off():
     left = pace.paused
     assert 0 < left < speculative.PACE_PAUSE  # paused in the first generation, part of it served
     _, ks, _ = paced_run(block_s=0.006, plain_s=0.010, steps=100, pace=pace, warm_up=False, accepted=False)
-    assert ks[:left] == [0] * left and ks[left] == 1  # no new baseline: the rest of the pause, then a retry of one draft
+    # no new baseline: the rest of the pause, then a retry of one draft
+    assert ks[:left] == [0] * left and ks[left] == 1
     fresh, ks, _ = paced_run(block_s=0.004, plain_s=0.010, steps=30, pace=speculative.Pace(), warm_up=False)
     assert ks[:speculative.PACE_BASELINE] == [0] * speculative.PACE_BASELINE and not fresh.pace.paused
 
