@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import socket
 import tempfile
 
@@ -21,6 +22,14 @@ from max_jupyter.testing import ScriptedEngine, build_tiny_model
 
 os.environ.setdefault("MAX_JUPYTER_STORE",
                       os.path.join(tempfile.mkdtemp(prefix="max_jupyter-tests-"), "vectors.sqlite"))
+
+
+def pytest_sessionstart(session):
+    """A run started in the background (``make test &``, nohup) inherits SIGINT ignored, so
+    Python installs no KeyboardInterrupt handler and the Ctrl-C tests' ``_thread.interrupt_main``
+    does nothing: install Python's default handler for them."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def free_port() -> int:
