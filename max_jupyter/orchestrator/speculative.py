@@ -101,17 +101,18 @@ class Pace:
         """The median draft length of the last ``PACE_BLOCKS`` timed blocks."""
         return round(statistics.median(k for _, k in list(self.blocks)[-PACE_BLOCKS:]))
 
+    def cost_ratio(self) -> float | None:
+        """Median wall time per token of recent blocks over that of recent plain steps (None
+        until ``PACE_BLOCKS`` blocks and a plain step are timed)."""
+        if len(self.spec) < PACE_BLOCKS or not self.plain:
+            return None
+        return statistics.median(self.spec) / statistics.median(self.plain)
+
     def speculation_slower(self) -> bool:
         """``PACE_BLOCKS`` blocks timed, and their median cost per token exceeds the plain
         steps' by over ``PACE_MARGIN``."""
-        return (len(self.spec) >= PACE_BLOCKS and bool(self.plain)
-                and statistics.median(self.spec) > statistics.median(self.plain) * (1 + PACE_MARGIN))
-
-    def speculation_faster(self, margin: float) -> bool:
-        """``PACE_BLOCKS`` blocks timed, and their median cost per token is under the plain
-        steps' by over ``margin``."""
-        return (len(self.spec) >= PACE_BLOCKS and bool(self.plain)
-                and statistics.median(self.spec) < statistics.median(self.plain) * (1 - margin))
+        ratio = self.cost_ratio()
+        return ratio is not None and ratio > 1 + PACE_MARGIN
 
 
 @dataclass
@@ -186,7 +187,7 @@ class DraftLength:
                     pace.paused, pace.pause, pace.cap = pace.pause, min(2 * pace.pause, PACE_PAUSE_MAX), 1
             else:
                 pace.pause = PACE_PAUSE
-                if pace.cap <= drafted < self.limit and pace.speculation_faster(PACE_GROW):
+                if pace.cap <= drafted < self.limit and pace.cost_ratio() < 1 - PACE_GROW:
                     pace.cap = drafted + 1  # drafts run into the cap and pay well: try one longer
                     pace.spec.clear()
         elif not block and pace.paused:
