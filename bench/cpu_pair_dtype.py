@@ -1,9 +1,11 @@
-"""CPU: the real pair (make real-pair) in fp32 against bf16 — resident memory with both
-models loaded and used, decode tokens/s of the big model alone and with the mirrored small one, and
-whether greedy tokens change (per prompt: the first position where bf16 differs from fp32).
-The dtypes alternate round by round; the table shows medians.
+"""CPU: the real pair (make real-pair) in fp32 against bf16, int8 (``dtype="int8"``: int8
+linear layers) and fp32 with an int8 small model (``dtype=(None, "int8")``) — resident
+memory with both models loaded and used, decode tokens/s of the big model alone and with
+the mirrored small one, and whether greedy tokens change (per prompt: the first position
+where the big model's differ from fp32's). The dtypes alternate round by round; the table
+shows medians.
 
-    PYTHONPATH=. python bench/cpu_pair_dtype.py [--tokens 32] [--rounds 2]
+    PYTHONPATH=. python bench/cpu_pair_dtype.py [--tokens 32] [--rounds 2] [--dtypes fp32,int8]
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ PROMPTS = ["Write a Python function that returns the n-th Fibonacci number.",
            "Explain in two sentences why the sky is blue.",
            "Write a SQL query that counts orders per customer.",
            "What is a hash table? Answer briefly."]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": "int8", "fp32, int8 small": (None, "int8")}
 
 
 def rss_gb() -> float:
@@ -41,11 +43,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="rows, by name (fp32 always)")
     args = parser.parse_args()
-    rates = {(d, m): [] for d in DTYPES for m in (False, True)}
+    names = ["fp32", *(n for n in args.dtypes.split(",") if n != "fp32")]
+    rates = {(d, m): [] for d in names for m in (False, True)}
     ids, memory = {}, {}
     for _ in range(args.rounds):
-        for name, dtype in DTYPES.items():
+        for name in names:
+            dtype = DTYPES[name]
             gc.collect()
             before = rss_gb()
             s = Session.load("qwen2.5-coder-1.5b", small="qwen2.5-coder-0.5b", dtype=dtype,
@@ -60,14 +65,15 @@ def main() -> None:
             del s
     print("| dtype | RSS of both models, GB | big alone tok/s | big + mirrored small tok/s |")
     print("|---|---|---|---|")
-    for name in DTYPES:
+    for name in names:
         print(f"| {name} | {memory[name]:.1f} | {statistics.median(rates[name, False]):.2f} | "
               f"{statistics.median(rates[name, True]):.2f} |")
-    print(f"\ngreedy tokens, bf16 against fp32 ({args.tokens} tokens per prompt):")
-    for prompt in PROMPTS:
-        a, b = ids["fp32", prompt], ids["bf16", prompt]
-        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        print(f"- {prompt!r}: " + ("identical" if first is None else f"first differs at token {first}"))
+    for name in names[1:]:
+        print(f"\ngreedy tokens, {name} against fp32 ({args.tokens} tokens per prompt):")
+        for prompt in PROMPTS:
+            a, b = ids["fp32", prompt], ids[name, prompt]
+            first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+            print(f"- {prompt!r}: " + ("identical" if first is None else f"first differs at token {first}"))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from max_jupyter.engines import TransformersEngine
+from max_jupyter.loading import resolve_name
 from max_jupyter.orchestrator import CognitiveOrchestrator, ProbeJudge
 from max_jupyter.session import Session
 from max_jupyter.steering.mix import Mix
@@ -42,18 +44,25 @@ SAD = ["I am so sad today, everything is awful.", "What a miserable, painful sho
 PROBE_LAYER, VECTOR_LAYERS, COEF = 14, tuple(range(10, 18)), 0.5
 
 
-def rows(ks: list[int]) -> dict[str, dict]:
-    """Row name -> generation options (``paced``: wall-clock pacing of speculation)."""
+def rows(ks: list[int]) -> dict[str, tuple[str, dict]]:
+    """Row name -> (the small model's dtype, generation options; ``paced``: wall-clock
+    pacing of speculation)."""
     loop = {"judges": ["sad-probe"]}
     steered = {**loop, "steering": {"happy": COEF}}
-    return {"big alone": {"mirror": False},
-            "big + mirrored small": {},
-            "mirrored loop": loop,
-            **{f"mirrored loop + speculate={k}": {**loop, "speculate": k, "paced": False} for k in ks},
-            "mirrored loop + adaptive default (4, paced)": {**loop, "speculate": 4, "paced": True},
-            "mirrored loop steered": steered,
-            "mirrored loop steered + speculate=4": {**steered, "speculate": 4, "paced": False},
-            "mirrored loop steered + adaptive default (4, paced)": {**steered, "speculate": 4, "paced": True}}
+    table = {"big alone": ("fp32", {"mirror": False}),
+             "big + mirrored small": ("fp32", {})}
+    for small in ("fp32", "int8"):
+        tag = "" if small == "fp32" else " (int8 small)"
+        table |= {f"mirrored loop{tag}": (small, loop),
+                  **{f"mirrored loop{tag} + speculate={k}": (small, {**loop, "speculate": k, "paced": False})
+                     for k in ks},
+                  f"mirrored loop{tag} + adaptive default (4, paced)": (small, {**loop, "speculate": 4, "paced": True}),
+                  f"mirrored loop{tag} steered": (small, steered),
+                  f"mirrored loop{tag} steered + speculate={ks[0]}": (small, {**steered, "speculate": ks[0],
+                                                                                "paced": False}),
+                  f"mirrored loop{tag} steered + adaptive default (4, paced)": (small, {**steered, "speculate": 4,
+                                                                                         "paced": True})}
+    return table
 
 
 def decode(session: Session, prompt: str, mode: dict, tokens: int,
@@ -75,7 +84,8 @@ def setup(session: Session) -> None:
     on the small model that turns it on where the text reads sad. Its threshold is the
     midpoint of the training sentences' scores read as chat replies, where the judge reads
     generated text (as tests/test_real_pair.py); returns the threshold."""
-    vector = session.train("happy", HAPPY, SAD, layers=VECTOR_LAYERS, progress=False)
+    vector = session.vectors.get("happy") or session.train("happy", HAPPY, SAD, layers=VECTOR_LAYERS,
+                                                             progress=False)
     cheer = Mix(session.big.identity)
     cheer.set("happy", vector, COEF)
     probe = train_vector(session.small, HAPPY, SAD, layers=[PROBE_LAYER], method="mean_diff")
@@ -94,21 +104,32 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     session = Session.load("qwen2.5-coder-1.5b", small="qwen2.5-coder-0.5b", store=None, progress=False)
-    threshold = setup(session)
-    print(f"probe threshold (training sentences read as replies): {threshold:.3f}", flush=True)
+    small8 = TransformersEngine.load(resolve_name("qwen2.5-coder-0.5b"), device="cpu", dtype="int8")
+    sessions = {"fp32": session, "int8": Session(session.big, small8, vectors=session.vectors)}
+    for small, s in sessions.items():
+        print(f"{small} small: probe threshold (training sentences read as replies): {setup(s):.3f}", flush=True)
     table = rows([int(k) for k in args.ks.split(",")])
     runs = {name: [] for name in table}  # per prompt: decode()'s tuple
-    session.generate(PROMPTS[0][1], max_new_tokens=4, judges=[])  # warm-up
+    for s in sessions.values():
+        s.generate(PROMPTS[0][1], max_new_tokens=4, judges=[])  # warm-up
     for done, ((_kind, prompt), mode) in enumerate(zip(PROMPTS, MODES), 1):
-        for name, options in table.items():
+        for name, (small, options) in table.items():
             options = {"judges": [], **options}
-            runs[name].append(decode(session, prompt, mode, args.tokens, options))
+            runs[name].append(decode(sessions[small], prompt, mode, args.tokens, options))
         if done < len(PROMPTS):  # a partial table: a long run cut short still says something
             print(f"\nafter {done} of {len(PROMPTS)} prompts:", flush=True)
             report(runs, args.tokens, session.big.model.dtype, resident_gb(), time.perf_counter() - start)
     dtype, memory = session.big.model.dtype, resident_gb()
-    session.close()
+    for s in sessions.values():
+        s.close()
     report(runs, args.tokens, dtype, memory, time.perf_counter() - start)
+
+
+def loop_of(name: str) -> str:
+    """The row without speculation that row ``name`` is held against ("x mirrored loop"):
+    the loop of its own small model's dtype and steering."""
+    head = name.split(" + ")[0]
+    return head if head.startswith("mirrored loop") else "mirrored loop"
 
 
 def resident_gb() -> str:
@@ -136,7 +157,7 @@ def report(runs: dict[str, list[tuple]], tokens: int, dtype: torch.dtype, memory
     print("|---|---|---|---|---|---|---|")
     for name, rs in runs.items():
         alone = runs["big alone"]
-        loop = runs["mirrored loop steered" if "steered" in name else "mirrored loop"]
+        loop = runs[loop_of(name)]
         per_prompt = [(r[1] / r[0]) / (m[1] / m[0]) for r, m in zip(rs, loop)]
         worst = min(range(len(per_prompt)), key=per_prompt.__getitem__)
         show = lambda a: "-" if a is None else f"{a:.2f}"  # noqa: E731  (None: nothing drafted)

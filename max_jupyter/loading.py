@@ -103,13 +103,27 @@ def check_devices(device: object, devices: object, has_small: bool) -> tuple:
     return check_device(devices[0], "devices[0]"), check_device(devices[1], "devices[1]")
 
 
+def check_dtypes(dtype: object, has_small: bool) -> tuple:
+    """The big and the small model's weight dtypes: ``dtype`` for both, or a pair (big's
+    first; None: the device's default) where a small model is loaded."""
+    if not isinstance(dtype, (tuple, list)):
+        return check_dtype(dtype), check_dtype(dtype)
+    if len(dtype) != 2:
+        raise fail("dtype", dtype, "is not a pair",
+                   "pass one dtype for both models or (big's, small's), e.g. (None, \"int8\")")
+    if not has_small:
+        raise fail("dtype", dtype, "sets a small model's dtype, but none is loaded",
+                   "pass one dtype for the big model alone, or small=... too")
+    return check_dtype(dtype[0], "dtype[0]"), check_dtype(dtype[1], "dtype[1]")
+
+
 def load_models(big: Source, small: Source, *, backend: str = "auto",
                 max_vram_gb: float | None = None, cache_tokens: int | None = None,
                 device: str | None = None, devices: tuple | None = None, dtype=None,
                 progress: bool = True) -> tuple[Engine, Engine | None, object | None]:
     """Load the big engine and, unless ``small`` is None, the small one (``"same"``: the big
-    source again, as a separate engine), on ``device`` or ``devices`` (``check_devices``).
-    Returns ``(big, small, memory plan or None)``."""
+    source again, as a separate engine), on ``device`` or ``devices`` (``check_devices``), in
+    ``dtype`` (``check_dtypes``). Returns ``(big, small, memory plan or None)``."""
     check_sources(big, small, backend)
     big, small = resolve_name(big), resolve_name(small)
     has_small = small is not None
@@ -132,14 +146,16 @@ def load_models(big: Source, small: Source, *, backend: str = "auto",
     from max_jupyter.engines.transformers import TransformersEngine
 
     # Checked before the bar opens, so a mistake leaves no 0% bar above its error.
-    check_dtype(dtype), check_max_seq_len(cache_tokens)
-    sources = [("big", big, placed[0])] + ([("small", small, placed[1])] if has_small else [])
+    dtypes, _ = check_dtypes(dtype, has_small), check_max_seq_len(cache_tokens)
+    sources = [("big", big, placed[0], dtypes[0])]
+    if has_small:
+        sources.append(("small", small, placed[1], dtypes[1]))
     engines = []
     with tqdm(total=len(sources), desc="loading", unit="model", disable=not progress) as bar, \
             _transformers_bars_off():
-        for name, source, on in sources:
+        for name, source, on, weights in sources:
             bar.set_postfix_str(f"{name}: {source or 'embedded SmolLM2-135M-Instruct'}")
-            engines.append(TransformersEngine.load(source, device=on, dtype=dtype,
+            engines.append(TransformersEngine.load(source, device=on, dtype=weights,
                                                    max_seq_len=cache_tokens))
             bar.update()
     return engines[0], (engines[1] if has_small else None), None

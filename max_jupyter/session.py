@@ -99,7 +99,11 @@ class Session:
         (``session.plan``); ``cache_tokens`` caps the context on transformers too.
         ``device``: where both models go (None: CUDA where present, else the CPU);
         ``devices``: ``(big's, small's)`` instead, e.g. ``("cuda:0", "cuda:1")``
-        (transformers backend). ``store``: the vector library — "default" (the VectorStore
+        (transformers backend). ``dtype``: the weights' dtype on the transformers backend
+        (float32, bfloat16, float16, or "int8": int8 linear layers on the CPU, about 4 times
+        fewer bytes a step, outputs within about 1-2% of fp32's), one for both models or a
+        pair (big's, small's), e.g. ``(None, "int8")`` for a cheap watcher on a CPU (None:
+        fp16 on CUDA, fp32 on the CPU). ``store``: the vector library — "default" (the VectorStore
         at its default path, so vectors survive the kernel), None (a dict in memory), a
         path, or a ``VectorStore``.
         """

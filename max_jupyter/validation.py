@@ -39,6 +39,9 @@ CHAT_ROLES = ("system", "user", "assistant")
 ROLE_ALIASES = {"developer": "system"}
 """Other names of those roles (OpenAI's ``developer`` is a system turn)."""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+INT8 = "int8"
+"""The weight dtype of a CPU model whose linear layers hold int8 weights (the rest fp32;
+``engines/cpu_linear.py``, ``Int8Linear``)."""
 
 
 def show(value: Any, limit: int | None = 60) -> str:
@@ -293,13 +296,16 @@ def check_device(device: Any, name: str = "device") -> torch.device | None:
     return dev
 
 
-def check_dtype(dtype: Any) -> torch.dtype | None:
-    """``None`` or a float dtype: ``torch.float32/float16/bfloat16`` or its name."""
+def check_dtype(dtype: Any, name: str = "dtype") -> torch.dtype | str | None:
+    """``None``, a float dtype (``torch.float32/float16/bfloat16`` or its name), or ``INT8``
+    (``"int8"`` or ``torch.int8``: int8 linear layers, on the CPU)."""
     if dtype is None:
         return None
+    if dtype == INT8 or dtype is torch.int8:
+        return INT8
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
-    raise fail("dtype", dtype, "is not a supported weight dtype",
-               "use torch.float32, torch.float16 or torch.bfloat16 (or their names)")
+    raise fail(name, dtype, "is not a supported weight dtype",
+               'use torch.float32, torch.float16, torch.bfloat16 (or their names) or "int8" (CPU)')

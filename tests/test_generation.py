@@ -66,6 +66,24 @@ def test_sampler_filters():
         SamplingConfig(top_p=0)
 
 
+@pytest.mark.parametrize("scale", [6.0, 0.05], ids=["nucleus-in-the-head", "nucleus-past-the-head"])
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+def test_top_p_keeps_the_smallest_set_reaching_top_p(scale, top_p):
+    """Over a 152k vocabulary (the real pair's): peaked logits put the nucleus among the
+    likeliest ``TOP_P_HEAD`` tokens (the fast path), flat ones far past them (the sort).
+    Either way the kept set and its renormalised probabilities are the definition's."""
+    logits = torch.randn(151_936, generator=torch.Generator().manual_seed(int(top_p * 100))) * scale
+    got = Sampler(SamplingConfig(temperature=1, top_p=top_p)).probabilities(logits)
+    p = torch.softmax(logits, -1)
+    order = p.argsort(descending=True)
+    before = p[order].cumsum(0) - p[order]  # the mass of the likelier tokens
+    keep = order[before < top_p]
+    want = torch.zeros_like(p)
+    want[keep] = p[keep] / p[keep].sum()
+    assert (len(keep) > 1024) == (scale < 1)
+    torch.testing.assert_close(got, want)
+
+
 def test_steered_generation_uses_the_mix_and_changes_between_steps(engine):
     ident = engine.identity
     v = SteeringVector({l: torch.randn(576, generator=torch.Generator().manual_seed(l)) for l in (6, 7)},

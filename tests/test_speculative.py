@@ -294,6 +294,25 @@ def test_the_session_passes_speculate_through(engine, small):
     assert fast.token_ids == plain.token_ids and fast.drafted_tokens > 0
 
 
+def test_an_int8_watcher_drafts_for_the_fp32_model_and_keeps_greedy():
+    """``Session.load(dtype=(None, "int8"))``: the big model fp32 (packed), the small one
+    int8 (engines/cpu_linear.py). Its drafts are mostly kept, and the tokens, with and
+    without steering, are the big model's plain greedy ones."""
+    from max_jupyter import Session
+    from max_jupyter.engines.cpu_linear import Int8Linear, PackedLinear
+
+    with Session.load(small="same", dtype=(None, "int8"), store=None, progress=False) as s:
+        kinds = lambda e: {type(m) for m in e.model.modules()}  # noqa: E731
+        assert PackedLinear in kinds(s.big) and Int8Linear not in kinds(s.big)
+        assert Int8Linear in kinds(s.small) and PackedLinear not in kinds(s.small)
+        s.train("happy", ["I love this, what a joy."], ["I hate this, how awful."], progress=False)
+        for steering in (None, {"happy": 0.4}):
+            alone = s.generate(PROMPT, max_new_tokens=24, ignore_eos=True, mirror=False, steering=steering)
+            fast = s.generate(PROMPT, max_new_tokens=24, ignore_eos=True, speculate=4, steering=steering)
+            assert fast.token_ids == alone.token_ids
+            assert fast.drafted_tokens > 0 and (steering or fast.acceptance_rate > 0.5)
+
+
 # ---------------------------------------------------------------- speculative sampling
 
 TINY_PROMPT = [5, 6, 7, 8]

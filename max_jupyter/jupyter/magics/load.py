@@ -17,6 +17,9 @@ from max_jupyter.jupyter.magics.arguments import parse, usage_errors
 @argument("--vram", type=float, default=None, metavar="GB", help="GPU memory budget in GB.")
 @argument("--cache-tokens", type=int, default=None, metavar="N", help="KV cache length in tokens.")
 @argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if present).")
+@argument("--dtype", default=None, metavar="DTYPE[,SMALL]",
+          help="Weight dtype: float32, bfloat16, float16 or int8 (CPU: int8 linear layers); "
+               "two, comma-separated, for the big and the small model (e.g. float32,int8).")
 @argument("--store", default="default",
           help="Vector library: 'default' (kept across kernels), ':memory:' (a throwaway "
                "library), 'none' (a plain dict), or a path to a SQLite file.")
@@ -32,16 +35,18 @@ def max_load(magics, line: str = ""):
         if not isinstance(session, Session) or session.closed:
             raise UsageError(f"--session {args.session}: no open Session in that variable.")
     else:
-        from max_jupyter.loading import check_sources
+        from max_jupyter.loading import check_dtypes, check_sources
 
+        dtype = None if args.dtype is None else args.dtype.split(",") if "," in args.dtype else args.dtype
         with usage_errors():  # a mistyped source must not cost the session that works
             check_sources(args.big, args.small, args.backend)
+            check_dtypes(dtype, args.small is not None)
         magics.close_session()  # first: the memory goes back before the new models load
         store = None if args.store == "none" else args.store
         with usage_errors():
             session = Session.load(args.big, args.small, backend=args.backend,
                                    max_vram_gb=args.vram, cache_tokens=args.cache_tokens,
-                                   device=args.device, store=store)
+                                   device=args.device, dtype=dtype, store=store)
     if magics.session is not session:
         magics.close_session()
     magics.session = session
