@@ -22,7 +22,7 @@ PROMPTS = ["Write a Python function that returns the n-th Fibonacci number.",
            "Explain in two sentences why the sky is blue.",
            "Write a SQL query that counts orders per customer.",
            "What is a hash table? Answer briefly."]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": "int8", "fp32, int8 small": (None, "int8")}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": "int8", "fp32 + int8 small": (None, "int8")}
 
 
 def rss_gb() -> float:

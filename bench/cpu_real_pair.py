@@ -5,7 +5,9 @@ One table. Every row generates over the same four prompts — code and prose, ea
 sampled (temperature 0.7, top-p 0.95, a fixed seed) — the same number of tokens (EOS
 ignored). The rows run interleaved prompt by prompt, so drift of the shared machine hits
 them alike; ratios are against "big alone" (unsteered) and "mirrored loop" (big + mirrored
-small + probe judge, no speculation) of the same steering. Rows with k = 2..6 draft by acceptance
+small + probe judge, no speculation) of the same steering and the same small model: every
+configuration runs with the 0.5B in fp32 and again in int8 (``dtype="int8"``, a second
+engine beside the same 1.5B, with its own probe judge). Rows with k = 2..6 draft by acceptance
 alone (``pace_speculation`` off: speed against acceptance); "adaptive default" is what a
 user gets with ``speculate=4``: the adaptive draft length with wall-clock pacing. Tokens/s
 count decode only (from the first token to the last). "judge on": the share of steps the
