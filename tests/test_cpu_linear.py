@@ -17,14 +17,22 @@ from max_jupyter.testing import build_tiny_model
 from max_jupyter.tokenizer import Tokenizer
 
 
+@pytest.mark.parametrize("kind", [PackedLinear, Int8Linear], ids=["packed", "int8"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 64])
-def test_a_packed_linear_computes_the_linears_product(rows, bias):
+def test_a_cpu_linear_computes_the_linears_product(kind, rows, bias):
+    """Packed: to float32 rounding. Int8: to int8 rounding (neither exact nor off)."""
     torch.manual_seed(rows)
     linear = torch.nn.Linear(96, 80, bias=bias)
     x = torch.randn(2, rows, 96)
     with torch.inference_mode():
-        torch.testing.assert_close(PackedLinear(linear)(x), linear(x), rtol=1e-5, atol=1e-5)
+        got, want = kind(linear)(x), linear(x)
+    if kind is PackedLinear:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        return
+    assert got.shape == want.shape and got.dtype == torch.float32
+    error = float((got - want).abs().max() / want.abs().max())
+    assert 1e-5 < error < 0.03, error
 
 
 @pytest.fixture(scope="module")
@@ -79,19 +87,6 @@ def test_a_packed_engine_keeps_nothing_of_the_weights_files_mapping(folder, tmp_
     with open("/proc/self/maps") as maps:
         mapped = [line for line in maps if str(biased) in line]
     assert not mapped, mapped
-
-
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 3, 64])
-def test_an_int8_linear_computes_the_linears_product_to_int8_rounding(rows, bias):
-    torch.manual_seed(rows)
-    linear = torch.nn.Linear(96, 80, bias=bias)
-    x = torch.randn(2, rows, 96)
-    with torch.inference_mode():
-        got, want = Int8Linear(linear)(x), linear(x)
-    assert got.shape == want.shape and got.dtype == torch.float32
-    error = float((got - want).abs().max() / want.abs().max())
-    assert 1e-5 < error < 0.03, error  # int8 rounding: neither exact (fp32) nor off
 
 
 def test_load_int8_stores_every_linear_weight_as_int8(folder):
