@@ -134,6 +134,9 @@ def load_models(big: Source, small: Source, *, backend: str = "auto",
     if backend in ("exllamav2", "exllamav3") and devices is not None:
         raise fail("devices", devices, "places models on the transformers backend only",
                    f"leave it out: the {backend} backend loads both models on the current CUDA device")
+    if backend in ("exllamav2", "exllamav3") and dtype is not None:
+        raise fail("dtype", dtype, "applies to the transformers backend only",
+                   f"leave it out: the {backend} backend runs the folder's own quantized weights")
     if backend == "exllamav2":
         return _load_exllamav2(big, small, max_vram_gb, cache_tokens)
     if backend == "exllamav3":

@@ -24,6 +24,7 @@ from max_jupyter.orchestrator.mirror import MirrorError
 from max_jupyter.orchestrator.sampling import Sampler
 from max_jupyter.orchestrator.types import prompt_ids
 from max_jupyter.steering import Mix, SteeringVector
+from max_jupyter.testing import build_tiny_model
 
 pytestmark = pytest.mark.slow  # Sessions of the embedded model
 
@@ -328,6 +329,16 @@ def test_loading_errors_are_clear(tmp_path):
         Session.load(backend="exllamav2", store=None, progress=False)
     with pytest.raises(BadArgumentError, match="backend='vllm'"):
         Session.load(backend="vllm", store=None, progress=False)
+
+
+def test_dtype_is_refused_on_the_exllama_backends(monkeypatch, tmp_path):
+    """Where exllamav2 is present (stood in for here: the refusal comes before any load),
+    ``dtype`` is refused with the backend named, not ignored."""
+    import max_jupyter.loading as loading
+
+    monkeypatch.setattr(loading, "exllamav2_available", lambda: True)
+    with pytest.raises(BadArgumentError, match="dtype='int8' applies to the transformers backend only"):
+        loading.load_models(build_tiny_model(tmp_path), None, backend="exllamav2", dtype="int8")
 
 
 def test_a_small_model_that_cannot_mirror_is_refused_at_load(engine, tiny):

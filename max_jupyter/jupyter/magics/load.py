@@ -37,7 +37,7 @@ def max_load(magics, line: str = ""):
     else:
         from max_jupyter.loading import check_dtypes, check_sources
 
-        dtype = None if args.dtype is None else args.dtype.split(",") if "," in args.dtype else args.dtype
+        dtype = args.dtype.split(",") if args.dtype and "," in args.dtype else args.dtype  # "big,small": a pair
         with usage_errors():  # a mistyped source must not cost the session that works
             check_sources(args.big, args.small, args.backend)
             check_dtypes(dtype, args.small is not None)
