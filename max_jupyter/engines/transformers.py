@@ -62,7 +62,7 @@ class TransformersEngine(BatchEngine):
         Default device: CUDA if available, else CPU; default dtype: fp16 on CUDA, fp32 on CPU
         (whose linear layers then run on oneDNN-packed weights: engines/cpu_linear.py).
         ``dtype="int8"`` (CPU only): fp32 with int8 linear layers (``Int8Linear``: about 4
-        times fewer bytes a step, outputs within about 1-2% of fp32's).
+        times fewer bytes a step, each product within about 1-2% of fp32's; greedy text may change).
         ``max_seq_len``: an int >= 1 (capped at the model's positions) or None for all of
         them. ``device``, ``dtype`` and ``max_seq_len`` are checked before anything is read
         or converted (``BadArgumentError``).
