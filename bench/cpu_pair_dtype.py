@@ -1,9 +1,10 @@
 """CPU: the real pair (make real-pair) in fp32 against bf16, int8 (``dtype="int8"``: int8
-linear layers) and fp32 with an int8 small model (``dtype=(None, "int8")``) — resident
-memory with both models loaded and used, decode tokens/s of the big model alone and with
-the mirrored small one, and whether greedy tokens change (per prompt: the first position
-where the big model's differ from fp32's). The dtypes alternate round by round; the table
-shows medians.
+linear layers) and fp32 with an int8 small model (``dtype=(None, "int8")``) — the bytes
+both models' weights hold in memory (counted tensor by tensor: a process's resident size
+after an earlier row was freed under-counts, as the allocator reuses that row's memory),
+decode tokens/s of the big model alone and with the mirrored small one, and whether greedy
+tokens change (per prompt: the first position where the big model's differ from fp32's).
+The dtypes alternate round by round; the table shows medians.
 
     PYTHONPATH=. python bench/cpu_pair_dtype.py [--tokens 32] [--rounds 2] [--dtypes fp32,int8]
 """
@@ -17,6 +18,7 @@ import time
 import torch
 
 from max_jupyter import Session
+from max_jupyter.engines.cpu_linear import Int8Linear
 
 PROMPTS = ["Write a Python function that returns the n-th Fibonacci number.",
            "Explain in two sentences why the sky is blue.",
@@ -25,10 +27,17 @@ PROMPTS = ["Write a Python function that returns the n-th Fibonacci number.",
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": "int8", "fp32 + int8 small": (None, "int8")}
 
 
-def rss_gb() -> float:
-    with open("/proc/self/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
-    return kb / 2**20
+def weights_gb(session: Session) -> float:
+    """Bytes of both models' parameters and buffers (oneDNN-packed weights are buffers),
+    and of each ``Int8Linear``'s packed int8 weight (one byte a weight)."""
+    total = 0
+    for engine in (session.big, session.small):
+        for module in engine.model.modules():
+            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            total += sum(t.numel() * t.element_size() for t in tensors)
+            if isinstance(module, Int8Linear):
+                total += module.in_features * module.out_features
+    return total / 2**30
 
 
 def decode_rate(session: Session, prompt: str, tokens: int, mirror: bool) -> tuple[float, list[int]]:
@@ -52,7 +61,6 @@ def main() -> None:
         for name in names:
             dtype = DTYPES[name]
             gc.collect()
-            before = rss_gb()
             s = Session.load("qwen2.5-coder-1.5b", small="qwen2.5-coder-0.5b", dtype=dtype,
                              store=None, progress=False)
             for prompt in PROMPTS:
@@ -60,10 +68,10 @@ def main() -> None:
                     rate, tokens = decode_rate(s, prompt, args.tokens, mirror)
                     rates[name, mirror].append(rate)
                     ids[name, prompt] = tokens
-            memory[name] = rss_gb() - before  # after use: fp32 weights are mapped, read on first use
+            memory[name] = weights_gb(s)
             s.close()
             del s
-    print("| dtype | RSS of both models, GB | big alone tok/s | big + mirrored small tok/s |")
+    print("| dtype | weights of both models, GB | big alone tok/s | big + mirrored small tok/s |")
     print("|---|---|---|---|")
     for name in names:
         print(f"| {name} | {memory[name]:.1f} | {statistics.median(rates[name, False]):.2f} | "

@@ -14,7 +14,8 @@ count decode only (from the first token to the last). "judge on": the share of s
 probe judge turned its mix on. "min x mirrored": the worst prompt's
 ratio to the mirrored loop on that prompt. Steered rows add the big model's "happy" vector
 (coefficient 0.5 at layers 10-17: a clear change, docs/vectors.md) at every step; the
-judge's mix is the same vector at the same coefficient. Run time: rows x 4 prompts x ``--tokens``
+judge's mix is the same vector at the same coefficient; the steered row with a fixed draft
+length drafts the first of ``--ks``. Run time: rows x 4 prompts x ``--tokens``
 tokens; ``--tokens`` and ``--ks`` shorten it.
 
     PYTHONPATH=. nice -n 10 python bench/cpu_real_pair.py [--tokens 32] [--ks 2,3,4,5,6]
@@ -81,7 +82,7 @@ def decode(session: Session, prompt: str, mode: dict, tokens: int,
     return stamps[-1] - stamps[0], len(stamps) - 1, r.drafted_tokens, r.accepted_tokens, judged
 
 
-def setup(session: Session) -> None:
+def setup(session: Session) -> float:
     """The happy vector (big model, a steered row's steering and the judge's mix) and a probe
     on the small model that turns it on where the text reads sad. Its threshold is the
     midpoint of the training sentences' scores read as chat replies, where the judge reads

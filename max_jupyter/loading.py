@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal
 
 from max_jupyter.errors import BackendUnavailableError, BadArgumentError
 from max_jupyter.models import quant_method
-from max_jupyter.validation import check_device, check_dtype, check_max_seq_len, fail
+from max_jupyter.validation import check_device, check_dtype, check_int8_device, check_max_seq_len, fail
 
 if TYPE_CHECKING:
     from max_jupyter.engines.base import Engine
@@ -103,18 +103,23 @@ def check_devices(device: object, devices: object, has_small: bool) -> tuple:
     return check_device(devices[0], "devices[0]"), check_device(devices[1], "devices[1]")
 
 
-def check_dtypes(dtype: object, has_small: bool) -> tuple:
+def check_dtypes(dtype: object, has_small: bool, placed: tuple = (None, None)) -> tuple:
     """The big and the small model's weight dtypes: ``dtype`` for both, or a pair (big's
-    first; None: the device's default) where a small model is loaded."""
+    first; None: the device's default) where a small model is loaded; ``"int8"`` checked
+    against each model's device in ``placed`` (``check_devices``; ``check_int8_device``)."""
     if not isinstance(dtype, (tuple, list)):
-        return check_dtype(dtype), check_dtype(dtype)
-    if len(dtype) != 2:
+        dtypes = check_dtype(dtype), check_dtype(dtype)
+    elif len(dtype) != 2:
         raise fail("dtype", dtype, "is not a pair",
                    "pass one dtype for both models or (big's, small's), e.g. (None, \"int8\")")
-    if not has_small:
+    elif not has_small:
         raise fail("dtype", dtype, "sets a small model's dtype, but none is loaded",
                    "pass one dtype for the big model alone, or small=... too")
-    return check_dtype(dtype[0], "dtype[0]"), check_dtype(dtype[1], "dtype[1]")
+    else:
+        dtypes = check_dtype(dtype[0], "dtype[0]"), check_dtype(dtype[1], "dtype[1]")
+    for weights, device in zip(dtypes[:1 + has_small], placed):
+        check_int8_device(weights, device)
+    return dtypes
 
 
 def load_models(big: Source, small: Source, *, backend: str = "auto",
@@ -149,7 +154,7 @@ def load_models(big: Source, small: Source, *, backend: str = "auto",
     from max_jupyter.engines.transformers import TransformersEngine
 
     # Checked before the bar opens, so a mistake leaves no 0% bar above its error.
-    dtypes, _ = check_dtypes(dtype, has_small), check_max_seq_len(cache_tokens)
+    dtypes, _ = check_dtypes(dtype, has_small, placed), check_max_seq_len(cache_tokens)
     sources = [("big", big, placed[0], dtypes[0])]
     if has_small:
         sources.append(("small", small, placed[1], dtypes[1]))

@@ -102,7 +102,7 @@ class Session:
         (transformers backend). ``dtype``: the weights' dtype on the transformers backend
         (float32, bfloat16, float16, or "int8": int8 linear layers on the CPU, about 4 times
         fewer bytes a step, each product within about 1-2% of fp32's), one for both models or a
-        pair (big's, small's), e.g. ``(None, "int8")`` for a cheap watcher on a CPU (None:
+        pair (big's, small's), e.g. ``(None, "int8")`` for a cheap small model on a CPU (None:
         fp16 on CUDA, fp32 on the CPU). ``store``: the vector library — "default" (the VectorStore
         at its default path, so vectors survive the kernel), None (a dict in memory), a
         path, or a ``VectorStore``.

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from max_jupyter.errors import BadArgumentError
+from max_jupyter.errors import BackendUnavailableError, BadArgumentError
 
 
 class ModelShape(Protocol):
@@ -294,6 +294,20 @@ def check_device(device: Any, name: str = "device") -> torch.device | None:
     elif dev.type not in ("cpu", "mps"):
         raise fail(name, device, "is not supported", 'use "cpu" or "cuda"')
     return dev
+
+
+def check_int8_device(dtype: Any, device: torch.device | None) -> None:
+    """``INT8`` weights run on the CPU only (``device``; None: CUDA where present), with
+    torch's fbgemm int8 products: refused elsewhere, before anything is read."""
+    if dtype != INT8:
+        return
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cpu":
+        raise fail("dtype", INT8, f"asks for int8 weights on {device}, which run on the CPU only",
+                   "use float16 or bfloat16 on a GPU, or device='cpu'")
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise BackendUnavailableError("dtype='int8' needs torch's fbgemm int8 products, which this "
+                                      "torch build lacks; load in float32 instead.")
 
 
 def check_dtype(dtype: Any, name: str = "dtype") -> torch.dtype | str | None:

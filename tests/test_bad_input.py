@@ -35,6 +35,7 @@ from max_jupyter.errors import (
     MaxJupyterError,
     ModelMismatchError,
 )
+from max_jupyter.loading import check_dtypes
 from max_jupyter.orchestrator import SamplingConfig, generate
 from max_jupyter.orchestrator.options import GenerationOptions
 from max_jupyter.session import Session
@@ -244,6 +245,8 @@ CASES = [
          BadArgumentError, r"dtype\[1\]='int4' is not a supported weight dtype"),
     Case("load-dtype-not-a-pair", lambda c: Session.load(small="same", dtype=("float32",), store=None),
          BadArgumentError, r"dtype=\('float32',\) is not a pair"),
+    Case("load-dtype-int8-on-a-gpu", lambda c: check_dtypes((None, "int8"), True, (None, torch.device("cuda:0"))),
+         BadArgumentError, r"dtype='int8' asks for int8 weights on cuda:0, which run on the CPU only"),
     Case("load-dtype-pair-no-small", lambda c: Session.load(dtype=("float32", "int8"), store=None),
          BadArgumentError, r"sets a small model's dtype, but none is loaded"),
     Case("load-truncated-gguf", lambda c: TransformersEngine.load(truncated_gguf(c), device="cpu"),

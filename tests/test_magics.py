@@ -730,12 +730,12 @@ def test_max_steer_set_save_and_load_keep_a_mix_as_its_expression(shell, session
 
 
 # Last in the file: it replaces the module's session.
-def test_max_load_dtype_loads_an_int8_watcher_and_refuses_a_bad_one_first(shell, capsys):
+def test_max_load_dtype_loads_an_int8_small_model_and_refuses_a_bad_one_first(shell, capsys):
     saved = shell.user_ns["max_session"]
     line = fails(shell, capsys, "%max_load --small same --dtype float32,int9")
     assert "dtype[1]='int9' is not a supported weight dtype" in line
     assert shell.user_ns["max_session"] is saved and not saved.closed  # checked before closing it
-    run(shell, "%max_load --small same --dtype float32,int8 --store :memory:")
+    run(shell, "%max_load --small same --dtype ,int8 --store :memory:")  # the big model at its default
     loaded = shell.user_ns["max_session"]
     assert saved.closed and loaded is not saved
     from max_jupyter.engines.cpu_linear import Int8Linear, PackedLinear

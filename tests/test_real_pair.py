@@ -109,7 +109,7 @@ def test_greedy_speculation_equals_plain_greedy(session, happy, unpaced, steered
 
 
 @pytest.fixture(scope="module")
-def int8_watched(session):
+def int8_small_session(session):
     """The same 1.5B watched by the 0.5B in int8 (``Session.load(..., dtype=(None, "int8"))``
     loads this pair; here the big engine is shared, so it is not loaded twice)."""
     small = TransformersEngine.load(resolve_name("qwen2.5-coder-0.5b"), device="cpu", dtype="int8")
@@ -118,15 +118,15 @@ def int8_watched(session):
 
 
 @pytest.mark.parametrize("steered", [False, True])
-def test_an_int8_watcher_drafts_and_keeps_greedy(int8_watched, happy, unpaced, steered):
+def test_an_int8_small_model_drafts_and_keeps_greedy(int8_small_session, happy, unpaced, steered):
     """The int8 0.5B drafts for the fp32 1.5B: the tokens are plain greedy's and its drafts
     are kept about as often as the fp32 0.5B's (0.5-0.9 here, by the prompt)."""
     steering = {"happy": 1.0} if steered else None
-    plain = int8_watched.generate(CODE, max_new_tokens=24, ignore_eos=True, steering=steering, mirror=False)
-    fast = int8_watched.generate(CODE, max_new_tokens=24, ignore_eos=True, steering=steering, speculate=4)
+    plain = int8_small_session.generate(CODE, max_new_tokens=24, ignore_eos=True, steering=steering, mirror=False)
+    fast = int8_small_session.generate(CODE, max_new_tokens=24, ignore_eos=True, steering=steering, speculate=4)
     assert fast.token_ids == plain.token_ids and fast.speculate_off is None
     assert fast.drafted_tokens > 0 and fast.acceptance_rate > 0.3, fast.acceptance_rate
-    print(f"\nint8 watcher, speculate=4 {'steered' if steered else 'plain'}: acceptance {fast.acceptance_rate:.2f}")
+    print(f"\nint8 small model, speculate=4 {'steered' if steered else 'plain'}: acceptance {fast.acceptance_rate:.2f}")
 
 
 def auroc(scores: list[float], labels: list[int]) -> float:
@@ -143,14 +143,14 @@ def reply_scores(small, texts: list[str], unit: torch.Tensor) -> torch.Tensor:
     return read_reply_states(small, texts, [PROBE_LAYER])[:, 0] @ unit
 
 
-@pytest.mark.parametrize("watcher", ["fp32", "int8"])
-def test_a_small_models_probe_judges_the_big_models_text(request, watcher):
+@pytest.mark.parametrize("small_dtype", ["fp32", "int8"])
+def test_a_small_models_probe_judges_the_big_models_text(request, small_dtype):
     """The probe is trained on the 0.5B alone, then reads the 0.5B's mirror of what the
-    1.5B writes for held-out prompts; the 0.5B in fp32, and in int8 (``int8_watched``).
+    1.5B writes for held-out prompts; the 0.5B in fp32, and in int8 (``int8_small_session``).
     Floor 0.8: with 6 + 6 generations, labels shuffled at random reach it with probability
     0.047 (exact, over the 924 splits, printed). Measured in fp32: AUROC 1.0 (p = 0.001);
     the judge fired on 0.81 of happy steps and 0.32 of sad steps."""
-    session = request.getfixturevalue("session" if watcher == "fp32" else "int8_watched")
+    session = request.getfixturevalue("session" if small_dtype == "fp32" else "int8_small_session")
     probe = train_vector(session.small, HAPPY, SAD, layers=[PROBE_LAYER], method="mean_diff")
     unit = probe.directions[PROBE_LAYER].float() / probe.directions[PROBE_LAYER].float().norm()
     # The threshold: midway between the training sentences' scores read as replies (bare
@@ -170,7 +170,7 @@ def test_a_small_models_probe_judges_the_big_models_text(request, watcher):
     chance = sum(auroc(means, [int(i in pos) for i in range(len(labels))]) >= area
                  for pos in itertools.combinations(range(len(labels)), sum(labels))) / 924
     fired_on = [sum(f for f, y in zip(fired, labels) if y == c) / labels.count(c) for c in (1, 0)]
-    print(f"\n{watcher} probe@{PROBE_LAYER} on the 1.5B's text: held-out AUROC {area:.3f} (chance p={chance:.3f}); "
+    print(f"\n{small_dtype} probe@{PROBE_LAYER} on the 1.5B's text: held-out AUROC {area:.3f} (chance p={chance:.3f}); "
           f"fires on {fired_on[0]:.2f} of happy steps, {fired_on[1]:.2f} of sad steps; "
           f"threshold {threshold:.2f}, mean scores {[round(m, 2) for m in means]}")
     assert area >= 0.8

@@ -294,7 +294,7 @@ def test_the_session_passes_speculate_through(engine, small):
     assert fast.token_ids == plain.token_ids and fast.drafted_tokens > 0
 
 
-def test_an_int8_watcher_drafts_for_the_fp32_model_and_keeps_greedy():
+def test_an_int8_small_model_drafts_for_the_fp32_model_and_keeps_greedy():
     """``Session.load(dtype=(None, "int8"))``: the big model fp32 (packed), the small one
     int8 (engines/cpu_linear.py). Its drafts are mostly kept, and the tokens, with and
     without steering, are the big model's plain greedy ones."""

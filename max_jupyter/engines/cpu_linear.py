@@ -13,10 +13,12 @@ cost about one row's time up to 8 rows, and 1.6 times less than MKL's at 64 rows
 quarter of fp32's bytes. fbgemm's dynamically quantized product (int8 weights per output
 channel, the input quantized to int8 per call) ran the 0.5B's head (896 x 151936) 4 times
 faster than the packed fp32 one, at about 1-2% relative error per product. Each input row
-is scaled to its own range first, so a row's result does not depend on the rows beside it
-(a batch, a prefill against stepping), and the input channels that run large are smoothed
-into the weights (SmoothQuant, calibrated on one read of ``CALIBRATION``). The real pair in
-int8 ran 2.7 times faster than in fp32 (docs/real_pair.md).
+is scaled to its own peak before the call quantizes them, so one row's size no longer sets
+the others' precision, though rows of one call (a batch, a prefill, a verify) still share
+the range's ends: a row's result differs slightly from the same row stepped alone. The
+input channels that run large are smoothed into the weights (SmoothQuant, calibrated on one
+read of ``CALIBRATION``). The real pair in int8 ran 2.5 times faster than in fp32
+(docs/real_pair.md).
 """
 from __future__ import annotations
 
@@ -72,22 +74,18 @@ class Int8Linear(torch.nn.Module):
             self._packed = torch.ops.quantized.linear_prepack(q, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fbgemm quantizes its whole input by one range; each row scaled to a peak of 1 first
-        # gets a range of its own (a prompt's first token, whose activations are often
-        # hundreds of times the others', would otherwise flatten every other row)
+        # fbgemm quantizes its whole input by one range, from its lowest to its highest value;
+        # each row scaled to a peak of 1 first keeps one row from setting that range for all
+        # (a prompt's first token, whose activations run hundreds of times the others', would
+        # otherwise flatten every other row). Rows still share the range's ends (one row's
+        # -1, another's +1), so a row's result differs slightly with its neighbours. Pinning
+        # the range with an extra row made the 1.5B's steps 40% slower (fbgemm's one-row path).
         if self.smooth is not None:
             x = x / self.smooth
         peak = x.abs().amax(-1, keepdim=True).clamp_min(1e-12)
         # reduce_range: inputs on 7 bits, so AVX2's 8-bit multiply-adds cannot saturate (as torch's own module)
         y = torch.ops.quantized.linear_dynamic(x / peak, self._packed, True) * peak
         return y if self.bias is None else y + self.bias
-
-
-def can_quantize(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is fp32 on the CPU and this torch has fbgemm's int8 products."""
-    weight = next(model.parameters())
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32
-            and "fbgemm" in torch.backends.quantized.supported_engines)
 
 
 def can_pack(model: torch.nn.Module) -> bool:
@@ -122,7 +120,8 @@ def quantize_linears(model: torch.nn.Module, calibration: list[int]) -> int:
     the inputs each saw while ``model`` read the token ids ``calibration`` (``smoothing``);
     returns how many. Side effects as ``pack_linears`` (a tied head gets an int8 copy; the
     embedding stays fp32), and the model's outputs change by the int8 rounding (module
-    docstring). No undo: load the model again. Call only where ``can_quantize(model)``."""
+    docstring). No undo: load the model again. ``model`` is fp32 on the CPU, and every linear
+    layer runs in the read of ``calibration`` (else ``KeyError``: it saw no input)."""
     peaks: dict[torch.nn.Module, torch.Tensor] = {}
 
     def note(linear, args):

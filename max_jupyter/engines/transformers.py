@@ -14,13 +14,12 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from max_jupyter.engines.base import BatchEngine, ForwardResult, LayerDeltas, ModelIdentity, embedding_fingerprint
-from max_jupyter.engines.cpu_linear import CALIBRATION, can_pack, can_quantize, pack_linears, quantize_linears
+from max_jupyter.engines.cpu_linear import CALIBRATION, can_pack, pack_linears, quantize_linears
 from max_jupyter.engines.intervention import apply
 from max_jupyter.engines.padded import PaddedBatch
-from max_jupyter.errors import BackendUnavailableError
 from max_jupyter.models import resolve_hf_folder
 from max_jupyter.tokenizer import Tokenizer
-from max_jupyter.validation import INT8, check_device, check_dtype, check_max_seq_len, fail
+from max_jupyter.validation import INT8, check_device, check_dtype, check_int8_device, check_max_seq_len
 
 
 class TransformersEngine(BatchEngine):
@@ -69,18 +68,13 @@ class TransformersEngine(BatchEngine):
         """
         device = check_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = check_dtype(dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
-        if dtype == INT8 and device.type != "cpu":
-            raise fail("dtype", dtype, f"runs on the CPU only (the device is {device})",
-                       "use float16 or bfloat16 on a GPU")
+        check_int8_device(dtype, device)
         max_seq_len = check_max_seq_len(max_seq_len)  # capped at the model's positions once loaded
         folder = resolve_hf_folder(source)
         weights = torch.float32 if dtype == INT8 else dtype
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=weights).to(device)
         tokenizer = Tokenizer.from_folder(folder)
         if dtype == INT8:
-            if not can_quantize(model):
-                raise BackendUnavailableError("dtype='int8' needs torch's fbgemm int8 products, which "
-                                              "this torch build lacks; load in float32 instead.")
             prompt, reply = CALIBRATION
             quantize_linears(model, tokenizer.chat(prompt) + tokenizer.encode(reply))
         elif can_pack(model):  # fp32 on the CPU: a few rows cost about one (engines/cpu_linear.py)

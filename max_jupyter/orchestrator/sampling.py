@@ -77,7 +77,7 @@ class Sampler:
         if c.top_p < 1:
             # The nucleus is nearly always among the likeliest few hundred tokens: a top-k of
             # TOP_P_HEAD costs ~1 ms where sorting a 152k vocabulary costs ~15 (CPU); the whole
-            # sort only where the head holds less than top_p. Same set either way.
+            # sort only where the head holds less than top_p. The same set, up to ties at the cut.
             sorted_p, order = torch.topk(probs, min(TOP_P_HEAD, probs.numel()))
             if float(sorted_p.sum()) < c.top_p:
                 sorted_p, order = probs.sort(descending=True)

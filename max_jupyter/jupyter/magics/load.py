@@ -19,7 +19,8 @@ from max_jupyter.jupyter.magics.arguments import parse, usage_errors
 @argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if present).")
 @argument("--dtype", default=None, metavar="DTYPE[,SMALL]",
           help="Weight dtype: float32, bfloat16, float16 or int8 (CPU: int8 linear layers); "
-               "two, comma-separated, for the big and the small model (e.g. float32,int8).")
+               "two, comma-separated, for the big and the small model (e.g. ,int8: the small "
+               "model in int8, the big one at its default).")
 @argument("--store", default="default",
           help="Vector library: 'default' (kept across kernels), ':memory:' (a throwaway "
                "library), 'none' (a plain dict), or a path to a SQLite file.")
@@ -35,12 +36,15 @@ def max_load(magics, line: str = ""):
         if not isinstance(session, Session) or session.closed:
             raise UsageError(f"--session {args.session}: no open Session in that variable.")
     else:
-        from max_jupyter.loading import check_dtypes, check_sources
+        from max_jupyter.loading import check_devices, check_dtypes, check_sources
 
-        dtype = args.dtype.split(",") if args.dtype and "," in args.dtype else args.dtype  # "big,small": a pair
+        dtype = args.dtype
+        if dtype and "," in dtype:  # "big,small": a pair; an empty side keeps its default
+            dtype = [side.strip() or None for side in dtype.split(",")]
         with usage_errors():  # a mistyped source must not cost the session that works
             check_sources(args.big, args.small, args.backend)
-            check_dtypes(dtype, args.small is not None)
+            has_small = args.small is not None
+            check_dtypes(dtype, has_small, check_devices(args.device, None, has_small))
         magics.close_session()  # first: the memory goes back before the new models load
         store = None if args.store == "none" else args.store
         with usage_errors():
