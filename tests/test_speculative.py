@@ -726,6 +726,49 @@ def test_a_retry_is_not_timed_where_the_guesses_say_it_would_lose():
     assert not pace.retry_would_lose()  # too few guesses: time it
 
 
+def test_the_pace_is_the_cost_per_token_of_all_recent_blocks_not_of_the_median_one():
+    """One-draft blocks yielding 1 or 2 tokens for 1.05 plain steps each pay 21% in all;
+    the median block (a 1-token one) alone would say they lose 5%. A unit over
+    ``PACE_OUTLIER`` times the median's time (a graph capture) is left out."""
+    pace = speculative.Pace()
+    pace.plain.extend([0.010] * 8)
+    pace.spec.extend([(0.0105, 1), (0.0105, 2), (0.0105, 1)])
+    assert pace.cost_ratio() == pytest.approx(0.0315 / 4 / 0.010)
+    assert not pace.speculation_slower()
+    pace.spec.append((0.0105 * (speculative.PACE_OUTLIER + 1), 2))  # a capture's block
+    assert pace.cost_ratio() == pytest.approx(0.0315 / 4 / 0.010)
+    pace.spec.extend([(0.0105, 1)] * 8)  # every recent block yields one token: they lose
+    assert pace.speculation_slower()
+
+
+def paused_pace(agree_before: float) -> speculative.Pace:
+    """A pace paused for a full ``PACE_PAUSE`` after one-draft blocks that cost 1.2 plain
+    steps, when a share ``agree_before`` of the small model's guesses were right."""
+    pace = speculative.Pace(cap=1)
+    pace.plain.extend([0.010] * 8)
+    pace.blocks.extend([(0.012, 1)] * 3)
+    right = round(agree_before * speculative.PACE_GUESSES)
+    pace.guesses.extend([True] * right + [False] * (speculative.PACE_GUESSES - right))
+    pace.start_pause(speculative.PACE_PAUSE)
+    return pace
+
+
+def test_a_pause_ends_early_where_the_guesses_during_it_agree_far_more():
+    """Paused where a third of the guesses were right (say, a steered prose prompt), then
+    every guess right (a code prompt, unsteered): a one-draft block would yield 2 tokens
+    for 1.2 steps, so after ``PACE_FRESH`` plain steps the pause ends and blocks are timed.
+    Where the guesses were right before the pause as well, they misled then (drafts were
+    rejected), so the same guesses do not end it."""
+    pace = paused_pace(1 / 3)
+    _, ks, _ = paced_run(block_s=0.004, plain_s=0.010, steps=60, pace=pace, warm_up=False)
+    assert ks[:speculative.PACE_FRESH] == [0] * speculative.PACE_FRESH and ks[speculative.PACE_FRESH] == 1
+    assert not pace.paused and sum(k > 0 for k in ks) > 10
+    misled = paused_pace(1.0)
+    _, ks, _ = paced_run(block_s=0.004, plain_s=0.010, steps=60, pace=misled, warm_up=False)
+    assert ks == [0] * len(ks) and misled.paused
+    assert not paused_pace(1 / 3).conditions_changed()  # no guess made during the pause yet
+
+
 def test_pacing_times_the_first_block_where_no_graph_is_captured():
     _, ks, _ = paced_run(block_s=0.012, plain_s=0.010, steps=200, warm_up=False)
     blocks = [i for i, k in enumerate(ks) if k]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -51,24 +52,45 @@ PACE_PAUSE = 64
 pause right after a retry that did not pay either is twice as long, up to ``PACE_PAUSE_MAX``."""
 PACE_PAUSE_MAX = 1024
 PACE_WINDOW = 8
-"""Recent units (plain steps, blocks) whose median is the pace: robust to the odd slow one
-(a CUDA graph captured at a new cache bucket)."""
+"""Recent units (plain steps, blocks) whose cost per token is the pace (``per_token``)."""
+PACE_OUTLIER = 4.0
+"""A unit taking over this many times the median unit's wall time is left out of the pace:
+the odd slow one (a CUDA graph captured at a new cache bucket) says nothing of the rest."""
 PACE_GUESSES = 32
 """Recent plain steps whose agreement (the small model's greedy guess is the big model's
 token) estimates the acceptance a retry would see; half as many are needed to use it."""
+PACE_FRESH = 8
+"""Guesses made during a pause that can end it early (``Pace.conditions_changed``)."""
+PACE_SHIFT = 0.25
+"""How much more often those guesses must agree than the ones before the pause did."""
+
+
+def per_token(units: Sequence[tuple[float, int]]) -> float:
+    """Wall seconds per token over ``units`` (seconds, tokens): the ratio of their sums,
+    leaving out units over ``PACE_OUTLIER`` times the median unit's seconds. A ratio of sums,
+    not a median of each unit's seconds per token: blocks yield different numbers of tokens,
+    and where one-draft blocks yield 1 or 2 tokens the median unit reads the 1-token kind
+    as typical and calls speculation that pays 20% a loss."""
+    limit = PACE_OUTLIER * statistics.median(s for s, _ in units)
+    kept = [(s, n) for s, n in units if s <= limit]
+    return sum(s for s, _ in kept) / sum(n for _, n in kept)
 
 
 @dataclass
 class Pace:
-    """Wall seconds per emitted token of recent plain steps and speculative blocks, and what
-    they decided: ``cap`` the longest draft, ``paused`` plain steps to go before speculation
-    is timed again, ``pause`` the next pause's length. It outlives a generation where the caller keeps it (a
-    Session keeps one for its pair of models): what one generation measured holds for the
-    next, so only the first times its plain steps before drafting, and a machine where
-    speculation does not pay stops paying for it after the first generation."""
+    """Wall seconds of recent plain steps and speculative blocks, and what they decided:
+    ``cap`` the longest draft, ``paused`` plain steps to go before speculation is timed
+    again, ``pause`` the next pause's length. It outlives a generation where the caller keeps
+    it (a Session keeps one for its pair of models): what one generation measured holds for
+    the next, so only the first times its plain steps before drafting, and a machine where
+    speculation does not pay stops paying for it after the first generation. A pause ends
+    early where the small model's guesses during it show that the text changed
+    (``conditions_changed``)."""
 
     plain: deque[float] = field(default_factory=lambda: deque(maxlen=PACE_WINDOW))
-    spec: deque[float] = field(default_factory=lambda: deque(maxlen=PACE_WINDOW))
+    """Recent plain steps' wall seconds (one token each)."""
+    spec: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=PACE_WINDOW))
+    """Recent blocks since the last decision: (wall seconds, tokens handed out)."""
     paused: int = 0
     pause: int = PACE_PAUSE
     blocks: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=PACE_WINDOW))
@@ -77,39 +99,72 @@ class Pace:
     """The longest draft the pace allows now (``DraftLength.k`` is at most this)."""
     guesses: deque[bool] = field(default_factory=lambda: deque(maxlen=PACE_GUESSES))
     """Recent plain steps: did the small model's greedy guess equal the big model's token."""
+    fresh: int = 0
+    """Guesses made since the pause began."""
+    paused_agree: float | None = None
+    """The share of right guesses when the pause began (None: none were made)."""
 
     def add(self, block: bool, seconds: float, tokens: int, drafted: int = 0) -> None:
-        (self.spec if block else self.plain).append(seconds / max(tokens, 1))
         if block:
+            self.spec.append((seconds, tokens))
             self.blocks.append((seconds, drafted))
+        else:
+            self.plain.append(seconds / max(tokens, 1))
+
+    def guess(self, right: bool) -> None:
+        """Note a plain step's guess (``right``: the small model's greedy guess was the
+        big model's token)."""
+        self.guesses.append(right)
+        self.fresh += bool(self.paused)
+
+    def start_pause(self, steps: int) -> None:
+        """Pause speculation for ``steps`` plain steps; note the guesses' agreement so far."""
+        self.paused, self.fresh = steps, 0
+        self.paused_agree = sum(self.guesses) / len(self.guesses) if self.guesses else None
+
+    def _block_gain(self, agree: float) -> float:
+        """Tokens a block of the recent draft length yields at guess rate ``agree`` (about
+        ``1 + a + ... + a^k``: each draft kept as often as a guess was right) over what it
+        costs in plain steps (medians of timed blocks and plain steps)."""
+        k = round(statistics.median(k for _, k in self.blocks))
+        units = statistics.median(s for s, _ in self.blocks) / statistics.median(self.plain)
+        return sum(agree ** i for i in range(k + 1)) / units
 
     def retry_would_lose(self) -> bool:
         """What the plain steps saw says a retry would not pay, so it need not be timed:
-        with ``a`` the share of recent plain steps whose greedy guess was right, a block
-        of ``k`` drafts yields about ``1 + a + ... + a^k`` tokens (each draft kept as
-        often as a guess was right); timed blocks cost ``units`` plain steps each (medians);
-        it loses where the tokens are fewer than the units. False without the evidence
-        (fewer than half of ``PACE_GUESSES`` guesses, no block or plain step timed)."""
+        a block yields fewer tokens than it costs plain steps (``_block_gain`` under 1) at
+        the recent guesses' rate. False without the evidence (fewer than half of
+        ``PACE_GUESSES`` guesses, no block or plain step timed)."""
         if len(self.guesses) < PACE_GUESSES // 2 or not self.blocks or not self.plain:
             return False
-        agree = sum(self.guesses) / len(self.guesses)
-        k = round(statistics.median(k for _, k in self.blocks))
-        units = statistics.median(s for s, _ in self.blocks) / statistics.median(self.plain)
-        return sum(agree ** i for i in range(k + 1)) < units
+        return self._block_gain(sum(self.guesses) / len(self.guesses)) < 1
+
+    def conditions_changed(self) -> bool:
+        """During a pause: the last ``PACE_FRESH`` or more guesses since it began agree over
+        ``PACE_SHIFT`` more often than those before it did (a new prompt, steering turned
+        off), and at their rate a block pays by over ``PACE_GROW``. Where the guesses
+        misled before the pause (right, yet drafts rejected) they cannot end it."""
+        recent = list(self.guesses)[len(self.guesses) - min(self.fresh, len(self.guesses)):]
+        if len(recent) < PACE_FRESH or not self.blocks or not self.plain:
+            return False
+        agree = sum(recent) / len(recent)
+        if self.paused_agree is not None and agree < self.paused_agree + PACE_SHIFT:
+            return False
+        return self._block_gain(agree) > 1 + PACE_GROW
 
     def recent_drafts(self) -> int:
         """The median draft length of the last ``PACE_BLOCKS`` timed blocks."""
         return round(statistics.median(k for _, k in list(self.blocks)[-PACE_BLOCKS:]))
 
     def cost_ratio(self) -> float | None:
-        """Median wall time per token of recent blocks over that of recent plain steps (None
-        until ``PACE_BLOCKS`` blocks and a plain step are timed)."""
+        """Wall time per token of recent blocks over that of recent plain steps
+        (``per_token``; None until ``PACE_BLOCKS`` blocks and a plain step are timed)."""
         if len(self.spec) < PACE_BLOCKS or not self.plain:
             return None
-        return statistics.median(self.spec) / statistics.median(self.plain)
+        return per_token(self.spec) / per_token([(s, 1) for s in self.plain])
 
     def speculation_slower(self) -> bool:
-        """``PACE_BLOCKS`` blocks timed, and their median cost per token exceeds the plain
+        """``PACE_BLOCKS`` blocks timed, and their cost per token exceeds the plain
         steps' by over ``PACE_MARGIN``."""
         ratio = self.cost_ratio()
         return ratio is not None and ratio > 1 + PACE_MARGIN
@@ -130,7 +185,10 @@ class DraftLength:
     speculation pauses for ``PACE_PAUSE`` plain steps (twice as long after each retry that
     did not pay) and is timed afresh after them with one draft, unless the plain steps'
     guesses say a retry would lose (``Pace.retry_would_lose``): then it waits another pause,
-    untimed. Blocks that run into the cap and pay by over ``PACE_GROW`` raise it by one.
+    untimed. A pause ends early where the guesses made during it agree far more often than
+    those before it and say a block would pay (``Pace.conditions_changed``: a new prompt,
+    or steering turned off under a drafter that is never steered). Blocks that run into
+    the cap and pay by over ``PACE_GROW`` raise it by one.
     ``warm_up``: the first block of each length is not timed (it may capture a CUDA graph:
     engines with ``use_graphs``). A ``pace`` kept from earlier generations starts this one
     where they left off (timed, or paused). So pacing costs a few blocks now and then where
@@ -162,7 +220,7 @@ class DraftLength:
 
     def after_plain(self, guess: int, token: int) -> None:
         if self.paced:
-            self.pace.guesses.append(guess == token)
+            self.pace.guess(guess == token)
         if self._k == 0 and guess == token:
             self._k = 1
 
@@ -184,7 +242,8 @@ class DraftLength:
                 if drafted > 1:  # a shorter draft wastes fewer small steps: try it before pausing
                     pace.cap = drafted - 1
                 else:  # retries start at one draft
-                    pace.paused, pace.pause, pace.cap = pace.pause, min(2 * pace.pause, PACE_PAUSE_MAX), 1
+                    pace.start_pause(pace.pause)
+                    pace.pause, pace.cap = min(2 * pace.pause, PACE_PAUSE_MAX), 1
             else:
                 pace.pause = PACE_PAUSE
                 if pace.cap <= drafted < self.limit and pace.cost_ratio() < 1 - PACE_GROW:
@@ -192,11 +251,12 @@ class DraftLength:
                     pace.spec.clear()
         elif not block and pace.paused:
             pace.paused = max(0, pace.paused - (step - first))
-            if pace.paused:
+            if pace.paused and not pace.conditions_changed():
                 return
-            if pace.retry_would_lose():
-                pace.paused = pace.pause  # free to judge again after it: not doubled
+            if not pace.paused and pace.retry_would_lose():
+                pace.start_pause(pace.pause)  # free to judge again after it: not doubled
             else:
+                pace.paused = 0
                 self._k = max(self._k, 1)
 
     def begin(self, now: float, step: int, k: int) -> None:
