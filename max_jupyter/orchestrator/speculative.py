@@ -60,8 +60,8 @@ PACE_GUESSES = 32
 """Recent plain steps whose agreement (the small model's greedy guess is the big model's
 token) estimates the acceptance a retry would see; half as many are needed to use it."""
 PACE_FRESH = 8
-"""Guesses made during a pause that can end it early (``Pace.conditions_changed``)."""
-PACE_SHIFT = 0.25
+"""The recent guesses, made during a pause, that can end it early (``Pace.conditions_changed``)."""
+PACE_SHIFT = 0.2
 """How much more often those guesses must agree than the ones before the pause did."""
 
 
@@ -140,13 +140,15 @@ class Pace:
         return self._block_gain(sum(self.guesses) / len(self.guesses)) < 1
 
     def conditions_changed(self) -> bool:
-        """During a pause: the last ``PACE_FRESH`` or more guesses since it began agree over
-        ``PACE_SHIFT`` more often than those before it did (a new prompt, steering turned
-        off), and at their rate a block pays by over ``PACE_GROW``. Where the guesses
-        misled before the pause (right, yet drafts rejected) they cannot end it."""
-        recent = list(self.guesses)[len(self.guesses) - min(self.fresh, len(self.guesses)):]
-        if len(recent) < PACE_FRESH or not self.blocks or not self.plain:
+        """During a pause: the last ``PACE_FRESH`` guesses, all made since it began, agree
+        at least ``PACE_SHIFT`` more often than those before it did (a new prompt, steering
+        turned off), and at their rate a block pays by over ``PACE_GROW``. Only the last
+        few count: a pause carried over from a generation that did not pay has that
+        generation's guesses in it. Where the guesses misled before the pause (right, yet
+        drafts rejected) they cannot end it."""
+        if self.fresh < PACE_FRESH or not self.blocks or not self.plain:
             return False
+        recent = list(self.guesses)[-PACE_FRESH:]
         agree = sum(recent) / len(recent)
         if self.paused_agree is not None and agree < self.paused_agree + PACE_SHIFT:
             return False
