@@ -741,14 +741,15 @@ def test_the_pace_is_the_cost_per_token_of_all_recent_blocks_not_of_the_median_o
     assert pace.speculation_slower()
 
 
-def paused_pace(agree_before: float) -> speculative.Pace:
-    """A pace paused for a full ``PACE_PAUSE`` after one-draft blocks that cost 1.2 plain
-    steps, when a share ``agree_before`` of the small model's guesses were right."""
+def paused_pace(agree_before: float, block_s: float = 0.012) -> speculative.Pace:
+    """A pace paused for a full ``PACE_PAUSE`` after one-draft blocks of ``block_s`` (1.2
+    plain steps), when a share ``agree_before`` of the small model's guesses were right
+    (the right ones last)."""
     pace = speculative.Pace(cap=1)
     pace.plain.extend([0.010] * 8)
-    pace.blocks.extend([(0.012, 1)] * 3)
+    pace.blocks.extend([(block_s, 1)] * 3)
     right = round(agree_before * speculative.PACE_GUESSES)
-    pace.guesses.extend([True] * right + [False] * (speculative.PACE_GUESSES - right))
+    pace.guesses.extend([False] * (speculative.PACE_GUESSES - right) + [True] * right)
     pace.start_pause(speculative.PACE_PAUSE)
     return pace
 
@@ -764,12 +765,15 @@ def test_a_pause_ends_early_where_the_guesses_during_it_agree_far_more():
     for _ in range(12):  # wrong guesses in the paused generation: the next one's count alone
         pace.guess(False)
     _, ks, _ = paced_run(block_s=0.004, plain_s=0.010, steps=60, pace=pace, warm_up=False)
-    assert 0 < ks.index(1) <= speculative.PACE_FRESH  # the pause had 64 steps to go
-    assert not pace.paused and sum(k > 0 for k in ks) > 10
+    # after j plain steps the last 8 guesses hold j right ones: 5/8 clears 11/32 + 0.2
+    assert ks.index(1) == 5 and not pace.paused and sum(k > 0 for k in ks) > 10
     misled = paused_pace(1.0)
     _, ks, _ = paced_run(block_s=0.004, plain_s=0.010, steps=60, pace=misled, warm_up=False)
     assert ks == [0] * len(ks) and misled.paused
     assert not paused_pace(1 / 3).conditions_changed()  # no guess made during the pause yet
+    dear = paused_pace(1 / 3, block_s=0.025)  # a one-draft block costs 2.5 steps: 2 tokens lose
+    _, ks, _ = paced_run(block_s=0.004, plain_s=0.010, steps=30, pace=dear, warm_up=False)
+    assert ks == [0] * len(ks) and dear.paused
 
 
 def test_pacing_times_the_first_block_where_no_graph_is_captured():

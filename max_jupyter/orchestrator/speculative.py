@@ -90,7 +90,8 @@ class Pace:
     plain: deque[float] = field(default_factory=lambda: deque(maxlen=PACE_WINDOW))
     """Recent plain steps' wall seconds (one token each)."""
     spec: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=PACE_WINDOW))
-    """Recent blocks since the last decision: (wall seconds, tokens handed out)."""
+    """Recent blocks since the cap last changed or speculation last paused: (wall seconds,
+    tokens handed out)."""
     paused: int = 0
     pause: int = PACE_PAUSE
     blocks: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=PACE_WINDOW))
@@ -106,7 +107,7 @@ class Pace:
 
     def add(self, block: bool, seconds: float, tokens: int, drafted: int = 0) -> None:
         if block:
-            self.spec.append((seconds, tokens))
+            self.spec.append((seconds, max(tokens, 1)))
             self.blocks.append((seconds, drafted))
         else:
             self.plain.append(seconds / max(tokens, 1))
@@ -122,22 +123,24 @@ class Pace:
         self.paused, self.fresh = steps, 0
         self.paused_agree = sum(self.guesses) / len(self.guesses) if self.guesses else None
 
-    def _block_gain(self, agree: float) -> float:
-        """Tokens a block of the recent draft length yields at guess rate ``agree`` (about
-        ``1 + a + ... + a^k``: each draft kept as often as a guess was right) over what it
-        costs in plain steps (medians of timed blocks and plain steps)."""
+    def _block_yield(self, agree: float) -> tuple[float, float]:
+        """(tokens, seconds) of a block of the recent draft length at guess rate ``agree``:
+        about ``1 + a + ... + a^k`` tokens (each draft kept as often as a guess was right),
+        and its cost in plain steps' seconds, as tokens (medians of timed blocks and plain
+        steps)."""
         k = round(statistics.median(k for _, k in self.blocks))
         units = statistics.median(s for s, _ in self.blocks) / statistics.median(self.plain)
-        return sum(agree ** i for i in range(k + 1)) / units
+        return sum(agree ** i for i in range(k + 1)), units
 
     def retry_would_lose(self) -> bool:
         """What the plain steps saw says a retry would not pay, so it need not be timed:
-        a block yields fewer tokens than it costs plain steps (``_block_gain`` under 1) at
-        the recent guesses' rate. False without the evidence (fewer than half of
+        a block yields fewer tokens than it costs plain steps (``_block_yield``) at the
+        recent guesses' rate. False without the evidence (fewer than half of
         ``PACE_GUESSES`` guesses, no block or plain step timed)."""
         if len(self.guesses) < PACE_GUESSES // 2 or not self.blocks or not self.plain:
             return False
-        return self._block_gain(sum(self.guesses) / len(self.guesses)) < 1
+        tokens, units = self._block_yield(sum(self.guesses) / len(self.guesses))
+        return tokens < units
 
     def conditions_changed(self) -> bool:
         """During a pause: the last ``PACE_FRESH`` guesses, all made since it began, agree
@@ -145,14 +148,16 @@ class Pace:
         turned off), and at their rate a block pays by over ``PACE_GROW``. Only the last
         few count: a pause carried over from a generation that did not pay has that
         generation's guesses in it. Where the guesses misled before the pause (right, yet
-        drafts rejected) they cannot end it."""
+        drafts rejected) they cannot end it; where none were made before it, only the pay
+        counts."""
         if self.fresh < PACE_FRESH or not self.blocks or not self.plain:
             return False
         recent = list(self.guesses)[-PACE_FRESH:]
         agree = sum(recent) / len(recent)
         if self.paused_agree is not None and agree < self.paused_agree + PACE_SHIFT:
             return False
-        return self._block_gain(agree) > 1 + PACE_GROW
+        tokens, units = self._block_yield(agree)
+        return tokens > units * (1 + PACE_GROW)
 
     def recent_drafts(self) -> int:
         """The median draft length of the last ``PACE_BLOCKS`` timed blocks."""
