@@ -124,9 +124,9 @@ class Pace:
         self.paused_agree = sum(self.guesses) / len(self.guesses) if self.guesses else None
 
     def _block_yield(self, agree: float) -> tuple[float, float]:
-        """(tokens, seconds) of a block of the recent draft length at guess rate ``agree``:
+        """(tokens, units) of a block of the recent draft length at guess rate ``agree``:
         about ``1 + a + ... + a^k`` tokens (each draft kept as often as a guess was right),
-        and its cost in plain steps' seconds, as tokens (medians of timed blocks and plain
+        and what it costs in plain steps, each one token (medians of timed blocks and plain
         steps)."""
         k = round(statistics.median(k for _, k in self.blocks))
         units = statistics.median(s for s, _ in self.blocks) / statistics.median(self.plain)
