@@ -25,7 +25,7 @@ from max_jupyter.orchestrator.options import CallSteering, GenerationOptions, me
 from max_jupyter.orchestrator.speculative import Pace
 from max_jupyter.orchestrator.trace import GenerationResult, StepEvent
 from max_jupyter.orchestrator.types import Prompt, as_mix, run_to_end
-from max_jupyter.steering.concepts import concept, concept_layers, is_concept
+from max_jupyter.steering.concepts import CONCEPT_READ, concept, concept_layers, is_concept
 from max_jupyter.steering.concepts import library as concept_library
 from max_jupyter.steering.expression import Expression, render
 from max_jupyter.steering.mix import Mix
@@ -487,14 +487,27 @@ class Session:
     def concept_vector_name(self, name: str) -> tuple[str, bool]:
         """The library name that holds (or will hold) concept ``name``'s vector for the big
         model — ``name``, or ``name.<fingerprint>`` where ``name`` holds another model's —
-        and whether the library has it now."""
+        and whether the library has it now. A concept vector that a VectorStore keeps from
+        another training recipe (an older release's) counts as not there: first use trains
+        it again, as a new version under the same name."""
         identity = self._big.identity
         for key in (name, f"{name}.{identity.fingerprint[:8]}"):
             if key not in self.vectors:
                 return key, False
             if self.vectors[key].model == identity:
-                return key, True
+                return key, not self._stale_concept(key)
         return key, False
+
+    def _stale_concept(self, key: str) -> bool:
+        """Whether the store's vector ``key`` is a concept vector (tagged ``concept``) that
+        was trained by another recipe than ``CONCEPT_READ``'s (a vector you trained under a
+        concept's name is never stale)."""
+        from max_jupyter.steering.training import method_label
+
+        info = getattr(self.vectors, "info", None)
+        found = info(key) if info is not None else None
+        return (found is not None and "concept" in found.tags
+                and found.method != method_label("svd_diff", CONCEPT_READ))
 
     def _concept_vector(self, name: str) -> SteeringVector:
         key, trained = self.concept_vector_name(name)
@@ -502,7 +515,7 @@ class Session:
             return self.vectors[key]
         found = concept(name)
         fields = {"tags": ("concept",), "notes": found.description} if hasattr(self.vectors, "save") else {}
-        return self.train(key, found.positive, found.negative,
+        return self.train(key, found.positive, found.negative, read=CONCEPT_READ,
                           layers=concept_layers(self._big.identity.num_layers), **fields)
 
     @property
@@ -559,37 +572,39 @@ class Session:
             running.stop()
 
     def train(self, name: str, positive: Sequence[str], negative: Sequence[str], *,
-              layers: Iterable[int] | None = None, method: str = "svd_diff", save: bool = True,
-              progress: bool = True, **store_fields) -> SteeringVector:
-        """Train a vector for the big model from pairs (``steering.train_vector``) on the
-        worker, with a progress bar; unless ``save`` is False, put it in ``vectors`` under
-        ``name`` (a VectorStore also keeps ``method``, the pairs and ``store_fields``).
+              layers: Iterable[int] | None = None, method: str = "svd_diff",
+              read: str = "last_token", save: bool = True, progress: bool = True,
+              **store_fields) -> SteeringVector:
+        """Train a vector for the big model from pairs (``steering.train_vector``; ``read``:
+        ``"last_token"`` or ``"reply"``, where the states are read) on the worker, with a
+        progress bar; unless ``save`` is False, put it in ``vectors`` under ``name`` (a
+        VectorStore also keeps the method and reading, the pairs and ``store_fields``).
         Every argument is checked before any forward pass. Ctrl-C stops it after the
         current example."""
         from tqdm.auto import tqdm
 
-        from max_jupyter.steering.training import train_vector
+        from max_jupyter.steering.training import method_label, train_vector
 
         self._check_open()
-        method = self._check_training(name, positive, negative, layers, method, save, store_fields)
+        method = self._check_training(name, positive, negative, layers, method, read, save, store_fields)
         bar = None  # opened at the first example read, so bad input leaves no 0% bar behind
-        done = [0]
+        done, total = [0], [0]
 
         def show() -> None:
             nonlocal bar
             if done[0] and bar is None:
-                bar = tqdm(total=2 * len(positive), desc=f"training {name}", unit="text",
+                bar = tqdm(total=total[0], desc=f"training {name}", unit="text",
                            disable=not progress)
             if bar is not None:
                 bar.update(done[0] - bar.n)
 
         def work(job: CallJob) -> SteeringVector:
-            def tick(n: int, _total: int) -> None:
-                done[0] = n
+            def tick(n: int, texts: int) -> None:
+                done[0], total[0] = n, texts
                 if job.cancelled.is_set():
                     raise KeyboardInterrupt
             return train_vector(self._big, positive, negative, layers=layers, method=method,
-                                label=name, progress=tick)
+                                read=read, label=name, progress=tick)
 
         try:
             vector = self._wait(CallJob(work), True, show)
@@ -597,14 +612,14 @@ class Session:
             if bar is not None:
                 bar.close()
         if save:
-            self._store(name, vector, method, positive, negative, store_fields)
+            self._store(name, vector, method_label(method, read), positive, negative, store_fields)
         return vector
 
-    def _check_training(self, name, positive, negative, layers, method, save, store_fields) -> str:
+    def _check_training(self, name, positive, negative, layers, method, read, save, store_fields) -> str:
         """``Session.train``'s checks, all before compute; returns the method's current name."""
         import warnings
 
-        from max_jupyter.steering.training import check_pairs, resolve_method
+        from max_jupyter.steering.training import check_pairs, check_read, resolve_method
 
         check_vector_name("name", name)
         with warnings.catch_warnings():  # train_vector warns about identical pairs itself
@@ -613,6 +628,7 @@ class Session:
         if layers is not None:
             check_layers(self._big.identity, layers, "layers")
         method = resolve_method(method)
+        check_read(read)
         if not isinstance(save, bool):
             raise BadArgumentError(f"save={save!r} is not a bool; pass True (keep it in "
                                    f"session.vectors) or False.")
@@ -640,11 +656,9 @@ class Session:
 
     def _store(self, name: str, vector: SteeringVector, method: str, positive: Sequence[str],
                negative: Sequence[str], fields: dict) -> None:
-        from max_jupyter.steering.training import RENAMED
-
         save = getattr(self.vectors, "save", None)
         if save is not None:
-            save(name, vector, method=RENAMED.get(method, method),
+            save(name, vector, method=method,
                  pairs=list(zip(positive, negative)), **fields)
         else:
             self.vectors[name] = vector

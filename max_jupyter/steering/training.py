@@ -16,6 +16,15 @@ coefficient means the same push for any of them: ``SteeringVector.deltas``):
   principal component of the *centred* diffs, unit norm, sign as repeng fixes it (sklearn's
   convention, then flipped if more pairs project lower on the positive text than on the
   negative). Its values equal repeng's, so they export to repeng and llama.cpp unchanged.
+
+Where the states are read (``read=``):
+
+- ``last_token`` (the default): each text alone, at its last token.
+- ``reply``: each text as the reply to a neutral chat prompt, averaged over its tokens
+  (``read_reply_states``), which is where probes and judges read generated text. Each
+  layer's direction comes from these states; its length is the ``last_token`` method's at
+  that layer, so a coefficient means the same push under either reading. Reads every text
+  twice. The concept library trains this way (``steering.concepts.CONCEPT_READ``).
 """
 from __future__ import annotations
 
@@ -30,6 +39,8 @@ from max_jupyter.steering.vector import SteeringVector
 from max_jupyter.validation import check_layers, check_str_list, fail
 
 Method = Literal["svd_diff", "pca_diff_unit", "mean_diff", "pca_diff"]
+Read = Literal["last_token", "reply"]
+READS = ("last_token", "reply")
 
 
 def mean_diff(diffs: torch.Tensor) -> torch.Tensor:
@@ -99,32 +110,39 @@ def read_last_token_states(engine: Engine, texts: Sequence[str], layers: Sequenc
 
 
 def read_reply_states(engine: Engine, texts: Sequence[str], layers: Sequence[int],
-                      prompt: str = "Write one sentence.") -> torch.Tensor:
+                      prompt: str = "Write one sentence.",
+                      progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """``[len(texts), len(layers), hidden]`` float32 CPU: per text, with it as the reply to
     the chat ``prompt``, the mean of the residual over the text's tokens. This is where a
     probe judge reads generated text (a bare sentence read at its last token sits far
     from it), so a probe's threshold is calibrated on these. Side effect: resets the
-    engine's cache."""
+    engine's cache; ``progress(done, total)`` is called after each text."""
     head = engine.tokenizer.chat(prompt)
     rows = []
-    for text in texts:
+    for n, text in enumerate(texts):
         hidden = engine.prefill(head + engine.tokenizer.encode(text), capture=layers).hidden
         rows.append(torch.stack([hidden[l][len(head):].float().mean(0).cpu() for l in layers]))
+        if progress:
+            progress(n + 1, len(texts))
     engine.reset()
     return torch.stack(rows)
 
 
 def train_vector(engine: Engine, positive: Sequence[str], negative: Sequence[str],
                  layers: Iterable[int] | None = None, method: Method = "svd_diff",
-                 label: str = "", encode: Callable[[str], list[int]] | None = None,
+                 read: Read = "last_token", label: str = "",
+                 encode: Callable[[str], list[int]] | None = None,
                  progress: Callable[[int, int], None] | None = None) -> SteeringVector:
     """Train a vector for ``engine``'s model from pairs ``(positive[k], negative[k])``.
 
-    ``layers`` defaults to every layer. Checks the inputs before any forward pass
-    (``BadArgumentError``; see ``check_pairs``); resets the engine's cache.
+    ``layers`` defaults to every layer; ``read``: where the states are read (the module's
+    docstring). Checks the inputs before any forward pass (``BadArgumentError``; see
+    ``check_pairs``); resets the engine's cache. ``progress(done, total)`` counts texts read
+    (each text twice with ``read="reply"``).
     """
     check_pairs(positive, negative)
     method = resolve_method(method)
+    check_read(read)
     if method == "pca_diff_unit" and len(positive) < 2:
         raise fail("positive", list(positive), "holds one pair, and PCA of one centred "
                    "difference is undefined", "give at least two pairs, or use method='mean_diff'")
@@ -132,11 +150,39 @@ def train_vector(engine: Engine, positive: Sequence[str], negative: Sequence[str
               else sorted(set(check_layers(engine.identity, layers, "layers"))))
     if not layers:
         raise fail("layers", [], "is empty", "give at least one layer, or None for every layer")
-    states = read_last_token_states(engine, [*positive, *negative], layers, encode, progress)
-    pos, neg = states[: len(positive)], states[len(positive):]  # [pairs, layers, hidden]
-    diffs = pos - neg
+    texts = [*positive, *negative]
+    total = len(texts) * (2 if read == "reply" else 1)
+
+    def counted(before: int) -> Callable[[int, int], None] | None:  # one count over both readings
+        return None if progress is None else (lambda n, _total: progress(before + n, total))
+
+    diffs = pair_diffs(read_last_token_states(engine, texts, layers, encode, counted(0)))
     directions = {layer: METHODS[method](diffs[:, j]) for j, layer in enumerate(layers)}
+    if read == "reply":  # the reply's direction, at the last token's length
+        replies = pair_diffs(read_reply_states(engine, texts, layers, progress=counted(len(texts))))
+        along = SteeringVector({layer: METHODS[method](replies[:, j]) for j, layer in enumerate(layers)},
+                               engine.identity).normalized().directions
+        directions = {layer: along[layer] * directions[layer].norm() for layer in layers}
     return SteeringVector(directions, engine.identity, label or method)
+
+
+def pair_diffs(states: torch.Tensor) -> torch.Tensor:
+    """``positive - negative`` per pair, from the states of ``[*positive, *negative]``:
+    ``[pairs, layers, hidden]``."""
+    half = len(states) // 2
+    return states[:half] - states[half:]
+
+
+def method_label(method: str, read: str) -> str:
+    """How a vector was trained, as a VectorStore keeps it: ``method``, with the reading
+    after it where it is not the default (``"svd_diff, read=reply"``)."""
+    return method if read == "last_token" else f"{method}, read={read}"
+
+
+def check_read(read: object) -> None:
+    """``read`` is one of ``READS``; else ``BadArgumentError``."""
+    if read not in READS:
+        raise fail("read", read, "is unknown", f"use one of {list(READS)}")
 
 
 def check_pairs(positive: Sequence[str], negative: Sequence[str]) -> None:

@@ -29,6 +29,9 @@ from max_jupyter.jupyter.steerspec import SteerTerm, lookup_vector, spec_mix
 @argument("--layers", default=None, help="train / on: layers, e.g. 12-15 or 10,14.")
 @argument("--method", default=None,
           help="train: svd_diff (the default), pca_diff_unit (repeng's pca_diff) or mean_diff.")
+@argument("--read", default=None,
+          help="train: where the states are read: last_token (the default) or reply (as chat "
+               "replies, averaged over their tokens, as probes read).")
 @argument("--as", dest="as_name", default=None, metavar="NAME", help="import: store under NAME.")
 @argument("--layer", type=int, default=None, help="search: the layer to compare at.")
 @argument("-k", type=int, default=5, help="search: how many hits.")
@@ -99,7 +102,7 @@ def train(magics, args):
         raise UsageError("%max_steer train NAME needs --pos and --neg ($list variables or files).")
     pos, neg = examples(magics, args.pos, "--pos"), examples(magics, args.neg, "--neg")
     layers = layers_arg(args.layers, session.big.identity.num_layers, "--layers")
-    kwargs = {"method": args.method} if args.method else {}
+    kwargs = {key: value for key, value in (("method", args.method), ("read", args.read)) if value}
     vector = session.train(name, pos, neg, layers=layers, **kwargs)
     print(f"trained {name!r} from {len(pos)} pairs at layers {span(vector.layers)}")
 

@@ -3,7 +3,7 @@ each with contrastive training pairs, a disjoint set of labelled scoring texts, 
 held-out prompts; written for this project (one JSON file per concept beside this module).
 
 A concept is data, not a vector: the Session trains its vector on first use for the model
-it has loaded (``CONCEPT_LAYERS``) and keeps it in the vector library; its scoring texts
+it has loaded (``CONCEPT_LAYERS``, read as ``CONCEPT_READ``) and keeps it in the vector library; its scoring texts
 train the probe that reads it (``steering.probe``); its prompts and ``system`` line feed
 ``Session.evaluate`` (the prompting baseline asks for the concept with ``system``).
 """
@@ -22,6 +22,10 @@ CONCEPT_LAYERS = (0.4, 0.55)
 """The band of layers a concept's vector is trained at, as fractions of the model's depth
 (start included, end excluded): layers 12-15 of 30 on the embedded model, the middle of the
 residual stream, where steering changes what is said without breaking how."""
+CONCEPT_READ = "reply"
+"""Where a concept's pairs are read (``train_vector``'s ``read``): as chat replies, averaged
+over their tokens, where the probes that score the concept read. On the real Qwen pair this
+turned honest and refusing from losses to the random control into wins (docs/evaluation.md)."""
 
 
 @dataclass(frozen=True)
@@ -96,4 +100,4 @@ def concept(name: str) -> Concept:
     return concepts[name]
 
 
-__all__ = ["CONCEPT_LAYERS", "Concept", "concept", "concept_layers", "is_concept", "library"]
+__all__ = ["CONCEPT_LAYERS", "CONCEPT_READ", "Concept", "concept", "concept_layers", "is_concept", "library"]
