@@ -8,6 +8,10 @@ model reading the big one's answers); its table goes between the PAIR markers.
 
     PYTHONPATH=. python bench/eval_report.py [--concepts joy,formal] [--prompts 20]
         [--coefs 0.1,0.2,0.35,0.5,0.75,1,1.5] [--tokens 48] [--timing] [--big B --small S]
+        [--dtype float32]
+
+The models go where ``Session.load`` puts them (CUDA where present); the settings line
+names the device and the weights' dtype.
 """
 from __future__ import annotations
 
@@ -82,15 +86,17 @@ def main() -> None:
     parser.add_argument("--timing", action="store_true")
     parser.add_argument("--big", default=None, help="a model name, folder or .gguf (default: the embedded model)")
     parser.add_argument("--small", default=None, help="with --big: the reader, a model of the same vocabulary")
+    parser.add_argument("--dtype", default=None, help="the weights' dtype (default: fp32 on the CPU, fp16 on CUDA)")
     args = parser.parse_args()
     if args.timing and args.big:
         parser.error("--timing times the embedded model's goal; run it without --big")
     coefs = [float(c) for c in args.coefs.split(",")]
     at = commit()  # the code this run imported
-    session = Session.load(args.big, args.small, store=None, progress=False)
+    session = Session.load(args.big, args.small, store=None, progress=False, dtype=args.dtype)
     section = "table" if args.big is None else "pair"
     settings = (f"{args.prompts} prompts (half eval, half test), coefficients {args.coefs}, "
-                f"{args.tokens} tokens, greedy, {args.big or 'embedded'} {session.big.identity.describe()}, "
+                f"{args.tokens} tokens, greedy, on {session.big.device} in {session.big.dtype}, "
+                f"{args.big or 'embedded'} {session.big.identity.describe()}, "
                 f"read by {args.small or 'itself'} {session.reader.identity.describe()}")
     if args.timing:
         t, cpu = time.perf_counter(), time.process_time()
