@@ -130,6 +130,7 @@ def test_a_concept_trains_on_first_use_and_is_cached(engine):
         plain = s.generate("Describe a busy train station.", max_new_tokens=8)
         steered = s.generate("Describe a busy train station.", max_new_tokens=8, steering={"formal": 0.3})
         assert "formal" in store and store.info("formal").tags == ("concept",)
+        assert store.info("formal").method == "svd_diff, read=reply"  # CONCEPT_READ
         assert store["formal"].layers == tuple(concept_layers(engine.identity.num_layers))
         assert steered.token_ids != plain.token_ids
         assert s.vector("formal").checksum() == store["formal"].checksum()  # not trained again
@@ -141,6 +142,29 @@ def test_a_concept_trains_on_first_use_and_is_cached(engine):
         whole = s.probe("joy").probability(
             s.run(lambda _: _answer_states(s, r)).mean(0, keepdim=True))[0]
         assert float(readings[-1]) == pytest.approx(float(whole), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_concept_vector_from_an_older_recipe_is_trained_again(engine):
+    from max_jupyter.session import Session
+    from max_jupyter.steering.training import train_vector
+
+    layers = concept_layers(engine.identity.num_layers)
+    joy, warm = concept("joy"), concept("warm")
+    old = train_vector(engine, joy.positive, joy.negative, layers=layers)  # the last-token recipe
+    mine = train_vector(engine, warm.positive[:3], warm.negative[:3], layers=layers)
+    with VectorStore(":memory:") as store, Session(engine, vectors=store) as s:
+        store.save("joy", old, method="svd_diff", tags=("concept",))
+        store.save("warm", mine, method="svd_diff")  # yours, under a concept's name: kept
+        assert s.concept_vector_name("joy") == ("joy", False)
+        assert s.concept_vector_name("warm") == ("warm", True)
+        assert s.vector("warm").checksum() == mine.checksum()
+        new = s.vector("joy")
+        assert len(store.versions("joy")) == 2 and store.info("joy").method == "svd_diff, read=reply"
+        assert new.checksum() != old.checksum() and s.concept_vector_name("joy") == ("joy", True)
+        expected = train_vector(engine, joy.positive, joy.negative, layers=layers, read="reply")
+        for layer in layers:
+            torch.testing.assert_close(new.directions[layer], expected.directions[layer])
 
 
 def _answer_states(s, r):

@@ -370,6 +370,10 @@ def test_steer_train_list_show(shell, session, tmp_path, capsys):
     assert session.vectors["joy"].layers == (12,)
     torch.testing.assert_close(session.vectors["joy"].directions[12].norm(),
                                session.vectors["happy"].directions[12].norm(), rtol=0.5, atol=0)
+    run(shell, "%max_steer train joy_reply --pos {folder}/pos.txt --neg {folder}/neg.txt --layers 12 --read reply")
+    last, reply = session.vectors["joy"].directions[12], session.vectors.pop("joy_reply").directions[12]
+    torch.testing.assert_close(reply.norm(), last.norm())  # the same length, another direction
+    assert float(torch.cosine_similarity(reply, last, 0)) < 0.99
     capsys.readouterr()
     run(shell, "%max_steer list")
     lines = capsys.readouterr().out.splitlines()
@@ -520,6 +524,8 @@ BAD = [
     ("%max_steer off nope", "'nope' is not in the live mix"),
     ("%max_steer train x --pos $nothing --neg $sad_list", "no variable 'nothing'"),
     ("%max_steer train x --pos missing.txt --neg $sad_list", "neither $variable"),
+    ("%max_steer train x --pos $happy_list --neg $sad_list --read middle",
+     "read='middle' is unknown; use one of ['last_token', 'reply']"),
     ("%max_steer show nope", "unknown vector 'nope'"),
     ("%max_steer save empty", "the live mix is empty"),
     ("%max_judge probe happy --threshold 1 --steer happy:1", "pass layer= to choose one"),

@@ -1,5 +1,6 @@
 """Training methods named for what they compute: ``pca_diff_unit`` reproduces repeng's
-``ControlVector.train`` on the embedded model; ``svd_diff`` is the old ``pca_diff``."""
+``ControlVector.train`` on the embedded model; ``svd_diff`` is the old ``pca_diff``;
+``read="reply"`` takes the direction from reply states and the length from the last token."""
 from __future__ import annotations
 
 import inspect
@@ -9,7 +10,7 @@ import torch
 
 from max_jupyter.errors import BadArgumentError
 from max_jupyter.steering import train_vector
-from max_jupyter.steering.training import METHODS, pca_diff_unit, svd_diff
+from max_jupyter.steering.training import METHODS, pca_diff_unit, read_reply_states, svd_diff
 from repeng_support import hf_copy, repeng  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow  # the embedded model (against repeng)
@@ -67,3 +68,22 @@ def test_method_errors(engine):
     with pytest.raises(BadArgumentError, match="one pair.*at least two pairs"):
         train_vector(engine, ["a"], ["b"], method="pca_diff_unit")
     assert sorted(METHODS) == ["mean_diff", "pca_diff_unit", "svd_diff"]
+    with pytest.raises(BadArgumentError, match="read='middle' is unknown.*'last_token', 'reply'"):
+        train_vector(engine, ["a"], ["b"], read="middle")
+
+
+@pytest.mark.parametrize("method", ["svd_diff", "mean_diff"])
+def test_read_reply_takes_the_reply_direction_at_the_last_token_length(engine, method):
+    counts = []
+    reply = train_vector(engine, POSITIVE, NEGATIVE, layers=LAYERS, method=method, read="reply",
+                         progress=lambda n, total: counts.append((n, total)))
+    last = train_vector(engine, POSITIVE, NEGATIVE, layers=LAYERS, method=method)
+    texts = 2 * len(POSITIVE)
+    assert counts == [(n, 2 * texts) for n in range(1, 2 * texts + 1)]  # both readings, one count
+    states = read_reply_states(engine, POSITIVE + NEGATIVE, LAYERS)
+    diffs = states[:len(POSITIVE)] - states[len(POSITIVE):]
+    for j, layer in enumerate(LAYERS):
+        along = METHODS[method](diffs[:, j])
+        expected = along / along.norm() * last.directions[layer].norm()
+        torch.testing.assert_close(reply.directions[layer], expected)
+        assert float(torch.cosine_similarity(reply.directions[layer], last.directions[layer], 0)) < 0.95
