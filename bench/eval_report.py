@@ -41,8 +41,16 @@ def machine() -> str:
 
 
 def commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=DOC.parent).stdout.strip()
+    """``$MAX_JUPYTER_COMMIT`` where set (a GPU box's copy of .git can be stale), else HEAD."""
+    return os.environ.get("MAX_JUPYTER_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=DOC.parent).stdout.strip()
+
+
+def place(device) -> str:
+    """The device, with the card's name on CUDA."""
+    import torch
+
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
 def row(ev) -> list[str]:
@@ -95,7 +103,7 @@ def main() -> None:
     session = Session.load(args.big, args.small, store=None, progress=False, dtype=args.dtype)
     section = "table" if args.big is None else "pair"
     settings = (f"{args.prompts} prompts (half eval, half test), coefficients {args.coefs}, "
-                f"{args.tokens} tokens, greedy, on {session.big.device} in {session.big.dtype}, "
+                f"{args.tokens} tokens, greedy, on {place(session.big.device)} in {session.big.dtype}, "
                 f"{args.big or 'embedded'} {session.big.identity.describe()}, "
                 f"read by {args.small or 'itself'} {session.reader.identity.describe()}")
     if args.timing:
