@@ -3,9 +3,10 @@ each with contrastive training pairs, a disjoint set of labelled scoring texts, 
 held-out prompts; written for this project (one JSON file per concept beside this module).
 
 A concept is data, not a vector: the Session trains its vector on first use for the model
-it has loaded (``CONCEPT_LAYERS``, read as ``CONCEPT_READ``) and keeps it in the vector library; its scoring texts
-train the probe that reads it (``steering.probe``); its prompts and ``system`` line feed
-``Session.evaluate`` (the prompting baseline asks for the concept with ``system``).
+it has loaded (at ``CONCEPT_LAYERS``, read as ``CONCEPT_READ``) and keeps it in the vector
+library; its scoring texts train the probe that reads it (``steering.probe``); its prompts
+and ``system`` line feed ``Session.evaluate`` (the prompting baseline asks for the concept
+with ``system``).
 """
 from __future__ import annotations
 
