@@ -25,7 +25,7 @@ from max_jupyter.orchestrator.options import CallSteering, GenerationOptions, me
 from max_jupyter.orchestrator.speculative import Pace
 from max_jupyter.orchestrator.trace import GenerationResult, StepEvent
 from max_jupyter.orchestrator.types import Prompt, as_mix, run_to_end
-from max_jupyter.steering.concepts import CONCEPT_READ, concept, concept_layers, is_concept
+from max_jupyter.steering.concepts import CONCEPT_METHOD, CONCEPT_READ, concept, concept_layers, is_concept, outdated
 from max_jupyter.steering.concepts import library as concept_library
 from max_jupyter.steering.expression import Expression, render
 from max_jupyter.steering.mix import Mix
@@ -464,10 +464,11 @@ class Session:
 
     def vector(self, name: str) -> SteeringVector:
         """The vector ``name`` from the library; the name of a library concept
-        (``steering.concepts``) that the library has no vector of for the big model is
-        trained on first use (on the worker, from the concept's pairs at its layers) and
-        kept in the library (a VectorStore tags it ``concept``; where the name holds another
-        model's vector it goes under ``name.<fingerprint>``). A clear error for any other name."""
+        (``steering.concepts``) that the library has no vector of for the big model (or only
+        one from an earlier recipe) is trained on first use (on the worker, from the
+        concept's pairs read as replies at its layers) and kept in the library (a
+        VectorStore tags it ``concept``; where the name holds another model's vector it goes
+        under ``name.<fingerprint>``). A clear error for any other name."""
         self._check_open()
         if isinstance(name, str) and name in self.vectors and not is_concept(name):
             return self.vectors[name]
@@ -488,26 +489,15 @@ class Session:
         """The library name that holds (or will hold) concept ``name``'s vector for the big
         model — ``name``, or ``name.<fingerprint>`` where ``name`` holds another model's —
         and whether the library has it now. A concept vector that a VectorStore keeps from
-        another training recipe (an older release's) counts as not there: first use trains
-        it again, as a new version under the same name."""
+        an earlier recipe (``steering.concepts.outdated``) counts as not there: first use
+        trains it again, as a new version under the same name."""
         identity = self._big.identity
         for key in (name, f"{name}.{identity.fingerprint[:8]}"):
             if key not in self.vectors:
                 return key, False
             if self.vectors[key].model == identity:
-                return key, not self._stale_concept(key)
+                return key, not outdated(self.vectors, key, name)
         return key, False
-
-    def _stale_concept(self, key: str) -> bool:
-        """Whether the store's vector ``key`` is a concept vector (tagged ``concept``) that
-        was trained by another recipe than ``CONCEPT_READ``'s (a vector you trained under a
-        concept's name is never stale)."""
-        from max_jupyter.steering.training import method_label
-
-        info = getattr(self.vectors, "info", None)
-        found = info(key) if info is not None else None
-        return (found is not None and "concept" in found.tags
-                and found.method != method_label("svd_diff", CONCEPT_READ))
 
     def _concept_vector(self, name: str) -> SteeringVector:
         key, trained = self.concept_vector_name(name)
@@ -515,7 +505,7 @@ class Session:
             return self.vectors[key]
         found = concept(name)
         fields = {"tags": ("concept",), "notes": found.description} if hasattr(self.vectors, "save") else {}
-        return self.train(key, found.positive, found.negative, read=CONCEPT_READ,
+        return self.train(key, found.positive, found.negative, method=CONCEPT_METHOD, read=CONCEPT_READ,
                           layers=concept_layers(self._big.identity.num_layers), **fields)
 
     @property
@@ -578,12 +568,12 @@ class Session:
         """Train a vector for the big model from pairs (``steering.train_vector``; ``read``:
         ``"last_token"`` or ``"reply"``, where the states are read) on the worker, with a
         progress bar; unless ``save`` is False, put it in ``vectors`` under ``name`` (a
-        VectorStore also keeps the method and reading, the pairs and ``store_fields``).
+        VectorStore also keeps the method with ``read``, the pairs and ``store_fields``).
         Every argument is checked before any forward pass. Ctrl-C stops it after the
         current example."""
         from tqdm.auto import tqdm
 
-        from max_jupyter.steering.training import method_label, train_vector
+        from max_jupyter.steering.training import stored_method, train_vector
 
         self._check_open()
         method = self._check_training(name, positive, negative, layers, method, read, save, store_fields)
@@ -600,7 +590,7 @@ class Session:
 
         def work(job: CallJob) -> SteeringVector:
             def tick(n: int, texts: int) -> None:
-                done[0], total[0] = n, texts
+                total[0], done[0] = texts, n  # the total first: ``show`` opens the bar on done
                 if job.cancelled.is_set():
                     raise KeyboardInterrupt
             return train_vector(self._big, positive, negative, layers=layers, method=method,
@@ -612,7 +602,7 @@ class Session:
             if bar is not None:
                 bar.close()
         if save:
-            self._store(name, vector, method_label(method, read), positive, negative, store_fields)
+            self._store(name, vector, stored_method(method, read), positive, negative, store_fields)
         return vector
 
     def _check_training(self, name, positive, negative, layers, method, read, save, store_fields) -> str:

@@ -25,7 +25,7 @@ from max_jupyter.evaluation.scores import (
     relevance,
     score_answers,
 )
-from max_jupyter.steering.concepts import concept, concept_layers, library
+from max_jupyter.steering.concepts import concept, concept_layers, library, outdated
 from max_jupyter.steering.probe import auroc
 from max_jupyter.steering.store import VectorStore
 from max_jupyter.tokenizer import token_pieces
@@ -154,8 +154,11 @@ def test_a_concept_vector_from_an_older_recipe_is_trained_again(engine):
     old = train_vector(engine, joy.positive, joy.negative, layers=layers)  # the last-token recipe
     mine = train_vector(engine, warm.positive[:3], warm.negative[:3], layers=layers)
     with VectorStore(":memory:") as store, Session(engine, vectors=store) as s:
-        store.save("joy", old, method="svd_diff", tags=("concept",))
-        store.save("warm", mine, method="svd_diff")  # yours, under a concept's name: kept
+        store.save("joy", old, method="svd_diff", pairs=list(joy.pairs), tags=("concept",))
+        # yours, under a concept's name (tagged as one, but on other pairs): kept
+        store.save("warm", mine, method="svd_diff", pairs=list(warm.pairs[:3]), tags=("concept",))
+        assert outdated(store, "joy", "joy") and not outdated(store, "warm", "warm")
+        assert not outdated({"joy": old}, "joy", "joy")  # a dict keeps no recipe
         assert s.concept_vector_name("joy") == ("joy", False)
         assert s.concept_vector_name("warm") == ("warm", True)
         assert s.vector("warm").checksum() == mine.checksum()

@@ -35,7 +35,7 @@ def vector_table(session) -> None:
         for info in vectors.list():
             layers = f"{info.layers[0]}-{info.layers[-1]}" if len(info.layers) > 1 else str(info.layers[0])
             print(f"{info.name:<24} v{info.version:<3} {_model_tag(session, info.model):<11} "
-                  f"layers {layers:<7} {info.method or '':<10} {' '.join(info.tags)} {info.notes}".rstrip())
+                  f"layers {layers:<7} {info.method or '':<20} {' '.join(info.tags)} {info.notes}".rstrip())
         return
     for name in sorted(vectors):
         v = vectors[name]

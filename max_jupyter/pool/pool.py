@@ -19,7 +19,7 @@ from max_jupyter.pool.job import POLL_S, PoolJob, Share, run_job
 from max_jupyter.pool.runtime import Actors, connect, import_ray, placement
 from max_jupyter.pool.values import steering_value
 from max_jupyter.session import Session, open_library
-from max_jupyter.steering.concepts import is_concept
+from max_jupyter.steering.concepts import is_concept, outdated
 from max_jupyter.steering.vector import SteeringVector
 from max_jupyter.validation import check_coef, check_int, fail
 
@@ -203,14 +203,17 @@ class SessionPool:
         actor whose share held the coefficient chosen over all of them (which is that
         share's own choice). ``vector``: a vector (sent as a value), a name of ``vectors``
         (its vector sent under that name) or a library concept (each actor trains it on
-        first use, as a Session does). ``evaluation.job``: the ``PoolJob``; ``generation_s``
+        first use, as a Session does; also where ``vectors`` holds it from an earlier
+        recipe, ``steering.concepts.outdated``). ``evaluation.job``: the ``PoolJob``; ``generation_s``
         and ``scoring_s`` add up the actors' times."""
         self._check_open()
         if isinstance(vector, str) and vector not in self.vectors and not is_concept(vector):
             raise UnknownNameError(f"vector={vector!r} is neither in the pool's library nor a library "
                                    f"concept; the library has {sorted(self.vectors) or 'none'} (pool.vectors).")
-        value = steering_value(self.vectors.get(vector) if isinstance(vector, str) else vector,
-                               self.vectors, self.identity, "vector")
+        sent = vector
+        if isinstance(vector, str):  # an outdated concept vector is not sent: each actor trains the concept
+            sent = None if is_concept(vector) and outdated(self.vectors, vector, vector) else self.vectors.get(vector)
+        value = steering_value(sent, self.vectors, self.identity, "vector")
         if value is not None and not isinstance(value, SteeringVector):
             raise fail("vector", vector, f"is a {type(vector).__name__}", "give a SteeringVector, a name "
                        "of pool.vectors or a library concept's name")

@@ -1,7 +1,8 @@
 """Steering vectors from contrastive pairs, read on a live engine.
 
 Each example is run alone through the engine (batch 1, so any backend works) and its
-residual at the last token is read at every requested layer. Per pair, ``diff = pos - neg``.
+residual is read at every requested layer, at its last token (or, with ``read="reply"``,
+as a chat reply, below). Per pair, ``diff = pos - neg``.
 
 Methods (``method=``), each named for what it computes (the values per layer; a
 coefficient means the same push for any of them: ``SteeringVector.deltas``):
@@ -21,16 +22,17 @@ Where the states are read (``read=``):
 
 - ``last_token`` (the default): each text alone, at its last token.
 - ``reply``: each text as the reply to a neutral chat prompt, averaged over its tokens
-  (``read_reply_states``), which is where probes and judges read generated text. Each
-  layer's direction comes from these states; its length is the ``last_token`` method's at
-  that layer, so a coefficient means the same push under either reading. Reads every text
-  twice. The concept library trains this way (``steering.concepts.CONCEPT_READ``).
+  (``read_reply_states``), the way probes and judges read generated text. Each layer's
+  direction comes from these states; its length is the ``last_token`` method's at that
+  layer, so the layers share a coefficient's push as they do under ``last_token``. Reads
+  every text twice (``encode`` applies to the last-token pass only). The concept library
+  trains this way (``steering.concepts.CONCEPT_READ``).
 """
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -40,7 +42,7 @@ from max_jupyter.validation import check_layers, check_str_list, fail
 
 Method = Literal["svd_diff", "pca_diff_unit", "mean_diff", "pca_diff"]
 Read = Literal["last_token", "reply"]
-READS = ("last_token", "reply")
+READS = get_args(Read)
 
 
 def mean_diff(diffs: torch.Tensor) -> torch.Tensor:
@@ -100,12 +102,14 @@ def read_last_token_states(engine: Engine, texts: Sequence[str], layers: Sequenc
     """
     encode = encode or (lambda t: engine.tokenizer.encode(t, add_special_tokens=True))
     rows = []
-    for n, text in enumerate(texts):
-        hidden = engine.prefill(encode(text), capture=layers).hidden
-        rows.append(torch.stack([hidden[l][-1].float().cpu() for l in layers]))
-        if progress:
-            progress(n + 1, len(texts))
-    engine.reset()
+    try:
+        for n, text in enumerate(texts):
+            hidden = engine.prefill(encode(text), capture=layers).hidden
+            rows.append(torch.stack([hidden[l][-1].float().cpu() for l in layers]))
+            if progress:
+                progress(n + 1, len(texts))
+    finally:  # also after Ctrl-C from ``progress``
+        engine.reset()
     return torch.stack(rows)
 
 
@@ -119,12 +123,14 @@ def read_reply_states(engine: Engine, texts: Sequence[str], layers: Sequence[int
     engine's cache; ``progress(done, total)`` is called after each text."""
     head = engine.tokenizer.chat(prompt)
     rows = []
-    for n, text in enumerate(texts):
-        hidden = engine.prefill(head + engine.tokenizer.encode(text), capture=layers).hidden
-        rows.append(torch.stack([hidden[l][len(head):].float().mean(0).cpu() for l in layers]))
-        if progress:
-            progress(n + 1, len(texts))
-    engine.reset()
+    try:
+        for n, text in enumerate(texts):
+            hidden = engine.prefill(head + engine.tokenizer.encode(text), capture=layers).hidden
+            rows.append(torch.stack([hidden[l][len(head):].float().mean(0).cpu() for l in layers]))
+            if progress:
+                progress(n + 1, len(texts))
+    finally:  # also after Ctrl-C from ``progress``
+        engine.reset()
     return torch.stack(rows)
 
 
@@ -153,17 +159,18 @@ def train_vector(engine: Engine, positive: Sequence[str], negative: Sequence[str
     texts = [*positive, *negative]
     total = len(texts) * (2 if read == "reply" else 1)
 
-    def counted(before: int) -> Callable[[int, int], None] | None:  # one count over both readings
+    def counted(before: int) -> Callable[[int, int], None] | None:  # one count over both passes
         return None if progress is None else (lambda n, _total: progress(before + n, total))
 
     diffs = pair_diffs(read_last_token_states(engine, texts, layers, encode, counted(0)))
     directions = {layer: METHODS[method](diffs[:, j]) for j, layer in enumerate(layers)}
     if read == "reply":  # the reply's direction, at the last token's length
         replies = pair_diffs(read_reply_states(engine, texts, layers, progress=counted(len(texts))))
-        along = SteeringVector({layer: METHODS[method](replies[:, j]) for j, layer in enumerate(layers)},
-                               engine.identity).normalized().directions
-        directions = {layer: along[layer] * directions[layer].norm() for layer in layers}
-    return SteeringVector(directions, engine.identity, label or method)
+        for j, layer in enumerate(layers):
+            along = METHODS[method](replies[:, j])
+            size = along.norm()
+            directions[layer] = along * (directions[layer].norm() / size) if size > 0 else along
+    return SteeringVector(directions, engine.identity, label or stored_method(method, read))
 
 
 def pair_diffs(states: torch.Tensor) -> torch.Tensor:
@@ -173,8 +180,8 @@ def pair_diffs(states: torch.Tensor) -> torch.Tensor:
     return states[:half] - states[half:]
 
 
-def method_label(method: str, read: str) -> str:
-    """How a vector was trained, as a VectorStore keeps it: ``method``, with the reading
+def stored_method(method: str, read: str) -> str:
+    """How a vector was trained, as a VectorStore keeps it: ``method``, with ``read``
     after it where it is not the default (``"svd_diff, read=reply"``)."""
     return method if read == "last_token" else f"{method}, read={read}"
 

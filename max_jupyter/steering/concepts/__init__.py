@@ -23,10 +23,14 @@ CONCEPT_LAYERS = (0.4, 0.55)
 """The band of layers a concept's vector is trained at, as fractions of the model's depth
 (start included, end excluded): layers 12-15 of 30 on the embedded model, the middle of the
 residual stream, where steering changes what is said without breaking how."""
+CONCEPT_METHOD = "svd_diff"
+"""The training method of a concept's vector (``train_vector``'s ``method``)."""
 CONCEPT_READ = "reply"
 """Where a concept's pairs are read (``train_vector``'s ``read``): as chat replies, averaged
-over their tokens, where the probes that score the concept read. On the real Qwen pair this
-turned honest and refusing from losses to the random control into wins (docs/evaluation.md)."""
+over their tokens, the way the probes that score the concept read. On the real Qwen pair
+this turned honest and refusing from losses to the random control into wins, while formal
+and french went on losing within the noise; on the embedded model it beats random on every
+concept (docs/evaluation.md)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,21 @@ def library() -> dict[str, Concept]:
     return concepts
 
 
+def outdated(vectors, key: str, name: str) -> bool:
+    """Whether the library ``vectors`` keeps under ``key`` concept ``name``'s vector from an
+    earlier recipe: a VectorStore entry tagged ``concept``, trained on the concept's pairs,
+    with another method than ``CONCEPT_METHOD`` read as ``CONCEPT_READ``. A vector trained
+    on other pairs or not tagged ``concept`` (yours) never is, nor anything in a dict."""
+    from max_jupyter.steering.training import stored_method
+
+    info = getattr(vectors, "info", None)
+    if info is None or key not in vectors:
+        return False
+    found = info(key)
+    return ("concept" in found.tags and found.pairs == concept(name).pairs
+            and found.method != stored_method(CONCEPT_METHOD, CONCEPT_READ))
+
+
 def is_concept(name: object) -> bool:
     return isinstance(name, str) and name in library()
 
@@ -101,4 +120,5 @@ def concept(name: str) -> Concept:
     return concepts[name]
 
 
-__all__ = ["CONCEPT_LAYERS", "CONCEPT_READ", "Concept", "concept", "concept_layers", "is_concept", "library"]
+__all__ = ["CONCEPT_LAYERS", "CONCEPT_METHOD", "CONCEPT_READ", "Concept", "concept", "concept_layers", "is_concept",
+           "library", "outdated"]
