@@ -169,7 +169,7 @@ def train_vector(engine: Engine, positive: Sequence[str], negative: Sequence[str
         for j, layer in enumerate(layers):
             along = METHODS[method](replies[:, j])
             size = along.norm()
-            directions[layer] = along * (directions[layer].norm() / size) if size > 0 else along
+            directions[layer] = along / size * directions[layer].norm() if size > 0 else along
     return SteeringVector(directions, engine.identity, label or stored_method(method, read))
 
 
