@@ -29,8 +29,8 @@ CONCEPT_READ = "reply"
 """Where a concept's pairs are read (``train_vector``'s ``read``): as chat replies, averaged
 over their tokens, the way the probes that score the concept read. On the real Qwen pair
 this turned honest and refusing from losses to the random control into wins, while formal
-and french went on losing within the noise; on the embedded model it beats random on every
-concept (docs/evaluation.md)."""
+and french tie with it; on the embedded model it beats random on every concept
+(docs/evaluation.md)."""
 
 
 @dataclass(frozen=True)
