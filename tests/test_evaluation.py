@@ -26,7 +26,7 @@ from max_jupyter.evaluation.scores import (
     score_answers,
 )
 from max_jupyter.steering.concepts import concept, concept_layers, library, outdated
-from max_jupyter.steering.probe import auroc
+from max_jupyter.steering.probe import _logistic, auroc
 from max_jupyter.steering.store import VectorStore
 from max_jupyter.tokenizer import token_pieces
 
@@ -69,6 +69,23 @@ def test_a_planted_collapse_is_never_fluent():
     assert scale.score(20.0, coherent) == pytest.approx(2.0)
     assert scale.score(1.01, collapsed) == 0.0  # however likely its loop is
     assert scale.score(2000.0, coherent) == 0.0 and 0 < scale.score(200.0, coherent) < 2.0
+
+
+def test_a_probe_is_not_moved_by_features_its_texts_barely_vary():
+    """28 texts told apart by feature 0; features 8-39 barely vary among them. Readings of
+    the negative class with those quiet features moved (as a generated answer moves what
+    short scoring sentences share) stay negative: scaled by their own tiny spread
+    (SCALE_SHRINK = 0), 9 of these 20 read as P(concept) 1.0."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.cat([torch.ones(14), torch.zeros(14)])
+    x = torch.randn(28, 40, generator=gen)
+    x[:, 0] += 4 * (2 * y - 1)
+    x[:, 8:] *= 0.01
+    mean, scale, weight, bias = _logistic(x, y)
+    moved = torch.zeros(20, 40)
+    moved[:, 0] = -4
+    moved[:, 8:] = 0.5 * torch.randn(20, 32, generator=gen).sign()
+    assert float(torch.sigmoid(((moved - mean) / scale) @ weight + bias).max()) < 0.1
 
 
 def test_auroc_and_random_control():

@@ -194,3 +194,26 @@ def test_a_vector_trained_on_the_big_model_moves_a_held_out_measure(session, hap
     print("\nlog-odds happy/sad word (-happy, none, +happy): " +
           "; ".join(" ".join(f"{v:+.2f}" for v in row) for row in rows))
     assert all(minus < base < plus for minus, base, plus in rows)
+
+
+def test_the_small_models_french_probe_reads_the_big_models_english_as_english(session):
+    """The concept probe, fitted on the 0.5B from short labelled sentences, reads the 1.5B's
+    answers (chat openings, lists, off the sentences' domain) by their language: English
+    unprompted, French when asked for French. Scaling each feature by its own spread
+    (``SCALE_SHRINK = 0``) read these English answers as P(french) 0.5 on average."""
+    from max_jupyter.steering.concepts import concept
+
+    found, probe, reader = concept("french"), session.probe("french"), session.reader
+    prompts = list(found.prompts[:6])
+
+    def p_french(system):
+        results = session.generate_batch(prompts, max_new_tokens=24, system=system, progress=False)
+        # read after the user's prompt alone, as the evaluation reads prompting's answers
+        readings = session.run(lambda s: [probe.read(reader, reader.tokenizer.chat(p), r.token_ids)
+                                          for p, r in zip(prompts, results)])
+        return [float(reading[-1]) for reading in readings]
+
+    english, french = p_french(None), p_french(found.system)
+    print(f"\nP(french) of the 1.5B's answers: unprompted {english}, asked for French {french}")
+    assert max(english) < 0.5 and sum(english) / len(english) < 0.2
+    assert min(french) > 0.5 and sum(french) / len(french) > 0.8

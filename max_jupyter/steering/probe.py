@@ -3,7 +3,7 @@ model's residual stream, as a calibrated probability.
 
 Features: the residual at ``layer`` averaged over a text's tokens, read as the answer to a
 neutral chat prompt (``CONTEXT``: the condition a generated answer is read in),
-standardised. The probe is an L2-regularised logistic regression fitted on the concept's
+centred and scaled (``SCALE_SHRINK``). The probe is an L2-regularised logistic regression fitted on the concept's
 labelled scoring texts (``steering.concepts``); its held-out AUROC comes from
 ``FOLDS``-fold cross-validation over those texts before the final fit on all of them. A
 probe reads the model it was fitted on (the small model where one is loaded, so the model
@@ -26,7 +26,14 @@ tone, register and language are linearly readable there)."""
 CONTEXT = "Say something."
 """The user turn a scoring text is read after, as an answer (through the chat template)."""
 FOLDS = 4
-L2 = 1e-2  # ridge on the standardised weights: 576 features from ~28 texts need it
+L2 = 1e-2  # ridge on the scaled weights: 576 features from ~28 texts need it
+SCALE_SHRINK = 0.5
+"""How far each feature's scale is pulled from its own spread over the scoring texts towards
+the features' mean spread: ``sqrt((1 - s) var_j + s mean(var))``. Scaling each feature by
+its own spread (s = 0) blows up the features that barely vary among ~28 short texts; a
+generated answer (code, lists, a chat opening) moves them far, and the probe's reading
+follows them: the 0.5B's french probe read the 1.5B's English answers as P(french) 0.54
+on average at s = 0, 0.04 at 0.5, with the same held-out AUROC (docs/evaluation.md)."""
 
 
 @dataclass(frozen=True)
@@ -108,8 +115,10 @@ def fit_probe(engine: Engine, concept: str, positive: Sequence[str], negative: S
 
 
 def _logistic(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """Standardise ``x`` and fit an L2-regularised logistic regression (L-BFGS, float64)."""
-    mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)
+    """Centre and scale ``x`` (``SCALE_SHRINK``) and fit an L2-regularised logistic
+    regression (L-BFGS, float64)."""
+    var = x.var(0)
+    mean, scale = x.mean(0), ((1 - SCALE_SHRINK) * var + SCALE_SHRINK * var.mean()).sqrt().clamp_min(1e-6)
     z = ((x - mean) / scale).double()
     w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
