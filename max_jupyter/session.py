@@ -462,18 +462,19 @@ class Session:
         self._judge_mixes -= set(dropped)
         return dropped
 
-    def vector(self, name: str) -> SteeringVector:
+    def vector(self, name: str, *, progress: bool = True) -> SteeringVector:
         """The vector ``name`` from the library; the name of a library concept
         (``steering.concepts``) that the library has no vector of for the big model (or only
         one from an earlier recipe) is trained on first use (on the worker, from the
-        concept's pairs read as replies at its layers) and kept in the library (a
-        VectorStore tags it ``concept``; where the name holds another model's vector it goes
-        under ``name.<fingerprint>``). A clear error for any other name."""
+        concept's pairs read as replies at its layers; ``progress``: its bar) and kept in
+        the library (a VectorStore tags it ``concept``; where the name holds another
+        model's vector it goes under ``name.<fingerprint>``). A clear error for any other
+        name."""
         self._check_open()
         if isinstance(name, str) and name in self.vectors and not is_concept(name):
             return self.vectors[name]
         if is_concept(name):
-            return self._concept_vector(name)
+            return self._concept_vector(name, progress)
         raise BadArgumentError(f"no vector named {name!r} in the library; it has "
                                f"{sorted(self.vectors) or 'none'} and the concepts "
                                f"{', '.join(concept_library())} (train, load or import one).")
@@ -499,14 +500,14 @@ class Session:
                 return key, not outdated(self.vectors, key, name)
         return key, False
 
-    def _concept_vector(self, name: str) -> SteeringVector:
+    def _concept_vector(self, name: str, progress: bool) -> SteeringVector:
         key, trained = self.concept_vector_name(name)
         if trained:
             return self.vectors[key]
         found = concept(name)
         fields = {"tags": ("concept",), "notes": found.description} if hasattr(self.vectors, "save") else {}
         return self.train(key, found.positive, found.negative, method=CONCEPT_METHOD, read=CONCEPT_READ,
-                          layers=concept_layers(self._big.identity.num_layers), **fields)
+                          layers=concept_layers(self._big.identity.num_layers), progress=progress, **fields)
 
     @property
     def reader(self) -> Engine:

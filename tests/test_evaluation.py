@@ -218,15 +218,17 @@ def _tiny_vector(engine):
 
 
 @pytest.mark.slow
-def test_evaluate_joy_with_baselines(engine):
+def test_evaluate_joy_with_baselines(engine, capsys):
     """A small evaluation: every condition scored on its split, the chosen coefficient from
-    the eval split, the random control near no steering on the concept, the table, the plot."""
+    the eval split, the random control near no steering on the concept, the table, the plot;
+    with ``progress=False`` no bar, not even the concept's training on first use."""
     from max_jupyter.jupyter.plots import plot_evaluation
     from max_jupyter.session import Session
 
     prompts = list(concept("joy").prompts[:8])
     with Session(engine) as s:
         ev = s.evaluate("joy", prompts=prompts, coefs=[0.35, 1.0], max_new_tokens=16, progress=False)
+    assert "joy" in s.vectors and "%|" not in capsys.readouterr().err  # trained, with no bar
     assert isinstance(ev, Evaluation) and not ev.interrupted
     assert len(ev.rows) == (2 + 2) * 8 + 2 * 4
     assert {r.split for r in ev.select("random")} == {"test"} and ev.chosen_coef in (0.35, 1.0)

@@ -55,7 +55,7 @@ def evaluate(session, vector: SteeringVector | str, *, concept_name: str | None 
     options = merge_options(options, session.defaults, {"max_new_tokens": check_int(
         "max_new_tokens", max_new_tokens, low=1, fix="use a whole number >= 1 such as 48")})
     seed = check_int("seed", seed, low=0, fix="use a whole number >= 0")
-    target = session.vector(vector) if isinstance(vector, str) else vector  # may train a concept
+    target = session.vector(vector, progress=progress) if isinstance(vector, str) else vector  # may train a concept
     for coef in coefs:  # a coefficient past the mix's bound is refused before any generation
         _mix(session, target, coef)
     from tqdm.auto import tqdm
