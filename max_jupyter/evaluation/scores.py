@@ -29,9 +29,12 @@ from max_jupyter.evaluation.degeneracy import COLLAPSED, Degeneracy, degeneracy
 from max_jupyter.steering.probe import CONTEXT, ConceptProbe
 from max_jupyter.steering.reading import read_rows, token_nll
 
-RELEVANCE_TOKENS = 16
-"""Answer tokens the relevance compares prompts on (the opening is what depends on the
-prompt most; fewer tokens keep the distractor reads cheap)."""
+RELEVANCE_TOKENS = 64
+"""Answer tokens the relevance compares prompts on: the whole answer at the evaluation's
+lengths (up to 64 tokens, which bounds the distractor reads). An opening alone misreads
+chat answers that begin with a generic disclaimer ("As an AI language model, I don't have
+a physical presence, so..."): at 16 tokens such an answer scored about chance although
+its next words named the prompt's subject (docs/evaluation.md)."""
 DISTRACTORS = 2
 """Other prompts each answer is also read after, for relevance."""
 
