@@ -28,8 +28,9 @@ CONCEPT_METHOD = "svd_diff"
 CONCEPT_READ = "reply"
 """Where a concept's pairs are read (``train_vector``'s ``read``): as chat replies, averaged
 over their tokens, the way the probes that score the concept read. On the real Qwen pair
-this turned honest and refusing from losses to the random control into wins, while formal
-and french tie with it; on the embedded model it beats random on every concept
+this turned honest and refusing from losses to the random control into wins; with the
+probe's pulled scale (``steering.probe.SCALE_SHRINK``) it beats random on all twelve
+concepts there, formal narrowly; on the embedded model it did under the earlier scorer
 (docs/evaluation.md)."""
 
 
