@@ -2,9 +2,9 @@
 model's residual stream, as a calibrated probability.
 
 Features: the residual at ``layer`` averaged over a text's tokens, read as the answer to a
-neutral chat prompt (``CONTEXT``: the condition a generated answer is read in),
-centred and scaled (``SCALE_SHRINK``). The probe is an L2-regularised logistic regression fitted on the concept's
-labelled scoring texts (``steering.concepts``); its held-out AUROC comes from
+neutral chat prompt (``CONTEXT``: the condition a generated answer is read in), centred
+and scaled (``SCALE_SHRINK``). The probe is an L2-regularised logistic regression fitted
+on the concept's labelled scoring texts (``steering.concepts``); its held-out AUROC comes from
 ``FOLDS``-fold cross-validation over those texts before the final fit on all of them. A
 probe reads the model it was fitted on (the small model where one is loaded, so the model
 that wrote a text is not the one that judges it, as a judge reads).
@@ -33,7 +33,8 @@ the features' mean spread: ``sqrt((1 - s) var_j + s mean(var))``. Scaling each f
 its own spread (s = 0) blows up the features that barely vary among ~28 short texts; a
 generated answer (code, lists, a chat opening) moves them far, and the probe's reading
 follows them: the 0.5B's french probe read the 1.5B's English answers as P(french) 0.54
-on average at s = 0, 0.04 at 0.5, with the same held-out AUROC (docs/evaluation.md)."""
+on average at s = 0, 0.04 at 0.5. The held-out AUROCs moved by 0.02 at most, honest's
+more (0.79 to 0.76 on the 0.5B, 0.72 to 0.66 on the embedded model; docs/evaluation.md)."""
 
 
 @dataclass(frozen=True)
