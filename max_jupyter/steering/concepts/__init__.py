@@ -30,8 +30,7 @@ CONCEPT_READ = "reply"
 over their tokens, the way the probes that score the concept read. On the real Qwen pair
 this turned honest and refusing from losses to the random control into wins; with the
 probe's pulled scale (``steering.probe.SCALE_SHRINK``) it beats random on all twelve
-concepts there, formal narrowly; on the embedded model it did under the earlier scorer
-(docs/evaluation.md)."""
+concepts there (formal narrowly) and on the embedded model (docs/evaluation.md)."""
 
 
 @dataclass(frozen=True)
