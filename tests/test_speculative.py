@@ -10,6 +10,7 @@ Sampling: on a tiny random Llama (its head scaled up so its distributions are pe
 computed exactly by enumeration, as closely as those of plain sampling do."""
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import assert_mirrors
-from max_jupyter.engines import TransformersEngine, residual
+from max_jupyter.engines import Engine, TransformersEngine, residual
 from max_jupyter.engines.cpu_linear import pack_linears
 from max_jupyter.errors import BackendUnavailableError, BadArgumentError
 from max_jupyter.models import resolve_hf_folder
@@ -35,7 +36,7 @@ from max_jupyter.orchestrator import (
     Verdict,
     speculative,
 )
-from max_jupyter.orchestrator.judges import NO_MIXES
+from max_jupyter.orchestrator.judges import NO_MIXES, Judge
 from max_jupyter.orchestrator.speculative import DraftLength
 from max_jupyter.steering import Mix, SteeringVector
 from max_jupyter.testing import build_tiny_model
@@ -153,6 +154,30 @@ def test_verify_rows_equal_per_token_steps(engine, ctrl):
         for layer in LAYERS:
             torch.testing.assert_close(out.hidden[layer][j], step.hidden[layer][0], atol=1e-4, rtol=1e-4)
     assert engine.seq_len == len(ids) + len(draft)  # steered positions: no unsteered prefill to compare
+
+
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one pass", "a pass per run"])
+def test_verify_with_deltas_per_position_equals_steps_steered_alike(engine, ctrl, one_pass, monkeypatch):
+    if not one_pass:  # what a backend without its own _verify_runs does: a verify per run
+        monkeypatch.setattr(engine, "_verify_runs", functools.partial(Engine._verify_runs, engine))
+    ids = engine.tokenizer.chat(PROMPT)
+    draft = engine.tokenizer.encode(" It is sunny and warm today")[:5]
+    happy, sad = ctrl.deltas(engine), {l: -d for l, d in ctrl.deltas(engine).items()}
+    per_position = [happy, None, None, sad, happy][:len(draft)]
+    engine.prefill(ids)
+    calls = engine.forward_calls
+    out = engine.verify(draft, per_position, capture=LAYERS)
+    assert engine.forward_calls - calls == (1 if one_pass else 4)  # one per pass
+    assert engine.seq_len == len(ids) + len(draft)
+    engine.rewind(len(draft))
+    for j, (token, deltas) in enumerate(zip(draft, per_position)):
+        step = engine.step(token, deltas, capture=LAYERS)
+        torch.testing.assert_close(out.all_logits[j], step.logits, atol=1e-4, rtol=1e-4)
+        for layer in LAYERS:
+            torch.testing.assert_close(out.hidden[layer][j], step.hidden[layer][0], atol=1e-4, rtol=1e-4)
+    with pytest.raises(BadArgumentError, match="one per id"):
+        engine.verify(draft, per_position[:-1])
+    assert engine.seq_len == len(ids) + len(draft)
 
 
 def test_verify_refused_without_support(engine, monkeypatch):
@@ -486,13 +511,15 @@ def judged_logits(big: TransformersEngine, mixes: dict[str, Mix],
     return out.logits
 
 
-def test_speculative_sampling_with_judges_draws_the_judged_distribution(tiny_models, one_thread):
+@pytest.mark.parametrize("ahead", [False, True], ids=["pre-step judged when emitted", "judged ahead"])
+def test_speculative_sampling_with_judges_draws_the_judged_distribution(tiny_models, one_thread,
+                                                                        ended, ahead):
     big, near = tiny_models["big"], tiny_models["near"]
     mixes = tiny_mixes(big)
     truth = exact(lambda seq: judged_logits(big, mixes, seq), N_TOKENS)
 
-    def judges():
-        return [FunctionJudge(lambda ctx: even(ctx.tokens), mix="up", name="even"),
+    def judges():  # stateless: judged ahead on drafted tokens, each row steered as its step
+        return [FunctionJudge(lambda ctx: even(ctx.tokens), mix="up", name="even", stateless=ahead),
                 FunctionJudge(lambda ctx: unsure(ctx.big_logits), post_step=True, mix="down",
                               name="unsure")]
 
@@ -502,12 +529,15 @@ def test_speculative_sampling_with_judges_draws_the_judged_distribution(tiny_mod
     spec, acceptance = draw(orch, 3, range(10**6, 10**6 + N_JUDGED))
     print(f"acceptance {acceptance:.3f}")
     assert_distribution(truth, plain, spec)
-    seen = set()
-    for seed in range(5):  # where judges ended blocks: (kind, after the block's first step)
-        r = orch.generate(TINY_PROMPT, max_new_tokens=32, ignore_eos=True, speculate=3,
-                          sampling=SamplingConfig(seed=seed, **TINY_SAMPLING))
-        seen |= {(kind, step > first) for kind, first, step in cuts(r)}
-    assert seen == {("steering", True), ("rerun", False), ("rerun", True)}
+    ended.clear()
+    for seed in range(5):
+        orch.generate(TINY_PROMPT, max_new_tokens=32, ignore_eos=True, speculate=3,
+                      sampling=SamplingConfig(seed=seed, **TINY_SAMPLING))
+    assert {(kind, row > 0) for kind, row, _ in ended} == {("steering", True), ("rerun", False),
+                                                          ("rerun", True)}
+    # judged ahead, a block ends at a changed decision only at its last row (its state
+    # comes with the verify); judged when emitted, at any row
+    assert all(row == drafted for kind, row, drafted in ended if kind == "steering") == ahead
 
 
 def replay(r, limit: int) -> list[int]:
@@ -576,20 +606,23 @@ def per_run(calls: list[tuple[int, tuple[int, ...]]]) -> list[list[tuple[int, tu
     return runs
 
 
-def cuts(r) -> list[tuple[str, int, int]]:
-    """Where judges ended speculative blocks early: (kind, first step of the block, step);
-    kind "steering" where a step inside a block's range ran with other mixes than the
-    block, "rerun" where it was re-run."""
-    found = []
-    for b in r.steps:
-        for s in r.steps[b.step:b.step + b.accepted + 1] if b.drafted else ():
-            if s.rerun or s.mixes_on != b.mixes_on:
-                found.append(("rerun" if s.rerun else "steering", b.step, s.step))
-                break
-    return found
+@pytest.fixture()
+def ended(monkeypatch) -> list[tuple[str, int, int]]:
+    """Where speculative blocks end early, noted as they end: (kind, the row they end at,
+    rows drafted); kind "steering" where the pre-step judges steer the row's step otherwise
+    than the row ran, "rerun" where a post-step judge re-runs it."""
+    seen: list[tuple[str, int, int]] = []
+    cut = speculative.Block.cut
+
+    def noted(block, big, mirror, fed):
+        seen.append(("rerun" if fed else "steering", block.next, len(block.drafted)))
+        return cut(block, big, mirror, fed)
+
+    monkeypatch.setattr(speculative.Block, "cut", noted)
+    return seen
 
 
-def test_pre_step_judges_end_a_block_where_they_change_their_mind(engine, near, ctrl, vector):
+def test_pre_step_judges_end_a_block_where_they_change_their_mind(engine, near, ctrl, vector, ended):
     probe = SteeringVector({15: vector.directions[15]}, near.identity, "happy-probe")
     never = ProbeJudge(probe, threshold=math.inf, mix="happy", name="probe")
     scout = CognitiveOrchestrator(engine, near, never, mixes={"happy": ctrl}).generate(
@@ -603,13 +636,63 @@ def test_pre_step_judges_end_a_block_where_they_change_their_mind(engine, near, 
     assert_same(plain, spec)
     r = spec[0]
     assert 0 < int(r.steered.sum()) < len(r.steps), "the probe should flip during the generation"
-    assert any(kind == "steering" for kind, _, _ in cuts(r)), "a changed decision should end a block"
+    assert any(kind == "steering" for kind, _, _ in ended), "a changed decision should end a block"
     first, second = per_run(calls)
     assert second == first and [step for step, _ in first] == list(range(24))
     assert_caches(orch, r, big=False)
 
 
-def test_post_step_judges_rerun_inside_a_block(engine, near, ctrl, vector):
+class EveryThird(Judge):
+    """Turns ``mix`` on at every third call of a generation; keeps the steps it was called
+    at (its state, checkpointed: what calls on drafts that were not emitted did is undone)."""
+
+    def __init__(self, mix: str):
+        self.name, self.turns_on, self.calls = "every-third", (mix,), []
+
+    def decide(self, ctx: JudgeContext) -> Verdict:
+        if ctx.step == 0:
+            self.calls.clear()
+        self.calls.append(ctx.step)
+        return Verdict(len(self.calls), frozenset(self.turns_on) if len(self.calls) % 3 == 0 else NO_MIXES)
+
+    def checkpoint(self) -> object:
+        return len(self.calls)
+
+    def restore(self, checkpoint: object) -> None:
+        del self.calls[checkpoint:]
+
+
+def test_checkpointed_judges_steer_each_row_of_a_block_as_its_step(engine, near, ctrl, vector, ended):
+    """Judges whose state is checkpointed judge drafted tokens ahead: each verify row runs
+    with its own step's steering, so a change of decision ends no block at a drafted row,
+    and their state is put back where drafts were rejected (the probe's cooldown and
+    hysteresis, and the counting judge, make each decision depend on the calls before)."""
+    probe = SteeringVector({15: vector.directions[15]}, near.identity, "happy-probe")
+    never = ProbeJudge(probe, threshold=math.inf, mix="happy", name="probe")
+    scout = CognitiveOrchestrator(engine, near, never, mixes={"happy": ctrl}).generate(
+        PROMPT, max_new_tokens=32)
+    threshold = float(scout.scores["probe"].median())
+    third = EveryThird("sad")
+    judges = [ProbeJudge(probe, threshold=threshold, hysteresis=0.05 * abs(threshold), cooldown=1,
+                         mix="happy", name="probe"), third]
+    sad = Mix(engine.identity)
+    sad.set("sad", vector, -0.6)
+    orch = CognitiveOrchestrator(engine, near, judges, mixes={"happy": ctrl, "sad": sad})
+    plain, spec = pair(orch, 4, max_new_tokens=32, ignore_eos=True,
+                       trace=TraceConfig(big_layers=LAYERS, small_layers=(15,)))
+    assert_same(plain, spec)
+    r = spec[0]
+    changes = [s.step for s, before in zip(r.steps[1:], r.steps) if s.mixes_on != before.mixes_on]
+    inside = [c for c in changes if (b := block_of(r, c)) and b[0] < c]
+    assert inside, "the probe should change its decision inside a block"
+    assert r.accepted_tokens < r.drafted_tokens, "some drafts should be rejected"
+    assert all(row == drafted for _, row, drafted in ended), f"blocks ended at drafted rows: {ended}"
+    assert third.calls == list(range(32)), "once per emitted step, net of what was undone"
+    assert_caches(orch, r, big=False)
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["pre-step judged when emitted", "judged ahead"])
+def test_post_step_judges_rerun_inside_a_block(engine, near, ctrl, vector, ended, ahead):
     sad = Mix(engine.identity)
     sad.set("sad", vector, -0.6)
     mixes = {"happy": ctrl, "sad": sad}
@@ -626,16 +709,20 @@ def test_post_step_judges_rerun_inside_a_block(engine, near, ctrl, vector):
         lambda c: Verdict(top(c), frozenset({"sad"}) if top(c) < threshold else NO_MIXES),
         "unsure", "sad", post_step=True)
     count, pre_calls = counting(lambda ctx: ctx.step % 7 == 3, "count", "happy")
+    if ahead:  # checkpointed: what it judged past a re-run step is undone
+        count = EveryThird("happy")
     orch = CognitiveOrchestrator(engine, near, [count, unsure], mixes=mixes)
     plain, spec = pair(orch, 4, max_new_tokens=24, ignore_eos=True, trace=TraceConfig(big_layers=LAYERS))
     assert_same(plain, spec)
     r = spec[0]
-    assert any(kind == "rerun" and step > first for kind, first, step in cuts(r)), \
+    assert any(kind == "rerun" and row > 0 for kind, row, _ in ended), \
         "a post-step judge should re-run a step inside a block"
     assert r.drafted_tokens > 0 and any(s.rerun for s in r.steps)
-    for calls in (pre_calls, post_calls):
+    for calls in (post_calls,) if ahead else (pre_calls, post_calls):
         first, second = per_run(calls)
         assert second == first and [step for step, _ in first] == list(range(24))
+    if ahead:
+        assert count.calls == list(range(24)), "once per emitted step, net of what was undone"
     assert_caches(orch, r, big=False)
 
 

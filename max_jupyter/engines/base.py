@@ -170,25 +170,55 @@ class Engine(ABC):
         self.reset()
         return self._run(*args)
 
-    def verify(self, ids: Sequence[int], deltas: LayerDeltas | None = None,
+    def verify(self, ids: Sequence[int], deltas: LayerDeltas | Sequence[LayerDeltas | None] | None = None,
                capture: Collection[int] = ()) -> ForwardResult:
         """``forward`` that also returns ``all_logits`` ``[len(ids), vocab]``: one pass over
-        several new tokens (a draft), each position with the same ``deltas``, ``hidden``
-        rows per position. Rewind a rejected tail with ``rewind``. Checked as ``forward``;
-        ``BackendUnavailableError`` where the backend has no verify (``supports_verify``)."""
+        several new tokens (a draft), ``hidden`` rows per position. ``deltas``: one
+        ``LayerDeltas`` for every position, or a sequence of one per position (``LayerDeltas``
+        or None), position ``j`` steered by ``deltas[j]`` as ``step`` would steer it (a
+        draft whose judges change their decision along it). Rewind a rejected tail with
+        ``rewind``. Checked as ``forward``; ``BackendUnavailableError`` where the backend has
+        no verify (``supports_verify``)."""
         if not self.supports_verify:
             raise BackendUnavailableError(
                 f"{type(self).__name__} has no verify forward (per-position logits); "
                 f"generate without speculation (speculate=0) on this backend.")
-        args = self._checked(ids, deltas, capture, from_empty=False)
+        if deltas is None or isinstance(deltas, Mapping):
+            args = self._checked(ids, deltas, capture, from_empty=False)
+            self.forward_calls += 1
+            return self._verify(*args)
+        runs = _runs(deltas, len(check_token_ids("ids", ids, self.identity.vocab_size)))
+        ids, ops, layers = self._checked(ids, runs[0][1], capture, from_empty=False)
+        checked = [(n, ops if i == 0 else self._checked_ops(d)) for i, (n, d) in enumerate(runs)]
         self.forward_calls += 1
-        return self._verify(*args)
+        if len(checked) == 1:
+            return self._verify(ids, ops, layers)
+        return self._verify_runs(ids, checked, layers)
 
     def _verify(self, ids: list[int], deltas: dict[int, torch.Tensor],
                 capture: frozenset[int]) -> ForwardResult:
         """The backend's verify on checked arguments (as ``_forward``, with ``all_logits``);
         called only where ``supports_verify`` is set, which a backend sets with this."""
         raise BackendUnavailableError(f"{type(self).__name__} sets supports_verify without _verify.")
+
+    def _verify_runs(self, ids: list[int], runs: list[tuple[int, dict[int, torch.Tensor]]],
+                     capture: frozenset[int]) -> ForwardResult:
+        """The backend's verify with deltas that change along ``ids``: ``runs`` of (positions,
+        checked deltas), in order, at least two. Here one ``_verify`` per run (each counted
+        in ``forward_calls``), the cache back where it was if one fails; a backend that
+        steers each position within one pass overrides it."""
+        before, outs, start = self.seq_len, [], 0
+        try:
+            for i, (n, ops) in enumerate(runs):
+                self.forward_calls += i > 0
+                outs.append(self._verify(ids[start:start + n], ops, capture))
+                start += n
+        except BaseException:
+            self._rewind(self.seq_len - before)
+            raise
+        every = torch.cat([o.all_logits for o in outs])  # [len(ids), vocab]
+        hidden = {l: torch.cat([o.hidden[l] for o in outs]) for l in capture}
+        return ForwardResult(every[-1], hidden, every)
 
     def step(self, token_id: int, deltas: LayerDeltas | None = None,
              capture: Collection[int] = ()) -> ForwardResult:
@@ -409,6 +439,22 @@ class BatchEngine(Engine):
             out.append({i: d if d.device == device and d.dtype == dtype else d.to(device, dtype)
                         for i, d in checked.items()})
         return out, keys
+
+
+def _runs(deltas: object, n: int) -> list[tuple[int, LayerDeltas | None]]:
+    """Per-position deltas (one per id) as runs of the same value: (positions, deltas).
+    ``BadArgumentError`` unless a sequence of ``n`` entries, each a mapping or None."""
+    if (isinstance(deltas, (str, bytes)) or not isinstance(deltas, Sequence) or len(deltas) != n
+            or not all(d is None or isinstance(d, Mapping) for d in deltas)):
+        raise fail("deltas", deltas, f"is neither one LayerDeltas nor a list of {n} (one per id)",
+                   "pass {layer: tensor} for every position, or one such mapping or None per id")
+    runs: list[list] = []
+    for d in deltas:
+        if runs and runs[-1][1] is d:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, d])
+    return [(count, d) for count, d in runs]
 
 
 def check_room(engine: Engine, n_new: int, from_empty: bool = False) -> None:

@@ -21,6 +21,21 @@ from max_jupyter.models import resolve_hf_folder
 from max_jupyter.tokenizer import Tokenizer
 from max_jupyter.validation import INT8, check_device, check_dtype, check_int8_device, check_max_seq_len
 
+Runs = tuple[tuple[slice, LayerDeltas], ...]
+"""The steering of a running pass: spans of its positions, each with its ops."""
+
+
+def _spans(deltas: LayerDeltas | list[tuple[int, LayerDeltas]], n: int) -> Runs:
+    """``deltas`` (one set for all ``n`` positions, or runs of (positions, deltas)) as spans;
+    empty where nothing steers."""
+    if not isinstance(deltas, list):
+        return ((slice(0, n), deltas),) if deltas else ()
+    spans, start = [], 0
+    for count, ops in deltas:
+        spans.append((slice(start, start + count), ops))
+        start += count
+    return tuple(spans)
+
 
 class TransformersEngine(BatchEngine):
     """Engine over a HF ``*ForCausalLM`` whose decoder blocks are ``model.model.layers``;
@@ -45,7 +60,8 @@ class TransformersEngine(BatchEngine):
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._cache = DynamicCache(config=cfg)
-        self._deltas: LayerDeltas = {}
+        self._runs: Runs = ()
+        self._steered: frozenset[int] = frozenset()
         self._capture: Collection[int] = ()
         self._captured: dict[int, torch.Tensor] = {}
         self._batch: PaddedBatch | None = None
@@ -83,17 +99,32 @@ class TransformersEngine(BatchEngine):
 
     def _hook(self, i: int):
         def hook(module, args, output):
-            if i not in self._deltas and i not in self._capture:
+            steered = i in self._steered
+            if not steered and i not in self._capture:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output  # [1, n, hidden]
-            if i in self._deltas:
-                hidden = apply(hidden, self._deltas[i])  # an add, or an Intervention
+            if steered:
+                hidden = self._steer(i, hidden)
             if i in self._capture:
                 self._captured[i] = (hidden if self._batched else hidden[0]).detach().clone()  # [n, hidden]
-            if i not in self._deltas:
+            if not steered:
                 return None
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
         return hook
+
+    def _steer(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` ``[rows, n, hidden]`` with the running pass's ops at layer ``i`` (an
+        add, or an Intervention): one op for all positions, or each run of positions its own."""
+        runs = self._runs
+        if len(runs) == 1:
+            return apply(hidden, runs[0][1][i])
+        return torch.cat([apply(hidden[:, span], ops[i]) if i in ops else hidden[:, span]
+                          for span, ops in runs], 1)
+
+    def _set_steering(self, runs: Runs) -> None:
+        """Steer the next pass with ``runs`` (empty: not at all)."""
+        self._runs = runs
+        self._steered = frozenset(layer for _, ops in runs for layer in ops)
 
     @property
     def seq_len(self) -> int:
@@ -126,16 +157,24 @@ class TransformersEngine(BatchEngine):
         logits, captured = self._pass(ids, deltas, capture, keep=len(ids))
         return ForwardResult(logits=logits[-1], hidden=captured, all_logits=logits)
 
+    def _verify_runs(self, ids: list[int], runs: list[tuple[int, dict[int, torch.Tensor]]],
+                     capture: frozenset[int]) -> ForwardResult:
+        """One pass, each run of positions steered by its own deltas (the hook slices them)."""
+        logits, captured = self._pass(ids, runs, capture, keep=len(ids))
+        return ForwardResult(logits=logits[-1], hidden=captured, all_logits=logits)
+
     def _unembed(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(self.model.model.norm(hidden)).float()
 
     @torch.inference_mode()
-    def _pass(self, ids: list[int], deltas: dict[int, torch.Tensor], capture: frozenset[int],
-              keep: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """One forward appending ``ids``; the logits of the last ``keep`` positions
+    def _pass(self, ids: list[int], deltas: dict[int, torch.Tensor] | list[tuple[int, dict]],
+              capture: frozenset[int], keep: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """One forward appending ``ids`` with ``deltas`` (one set for all, or runs of
+        (positions, deltas) along ``ids``); the logits of the last ``keep`` positions
         (``[keep, vocab]`` float32) and the captured rows. Restores the cache if it fails."""
         before = self.seq_len
-        self._deltas, self._capture, self._captured = deltas, capture, {}
+        self._set_steering(_spans(deltas, len(ids)))
+        self._capture, self._captured = capture, {}
         try:
             out = self.model(torch.tensor([ids], device=self.device),
                              use_cache=True, logits_to_keep=keep, **{self._cache_kw: self._cache})
@@ -143,7 +182,8 @@ class TransformersEngine(BatchEngine):
             self._truncate(before)  # undo a partly written cache
             raise
         finally:
-            self._deltas, self._capture = {}, ()
+            self._set_steering(())
+            self._capture = ()
         captured, self._captured = self._captured, {}
         return out.logits[0].float(), captured
 
@@ -191,12 +231,14 @@ class TransformersEngine(BatchEngine):
         position, and layer -> ``[rows, n, hidden]`` captures. Each row's deltas go into a
         ``[rows, 1, hidden]`` buffer per steered layer, added by the same block hook."""
         buffers = batch.row_buffers(deltas, self.identity.hidden_size, self.device, self.dtype)
-        self._deltas, self._capture, self._captured, self._batched = buffers, capture, {}, True
+        self._set_steering(_spans(buffers, ids.shape[1]))
+        self._capture, self._captured, self._batched = capture, {}, True
         try:
             out = self.model(ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=1, **{self._cache_kw: batch.cache})
         finally:
-            self._deltas, self._capture, self._batched = {}, (), False
+            self._set_steering(())
+            self._capture, self._batched = (), False
         captured, self._captured = self._captured, {}
         return out.logits[:, -1].float(), captured
 

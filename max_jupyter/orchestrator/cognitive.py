@@ -27,19 +27,22 @@ not speculative decoding (below): nothing is drafted or verified.
 
 Speculative decoding (``speculate=k``; see ``speculative``): at a step ``t >= 1`` the
 pre-step judges decide step ``t`` as usual, then the small model drafts up to ``k`` tokens
-through the mirror and the big model verifies them in one ``Engine.verify`` with that
-step's deltas (one snapshot of the mixes: a change from another thread lands at the next
-block, as it would at the next step); the rule of speculative sampling (greedy: the
-matching prefix) keeps a prefix and draws the token after it. These tokens then go through
-the steps one at a time, with the verify pass's rows as each step's big state: before
-block token ``j`` (step ``t + j``, ``j >= 1``) the pre-step judges run once on the small
-state before it; if they choose other mixes than the block's, the block ends there (both
-caches rewound to the state before that step's forward) and the step runs as a plain one
-with that decision. Post-step judges see each row's logits; if they add a mix, the block
-ends there and the step is re-run from the row as from a first pass. So every token is
-chosen under the steering the non-speculative loop would give it, each judge runs once per
-step on the same inputs, and the decision to end a block depends only on earlier tokens
-(sampling stays exact). Both caches rewind the rejected tail (also when EOS, a stop string
+through the mirror and the big model verifies them in one ``Engine.verify``, row ``j``
+with step ``t + j``'s steering (the mixes snapshotted when the block begins: a change from
+another thread lands at the next block). Where every pre-step judge can be checkpointed
+(``Judge.checkpoint``), they judge rows ``1..k-1`` ahead, on the small state after each
+drafted token, and are put back where those tokens are not emitted; the last row, and
+every row where a judge cannot, takes the decision before it. The rule of speculative
+sampling (greedy: the matching prefix) keeps a prefix and draws the token after it. These
+tokens then go through the steps one at a time, with the verify pass's rows as each step's
+big state: a block token ``j >= 1`` not judged ahead is judged now, once, on the small
+state before it; if the judges choose other mixes than its row ran with, the block ends
+there (both caches rewound to the state before that step's forward) and the step runs as
+a plain one with that decision. Post-step judges see each row's logits; if they add a
+mix, the block ends there and the step is re-run from the row as from a first pass. So
+every token is chosen under the steering the non-speculative loop would give it, each
+judge's emitted steps see the same inputs and state as there, and the decision to end a
+block depends only on earlier tokens (sampling stays exact). Both caches rewind the rejected tail (also when EOS, a stop string
 or an abort ends the generation inside a block). A speculating generation does not
 overlap (the verify replaces it). Not with a small model of another vocabulary or an engine
 without ``supports_verify``: the generation then runs without it and says why in
@@ -47,6 +50,7 @@ without ``supports_verify``: the generation then runs without it and says why in
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -70,7 +74,14 @@ from max_jupyter.orchestrator.mirror import ContextMirror, shares_vocabulary
 from max_jupyter.orchestrator.options import GenerationOptions, merge_options
 from max_jupyter.orchestrator.resolver import SteeringResolver
 from max_jupyter.orchestrator.sampling import Sampler
-from max_jupyter.orchestrator.speculative import Block, DraftLength, Pace, SmallState, draft_and_verify
+from max_jupyter.orchestrator.speculative import (
+    Block,
+    DraftLength,
+    Pace,
+    RowSteering,
+    SmallState,
+    draft_and_verify,
+)
 from max_jupyter.orchestrator.stopping import StopStrings
 from max_jupyter.orchestrator.trace import GenerationResult, StepEvent, StepRecord, TraceRecorder
 from max_jupyter.orchestrator.types import Prompt, Steering, prompt_ids, run_to_end, with_system
@@ -304,8 +315,9 @@ class CognitiveOrchestrator:
                     return
         finally:
             if run.block is not None:  # ended inside a speculative block
-                run.block.settle(self.big, self.mirror, run.result.finish_reason == "eos")
-                run.block = None
+                block, run.block = run.block, None
+                block.settle(self.big, self.mirror, run.result.finish_reason == "eos")
+                self._restore_judges(block.checkpoint_from(block.next))
 
     def _advance(self, step: int, run: PreparedRun) -> tuple[StepEvent, str | None]:
         """Run step ``step`` and take its token: the event and the finish reason, if any."""
@@ -347,37 +359,71 @@ class CognitiveOrchestrator:
 
     def _start_block(self, step: int, run: PreparedRun, k: int
                      ) -> tuple[StepRecord, frozenset[str], bool]:
-        """Judge step ``step``, draft ``k`` tokens and verify them with its steering, then
-        hand out the block's first token."""
+        """Judge step ``step``, draft ``k`` tokens and verify them, each row with its step's
+        steering (``_plan_rows``), then hand out the block's first token."""
         mirror = self.mirror
         judged = self._judge_pre(step, run, (mirror.hidden, mirror.logits))
-        deltas, coefs = self.resolver.resolve(judged.decided, step)
         run.block = draft_and_verify(self.big, mirror, run.sampler, run.result.token_ids[-1], k,
-                                     run.capture, deltas=deltas, mixes_on=judged.decided,
-                                     coefs=coefs)
+                                     run.capture, functools.partial(self._plan_rows, step, run, judged))
+        self._restore_judges(run.block.checkpoint_from(run.block.accepted + 1))  # judged, not emitted
         run.draft.after_draft(k, run.block.accepted)
-        return self._block_step(step, run, judged)
+        return self._block_step(step, run)
 
-    def _block_step(self, step: int, run: PreparedRun, judged: _Judged | None = None
-                    ) -> tuple[StepRecord, frozenset[str], bool]:
-        """Hand out the next token of the speculative block as step ``step`` (``judged``:
-        its pre-step judging, if done), or end the block where the judges steer this step
-        otherwise and run it as a plain step (see the module)."""
+    def _plan_rows(self, step: int, run: PreparedRun, judged: _Judged, drafted: list[int],
+                   states: list[SmallState]) -> list[RowSteering]:
+        """The steering of each verify row of a block begun at ``step`` (``judged``: that
+        step's pre-step judging): row ``j`` is step ``step + j``, resolved at that step.
+        Where every pre-step judge can be checkpointed (``Judge.checkpoint``), they judge
+        rows ``1..k-1`` now, on the small state after each drafted token (``states[j]``)
+        and the tokens with the draft so far: what they would decide when the row's step
+        is handed out, since its state and tokens are those of an accepted draft. The last
+        row (its state comes only with the verify), and every row where a judge cannot be
+        checkpointed, takes the decision of the row before it, checked when handed out."""
+        rows = [self._row(step, judged.decided, judged)]
+        checkpoint = tuple(j.checkpoint() for j in self._pre)
+        ahead = None not in checkpoint
+        tokens = run.result.token_ids
+        for j in range(1, len(drafted) + 1):
+            if ahead and j < len(drafted):
+                judged = self._judge_pre(step + j, run, states[j], [*tokens, *drafted[:j]])
+                rows.append(self._row(step + j, judged.decided, judged, checkpoint))
+                checkpoint = tuple(judge.checkpoint() for judge in self._pre)
+            else:
+                rows.append(self._row(step + j, rows[-1].mixes_on))
+        return rows
+
+    def _row(self, step: int, mixes_on: frozenset[str], judged: _Judged | None = None,
+             checkpoint: tuple | None = None) -> RowSteering:
+        """Step ``step``'s steering with the mixes ``mixes_on`` (see ``RowSteering``)."""
+        deltas, coefs = self.resolver.resolve(mixes_on, step)
+        return RowSteering(deltas, mixes_on, coefs, judged, checkpoint)
+
+    def _restore_judges(self, checkpoint: tuple | None) -> None:
+        """Put the pre-step judges back to ``checkpoint`` (None: nothing was judged ahead)."""
+        if checkpoint is not None:
+            for judge, state in zip(self._pre, checkpoint):
+                judge.restore(state)
+
+    def _block_step(self, step: int, run: PreparedRun) -> tuple[StepRecord, frozenset[str], bool]:
+        """Hand out the next token of the speculative block as step ``step``, judged ahead
+        or now; or end the block where the judges now steer this step otherwise than its
+        row and run it as a plain step (see the module)."""
         block, small = run.block, run.block.state
+        steering, judged = block.row, block.row.judged
         if judged is None:
             judged = self._judge_pre(step, run, small)
-        if judged.decided != block.mixes_on or (block.next and self.resolver.schedules_on(step)
-                                                != self.resolver.schedules_on(step - block.next)):
-            run.block = None  # first: an interrupt inside cut must not settle it again
-            block.cut(self.big, self.mirror, fed=False)
-            return (*self._step(step, run, judged), False)
+            if judged.decided != steering.mixes_on:
+                run.block = None  # first: an interrupt inside cut must not settle it again
+                block.cut(self.big, self.mirror, fed=False)
+                return (*self._step(step, run, judged), False)
         stats = (block.drafted, block.accepted) if block.next == 0 else ((), 0)
         token, prob, row = block.peek()
-        fwd = _Forward(row, block.deltas, block.mixes_on, block.coefs)
+        fwd = _Forward(row, steering.deltas, steering.mixes_on, steering.coefs)
         extra = self._judge_post(step, run, fwd, judged, small)
         if extra:  # re-run the step from the row, as the plain loop re-runs its first pass
             run.block = None
             block.cut(self.big, self.mirror, fed=True)
+            self._restore_judges(block.checkpoint_from(block.next + 1))
             fwd = self._rerun(step, run, fwd, fwd.mixes_on | extra)
             token, prob = run.sampler.sample(fwd.out.logits)
             in_small = False
@@ -405,12 +451,14 @@ class CognitiveOrchestrator:
         token, prob = run.sampler.sample(fwd.out.logits)
         return self._record(step, run, token, prob, judged, fwd, small), judged.decided
 
-    def _judge_pre(self, step: int, run: PreparedRun, small: SmallState) -> _Judged:
-        """Run the pre-step judges of step ``step`` on the small state ``small``."""
+    def _judge_pre(self, step: int, run: PreparedRun, small: SmallState,
+                   tokens: Sequence[int] | None = None) -> _Judged:
+        """Run the pre-step judges of step ``step`` on the small state ``small`` and the
+        tokens so far (default: those emitted)."""
         t0 = time.perf_counter()
         judged = _Judged()
         if self._pre:
-            ctx = JudgeContext(step, run.result.token_ids, *small)
+            ctx = JudgeContext(step, run.result.token_ids if tokens is None else tokens, *small)
             judged.decided = self._decide(self._pre, ctx, judged.scores)
         judged.seconds = time.perf_counter() - t0
         return judged

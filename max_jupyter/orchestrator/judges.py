@@ -15,7 +15,11 @@ a few declarative attributes that the orchestrator checks once, before generatin
 - ``needs_small``, ``needs_shared_vocab``: what it needs from the pair of models.
 
 Several judges compose: a step is steered with the union of the mixes they turn on. A
-judge may keep state across steps; ``ctx.step == 0`` begins a new generation.
+judge may keep state across steps; ``ctx.step == 0`` begins a new generation. A pre-step
+judge whose state can be taken and put back (``checkpoint`` / ``restore``; the built-in
+judges can) lets speculative decoding judge drafted tokens ahead of the verify and steer
+each verified position as its step would be steered; one that cannot is run on emitted
+steps only, and where its decision changes inside a speculative block the block ends.
 """
 from __future__ import annotations
 
@@ -133,6 +137,21 @@ class Judge(ABC):
     def decide(self, ctx: JudgeContext) -> Verdict:
         """This step's verdict; may update the judge's own state."""
 
+    def checkpoint(self) -> object:
+        """The state this judge keeps between steps, as a value ``restore`` puts back
+        (speculative decoding runs pre-step judges ahead on drafted tokens and puts back
+        what judged tokens that were not emitted); ``()`` for a judge without state. None
+        (the default): it may keep state it cannot give back, so it runs on emitted steps
+        only."""
+        return None
+
+    def restore(self, checkpoint: object) -> None:
+        """Put back the state ``checkpoint`` took. Here: only ``()``, a stateless judge's
+        (nothing to do); a judge whose ``checkpoint`` returns state overrides this."""
+        if checkpoint != ():
+            raise NotImplementedError(f"{type(self).__name__}.checkpoint returns state; "
+                                      f"override restore to put it back.")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
@@ -146,6 +165,9 @@ class Never(Judge):
     def decide(self, ctx: JudgeContext) -> Verdict:
         return OFF
 
+    def checkpoint(self) -> object:
+        return ()
+
 
 class Always(Judge):
     """Steers every step with ``mix`` (baseline: the big model steered throughout)."""
@@ -157,6 +179,9 @@ class Always(Judge):
 
     def decide(self, ctx: JudgeContext) -> Verdict:
         return self._on
+
+    def checkpoint(self) -> object:
+        return ()
 
 
 class ProbeJudge(Judge):
@@ -210,6 +235,12 @@ class ProbeJudge(Judge):
             self._on, self._hold = False, self.cooldown
         return Verdict(score, self._on_verdict if self._on else NO_MIXES)
 
+    def checkpoint(self) -> object:
+        return self._on, self._hold
+
+    def restore(self, checkpoint: object) -> None:
+        self._on, self._hold = checkpoint
+
 
 class DivergenceJudge(Judge):
     """Post-step: turns ``mix`` on (re-running the step) when the big model is unsure.
@@ -242,19 +273,26 @@ class DivergenceJudge(Judge):
             score = float((logp.exp() * (logp - logq)).sum())
         return Verdict(score, self._on if score > self.threshold else NO_MIXES)
 
+    def checkpoint(self) -> object:
+        return ()
+
 
 class FunctionJudge(Judge):
     """A judge from a callable ``fn(ctx: JudgeContext) -> bool | Verdict``.
 
     ``True`` turns ``mix`` on (one name or several), ``False`` leaves it off; a ``Verdict``
     is used as given (its mixes must be among ``mix``). Declare the small layers it reads
-    in ``small_layers``.
+    in ``small_layers``. ``stateless``: ``fn``'s answer depends on ``ctx`` alone (it keeps
+    nothing between calls), so speculative decoding may call it ahead on drafted tokens
+    that are then not emitted (``Judge.checkpoint``); by default it is called on emitted
+    steps only.
     """
 
     def __init__(self, fn: Callable[[JudgeContext], bool | Verdict], *, post_step: bool = False,
                  mix: str | Sequence[str] = DEFAULT_MIX, small_layers: Sequence[int] = (),
-                 name: str | None = None):
+                 name: str | None = None, stateless: bool = False):
         self.fn = fn
+        self.stateless = stateless
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.post_step = post_step
         self.turns_on = (mix,) if isinstance(mix, str) else tuple(mix)
@@ -269,6 +307,9 @@ class FunctionJudge(Judge):
         if isinstance(out, (bool, torch.Tensor)):
             return self._on if out else OFF
         raise TypeError(f"returned {type(out).__name__}; a judge function returns a bool or a Verdict.")
+
+    def checkpoint(self) -> object:
+        return () if self.stateless else None
 
 
 JudgeLike = Judge | Callable[[JudgeContext], bool | Verdict]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -273,6 +273,23 @@ class DraftLength:
 
 
 @dataclass
+class RowSteering:
+    """How one row of a verify (one step of a block) is steered, decided before the verify:
+    ``deltas``, the mixes judges turned on (``mixes_on``) and the live mix's coefficients
+    (``coefs``) behind them. ``judged``: the step's pre-step judging where it was done ahead,
+    on the drafted tokens (the orchestrator's record of it), else None: the step is judged
+    when handed out, and the block ends there if the judges decide otherwise.
+    ``checkpoint``: the pre-step judges' states before that judging (``Judge.checkpoint``),
+    put back where the row's step is not handed out."""
+
+    deltas: LayerDeltas | None
+    mixes_on: frozenset[str]
+    coefs: dict[str, float]
+    judged: object = None
+    checkpoint: tuple | None = None
+
+
+@dataclass
 class Block:
     """One verified draft, handed out one step at a time.
 
@@ -280,10 +297,10 @@ class Block:
     drawn after it (``accepted + 1`` tokens); ``sampler_probs``: the big model's probability
     of each of ``tokens`` under the sampler (1.0 when greedy); ``out``: the verify pass (row
     ``j`` of ``all_logits`` and of each ``hidden`` belongs to ``tokens[j]``); ``states``: the
-    small model's state before each of ``tokens``; ``deltas``: the steering the verify ran with,
-    ``mixes_on`` / ``coefs`` the mixes judges turned on and the live-mix coefficients
-    behind it (one snapshot for the whole block); ``next``: how many tokens were handed
-    out. Until the last one is, both caches hold the first ``accepted`` tokens of the block.
+    small model's state before each of ``tokens``; ``rows``: the steering each row of the
+    verify ran with (``RowSteering``, one per drafted token and one more; the mixes are
+    snapshotted when the block begins); ``next``: how many tokens were handed out. Until
+    the last one is, both caches hold the first ``accepted`` tokens of the block.
     """
 
     drafted: tuple[int, ...]
@@ -291,9 +308,7 @@ class Block:
     sampler_probs: list[float]
     out: ForwardResult
     states: list[SmallState]
-    deltas: LayerDeltas | None
-    mixes_on: frozenset[str]
-    coefs: dict[str, float]
+    rows: list[RowSteering]
     next: int = 0
 
     @property
@@ -304,6 +319,16 @@ class Block:
     def state(self) -> SmallState:
         """The small model's state before the next token (what its pre-step judges read)."""
         return self.states[self.next]
+
+    @property
+    def row(self) -> RowSteering:
+        """The steering of the next token's row."""
+        return self.rows[self.next]
+
+    def checkpoint_from(self, row: int) -> tuple | None:
+        """The judges' states before the first of rows ``row..`` judged ahead (what to put
+        back where those rows are not handed out), or None where none was."""
+        return next((r.checkpoint for r in self.rows[row:] if r.checkpoint is not None), None)
 
     def peek(self) -> tuple[int, float, ForwardResult]:
         """The next token, its sampler probability and its row of the verify pass (``logits``
@@ -342,14 +367,18 @@ class Block:
         mirror.rewind(self.accepted - small_n, *self.states[small_n])
 
 
+Steer = Callable[[list[int], list[SmallState]], list[RowSteering]]
+"""Decides a block's steering from its drafted tokens and the small model's state before
+each: one ``RowSteering`` per verify row."""
+
+
 def draft_and_verify(big: Engine, mirror: ContextMirror, sampler: Sampler, last: int, k: int,
-                     capture: tuple[int, ...], *, deltas: LayerDeltas | None,
-                     mixes_on: frozenset[str], coefs: dict[str, float]) -> Block:
+                     capture: tuple[int, ...], steer: Steer) -> Block:
     """Draft ``k`` tokens with the small model, verify them with the big model after
-    ``last`` (the token it has not fed yet) with ``deltas``, keep or replace them by the
-    rule of speculative sampling (``sampler``'s distributions and generator); rewind both
-    caches to the accepted prefix (see ``Block``). A failure or interrupt leaves both
-    caches as before."""
+    ``last`` (the token it has not fed yet), each row steered as ``steer`` decides, keep or
+    replace them by the rule of speculative sampling (``sampler``'s distributions and
+    generator); rewind both caches to the accepted prefix (see ``Block``). A failure or
+    interrupt leaves both caches as before."""
     start, fed, big_len = (mirror.hidden, mirror.logits), len(mirror.ids), big.seq_len
     # The small model needs the last draft token when the whole draft is kept. Engines that
     # launch asynchronously get it while the verify runs (the two overlap on the device),
@@ -357,7 +386,8 @@ def draft_and_verify(big: Engine, mirror: ContextMirror, sampler: Sampler, last:
     early = big.launches_async and mirror.small.launches_async
     try:
         drafted, qs, states = _draft(mirror, sampler, k, big.identity.vocab_size)
-        out = big.verify([last, *drafted], deltas, capture)
+        rows = steer(drafted, states)
+        out = big.verify([last, *drafted], [r.deltas for r in rows], capture)
         if early:
             _feed(mirror, drafted[-1], states)
         tokens, probs = _judge_draft(sampler, drafted, qs, out.all_logits)
@@ -371,7 +401,7 @@ def draft_and_verify(big: Engine, mirror: ContextMirror, sampler: Sampler, last:
         mirror.rewind(len(mirror.ids) - fed, *start)
         raise
     del states[a + 1:]
-    return Block(tuple(drafted), tokens, probs, out, states, deltas, mixes_on, coefs)
+    return Block(tuple(drafted), tokens, probs, out, states, rows)
 
 
 def _feed(mirror: ContextMirror, token: int, states: list[SmallState]) -> None:
