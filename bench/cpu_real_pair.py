@@ -106,7 +106,8 @@ def main() -> None:
     parser.add_argument("--ks", default="2,3,4,5,6", help="unpaced draft lengths, one row each")
     args = parser.parse_args()
     start = time.perf_counter()
-    session = Session.load("qwen2.5-coder-1.5b", small="qwen2.5-coder-0.5b", store=None, progress=False)
+    session = Session.load("qwen2.5-coder-1.5b", small="qwen2.5-coder-0.5b", store=None, progress=False,
+                           dtype=(None, torch.float32))  # the int8 0.5B (the default here) comes next
     small8 = TransformersEngine.load(resolve_name("qwen2.5-coder-0.5b"), device="cpu", dtype="int8")
     sessions = {"fp32": session, "int8": Session(session.big, small8, vectors=session.vectors)}
     for small, s in sessions.items():

@@ -94,7 +94,8 @@ def main() -> None:
     parser.add_argument("--timing", action="store_true")
     parser.add_argument("--big", default=None, help="a model name, folder or .gguf (default: the embedded model)")
     parser.add_argument("--small", default=None, help="with --big: the reader, a model of the same vocabulary")
-    parser.add_argument("--dtype", default=None, help="the weights' dtype (default: fp32 on the CPU, fp16 on CUDA)")
+    parser.add_argument("--dtype", default=None, help="the weights' dtype (default: fp32 on the CPU, fp16 on CUDA; "
+                        "the small qwen2.5-coder-0.5b int8 on the CPU)")
     args = parser.parse_args()
     if args.timing and args.big:
         parser.error("--timing times the embedded model's goal; run it without --big")

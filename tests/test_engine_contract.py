@@ -8,13 +8,17 @@ Checked: bad arguments are refused by ``Engine.forward`` / ``rewind`` / ``unembe
 any compute (no forward counted, the cache and the next logits unchanged); steps equal one
 prefill; captures have ``[n_fed, hidden]`` rows; rewind; zero deltas change nothing; a
 delta shifts the residual it is added to by exactly itself; ``unembed`` of the last
-layer's residual is the forward's logits.
+layer's residual is the forward's logits; ``verify`` rows equal steps, also with deltas
+per position.
 """
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 
+from max_jupyter.engines.base import Engine
 from max_jupyter.errors import BadArgumentError, ContextOverflowError
 from max_jupyter.testing import ScriptedEngine
 from test_exllamav2_parity import build_model, tokenizer_folder  # noqa: F401 (a fixture)
@@ -207,6 +211,33 @@ def test_verify_rows_equal_per_token_steps(eng, ids, tol):
         close(out.hidden[last][j], step.hidden[last][0], tol * 10)  # residuals are larger
     eng.rewind(3)  # a rejected tail goes back like any positions
     close(eng.step(22, deltas).logits, out.all_logits[1], tol)
+
+
+@pytest.mark.parametrize("passes", ["backend's", "one per run"])
+def test_verify_with_deltas_per_position_equals_steps_steered_alike(eng, ids, tol, passes, monkeypatch):
+    """``verify`` with one set of deltas per position (``None`` for none) steers each
+    position as ``step`` with its deltas would: the backend's own way (the transformers
+    backend: one pass) and the base class's, one verify per run of equal deltas."""
+    if passes == "one per run":
+        monkeypatch.setattr(eng, "_verify_runs", functools.partial(Engine._verify_runs, eng))
+    hidden, last = eng.identity.hidden_size, eng.identity.num_layers - 1
+    g = torch.Generator().manual_seed(2)
+    up, down = {1: torch.randn(hidden, generator=g)}, {1: torch.randn(hidden, generator=g)}
+    draft, per_position = [11, 22, 33, 44, 55], [up, None, None, down, up]
+    eng.prefill(ids)
+    calls = eng.forward_calls
+    out = eng.verify(draft, per_position, capture=[1, last])
+    runs = 4 if passes == "one per run" or type(eng)._verify_runs is Engine._verify_runs else 1
+    assert eng.forward_calls - calls == runs and eng.seq_len == len(ids) + len(draft)
+    eng.rewind(len(draft))
+    for j, (token, deltas) in enumerate(zip(draft, per_position)):
+        step = eng.step(token, deltas, capture=[1, last])
+        close(out.all_logits[j], step.logits, tol)
+        close(out.hidden[1][j], step.hidden[1][0], tol * 10)
+    for bad in (per_position[:-1], [up, None, None, down, "up"]):
+        with pytest.raises(BadArgumentError, match="one per id"):
+            eng.verify(draft, bad)
+    assert eng.seq_len == len(ids) + len(draft)
 
 
 def test_unembed_of_the_last_layer_is_the_forward_logits(eng, ids, tol):

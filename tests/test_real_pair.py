@@ -16,6 +16,7 @@ import torch
 from conftest import assert_mirrors
 from max_jupyter import pair
 from max_jupyter.engines import TransformersEngine
+from max_jupyter.engines.cpu_linear import Int8Linear
 from max_jupyter.loading import resolve_name
 from max_jupyter.orchestrator import ProbeJudge, TraceConfig
 from max_jupyter.session import Session
@@ -76,7 +77,15 @@ def happy(session):
     return session.train("happy", HAPPY, SAD, layers=VECTOR_LAYERS, progress=False)
 
 
+def int8_linears(engine) -> bool:
+    """Whether ``engine``'s linear layers run on int8 weights (``dtype="int8"``)."""
+    return any(isinstance(m, Int8Linear) for m in engine.model.modules())
+
+
 def test_the_pair_loads_with_one_vocabulary(session):
+    """By name on the CPU: the 1.5B in fp32 (the GGUF's weights), the 0.5B in int8
+    (``pair.SMALL_CPU_DTYPE``)."""
+    assert int8_linears(session.small) and not int8_linears(session.big)
     big, small = session.big.identity, session.small.identity
     assert (big.num_layers, big.hidden_size, small.num_layers, small.hidden_size) == (28, 1536, 24, 896)
     assert big.vocab_size == small.vocab_size and 151645 in session.big.tokenizer.eos_ids
@@ -85,48 +94,57 @@ def test_the_pair_loads_with_one_vocabulary(session):
     assert "def is_prime(n" in r.text, r.text
 
 
-def test_the_mirror_stays_in_step(session):
-    r = session.generate(PROSE, max_new_tokens=12, trace=TraceConfig(small_layers=(PROBE_LAYER,)))
-    assert r.small_ids == r.prompt_ids + r.token_ids
-    assert r.small_hidden[PROBE_LAYER].shape == (len(r.steps), 896)
-    assert_mirrors(session.small, r.small_ids)
-    assert_mirrors(session.big, r.prompt_ids + r.token_ids[:-1])
-
-
-@pytest.mark.parametrize("steered", [False, True])
-def test_greedy_speculation_equals_plain_greedy(session, happy, unpaced, steered):
-    steering = {"happy": 1.0} if steered else None
-    plain = session.generate(CODE, max_new_tokens=24, ignore_eos=True, steering=steering)
-    fast = session.generate(CODE, max_new_tokens=24, ignore_eos=True, steering=steering, speculate=4)
-    assert fast.token_ids == plain.token_ids and fast.text == plain.text
-    assert fast.small_ids == plain.small_ids and fast.speculate_off is None
-    assert all(s.steered for s in fast.steps) == steered
-    assert fast.drafted_tokens > 0 and fast.acceptance_rate > 0.3, fast.acceptance_rate
-    print(f"\nspeculate=4 {'steered' if steered else 'plain'}: acceptance {fast.acceptance_rate:.2f}")
-    assert_mirrors(session.small, fast.small_ids)
-    if not steered:  # a steered cache has no unsteered prefill to compare with
-        assert_mirrors(session.big, fast.prompt_ids + fast.token_ids[:-1])
-
-
 @pytest.fixture(scope="module")
-def int8_small_session(session):
-    """The same 1.5B watched by the 0.5B in int8 (``Session.load(..., dtype=(None, "int8"))``
-    loads this pair; here the big engine is shared, so it is not loaded twice)."""
-    small = TransformersEngine.load(resolve_name("qwen2.5-coder-0.5b"), device="cpu", dtype="int8")
+def fp32_small_session(session):
+    """The same 1.5B watched by the 0.5B in fp32, its GGUF's weights (``Session.load(...,
+    dtype=(None, "float32"))`` loads this pair; here the big engine is shared, so it is not
+    loaded twice). The cache checks against fresh prefills run here: an int8 model's rows
+    differ with their neighbours (``Int8Linear``: up to about 1.4 in the 0.5B's logits
+    between a step and a prefill), fp32's by rounding."""
+    small = TransformersEngine.load(resolve_name("qwen2.5-coder-0.5b"), device="cpu", dtype=torch.float32)
     with Session(session.big, small, vectors=session.vectors) as s:
         yield s
 
 
+def test_the_mirror_stays_in_step(fp32_small_session):
+    s = fp32_small_session
+    r = s.generate(PROSE, max_new_tokens=12, trace=TraceConfig(small_layers=(PROBE_LAYER,)))
+    assert r.small_ids == r.prompt_ids + r.token_ids
+    assert r.small_hidden[PROBE_LAYER].shape == (len(r.steps), 896)
+    assert_mirrors(s.small, r.small_ids)
+    assert_mirrors(s.big, r.prompt_ids + r.token_ids[:-1])
+
+
 @pytest.mark.parametrize("steered", [False, True])
-def test_an_int8_small_model_drafts_and_keeps_greedy(int8_small_session, happy, unpaced, steered):
-    """The int8 0.5B drafts for the fp32 1.5B: the tokens are plain greedy's and its drafts
-    are kept about as often as the fp32 0.5B's (0.5-0.9 here, by the prompt)."""
+def test_greedy_speculation_equals_plain_greedy(fp32_small_session, happy, unpaced, steered):
+    s, steering = fp32_small_session, {"happy": 1.0} if steered else None
+    plain = s.generate(CODE, max_new_tokens=24, ignore_eos=True, steering=steering)
+    fast = s.generate(CODE, max_new_tokens=24, ignore_eos=True, steering=steering, speculate=4)
+    assert fast.token_ids == plain.token_ids and fast.text == plain.text
+    assert fast.small_ids == plain.small_ids and fast.speculate_off is None
+    assert all(st.steered for st in fast.steps) == steered
+    assert fast.drafted_tokens > 0 and fast.acceptance_rate > 0.3, fast.acceptance_rate
+    print(f"\nspeculate=4 {'steered' if steered else 'plain'}: acceptance {fast.acceptance_rate:.2f}")
+    assert_mirrors(s.small, fast.small_ids)
+    if not steered:  # a steered cache has no unsteered prefill to compare with
+        assert_mirrors(s.big, fast.prompt_ids + fast.token_ids[:-1])
+
+
+@pytest.mark.parametrize("steered", [False, True])
+def test_the_int8_small_model_drafts_and_keeps_greedy(session, happy, unpaced, steered):
+    """The int8 0.5B (the default on the CPU) mirrors and drafts for the fp32 1.5B: the
+    tokens are plain greedy's (without a small model at all), the small cache holds every
+    token once, the big cache is exact, and its drafts are kept about as often as the fp32
+    0.5B's (0.5-0.9 here, by the prompt)."""
     steering = {"happy": 1.0} if steered else None
-    plain = int8_small_session.generate(CODE, max_new_tokens=24, ignore_eos=True, steering=steering, mirror=False)
-    fast = int8_small_session.generate(CODE, max_new_tokens=24, ignore_eos=True, steering=steering, speculate=4)
+    plain = session.generate(CODE, max_new_tokens=24, ignore_eos=True, steering=steering, mirror=False)
+    fast = session.generate(CODE, max_new_tokens=24, ignore_eos=True, steering=steering, speculate=4)
     assert fast.token_ids == plain.token_ids and fast.speculate_off is None
+    assert fast.small_ids == fast.prompt_ids + fast.token_ids and session.small.seq_len == len(fast.small_ids)
     assert fast.drafted_tokens > 0 and fast.acceptance_rate > 0.3, fast.acceptance_rate
     print(f"\nint8 small model, speculate=4 {'steered' if steered else 'plain'}: acceptance {fast.acceptance_rate:.2f}")
+    if not steered:
+        assert_mirrors(session.big, fast.prompt_ids + fast.token_ids[:-1])
 
 
 def auroc(scores: list[float], labels: list[int]) -> float:
@@ -146,11 +164,12 @@ def reply_scores(small, texts: list[str], unit: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("small_dtype", ["fp32", "int8"])
 def test_a_small_models_probe_judges_the_big_models_text(request, small_dtype):
     """The probe is trained on the 0.5B alone, then reads the 0.5B's mirror of what the
-    1.5B writes for held-out prompts; the 0.5B in fp32, and in int8 (``int8_small_session``).
+    1.5B writes for held-out prompts; the 0.5B in int8 (the default), and in fp32
+    (``fp32_small_session``).
     Floor 0.8: with 6 + 6 generations, labels shuffled at random reach it with probability
     0.047 (exact, over the 924 splits, printed). Measured in fp32: AUROC 1.0 (p = 0.001);
     the judge fired on 0.81 of happy steps and 0.32 of sad steps."""
-    session = request.getfixturevalue("session" if small_dtype == "fp32" else "int8_small_session")
+    session = request.getfixturevalue("session" if small_dtype == "int8" else "fp32_small_session")
     probe = train_vector(session.small, HAPPY, SAD, layers=[PROBE_LAYER], method="mean_diff")
     unit = probe.directions[PROBE_LAYER].float() / probe.directions[PROBE_LAYER].float().norm()
     # The threshold: midway between the training sentences' scores read as replies (bare

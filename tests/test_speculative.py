@@ -10,7 +10,6 @@ Sampling: on a tiny random Llama (its head scaled up so its distributions are pe
 computed exactly by enumeration, as closely as those of plain sampling do."""
 from __future__ import annotations
 
-import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -20,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import assert_mirrors
-from max_jupyter.engines import Engine, TransformersEngine, residual
+from max_jupyter.engines import TransformersEngine, residual
 from max_jupyter.engines.cpu_linear import pack_linears
 from max_jupyter.errors import BackendUnavailableError, BadArgumentError
 from max_jupyter.models import resolve_hf_folder
@@ -154,30 +153,6 @@ def test_verify_rows_equal_per_token_steps(engine, ctrl):
         for layer in LAYERS:
             torch.testing.assert_close(out.hidden[layer][j], step.hidden[layer][0], atol=1e-4, rtol=1e-4)
     assert engine.seq_len == len(ids) + len(draft)  # steered positions: no unsteered prefill to compare
-
-
-@pytest.mark.parametrize("one_pass", [True, False], ids=["one pass", "a pass per run"])
-def test_verify_with_deltas_per_position_equals_steps_steered_alike(engine, ctrl, one_pass, monkeypatch):
-    if not one_pass:  # what a backend without its own _verify_runs does: a verify per run
-        monkeypatch.setattr(engine, "_verify_runs", functools.partial(Engine._verify_runs, engine))
-    ids = engine.tokenizer.chat(PROMPT)
-    draft = engine.tokenizer.encode(" It is sunny and warm today")[:5]
-    happy, sad = ctrl.deltas(engine), {l: -d for l, d in ctrl.deltas(engine).items()}
-    per_position = [happy, None, None, sad, happy][:len(draft)]
-    engine.prefill(ids)
-    calls = engine.forward_calls
-    out = engine.verify(draft, per_position, capture=LAYERS)
-    assert engine.forward_calls - calls == (1 if one_pass else 4)  # one per pass
-    assert engine.seq_len == len(ids) + len(draft)
-    engine.rewind(len(draft))
-    for j, (token, deltas) in enumerate(zip(draft, per_position)):
-        step = engine.step(token, deltas, capture=LAYERS)
-        torch.testing.assert_close(out.all_logits[j], step.logits, atol=1e-4, rtol=1e-4)
-        for layer in LAYERS:
-            torch.testing.assert_close(out.hidden[layer][j], step.hidden[layer][0], atol=1e-4, rtol=1e-4)
-    with pytest.raises(BadArgumentError, match="one per id"):
-        engine.verify(draft, per_position[:-1])
-    assert engine.seq_len == len(ids) + len(draft)
 
 
 def test_verify_refused_without_support(engine, monkeypatch):

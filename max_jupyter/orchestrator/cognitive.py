@@ -42,11 +42,11 @@ a plain one with that decision. Post-step judges see each row's logits; if they 
 mix, the block ends there and the step is re-run from the row as from a first pass. So
 every token is chosen under the steering the non-speculative loop would give it, each
 judge's emitted steps see the same inputs and state as there, and the decision to end a
-block depends only on earlier tokens (sampling stays exact). Both caches rewind the rejected tail (also when EOS, a stop string
-or an abort ends the generation inside a block). A speculating generation does not
-overlap (the verify replaces it). Not with a small model of another vocabulary or an engine
-without ``supports_verify``: the generation then runs without it and says why in
-``GenerationResult.speculate_off``.
+block depends only on earlier tokens (sampling stays exact). Both caches rewind the
+rejected tail (also when EOS, a stop string or an abort ends the generation inside a
+block). A speculating generation does not overlap (the verify replaces it). Not with a
+small model of another vocabulary or an engine without ``supports_verify``: the
+generation then runs without it and says why in ``GenerationResult.speculate_off``.
 """
 from __future__ import annotations
 
