@@ -38,6 +38,7 @@ from max_jupyter.orchestrator import (
 from max_jupyter.orchestrator.judges import NO_MIXES, Judge
 from max_jupyter.orchestrator.speculative import DraftLength
 from max_jupyter.steering import Mix, SteeringVector
+from max_jupyter.steering.mix import MixEntry, Schedule
 from max_jupyter.testing import build_tiny_model
 from max_jupyter.tokenizer import Tokenizer
 
@@ -664,6 +665,25 @@ def test_checkpointed_judges_steer_each_row_of_a_block_as_its_step(engine, near,
     assert all(row == drafted for _, row, drafted in ended), f"blocks ended at drafted rows: {ended}"
     assert third.calls == list(range(32)), "once per emitted step, net of what was undone"
     assert_caches(orch, r, big=False)
+
+
+def test_scheduled_steering_applies_at_its_steps_inside_blocks(engine, near, vector, ended):
+    """An entry scheduled for steps 5-10 (``@after:5 @first:11``) steers those rows of a
+    block and no others: the verify resolves each row at its own step, so the trace is the
+    plain loop's and no block ends where the schedule starts or stops."""
+    mix = Mix(engine.identity)
+    mix.assign({"happy": MixEntry(vector, 0.6, None, schedule=Schedule(first=11, after=5))})
+    orch = CognitiveOrchestrator(engine, near, steering=mix)
+    plain, spec = pair(orch, 4, max_new_tokens=24, ignore_eos=True, trace=TraceConfig(big_layers=LAYERS))
+    assert_same(plain, spec)
+    r = spec[0]
+    assert [s.step for s in r.steps if s.steered] == list(range(5, 11))
+    def spanned(t: int) -> bool:  # handed out by a block begun before step t
+        block = block_of(r, t)
+        return block is not None and block[0] < t
+
+    assert spanned(5) or spanned(11), "a block should span a switch of the schedule"
+    assert not ended
 
 
 @pytest.mark.parametrize("ahead", [False, True], ids=["pre-step judged when emitted", "judged ahead"])

@@ -78,9 +78,3 @@ class SteeringResolver:
                         total[layer] = combine(total[layer], delta) if layer in total else delta
         self._cache[(names, on)] = (versions, total)
         return total, coefs
-
-    def schedules_on(self, step: int) -> frozenset:
-        """The schedules of any mix here that apply at ``step`` (steps with the same set
-        are steered alike by the same mixes)."""
-        return frozenset(s for m in [*self.always, *self.named.values()]
-                         for s, _ in m.snapshot(self.engine).scheduled if s.active(step))
