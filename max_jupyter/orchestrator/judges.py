@@ -139,10 +139,10 @@ class Judge(ABC):
 
     def checkpoint(self) -> object:
         """The state this judge keeps between steps, as a value ``restore`` puts back
-        (speculative decoding runs pre-step judges ahead on drafted tokens and puts back
-        what judged tokens that were not emitted); ``()`` for a judge without state. None
-        (the default): it may keep state it cannot give back, so it runs on emitted steps
-        only."""
+        (speculative decoding runs pre-step judges ahead on drafted tokens, and puts their
+        state back where those tokens are not emitted); ``()`` for a judge without state.
+        None (the default): it may keep state it cannot give back, so it runs on emitted
+        steps only."""
         return None
 
     def restore(self, checkpoint: object) -> None:
