@@ -1,18 +1,19 @@
 """Speculative decoding: the mirrored small model drafts, the big model verifies.
 
-At a step ``t >= 1`` (the big cache holds the context up to token ``t - 2``, the small one up
-to token ``t - 1``) the small model proposes ``k`` tokens through the mirror, each drawn from
-``q_i``, the sampler's distribution (temperature, top-k, top-p) of its logits; the big model
-feeds token ``t - 1`` and the draft in one ``Engine.verify`` with the step's deltas, giving
-``p_i``, the sampler's distribution of each row. The rule of speculative sampling (Leviathan
-et al. 2023, Chen et al. 2023) keeps draft ``x_i`` with probability ``min(1, p_i(x_i) /
-q_i(x_i))``; at the first rejection it draws from ``norm(max(0, p_i - q_i))`` instead, and
-when all ``k`` are kept it draws a bonus token from ``p_k``: ``accepted + 1`` tokens, each
-distributed exactly as ordinary sampling from ``p`` would give it, each then handed out as one
-ordinary step. Greedy decoding is the case where ``p`` and ``q`` are one-hot: the longest
-matching prefix, then the big model's own token — the non-speculative greedy tokens (up to
-ties between logits that differ only by the rounding of a multi-token pass, about 1e-5 in
-fp32). Both caches rewind the rejected tail, so they hold what a non-speculative run would.
+At a step ``t >= 1`` (the big cache holds the context up to token ``t - 2``, the small one
+up to token ``t - 1``) the small model proposes ``k`` tokens through the mirror, each drawn
+from ``q_i``, the sampler's distribution (temperature, top-k, top-p) of its logits; the big
+model feeds token ``t - 1`` and the draft in one ``Engine.verify``, each row with its own
+step's deltas (``RowSteering``), giving ``p_i``, the sampler's distribution of each row. The
+rule of speculative sampling (Leviathan et al. 2023, Chen et al. 2023) keeps draft ``x_i``
+with probability ``min(1, p_i(x_i) / q_i(x_i))``; at the first rejection it draws from
+``norm(max(0, p_i - q_i))`` instead, and when all ``k`` are kept it draws a bonus token from
+``p_k``: ``accepted + 1`` tokens, each distributed exactly as ordinary sampling from ``p``
+would give it, each then handed out as one ordinary step. Greedy decoding is the case where
+``p`` and ``q`` are one-hot: the longest matching prefix, then the big model's own token —
+the non-speculative greedy tokens (up to ties between logits that differ only by the
+rounding of a multi-token pass, about 1e-5 in fp32). Both caches rewind the rejected tail,
+so they hold what a non-speculative run would.
 
 ``DraftLength`` adapts ``k`` to the measured acceptance.
 """
