@@ -10,11 +10,16 @@ from typing import TYPE_CHECKING, Literal
 
 from max_jupyter.errors import BackendUnavailableError, BadArgumentError
 from max_jupyter.models import quant_method
-from max_jupyter.validation import check_device, check_dtype, check_int8_device, check_max_seq_len, fail
+from max_jupyter.validation import (
+    check_device,
+    check_dtype,
+    check_int8_device,
+    check_max_seq_len,
+    default_device,
+    fail,
+)
 
 if TYPE_CHECKING:
-    import torch
-
     from max_jupyter.engines.base import Engine
 
 Backend = Literal["auto", "transformers", "exllamav2", "exllamav3"]
@@ -160,7 +165,7 @@ def load_models(big: Source, small: Source, *, backend: str = "auto",
     dtypes, _ = check_dtypes(dtype, has_small, placed), check_max_seq_len(cache_tokens)
     from max_jupyter.pair import SMALL, SMALL_CPU_DTYPE
 
-    if has_small and dtypes[1] is None and named_small == SMALL.name and _on_cpu(placed[1]):
+    if has_small and dtypes[1] is None and named_small == SMALL.name and default_device(placed[1]).type == "cpu":
         dtypes = (dtypes[0], SMALL_CPU_DTYPE)  # the pair's drafter: cheaper, the big model's tokens kept
     sources = [("big", big, placed[0], dtypes[0])]
     if has_small:
@@ -174,13 +179,6 @@ def load_models(big: Source, small: Source, *, backend: str = "auto",
                                                    max_seq_len=cache_tokens))
             bar.update()
     return engines[0], (engines[1] if has_small else None), None
-
-
-def _on_cpu(device: torch.device | None) -> bool:
-    """A model placed on ``device`` (None: CUDA where present) runs on the CPU."""
-    import torch
-
-    return device.type == "cpu" if device is not None else not torch.cuda.is_available()
 
 
 @contextlib.contextmanager

@@ -296,12 +296,17 @@ def check_device(device: Any, name: str = "device") -> torch.device | None:
     return dev
 
 
+def default_device(device: torch.device | None) -> torch.device:
+    """``device``, or where None the default one: CUDA where present, else the CPU."""
+    return device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def check_int8_device(dtype: Any, device: torch.device | None) -> None:
     """``INT8`` weights run on the CPU only (``device``; None: CUDA where present), with
     torch's fbgemm int8 products: refused elsewhere, before anything is read."""
     if dtype != INT8:
         return
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     if device.type != "cpu":
         raise fail("dtype", INT8, f"asks for int8 weights on {device}, which run on the CPU only",
                    "use float16 or bfloat16 on a GPU, or device='cpu'")

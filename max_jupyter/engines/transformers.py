@@ -19,7 +19,14 @@ from max_jupyter.engines.intervention import apply
 from max_jupyter.engines.padded import PaddedBatch
 from max_jupyter.models import resolve_hf_folder
 from max_jupyter.tokenizer import Tokenizer
-from max_jupyter.validation import INT8, check_device, check_dtype, check_int8_device, check_max_seq_len
+from max_jupyter.validation import (
+    INT8,
+    check_device,
+    check_dtype,
+    check_int8_device,
+    check_max_seq_len,
+    default_device,
+)
 
 Runs = tuple[tuple[slice, LayerDeltas], ...]
 """The steering of a running pass: spans of its positions, each with its ops."""
@@ -82,7 +89,7 @@ class TransformersEngine(BatchEngine):
         them. ``device``, ``dtype`` and ``max_seq_len`` are checked before anything is read
         or converted (``BadArgumentError``).
         """
-        device = check_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device(check_device(device))
         dtype = check_dtype(dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
         check_int8_device(dtype, device)
         max_seq_len = check_max_seq_len(max_seq_len)  # capped at the model's positions once loaded
